@@ -1,0 +1,268 @@
+"""Prompt sources: every source yields the same row shape; bad rows are rejected with a reason."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from w2sr.config import PromptsConfig
+from w2sr.data import BENCHMARKS, load_prompts
+
+
+@pytest.fixture(autouse=True)
+def _offline_datasets(tmp_path, monkeypatch):
+    """No hub lookups, and the Arrow cache `load_dataset` writes for data files stays in tmp."""
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+
+
+def load(limit: int | None = None, **source) -> tuple[list[dict], list[dict]]:
+    return load_prompts(PromptsConfig.model_validate({"source": source, "limit": limit}))
+
+
+def write_jsonl(path, rows: list) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def write_parquet(path, rows: list[dict]) -> str:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def reasons(rejected: list[dict]) -> dict[int, str]:
+    return {r["index"]: r["reason"] for r in rejected}
+
+
+# --- reasoning_gym ---------------------------------------------------------------------------
+
+
+def test_reasoning_gym_is_deterministic_under_its_seed():
+    rows, rejected = load(type="reasoning_gym", task="chain_sum", size=8, seed=3)
+    again, _ = load(type="reasoning_gym", task="chain_sum", size=8, seed=3)
+    other, _ = load(type="reasoning_gym", task="chain_sum", size=8, seed=4)
+    assert rejected == []
+    assert rows == again
+    assert rows != other
+    assert len(rows) == 8 and len({r["prompt_id"] for r in rows}) == 8
+    assert rows[0]["prompt_id"] == "chain_sum-3-0"
+    for row in rows:
+        assert set(row) == {"prompt_id", "problem", "answer"}
+        assert row["problem"] and row["answer"]
+        int(row["answer"])  # chain_sum answers are plain integers
+
+
+def test_reasoning_gym_task_config_and_unknown_task():
+    rows, _ = load(
+        type="reasoning_gym",
+        task="basic_arithmetic",
+        size=4,
+        task_config={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+    )
+    assert len(rows) == 4
+    with pytest.raises(ValueError, match="no_such_task"):
+        load(type="reasoning_gym", task="no_such_task")
+    with pytest.raises(ValueError, match="did you mean chain_sum"):
+        load(type="reasoning_gym", task="chain_sums")
+    with pytest.raises(ValueError, match="chain_sum.*bogus"):
+        load(type="reasoning_gym", task="chain_sum", task_config={"bogus": 1})
+
+
+# --- files -----------------------------------------------------------------------------------
+
+MAPPED = [
+    {"key": "a", "question": "1+1?", "gold": 2},
+    {"key": "b", "question": "2+2?", "gold": 4},
+    {"key": "c", "question": "3+3?", "gold": 6},
+]  # int answers, as many hub sets store them
+MAPPING = {"problem_field": "question", "answer_field": "gold", "id_field": "key"}
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "parquet"])
+def test_file_with_field_mapping(tmp_path, suffix):
+    target = tmp_path / f"prompts.{suffix}"
+    path = write_parquet(target, MAPPED) if suffix == "parquet" else write_jsonl(target, MAPPED)
+    rows, rejected = load(type="file", path=path, **MAPPING)
+    assert rejected == []
+    assert rows == [  # numbers become strings
+        {"prompt_id": "a", "problem": "1+1?", "answer": "2"},
+        {"prompt_id": "b", "problem": "2+2?", "answer": "4"},
+        {"prompt_id": "c", "problem": "3+3?", "answer": "6"},
+    ]
+
+
+def test_file_uri_and_ids_without_id_field(tmp_path):
+    path = write_jsonl(tmp_path / "gsm.jsonl", [{"problem": "p", "answer": "1"}] * 2)
+    rows, _ = load(type="file", path=f"file://{path}")
+    assert [r["prompt_id"] for r in rows] == ["gsm-0", "gsm-1"]
+
+
+def test_malformed_rows_are_rejected_with_reasons(tmp_path):
+    lines = [
+        {"id": "ok1", "problem": "good", "answer": "1"},
+        {"id": "r1", "answer": "1"},
+        {"id": "r2", "problem": "   ", "answer": "1"},
+        {"id": "r3", "problem": 7, "answer": "1"},
+        {"id": "r4", "problem": "no answer"},
+        {"id": "r5", "problem": "blank answer", "answer": ""},
+        {"id": "r6", "problem": "list answer", "answer": [1, 2]},
+        {"id": "r7", "problem": "dict answer", "answer": {"x": 1}},
+        '{"id": "r8", "problem": "broken',
+        {"id": "ok1", "problem": "same id again", "answer": "2"},
+        {"id": "ok2", "problem": "good too", "answer": 12},
+        [1, 2, 3],
+        {"problem": "no id", "answer": "3"},
+    ]
+    rows, rejected = load(type="file", path=write_jsonl(tmp_path / "p.jsonl", lines), id_field="id")
+    assert rows == [
+        {"prompt_id": "ok1", "problem": "good", "answer": "1"},
+        {"prompt_id": "ok2", "problem": "good too", "answer": "12"},
+    ]
+    assert len(rows) + len(rejected) == len(lines)  # nothing dropped silently
+    got = reasons(rejected)
+    assert got[1] == "missing problem"
+    assert got[2] == "empty problem"
+    assert got[3] == "wrong type: problem is int"
+    assert got[4] == "missing answer"
+    assert got[5] == "empty answer"
+    assert got[6] == "wrong type: answer is list"
+    assert got[7] == "wrong type: answer is dict"
+    assert got[8].startswith("invalid JSON: ")
+    assert got[9] == "duplicate id 'ok1'"
+    assert got[11].startswith("wrong type: row is list")
+    assert got[12] == "missing id"
+    by_index = {r["index"]: r for r in rejected}
+    assert by_index[3]["prompt_id"] == "r3"
+    assert json.loads(by_index[3]["row"]) == lines[3]
+    assert by_index[8]["row"] == lines[8] and by_index[8]["prompt_id"] is None
+    for r in rejected:
+        assert set(r) == {"index", "prompt_id", "reason", "row"} and isinstance(r["row"], str)
+
+
+def test_limit_keeps_first_good_rows(tmp_path):
+    lines = [{"problem": "bad"}] + [{"problem": f"q{i}", "answer": str(i)} for i in range(5)]
+    rows, rejected = load(limit=3, type="file", path=write_jsonl(tmp_path / "p.jsonl", lines))
+    assert [r["answer"] for r in rows] == ["0", "1", "2"]
+    assert [r["index"] for r in rejected] == [0]
+
+
+def test_unknown_file_type(tmp_path):
+    (tmp_path / "p.csv").write_text("problem,answer\n")
+    with pytest.raises(ValueError, match="p.csv"):
+        load(type="file", path=str(tmp_path / "p.csv"))
+
+
+# --- Hugging Face datasets -------------------------------------------------------------------
+
+
+def test_hf_save_to_disk_folder(tmp_path):
+    datasets.Dataset.from_list(MAPPED).save_to_disk(str(tmp_path / "saved"))
+    rows, rejected = load(type="hf", path=str(tmp_path / "saved"), **MAPPING)
+    assert rejected == [] and [r["answer"] for r in rows] == ["2", "4", "6"]
+
+    splits = {
+        "train": datasets.Dataset.from_list(MAPPED[:1]),
+        "test": datasets.Dataset.from_list(MAPPED[1:]),
+    }
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dict"))
+    rows, _ = load(type="hf", path=str(tmp_path / "dict"), split="test", **MAPPING)
+    assert [r["prompt_id"] for r in rows] == ["b", "c"]
+
+
+def test_hf_data_files_folder(tmp_path):
+    folder = tmp_path / "files"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"problem": "p", "answer": "1"}])
+    rows, _ = load(type="hf", path=str(folder))
+    assert rows == [{"prompt_id": "files-train-0", "problem": "p", "answer": "1"}]
+
+
+# --- benchmarks: local copies in each hub set's own column layout ----------------------------
+
+
+def test_math_levels_and_boxed_answers(tmp_path):
+    train = [
+        {"problem": "A", "level": "Level 1", "type": "Algebra", "solution": "so \\boxed{1}."},
+        {"problem": "B", "level": "Level 3", "type": "Algebra",
+         "solution": "First \\boxed{2}, then $\\boxed{\\frac{1}{2}}$."},
+        {"problem": "C", "level": "Level 5", "type": "Geometry", "solution": "no box here"},
+        {"problem": "D", "level": "Level ?", "type": "Geometry", "solution": "\\boxed{4}"},
+        {"problem": "E", "level": "Level 4", "type": "Geometry", "solution": "\\boxed{x^{2}}"},
+    ]  # fmt: skip
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(train)}).save_to_disk(tmp_path / "m")
+    rows, rejected = load(type="benchmark", name="math", path=str(tmp_path / "m"), levels=[3, 4, 5])
+    assert rows == [
+        {"prompt_id": "math-train-1", "problem": "B", "answer": "\\frac{1}{2}"},
+        {"prompt_id": "math-train-4", "problem": "E", "answer": "x^{2}"},
+    ]
+    assert [(r["index"], r["reason"]) for r in rejected] == [(2, "no final answer found")]
+
+    everything, _ = load(type="benchmark", name="math", path=str(tmp_path / "m"))
+    assert [r["answer"] for r in everything] == ["1", "\\frac{1}{2}", "4", "x^{2}"]
+
+
+def test_math500_int_levels_and_unique_ids(tmp_path):
+    rows_in = [
+        {"problem": f"P{lvl}", "solution": "...", "answer": f"{lvl}0", "subject": "Algebra",
+         "level": lvl, "unique_id": f"test/algebra/{lvl}.json"}
+        for lvl in (1, 2, 3, 4, 5)
+    ]  # fmt: skip
+    path = write_jsonl(tmp_path / "test.jsonl", [*rows_in, '{"problem": "cut off'])
+    rows, rejected = load(type="benchmark", name="math500", path=path, levels=[2, 5])
+    assert [r["reason"][:13] for r in rejected] == ["invalid JSON:"]  # not filtered away
+    assert rows == [
+        {"prompt_id": "test/algebra/2.json", "problem": "P2", "answer": "20"},
+        {"prompt_id": "test/algebra/5.json", "problem": "P5", "answer": "50"},
+    ]
+
+
+def test_gsm8k_answer_after_hashes(tmp_path):
+    rows_in = [
+        {"question": "How many?", "answer": "Work: 1000+234 = <<1000+234=1234>>\n#### 1,234"},
+        {"question": "And now?", "answer": "Thinking\n#### 7"},
+        {"question": "Broken", "answer": "forgot the marker: 9"},
+    ]
+    rows, rejected = load(
+        type="benchmark", name="gsm8k", path=write_parquet(tmp_path / "test.parquet", rows_in)
+    )
+    assert [r["answer"] for r in rows] == ["1234", "7"]
+    assert rows[0]["prompt_id"] == "gsm8k-test-0"
+    assert reasons(rejected) == {2: "no final answer found"}
+
+
+def test_aime_and_amc(tmp_path):
+    aime24 = tmp_path / "aime24"
+    aime24.mkdir()
+    write_parquet(
+        aime24 / "train.parquet",
+        [{"id": 60, "problem": "P", "solution": "S", "answer": "204", "url": "u", "year": "2024"}],
+    )
+    rows, _ = load(type="benchmark", name="aime24", path=str(aime24))
+    assert rows == [{"prompt_id": "60", "problem": "P", "answer": "204"}]
+
+    aime25 = write_jsonl(tmp_path / "aime25.jsonl", [{"problem": "Q", "answer": "70", "id": "0"}])
+    rows, _ = load(type="benchmark", name="aime25", path=aime25)
+    assert rows == [{"prompt_id": "0", "problem": "Q", "answer": "70"}]
+
+    amc = [{"id": 0, "question": "R", "answer": 27.0, "url": "u"}]
+    datasets.Dataset.from_list(amc).save_to_disk(str(tmp_path / "amc23"))
+    rows, _ = load(type="benchmark", name="amc23", path=str(tmp_path / "amc23"))
+    assert rows == [{"prompt_id": "amc23-test-0", "problem": "R", "answer": "27"}]
+
+
+def test_benchmarks_come_from_the_hub_without_a_path(monkeypatch):
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return [{"question": "Q", "answer": "x\n#### 5"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    rows, _ = load(type="benchmark", name="gsm8k", split="train")
+    assert calls == [("openai/gsm8k", "main", "train")]
+    assert rows == [{"prompt_id": "gsm8k-train-0", "problem": "Q", "answer": "5"}]
+    assert set(BENCHMARKS) == {"math", "math500", "gsm8k", "aime24", "aime25", "amc23"}

@@ -1,0 +1,162 @@
+"""Trace generation end to end: real vLLM engines on Ray Data, a tiny local model, a local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from w2sr.config import validate
+from w2sr.generate import TRACE_SCHEMA, generate, read_traces
+from w2sr.grading import is_correct
+from w2sr.rundir import RunDir
+from w2sr.selection import select
+
+PROBLEMS = [
+    f"What is {a} + {b}?" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 1), (2, 2), (4, 4)]
+]
+SAMPLES = 3
+
+
+def write_prompts(path: Path) -> None:
+    lines = [
+        json.dumps({"id": f"p{i}", "question": q, "gold": str(i)}) for i, q in enumerate(PROBLEMS)
+    ]
+    lines += [
+        json.dumps({"id": "no-answer", "question": "What is 1 + 1?"}),
+        json.dumps({"id": "empty", "question": "  ", "gold": "2"}),
+        "{not json",
+        json.dumps({"id": "too-long", "question": "1 + " * 400 + "1", "gold": "401"}),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def experiment(tmp: Path, model: str) -> dict:
+    write_prompts(tmp / "prompts.jsonl")
+    return {
+        "run_dir": str(tmp / "run"),
+        "teacher": model,
+        "prompts": {
+            "source": {
+                "type": "file",
+                "path": str(tmp / "prompts.jsonl"),
+                "problem_field": "question",
+                "answer_field": "gold",
+                "id_field": "id",
+            }
+        },
+        "generation": {
+            "samples_per_prompt": SAMPLES,
+            "prompts_per_shard": 3,
+            "sampling": {"max_tokens": 24, "temperature": 1.0},
+            "engine": {"batch_size": 8, "max_model_len": 512},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory, tiny_model, ray_session):
+    data = experiment(tmp_path_factory.mktemp("gen"), tiny_model)
+    cfg = validate(data)
+    return cfg, generate(cfg)
+
+
+def test_traces_have_the_schema_and_one_row_per_prompt_and_sample(generated):
+    cfg, record = generated
+    run = RunDir(cfg.run_dir)
+    traces = read_traces(run)
+    assert traces.schema == TRACE_SCHEMA
+    assert traces.num_rows == len(PROBLEMS) * SAMPLES == record["traces"]
+    pairs = set(
+        zip(traces["prompt_id"].to_pylist(), traces["sample_index"].to_pylist(), strict=True)
+    )
+    assert pairs == {(f"p{i}", k) for i in range(len(PROBLEMS)) for k in range(SAMPLES)}
+    assert len(set(traces["seed"].to_pylist())) == traces.num_rows
+    assert run.list("traces", suffix=".parquet") == [f"shard-{i:05d}.parquet" for i in range(3)]
+
+
+def test_every_trace_is_graded_and_counted(generated):
+    cfg, _ = generated
+    for row in read_traces(RunDir(cfg.run_dir)).to_pylist():
+        assert row["correct"] == is_correct(row["trace"], row["answer"])
+        assert row["teacher"] == cfg.teacher
+        assert row["prompt"].endswith("<|im_start|>assistant\n")
+        assert row["problem"] in row["prompt"]
+        assert row["prompt_tokens"] > 10
+        assert 0 < row["completion_tokens"] <= 24
+        expected = "length" if row["completion_tokens"] == 24 else "stop"
+        assert row["finish_reason"] == expected
+
+
+def test_malformed_and_too_long_prompts_are_set_aside_with_reasons(generated):
+    cfg, _ = generated
+    rejected = RunDir(cfg.run_dir).read_parquet("prompts", "rejected.parquet").to_pylist()
+    reasons = {row["prompt_id"]: row["reason"] for row in rejected}
+    assert len(rejected) == 4
+    assert "answer" in reasons["no-answer"]
+    assert "problem" in reasons["empty"]
+    assert "max_model_len" in reasons["too-long"]
+    assert any("JSON" in r["reason"] for r in rejected if r["prompt_id"] is None)
+
+
+def test_rerun_with_the_same_config_does_nothing(generated):
+    cfg, record = generated
+    before = {p.name: p.stat().st_mtime_ns for p in Path(cfg.run_dir, "traces").glob("*.parquet")}
+    assert generate(cfg) == record
+    after = {p.name: p.stat().st_mtime_ns for p in Path(cfg.run_dir, "traces").glob("*.parquet")}
+    assert before == after
+
+
+def test_selection_splits_traces_into_the_three_training_sets(generated):
+    cfg, _ = generated
+    summary = select(cfg)
+    run = RunDir(cfg.run_dir)
+    every = run.read_parquet("sft", "all.parquet")
+    right = run.read_parquet("sft", "correct.parquet")
+    wrong = run.read_parquet("sft", "incorrect.parquet")
+    assert every.num_rows == right.num_rows + wrong.num_rows == len(PROBLEMS) * SAMPLES
+    assert all(right["correct"].to_pylist()) and not any(wrong["correct"].to_pylist())
+    assert summary["all"]["traces"] == every.num_rows
+    assert summary["all"]["truncated"] == every["finish_reason"].to_pylist().count("length")
+    assert summary["all"]["completion_tokens"]["max"] <= 24
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_without_losing_or_repeating_traces(tmp_path, tiny_model, ray_session):
+    data = experiment(tmp_path, tiny_model)
+    data["generation"]["prompts_per_shard"] = 1
+    data["generation"]["engine"]["batch_size"] = 1
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    traces = tmp_path / "run" / "traces"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "w2sr.cli", "generate", str(config)]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not list(traces.glob("shard-*.parquet")) and time.time() < deadline:
+            assert proc.poll() is None, "generation ended before it could be killed"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    survivors = {p.name: pq.read_table(p) for p in traces.glob("shard-*.parquet")}
+    assert 0 < len(survivors) < len(PROBLEMS), "the kill should land midway"
+    assert not (traces / "_DONE.json").exists()
+
+    generate(validate(data))
+    table = read_traces(RunDir(data["run_dir"]))
+    pairs = list(
+        zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True)
+    )
+    assert len(pairs) == len(set(pairs)) == len(PROBLEMS) * SAMPLES
+    for name, before in survivors.items():
+        assert pq.read_table(traces / name).equals(before), f"{name} was rewritten"

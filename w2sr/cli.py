@@ -1,0 +1,84 @@
+"""The `w2sr` command: one subcommand per stage, each taking a config file and dotted overrides.
+
+    w2sr generate jobs/tiny.yaml generation.samples_per_prompt=8
+
+The config is validated before anything starts, so a bad key costs a second, not a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+import yaml
+
+from w2sr.config import ConfigError, ExperimentConfig, load_config
+from w2sr.rundir import RunDir
+
+
+def _generate(cfg: ExperimentConfig) -> dict:
+    from w2sr.generate import generate
+
+    return generate(cfg)
+
+
+def _select(cfg: ExperimentConfig) -> dict:
+    from w2sr.selection import select
+
+    return select(cfg)
+
+
+def _run(cfg: ExperimentConfig) -> dict:
+    return {"generate": _generate(cfg), "select": _select(cfg)}
+
+
+STAGES: dict[str, tuple[Callable[[ExperimentConfig], dict], str]] = {
+    "generate": (_generate, "sample graded teacher traces with vLLM on Ray Data"),
+    "select": (
+        _select,
+        "split traces into the W2SR (all), W2SR-P (correct) and W2SR-N (incorrect) sets",
+    ),
+    "run": (_run, "run every stage in order, skipping the ones already complete"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="w2sr",
+        description="Weak-to-Strong Reasoning on Ray: weak-teacher traces train a strong student.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, summary) in STAGES.items():
+        sub = commands.add_parser(name, help=summary, description=summary)
+        sub.add_argument("config", help="experiment YAML (see jobs/)")
+        sub.add_argument(
+            "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. seed=1"
+        )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"w2sr: {error}", file=sys.stderr)
+        return 2
+    RunDir(cfg.run_dir).write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml"
+    )
+    result = STAGES[args.command][0](cfg)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""One typed experiment config, loaded from YAML with dotted command-line overrides.
+
+Every section mirrors a YAML block one to one. Validation runs before any Ray work, so a typo or
+an impossible value costs nothing; errors name the dotted key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names every offending key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --- prompts ---------------------------------------------------------------------------------
+
+
+class ReasoningGymSource(Strict):
+    """Procedural problems from a reasoning-gym task: offline and deterministic under a seed."""
+
+    type: Literal["reasoning_gym"] = "reasoning_gym"
+    task: str = "basic_arithmetic"
+    size: PositiveInt = 64
+    seed: int = 0
+    task_config: dict[str, Any] = Field(default_factory=dict)
+
+
+class FileSource(Strict):
+    """Local or remote JSONL / Parquet rows."""
+
+    type: Literal["file"] = "file"
+    path: str
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    id_field: str | None = None
+
+
+class HFSource(Strict):
+    """A Hugging Face dataset by hub id or local path (a `save_to_disk` folder or data files)."""
+
+    type: Literal["hf"] = "hf"
+    path: str
+    name: str | None = None
+    split: str = "train"
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    id_field: str | None = None
+
+
+class BenchmarkSource(Strict):
+    """A standard math set by name, from a local copy (`path`) or the hub."""
+
+    type: Literal["benchmark"] = "benchmark"
+    name: Literal["math", "math500", "gsm8k", "aime24", "aime25", "amc23"]
+    path: str | None = None
+    split: str | None = None
+    levels: list[Annotated[int, Field(ge=1, le=5)]] | None = None
+
+    @model_validator(mode="after")
+    def _levels_only_for_math(self) -> BenchmarkSource:
+        if self.levels is not None and self.name not in ("math", "math500"):
+            raise ValueError("levels applies only to math and math500")
+        return self
+
+
+PromptSource = Annotated[
+    ReasoningGymSource | FileSource | HFSource | BenchmarkSource,
+    Field(discriminator="type"),
+]
+
+
+class PromptsConfig(Strict):
+    source: PromptSource = Field(default_factory=ReasoningGymSource)
+    limit: PositiveInt | None = None
+
+
+# --- engines ---------------------------------------------------------------------------------
+
+
+class Replicas(Strict):
+    """A fixed pool (min == max) or an autoscaling range of engine replicas."""
+
+    min: PositiveInt = 1
+    max: PositiveInt = 1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_int(cls, value: Any) -> Any:
+        return {"min": value, "max": value} if isinstance(value, int) else value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Replicas:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) is below min ({self.min})")
+        return self
+
+
+class EngineConfig(Strict):
+    """How vLLM engines are laid out; the same block serves generation, evaluation and serving."""
+
+    replicas: Replicas = Field(default_factory=Replicas)
+    tensor_parallel_size: PositiveInt = 1
+    pipeline_parallel_size: PositiveInt = 1
+    accelerator_type: str | None = None
+    batch_size: PositiveInt = 16
+    max_model_len: PositiveInt = 2048
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    enforce_eager: bool = True
+    gpu_memory_utilization: Fraction = 0.3
+    cpu_kv_cache_gib: PositiveInt = 1
+    cpus_per_replica: PositiveInt = 1
+
+
+class SamplingConfig(Strict):
+    temperature: Annotated[float, Field(ge=0)] = 0.7
+    top_p: Fraction = 1.0
+    max_tokens: PositiveInt = 512
+    seed: int = 0
+
+
+class GenerationConfig(Strict):
+    samples_per_prompt: PositiveInt = 4
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    prompts_per_shard: PositiveInt = 256
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+class TrainConfig(Strict):
+    """SFT of the student on a selected trace set (the paper's recipe by default)."""
+
+    variant: Literal["all", "correct", "incorrect"] = "all"
+    num_workers: PositiveInt = 2
+    zero_stage: Literal[2, 3] = 3
+    offload_optimizer: bool = False
+    lr: Annotated[float, Field(gt=0)] = 2e-5
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    global_batch_size: PositiveInt = 128
+    micro_batch_size: PositiveInt = 1
+    cutoff_len: PositiveInt = 4096
+    epochs: PositiveInt = 3
+    max_steps: PositiveInt | None = None
+    bf16: bool = True
+    # Samples of a micro-batch share one row (positions restart, no attention across samples)
+    # instead of being padded to the longest: same gradient, no compute spent on padding.
+    packing: bool = True
+    gradient_checkpointing: bool = False
+    # flash_attention_2 (GPU, needs flash-attn) reads packed rows without building a mask.
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    seed: int = 0
+    checkpoint_every: PositiveInt = 50
+    num_to_keep: PositiveInt = 2
+    max_failures: Annotated[int, Field(ge=-1)] = 0
+    mlflow_tracking_uri: str | None = None
+    wandb_project: str | None = None
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainConfig:
+        per_step = self.micro_batch_size * self.num_workers
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) is not a multiple of "
+                f"micro_batch_size x num_workers ({per_step})"
+            )
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+
+# --- the experiment --------------------------------------------------------------------------
+
+
+class RayConfig(Strict):
+    """Where to run: `address: null` starts a local session (its logical CPUs set by num_cpus)."""
+
+    address: str | None = None
+    num_cpus: PositiveInt | None = 8
+
+
+class ExperimentConfig(Strict):
+    run_dir: str
+    teacher: str
+    student: str | None = None
+    use_gpu: bool = False
+    trust_remote_code: bool = False
+    template: str = "paper"
+    grader: str = "math"
+    seed: int = 0
+    ray: RayConfig = Field(default_factory=RayConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _known_names(self) -> ExperimentConfig:
+        from w2sr.grading import GRADERS
+        from w2sr.templates import TEMPLATES
+
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template: unknown {self.template!r}; one of {sorted(TEMPLATES)}")
+        if self.grader not in GRADERS:
+            raise ValueError(f"grader: unknown {self.grader!r}; one of {sorted(GRADERS)}")
+        return self
+
+    def fingerprint(self, *sections: str) -> str:
+        """A stable hash of the named sections: a stage reruns only when its inputs change."""
+        data = self.model_dump(mode="json")
+        picked = {name: data[name] for name in sections}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value`, the value read as YAML so numbers, booleans and lists keep their type."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path[: i + 1])} is not a section, cannot set {path}")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"] if not str(p).endswith("Source"))
+        lines.append(f"  {loc or '(top level)'}: {item['msg']}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def validate(data: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read config {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    return validate(data)

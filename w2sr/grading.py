@@ -1,0 +1,287 @@
+"""Grading: pull the final answer out of a response and decide whether it equals the gold answer.
+
+Most checks are settled here in microseconds, by normalised string equality or exact numeric
+comparison. The rest (sets, intervals, tuples, symbolic expressions) go to math-verify. Its own
+time-outs use `signal.alarm`, which works only in a process's main thread, so inside Ray actors
+and threads they break; and a runaway sympy call cannot be interrupted in-process. So math-verify
+runs with its time-outs off in one persistent worker process per grading process, and each check
+gets a wall-clock limit: a check that overruns kills the worker (replaced on the next check) and
+counts as incorrect.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+
+logger = logging.getLogger(__name__)
+
+TIMEOUT_S = 5.0  # wall-clock limit for one math-verify check
+_STARTUP_S = 120.0  # for the worker to import and warm up math-verify (slow on a loaded node)
+
+# --- extraction ------------------------------------------------------------------------------
+
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACE_TOKENS = re.compile(r"\\.|[{}]", re.DOTALL)  # escaped characters (\{, \}) are skipped
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_HASHES = re.compile(r"####[ \t]*(.*)")
+
+
+def _box_content(text: str, start: int) -> str | None:
+    """The text from `start` up to the `}` that closes the box opened just before it."""
+    depth = 1
+    for token in _BRACE_TOKENS.finditer(text, start):
+        depth += {"{": 1, "}": -1}.get(token.group(), 0)
+        if depth == 0:
+            return text[start : token.start()]
+    return None
+
+
+def _clean(answer: str | None) -> str | None:
+    answer = (answer or "").strip()
+    return answer.removesuffix(".").rstrip() or None
+
+
+def extract_answer(text: str) -> str | None:
+    """The last `\\boxed{}`/`\\fbox{}`, else the last `<answer></answer>`, else the last `#### N`.
+
+    An unbalanced (e.g. truncated) last box gives None, not an earlier box: the last box is the
+    model's final answer, and an earlier one may be an answer it went on to revise.
+    """
+    if boxes := list(_BOX.finditer(text)):
+        return _clean(_box_content(text, boxes[-1].end()))
+    if tags := _ANSWER_TAG.findall(text):
+        return _clean(tags[-1])
+    if hashes := _HASHES.findall(text):
+        return _clean(hashes[-1])
+    return None
+
+
+def _gold_answer(gold: str) -> str | None:
+    """Gold may be a bare answer or a worked solution ending in a box or `#### N`."""
+    return extract_answer(gold) or _clean(gold)
+
+
+# --- fast path: normalised strings and plain numbers -----------------------------------------
+
+_TEXT = r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}"
+_NORMALISE = [
+    (re.compile(p), r)
+    for p, r in [
+        (r"\\[dt]frac", r"\\frac"),
+        (r"\\(?:left|right)(?![a-zA-Z])|\\[!,;: ]|\\?\$|~", ""),
+        (r"\^\s*\{?\\circ\}?|°", ""),
+        (r"\\%", "%"),
+        ("\u2212", "-"),
+        (r"\{,\}", ","),  # 1{,}000
+        # units after a number: 5\text{ cm}^2
+        (rf"(\d)(?:\s*{_TEXT}(?:\^\{{?\d\}}?)?)+\s*$", r"\1"),
+        (_TEXT, r"\1"),  # other text keeps its words: \text{Monday}
+        (r"\\(frac|sqrt)\s*([0-9a-zA-Z])", r"\\\1{\2}"),  # \frac12 -> \frac{1}2, \sqrt2
+        (r"(\\frac\{[^{}]*\})\s*([0-9a-zA-Z])", r"\1{\2}"),  # \frac{1}2 -> \frac{1}{2}
+        (r"^\\?[a-zA-Z]+\s*=\s*(?=[^=]*$)", ""),  # a leading "x =" when it is the only "="
+        (r"\s+", " "),
+    ]
+]
+
+_DEC = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d*)?|\.\d+"
+_NUMBER = re.compile(
+    rf"""(?P<sign>[-+]?)\s*
+    (?: \\frac\{{\s*(?P<fn>-?(?:{_DEC}))\s*\}}\{{\s*(?P<fd>-?(?:{_DEC}))\s*\}}
+      | (?P<sn>{_DEC})\s*/\s*(?P<sd>{_DEC})
+      | (?P<d>{_DEC}) )
+    \s*(?P<pct>%)?
+    (?:\s+[A-Za-z]{{2,}}(?:\^\{{?\d\}}?)?)*  # words after a number: "5 apples", "3 cm^2"
+    """,
+    re.VERBOSE,
+)
+
+
+def _normalise(answer: str) -> str:
+    for pattern, replacement in _NORMALISE:
+        answer = pattern.sub(replacement, answer)
+    return answer.strip()
+
+
+def _number(answer: str) -> tuple[set[Fraction], bool] | None:
+    """A plain number's possible values ("50%" is 50 or 0.5) and whether it has a decimal point."""
+    m = _NUMBER.fullmatch(answer)
+    if m is None:
+        return None
+    parts = [p.replace(",", "") for p in m.group("fn", "fd", "sn", "sd", "d") if p is not None]
+    numerator = Fraction(parts[0])
+    denominator = Fraction(parts[1]) if len(parts) == 2 else Fraction(1)
+    if denominator == 0:
+        return None
+    value = (-1 if m["sign"] == "-" else 1) * numerator / denominator
+    values = {value, value / 100} if m["pct"] else {value}
+    return values, any("." in p for p in parts)
+
+
+def _same_number(a: tuple[set[Fraction], bool], b: tuple[set[Fraction], bool]) -> bool:
+    """Exact, unless either side has a decimal point: then to 6 places, as math-verify does."""
+    (xs, a_decimal), (ys, b_decimal) = a, b
+    if a_decimal or b_decimal:
+        xs, ys = {round(x, 6) for x in xs}, {round(y, 6) for y in ys}
+    return not xs.isdisjoint(ys)
+
+
+# --- slow path: math-verify in a worker process ----------------------------------------------
+
+
+def _mv_equal(pred: str, gold: str) -> bool:
+    """Runs in the worker (math-verify and sympy are never imported by the grading process)."""
+    from math_verify import parse, verify
+
+    def parsed(answer: str) -> list:
+        return parse(f"${answer}$", parsing_timeout=None)
+
+    return verify(parsed(gold), parsed(pred), timeout_seconds=None)
+
+
+def _serve(conn) -> None:
+    """The worker's main loop: answer `(check, pred, gold)` requests until the parent is gone."""
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:  # EOF alone misses a parent killed mid-computation
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": by design
+    _mv_equal("1", "1")  # import and warm up before the clock runs
+    conn.send(True)
+    while True:
+        try:
+            check, pred, gold = conn.recv()
+        except EOFError:
+            return
+        try:
+            verdict = bool(check(pred, gold))
+        except Exception:  # math-verify catches its own errors; this keeps the worker alive
+            verdict = False
+        conn.send(verdict)
+
+
+_WORKER_MAIN = (
+    "import sys; from multiprocessing.connection import Connection; "
+    "from w2sr.grading import _serve; _serve(Connection(int(sys.argv[1])))"
+)
+
+
+class _Worker:
+    """A worker started with `python -c`: multiprocessing's spawn would re-run the caller's
+    `__main__` in the child, which breaks scripts without a main guard."""
+
+    def __init__(self) -> None:
+        self.conn, child_conn = multiprocessing.Pipe()
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_MAIN, str(child_conn.fileno())],
+            pass_fds=[child_conn.fileno()],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},  # this w2sr, not another
+            start_new_session=True,  # a Ctrl-C is for the parent; the worker follows it out
+        )
+        child_conn.close()
+        try:
+            ready = self.conn.poll(_STARTUP_S) and self.conn.recv()
+        except EOFError:
+            ready = False
+        if not ready:
+            self.close()
+            raise RuntimeError("the math-verify grading worker did not start (see its stderr)")
+
+    def ask(self, pred: str, gold: str) -> bool | None:
+        """math-verify's verdict, or None if the worker overran TIMEOUT_S or died."""
+        try:
+            self.conn.send((_mv_equal, pred, gold))  # sent by reference: tests may swap it
+            return self.conn.recv() if self.conn.poll(TIMEOUT_S) else None
+        except (EOFError, OSError):
+            return None
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.conn.close()
+
+
+_lock = threading.Lock()
+_worker: _Worker | None = None
+
+
+def _forget_worker() -> None:
+    """In a forked child the parent's worker and lock are not ours: start afresh."""
+    global _lock, _worker
+    _lock, _worker = threading.Lock(), None
+
+
+os.register_at_fork(after_in_child=_forget_worker)
+
+
+def _slow_equal(pred: str, gold: str) -> bool:
+    global _worker
+    with _lock:  # one request in flight: the clock starts when the worker gets the check
+        if _worker is None:
+            _worker = _Worker()
+        verdict = _worker.ask(pred, gold)
+        if verdict is None:
+            logger.warning(
+                "math-verify took over %gs or died; counted incorrect: %.200r vs gold %.200r",
+                TIMEOUT_S,
+                pred,
+                gold,
+            )
+            _worker.close()
+            _worker = None
+        return bool(verdict)
+
+
+# --- graders ---------------------------------------------------------------------------------
+
+
+def _math_equal(pred: str, gold: str) -> bool:
+    a, b = _normalise(pred), _normalise(gold)
+    if a.replace(" ", "") == b.replace(" ", ""):
+        return True
+    x, y = _number(a), _number(b)
+    if x is not None and y is not None:
+        return _same_number(x, y)
+    return _slow_equal(pred, gold)
+
+
+def is_correct(response: str, gold: str) -> bool:
+    """Whether the response's final answer equals the gold answer mathematically."""
+    pred, gold_answer = extract_answer(response), _gold_answer(gold)
+    return pred is not None and gold_answer is not None and _math_equal(pred, gold_answer)
+
+
+def exact_match(response: str, gold: str) -> bool:
+    """For synthetic tasks whose answers are symbols: the same string, up to outer whitespace."""
+    pred = extract_answer(response)
+    return pred is not None and pred == _gold_answer(gold)
+
+
+# Every grader depends on the response only through extract_answer(response): grade_batch
+# relies on this to grade each distinct (answer, gold) pair once.
+GRADERS: dict[str, Callable[[str, str], bool]] = {"math": is_correct, "exact": exact_match}
+
+
+def grade_batch(responses: Sequence[str], golds: Sequence[str], grader: str = "math") -> list[bool]:
+    """Grade pairs; samples of one prompt often share an answer, so each distinct pair runs once."""
+    check = GRADERS[grader]
+    verdicts: dict[tuple[str | None, str], bool] = {}
+    out = []
+    for response, gold in zip(responses, golds, strict=True):
+        key = (extract_answer(response), gold)
+        if key not in verdicts:
+            verdicts[key] = check(response, gold)
+        out.append(verdicts[key])
+    return out

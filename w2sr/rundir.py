@@ -1,0 +1,108 @@
+"""The run directory: every artifact of an experiment, on a local disk or any pyarrow filesystem.
+
+Layout (relative to `run_dir`):
+
+    config.yaml                     the resolved config of the latest command
+    prompts/prompts.parquet         the validated prompt set (prompt_id, problem, answer, prompt)
+    prompts/rejected.parquet        rows set aside, with the reason
+    traces/shard-NNNNN.parquet      graded teacher traces, one file per prompt shard
+    sft/{all,correct,incorrect}.parquet and sft/summary.json
+                                    the W2SR, W2SR-P and W2SR-N training sets
+    <stage>/_DONE.json              written last: the stage's config fingerprint and counts
+
+Files are written to a temporary name and renamed, so a reader sees a whole file or none, and a
+stage that finds its `_DONE.json` with the same fingerprint has nothing left to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+DONE = "_DONE.json"
+
+
+class RunDir:
+    def __init__(self, uri: str):
+        if "://" in uri:
+            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
+        self.uri = uri
+        self.fs.create_dir(self.root, recursive=True)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def list(self, *parts: str, suffix: str = "") -> list[str]:
+        """Names of the files directly under a folder, sorted; temporary files are not listed."""
+        selector = pafs.FileSelector(self.path(*parts), allow_not_found=True)
+        names = [info.base_name for info in self.fs.get_file_info(selector)]
+        return sorted(n for n in names if n.endswith(suffix) and ".tmp-" not in n)
+
+    def _atomic(self, parts: tuple[str, ...], write) -> None:
+        final = self.path(*parts)
+        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            write(tmp)
+            self.fs.move(tmp, final)
+        except BaseException:
+            if self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+                self.fs.delete_file(tmp)
+            raise
+
+    def write_parquet(self, table: pa.Table, *parts: str) -> None:
+        self._atomic(parts, lambda tmp: pq.write_table(table, tmp, filesystem=self.fs))
+
+    def read_parquet(self, *parts: str) -> pa.Table:
+        return pq.read_table(self.path(*parts), filesystem=self.fs)
+
+    def write_text(self, text: str, *parts: str) -> None:
+        def write(tmp: str) -> None:
+            with self.fs.open_output_stream(tmp) as out:
+                out.write(text.encode())
+
+        self._atomic(parts, write)
+
+    def read_text(self, *parts: str) -> str:
+        with self.fs.open_input_stream(self.path(*parts)) as stream:
+            return stream.read().decode()
+
+    def write_json(self, obj: Any, *parts: str) -> None:
+        self.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", *parts)
+
+    def read_json(self, *parts: str) -> Any:
+        return json.loads(self.read_text(*parts))
+
+    def delete(self, *parts: str) -> None:
+        target = self.path(*parts)
+        info = self.fs.get_file_info(target)
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(target)
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(target)
+
+    # --- stage completion ---
+
+    def done(self, stage: str, fingerprint: str) -> dict[str, Any] | None:
+        """The stage's completion record if it finished with this fingerprint, else None."""
+        if not self.exists(stage, DONE):
+            return None
+        record = self.read_json(stage, DONE)
+        return record if record.get("fingerprint") == fingerprint else None
+
+    def mark_done(self, stage: str, fingerprint: str, **facts: Any) -> None:
+        self.write_json({"fingerprint": fingerprint, **facts}, stage, DONE)
+
+    def clear_done(self, stage: str) -> None:
+        self.delete(stage, DONE)

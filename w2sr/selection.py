@@ -1,0 +1,79 @@
+"""Stage `select`: the three training sets of the paper from one set of graded traces.
+
+`all` trains W2SR, `correct` W2SR-P, `incorrect` W2SR-N. The summary says what each set holds,
+so a surprising student can be traced back to its data (few correct traces, many truncated ones).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from w2sr.config import ExperimentConfig
+from w2sr.generate import read_traces
+from w2sr.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+VARIANTS = {"all": None, "correct": True, "incorrect": False}
+
+
+def select_variant(traces: pa.Table, variant: str) -> pa.Table:
+    wanted = VARIANTS[variant]
+    if wanted is None:
+        return traces
+    return traces.filter(pc.equal(traces.column("correct"), wanted))
+
+
+def summarize(traces: pa.Table) -> dict[str, Any]:
+    """Counts, teacher accuracy and trace lengths of one set."""
+    n = traces.num_rows
+    lengths = traces.column("completion_tokens").to_numpy() if n else []
+    truncated = pc.sum(pc.equal(traces.column("finish_reason"), "length")).as_py() if n else 0
+    correct = pc.sum(traces.column("correct").cast(pa.int64())).as_py() if n else 0
+    summary: dict[str, Any] = {
+        "traces": n,
+        "prompts": len(set(traces.column("prompt_id").to_pylist())),
+        "correct": correct or 0,
+        "accuracy": (correct or 0) / n if n else None,
+        "no_answer": traces.column("extracted_answer").null_count,
+        "truncated": truncated or 0,
+    }
+    if n:
+        import numpy as np
+
+        summary["completion_tokens"] = {
+            "mean": round(float(np.mean(lengths)), 2),
+            **{f"p{q}": float(np.percentile(lengths, q)) for q in (10, 50, 90)},
+            "max": int(np.max(lengths)),
+        }
+    return summary
+
+
+def select(cfg: ExperimentConfig) -> dict[str, Any]:
+    run = RunDir(cfg.run_dir)
+    record = run.read_json("traces", "_DONE.json") if run.exists("traces", "_DONE.json") else None
+    if record is None:
+        raise RuntimeError(f"no complete traces in {cfg.run_dir}; run `w2sr generate` first")
+    fingerprint = record["fingerprint"]
+    if run.done("sft", fingerprint):
+        return run.read_json("sft", "summary.json")
+    traces = read_traces(run)
+    summary = {}
+    for variant in VARIANTS:
+        subset = select_variant(traces, variant)
+        run.write_parquet(subset, "sft", f"{variant}.parquet")
+        summary[variant] = summarize(subset)
+    run.write_json(summary, "sft", "summary.json")
+    run.mark_done("sft", fingerprint)
+    log.info(
+        "training sets: all %d, correct %d, incorrect %d (teacher accuracy %s)",
+        summary["all"]["traces"],
+        summary["correct"]["traces"],
+        summary["incorrect"]["traces"],
+        summary["all"]["accuracy"],
+    )
+    return summary
