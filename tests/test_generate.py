@@ -20,9 +20,11 @@ from w2sr.grading import is_correct
 from w2sr.rundir import RunDir
 from w2sr.selection import select
 
-PROBLEMS = [
-    f"What is {a} + {b}?" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 1), (2, 2), (4, 4)]
-]
+# Long enough that one engine step cannot prefill every prompt at once: a prompt gets split or
+# deferred, the path where seeded sampling on CPU used to kill the engine.
+STORY = "A merchant sells apples, then counts the coins twice to verify the total. " * 4
+PAIRS = [(1, 2), (3, 4), (5, 6), (7, 8), (9, 1), (2, 2), (4, 4)]
+PROBLEMS = [f"{STORY}What is {a} + {b}?" for a, b in PAIRS]
 SAMPLES = 3
 
 
@@ -57,7 +59,7 @@ def experiment(tmp: Path, model: str) -> dict:
             "samples_per_prompt": SAMPLES,
             "prompts_per_shard": 3,
             "sampling": {"max_tokens": 24, "temperature": 1.0},
-            "engine": {"batch_size": 8, "max_model_len": 512},
+            "engine": {"batch_size": 32, "max_model_len": 512},
         },
     }
 
@@ -90,7 +92,7 @@ def test_every_trace_is_graded_and_counted(generated):
         assert row["teacher"] == cfg.teacher
         assert row["prompt"].endswith("<|im_start|>assistant\n")
         assert row["problem"] in row["prompt"]
-        assert row["prompt_tokens"] > 10
+        assert row["prompt_tokens"] > 100
         assert 0 < row["completion_tokens"] <= 24
         expected = "length" if row["completion_tokens"] == 24 else "stop"
         assert row["finish_reason"] == expected

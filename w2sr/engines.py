@@ -61,8 +61,15 @@ def finish_reason(prompt_tokens: int, completion_tokens: int, max_tokens: int, m
     return "stop"
 
 
-def engine_kwargs(engine: EngineConfig, trust_remote_code: bool) -> dict[str, Any]:
+def engine_kwargs(engine: EngineConfig, *, use_gpu: bool, trust_remote_code: bool) -> dict:
+    """vLLM engine arguments.
+
+    On CPU, chunked prefill is off: when a seeded request's prompt is split across steps, vLLM
+    rewinds its random generator, which CPU generators cannot do (the engine dies with "CPU
+    Generator does not use offset"). Per-sample seeds matter more here than prefill chunking.
+    """
     return {
+        "enable_chunked_prefill": use_gpu,
         "max_model_len": engine.max_model_len,
         "dtype": engine.dtype,
         "enforce_eager": engine.enforce_eager,
@@ -105,7 +112,7 @@ def build_generator(
         batch_size=engine.batch_size,
         concurrency=(engine.replicas.min, engine.replicas.max),
         accelerator_type=engine.accelerator_type,
-        engine_kwargs=engine_kwargs(engine, trust_remote_code),
+        engine_kwargs=engine_kwargs(engine, use_gpu=use_gpu, trust_remote_code=trust_remote_code),
         runtime_env=engine_env(engine, use_gpu),
         placement_group_config={"bundle_per_worker": engine_bundle(engine, use_gpu)},
         chat_template_stage=False,

@@ -1,0 +1,122 @@
+"""The experiment config: YAML + dotted overrides, and errors that name the key before Ray starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from w2sr.config import ConfigError, load_config, parse_override, validate
+
+BASE = {"run_dir": "runs/x", "teacher": "some/model"}
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_follow_the_paper():
+    cfg = validate(BASE)
+    assert cfg.template == "paper" and cfg.grader == "math"
+    assert cfg.train.lr == 2e-5 and cfg.train.lr_scheduler == "cosine"
+    assert cfg.train.warmup_ratio == 0.1 and cfg.train.global_batch_size == 128
+    assert cfg.train.cutoff_len == 4096 and cfg.train.bf16
+    assert cfg.trust_remote_code is False
+
+
+def test_overrides_keep_yaml_types(tmp_path):
+    cfg = load_config(
+        write(tmp_path, BASE),
+        [
+            "generation.samples_per_prompt=8",
+            "generation.sampling.temperature=0.5",
+            "use_gpu=true",
+            "generation.engine.replicas={min: 1, max: 4}",
+            "prompts.source.type=file",
+            "prompts.source.path=data/p.jsonl",
+        ],
+    )
+    assert cfg.generation.samples_per_prompt == 8
+    assert cfg.generation.sampling.temperature == 0.5
+    assert cfg.use_gpu is True
+    assert (cfg.generation.engine.replicas.min, cfg.generation.engine.replicas.max) == (1, 4)
+    assert cfg.prompts.source.path == "data/p.jsonl"
+
+
+def test_replicas_accept_a_fixed_count():
+    cfg = validate({**BASE, "generation": {"engine": {"replicas": 3}}})
+    assert (cfg.generation.engine.replicas.min, cfg.generation.engine.replicas.max) == (3, 3)
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "words"),
+    [
+        ({**BASE, "generaton": {}}, "generaton", "Extra inputs"),
+        (
+            {**BASE, "generation": {"samples_per_prompt": 0}},
+            "generation.samples_per_prompt",
+            "greater than 0",
+        ),
+        ({**BASE, "generation": {"samples_per_prompt": "many"}}, "samples_per_prompt", "integer"),
+        ({**BASE, "generation": {"sampling": {"top_p": 1.5}}}, "generation.sampling.top_p", "1"),
+        (
+            {**BASE, "generation": {"engine": {"replicas": {"min": 3, "max": 2}}}},
+            "generation.engine.replicas",
+            "below min",
+        ),
+        (
+            {**BASE, "train": {"global_batch_size": 10, "num_workers": 4}},
+            "train",
+            "not a multiple",
+        ),
+        ({**BASE, "template": "fancy"}, "template", "unknown"),
+        ({**BASE, "grader": "vibes"}, "grader", "unknown"),
+        ({"teacher": "m"}, "run_dir", "Field required"),
+        ({**BASE, "prompts": {"source": {"type": "csv"}}}, "prompts.source", "type"),
+        ({**BASE, "prompts": {"source": {"type": "file"}}}, "prompts.source.file.path", "required"),
+        (
+            {**BASE, "prompts": {"source": {"type": "benchmark", "name": "gsm8k", "levels": [3]}}},
+            "prompts.source",
+            "levels",
+        ),
+    ],
+)
+def test_invalid_configs_name_the_key(data, key, words):
+    with pytest.raises(ConfigError) as error:
+        validate(data)
+    message = str(error.value)
+    assert key in message and words in message
+
+
+@pytest.mark.parametrize("text", ["novalue", "=3", ""])
+def test_malformed_overrides_are_refused(text):
+    with pytest.raises(ConfigError):
+        parse_override(text)
+
+
+def test_override_cannot_descend_into_a_value(tmp_path):
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config(write(tmp_path, BASE), ["teacher.name=x"])
+
+
+def test_fingerprint_changes_only_with_its_sections():
+    a = validate(BASE)
+    b = validate({**BASE, "train": {"lr": 1e-5}})
+    c = validate({**BASE, "generation": {"samples_per_prompt": 2}})
+    assert a.fingerprint("generation") == b.fingerprint("generation")
+    assert a.fingerprint("generation") != c.fingerprint("generation")
+
+
+def test_cli_rejects_a_bad_config_before_ray_starts(tmp_path):
+    path = write(tmp_path, {**BASE, "run_dir": str(tmp_path / "run")})
+    cmd = [sys.executable, "-m", "w2sr.cli", "generate", str(path), "generation.sampling.top_p=2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "generation.sampling.top_p" in done.stderr
+    assert "ray" not in done.stderr.lower()
+    assert not (tmp_path / "run").exists()
