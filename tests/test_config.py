@@ -1,4 +1,4 @@
-"""The experiment config: YAML + dotted overrides, and errors that name the key before Ray starts."""
+"""The experiment config: YAML, dotted overrides, and errors that name the key before Ray."""
 
 from __future__ import annotations
 
