@@ -19,28 +19,43 @@ from w2sr.config import ConfigError, ExperimentConfig, load_config
 from w2sr.rundir import RunDir
 
 
-def _generate(cfg: ExperimentConfig) -> dict:
+def _generate(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
     from w2sr.generate import generate
 
     return generate(cfg)
 
 
-def _select(cfg: ExperimentConfig) -> dict:
+def _select(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
     from w2sr.selection import select
 
     return select(cfg)
 
 
-def _run(cfg: ExperimentConfig) -> dict:
-    return {"generate": _generate(cfg), "select": _select(cfg)}
+def _eval(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
+    from w2sr.evaluate import evaluate
+
+    return evaluate(cfg, endpoint=args.endpoint)
 
 
-STAGES: dict[str, tuple[Callable[[ExperimentConfig], dict], str]] = {
+def _serve(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
+    from w2sr.serve import serve
+
+    return serve(cfg, blocking=not args.detach)
+
+
+def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
+    return {"generate": _generate(cfg, args), "select": _select(cfg, args)}
+
+
+Stage = Callable[[ExperimentConfig, argparse.Namespace], dict]
+STAGES: dict[str, tuple[Stage, str]] = {
     "generate": (_generate, "sample graded teacher traces with vLLM on Ray Data"),
     "select": (
         _select,
         "split traces into the W2SR (all), W2SR-P (correct) and W2SR-N (incorrect) sets",
     ),
+    "eval": (_eval, "evaluate the run's models on benchmarks (offline, or through --endpoint)"),
+    "serve": (_serve, "host the run's students behind an OpenAI-compatible API (Ray Serve)"),
     "run": (_run, "run every stage in order, skipping the ones already complete"),
 }
 
@@ -58,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. seed=1"
         )
+        if name == "eval":
+            sub.add_argument(
+                "--endpoint", metavar="URL", help="an OpenAI-compatible server hosting the models"
+            )
+        if name == "serve":
+            sub.add_argument(
+                "--detach", action="store_true", help="leave the app running and return"
+            )
+    report = commands.add_parser(
+        "report",
+        help="write report.md and figures (RGR table) for a run, or a sweep of runs",
+        description="write report.md and figures (RGR table) for a run, or a sweep of runs",
+    )
+    report.add_argument("run_dir", help="a run directory, or a folder of runs (one per teacher)")
     return parser
 
 
@@ -67,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command == "report":
+        from w2sr.report import report
+
+        print(json.dumps(report(args.run_dir), indent=2, default=str))
+        return 0
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as error:
@@ -75,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     RunDir(cfg.run_dir).write_text(
         yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml"
     )
-    result = STAGES[args.command][0](cfg)
+    result = STAGES[args.command][0](cfg, args)
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -188,6 +189,110 @@ class TrainConfig(Strict):
         return self.global_batch_size // (self.micro_batch_size * self.num_workers)
 
 
+# --- evaluation and serving ------------------------------------------------------------------
+
+# The models of a run, by label: cfg.teacher, cfg.student, the three SFT students and the GRPO one.
+RUN_LABELS = ("teacher", "base", "w2sr", "w2sr_p", "w2sr_n", "rl")
+_LABEL_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"  # a label names a folder and a served model id
+
+
+class EvalBenchmark(Strict):
+    """A benchmark by name (`w2sr.data.EVAL_BENCHMARKS`), from a local copy (`path`) or the hub.
+
+    `limit` keeps the first N problems: a quick look, not a result to report.
+    """
+
+    name: str
+    path: str | None = None
+    split: str | None = None
+    limit: PositiveInt | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _known(self) -> EvalBenchmark:
+        from w2sr.data import EVAL_BENCHMARKS, OFFLINE
+
+        if self.name not in EVAL_BENCHMARKS:
+            raise ValueError(f"unknown benchmark {self.name!r}; one of {sorted(EVAL_BENCHMARKS)}")
+        if self.name == OFFLINE and (self.path or self.split):
+            raise ValueError(f"{OFFLINE!r} is built in: it takes no path or split")
+        return self
+
+
+class EndpointConfig(Strict):
+    """How `w2sr eval --endpoint URL` talks to an OpenAI-compatible server."""
+
+    concurrency: PositiveInt = 32  # requests in flight
+    timeout_s: Annotated[float, Field(gt=0)] = 600.0  # per request: a long CoT takes minutes
+    retries: Annotated[int, Field(ge=0)] = 3  # on connection errors, time-outs, 429 and 5xx
+    backoff_s: Annotated[float, Field(gt=0)] = 1.0  # first retry's wait; doubles, jittered, <= 30
+    api_key_env: str = "W2SR_API_KEY"  # sent as a bearer token when this variable is set
+
+
+def _eval_sampling() -> SamplingConfig:
+    # DeepSeek-R1's protocol for long-CoT models: pass@1 averaged over k samples at T=0.6,
+    # top-p 0.95. Greedy decoding makes such models loop and ranks them by one lucky draw.
+    return SamplingConfig(temperature=0.6, top_p=0.95, max_tokens=1024)
+
+
+class EvalConfig(Strict):
+    """Every model of a run on every benchmark, `samples` completions per problem."""
+
+    benchmarks: list[EvalBenchmark] = Field(
+        default_factory=lambda: [EvalBenchmark(name="offline")], min_length=1
+    )
+    samples: PositiveInt = 4
+    pass_k: list[PositiveInt] | None = None  # default: 1, 2, 4, ... up to samples
+    sampling: SamplingConfig = Field(default_factory=_eval_sampling)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    models: dict[str, str] = Field(default_factory=dict)  # extra `label: model spec`
+    decontaminate: bool = True  # drop problems whose text is also a training prompt of the run
+    bootstrap_resamples: PositiveInt = 2000
+    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvalConfig:
+        names = [b.name for b in self.benchmarks]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"benchmarks: listed twice: {twice}")
+        for label in self.models:
+            if label in RUN_LABELS:
+                raise ValueError(f"models: {label!r} is a run label (one of {RUN_LABELS})")
+            if not re.match(_LABEL_PATTERN, label):
+                raise ValueError(f"models: label {label!r} must match {_LABEL_PATTERN}")
+        if self.pass_k and max(self.pass_k) > self.samples:
+            raise ValueError(f"pass_k: {max(self.pass_k)} exceeds samples ({self.samples})")
+        if self.sampling.temperature == 0 and self.samples > 1:
+            raise ValueError("sampling.temperature 0 is greedy: set samples: 1")
+        return self
+
+    @property
+    def ks(self) -> list[int]:
+        """The k of pass@k to report, ascending."""
+        if self.pass_k:
+            return sorted(set(self.pass_k))
+        powers = {2**i for i in range(self.samples.bit_length())}
+        return sorted(powers | {self.samples})
+
+
+class ServeConfig(Strict):
+    """`w2sr serve`: models of the run behind one OpenAI-compatible app (Ray Serve LLM)."""
+
+    models: list[str] | None = None  # labels to host; default: every trained student present
+    host: str = "127.0.0.1"  # Serve's HTTP proxy has no auth: widen only behind a gateway
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    target_ongoing_requests: PositiveInt = 16  # per replica, what autoscaling aims for
+    max_ongoing_requests: PositiveInt = 64  # per replica; more wait in the proxy's queue
+    app_name: str = "w2sr"
+
+
 # --- the experiment --------------------------------------------------------------------------
 
 
@@ -211,6 +316,8 @@ class ExperimentConfig(Strict):
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")
     def _known_names(self) -> ExperimentConfig:

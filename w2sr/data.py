@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import random
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -197,25 +198,33 @@ def _read_hf(source: HFSource) -> tuple[list[Record], Fields]:
 
 
 def _read_benchmark(source: BenchmarkSource) -> tuple[list[Record], Fields]:
-    bench = BENCHMARKS[source.name]
-    split = source.split or bench.split
-    if source.path is None:
+    return _benchmark_records(source.name, source.path, source.split, source.levels)
+
+
+def _benchmark_records(
+    name: str, path: str | None, split: str | None, levels: list[int] | None
+) -> tuple[list[Record], Fields]:
+    bench = BENCHMARKS[name]
+    split = split or bench.split
+    if path is None:
         records = enumerate(_hf_rows(bench.hub, bench.config, split))
-    elif os.path.isdir(source.path):
-        records = enumerate(_local_hf_rows(source.path, split))
+    elif os.path.isdir(path):
+        records = enumerate(_local_hf_rows(path, split))
     else:
-        records = _file_records(source.path)
-    if source.levels is not None:
+        records = _file_records(path)
+    if bench.prepare is not None:
+        records = ((i, bench.prepare(raw) if isinstance(raw, dict) else raw) for i, raw in records)
+    if levels is not None:
         # A selection, not a rejection: rows of other levels (or MATH's few "Level ?") are left
         # out on purpose, keeping their index so the ids of the selected rows do not move. Rows
         # that are not objects at all go on to validation, to be rejected with their reason.
-        wanted = set(source.levels)
+        wanted = set(levels)
         records = (
             (i, raw)
             for i, raw in records
             if not isinstance(raw, dict) or _level(raw.get(bench.level)) in wanted
         )
-    fields = Fields(bench.problem, bench.answer, bench.id, f"{source.name}-{split}", bench.extract)
+    fields = Fields(bench.problem, bench.answer, bench.id, f"{name}-{split}", bench.extract)
     return list(records), fields
 
 
@@ -242,6 +251,37 @@ class Benchmark:
     config: str | None = None
     level: str | None = None
     extract: Callable[[str], str | None] | None = None
+    # Reshapes a raw row before validation (a row it cannot read goes on unchanged, to be rejected).
+    prepare: Callable[[dict], dict] | None = None
+
+
+def _olympiad_answer(row: dict) -> dict:
+    """OlympiadBench: `final_answer` is a list of LaTeX strings in `$...$`; several answers (a
+    multi-part question) become one comma-separated answer."""
+    answers = row.get("final_answer")
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        return row
+    return {**row, "answer": ", ".join(a.strip().strip("$").strip() for a in answers)}
+
+
+GPQA_LETTERS = "ABCD"
+
+
+def _gpqa_choices(row: dict) -> dict:
+    """GPQA: the question with its four options lettered A-D in an order fixed by the record id
+    (the source lists the correct option first); the gold answer is the correct option's letter."""
+    keys = ["Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"]
+    options, question = [row.get(k) for k in keys], row.get("Question")
+    if not all(isinstance(o, str) and o.strip() for o in [question, *options]):
+        return row
+    order = random.Random(str(row.get("Record ID") or question)).sample(range(4), 4)
+    lines = [f"({GPQA_LETTERS[i]}) {options[j].strip()}" for i, j in enumerate(order)]
+    problem = (
+        f"{question.strip()}\n\n"
+        + "\n".join(lines)
+        + "\n\nAnswer with the letter of the correct option."
+    )
+    return {**row, "problem": problem, "answer": GPQA_LETTERS[order.index(0)]}
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -254,7 +294,53 @@ BENCHMARKS: dict[str, Benchmark] = {
     "aime24": Benchmark("HuggingFaceH4/aime_2024", "train", "problem", "answer", id="id"),
     "aime25": Benchmark("math-ai/aime25", "test", "problem", "answer", id="id"),
     "amc23": Benchmark("math-ai/amc23", "test", "question", "answer"),
+    # Minerva Math (272 quantitative-reasoning problems): bare answers, no ids.
+    "minerva_math": Benchmark("math-ai/minervamath", "test", "question", "answer"),
+    # OlympiadBench, its 675 open-ended, text-only, English competition-math problems.
+    "olympiadbench": Benchmark("Hothan/OlympiadBench", "train", "question", "answer", id="id",
+                               config="OE_TO_maths_en_COMP", prepare=_olympiad_answer),
+    # GPQA-Diamond (198 science questions, gated on the hub): `Question`, `Correct Answer`,
+    # `Incorrect Answer 1..3`, `Record ID`, as in the original CSV.
+    "gpqa_diamond": Benchmark("Idavidrein/gpqa", "train", "problem", "answer", id="Record ID",
+                              config="gpqa_diamond", prepare=_gpqa_choices),
 }  # fmt: skip
+
+
+# --- the built-in offline benchmark ----------------------------------------------------------
+
+OFFLINE = "offline"
+# reasoning-gym tasks whose answers the math grader reads; a seed no generation default uses.
+OFFLINE_TASKS = ("basic_arithmetic", "chain_sum", "simple_equations", "gsm_symbolic")
+OFFLINE_SEED = 20072
+OFFLINE_SIZE = 50  # per task
+
+EVAL_BENCHMARKS = (*sorted(n for n in BENCHMARKS if n != "math"), OFFLINE)
+
+
+def _offline_rows() -> tuple[list[dict], list[dict]]:
+    """Procedural problems for CPU runs: the same 200 on every machine, tasks interleaved so any
+    prefix (`limit`) is a balanced mix. Disjointness from training prompts is enforced at eval
+    time, against the run's own prompt set."""
+    per_task = []
+    rejected: list[dict] = []
+    for task in OFFLINE_TASKS:
+        source = ReasoningGymSource(task=task, size=OFFLINE_SIZE, seed=OFFLINE_SEED)
+        rows, bad = validate_rows(*_read_reasoning_gym(source))
+        per_task.append(rows)
+        rejected += bad
+    mixed = [row for group in zip(*per_task, strict=False) for row in group]
+    return mixed, rejected
+
+
+def load_benchmark(
+    name: str, path: str | None = None, split: str | None = None, limit: int | None = None
+) -> tuple[list[dict], list[dict]]:
+    """A benchmark's problems as prompt rows, validated like any source: (rows, rejected)."""
+    if name == OFFLINE:
+        rows, rejected = _offline_rows()
+    else:
+        rows, rejected = validate_rows(*_benchmark_records(name, path, split, None))
+    return (rows[:limit] if limit else rows), rejected
 
 
 def _level(value: Any) -> int | None:

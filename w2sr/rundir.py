@@ -8,7 +8,21 @@ Layout (relative to `run_dir`):
     traces/shard-NNNNN.parquet      graded teacher traces, one file per prompt shard
     sft/{all,correct,incorrect}.parquet and sft/summary.json
                                     the W2SR, W2SR-P and W2SR-N training sets
+    students/{all,correct,incorrect}/model
+                                    the W2SR, W2SR-P and W2SR-N students (HF folders)
+    rl/model                        the GRPO student (HF folder)
+    eval/{label}/{benchmark}-{fingerprint}.parquet
+                                    one model on one benchmark, k graded samples per problem
+                                    (schema: evaluate.EVAL_SCHEMA, provenance in the file's
+                                    metadata); label is teacher, base, w2sr, w2sr_p, w2sr_n, rl
+                                    or an eval.models extra; the fingerprint covers weights,
+                                    problems, sampling, template, grader and context length, so
+                                    files of other settings stay as a cache
+    eval/summary.json               written last by `w2sr eval`: settings, the result file and
+                                    metrics of every (model, benchmark), the models skipped
+    report/report.md, report/*.png  `w2sr report`: the tables and figures
     <stage>/_DONE.json              written last: the stage's config fingerprint and counts
+                                    (traces, students/*, rl: also wall_seconds, worker_seconds)
 
 Files are written to a temporary name and renamed, so a reader sees a whole file or none, and a
 stage that finds its `_DONE.json` with the same fingerprint has nothing left to do.

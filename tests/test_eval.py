@@ -1,0 +1,355 @@
+"""Evaluation: benchmark loading, the result cache, the endpoint client, and a real offline run.
+
+The offline run uses the real stack (Ray Data + vLLM on tiny local models); the endpoint client is
+tested against scripted HTTP replies, and its agreement with a real server is in test_serve.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import datasets
+import httpx
+import pyarrow as pa
+import pytest
+
+from w2sr import engines
+from w2sr.config import PromptsConfig, validate
+from w2sr.data import OFFLINE_TASKS, load_benchmark, load_prompts
+from w2sr.evaluate import (
+    EVAL_SCHEMA,
+    TOO_LONG,
+    EndpointError,
+    _chat,
+    benchmark_metrics,
+    evaluate,
+    load_problems,
+    model_table,
+    result_fingerprint,
+)
+from w2sr.grading import is_correct
+from w2sr.rundir import RunDir
+
+
+@pytest.fixture(autouse=True)
+def _offline_datasets(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+# --- benchmarks ------------------------------------------------------------------------------
+
+
+def test_offline_benchmark_is_fixed_balanced_and_disjoint_from_default_training_prompts():
+    rows, rejected = load_benchmark("offline")
+    assert rejected == [] and len(rows) == 200
+    assert load_benchmark("offline")[0] == rows
+    assert [r["prompt_id"].rsplit("-", 2)[0] for r in rows[:4]] == list(OFFLINE_TASKS)
+    training, _ = load_prompts(PromptsConfig())  # the default generation source (jobs/tiny too)
+    assert not {r["problem"] for r in training} & {r["problem"] for r in rows}
+
+
+def test_gpqa_rows_become_lettered_choices_with_the_gold_letter(tmp_path):
+    source = [
+        {
+            "Record ID": f"rec{i}",
+            "Question": f"Which particle is number {i}?",
+            "Correct Answer": f"right {i}",
+            "Incorrect Answer 1": f"wrong a{i}",
+            "Incorrect Answer 2": f"wrong b{i}",
+            "Incorrect Answer 3": f"wrong c{i}",
+        }
+        for i in range(12)
+    ]
+    source.append({"Record ID": "broken", "Question": "Q?", "Correct Answer": "x"})
+    path = write_jsonl(tmp_path / "gpqa.jsonl", source)
+    rows, rejected = load_benchmark("gpqa_diamond", path)
+    assert [r["reason"] for r in rejected] == ["missing problem"]
+    assert load_benchmark("gpqa_diamond", path)[0] == rows  # the order is fixed by the record
+    for i, row in enumerate(rows):
+        assert row["prompt_id"] == f"rec{i}"
+        lines = row["problem"].splitlines()
+        assert lines[0] == f"Which particle is number {i}?"
+        options = {line[1]: line[4:] for line in lines if line.startswith("(")}
+        assert sorted(options) == ["A", "B", "C", "D"]
+        assert options[row["answer"]] == f"right {i}"
+        assert is_correct(f"\\boxed{{({row['answer']})}}", row["answer"])
+    assert len({row["answer"] for row in rows}) > 1  # the correct option is not always first
+
+
+def test_olympiadbench_and_minerva_local_copies(tmp_path):
+    olympiad = [
+        {"id": 7, "question": "Find x.", "final_answer": ["$\\frac{1}{2}$"]},
+        {"id": 8, "question": "Find a and b.", "final_answer": ["$3$", "$4$"]},
+        {"id": 9, "question": "No answer.", "final_answer": "5"},
+    ]
+    rows, rejected = load_benchmark("olympiadbench", write_jsonl(tmp_path / "ob.jsonl", olympiad))
+    assert rows == [
+        {"prompt_id": "7", "problem": "Find x.", "answer": "\\frac{1}{2}"},
+        {"prompt_id": "8", "problem": "Find a and b.", "answer": "3, 4"},
+    ]
+    assert [r["reason"] for r in rejected] == ["missing answer"]
+    minerva = [{"question": "Compute 2^10.", "answer": "1024"}]
+    rows, _ = load_benchmark("minerva_math", write_jsonl(tmp_path / "minerva.jsonl", minerva))
+    assert rows == [
+        {"prompt_id": "minerva_math-test-0", "problem": "Compute 2^10.", "answer": "1024"}
+    ]
+
+
+def test_new_benchmarks_load_from_their_hub_layout(monkeypatch):
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return []
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    for bench in ("minerva_math", "olympiadbench", "gpqa_diamond"):
+        load_benchmark(bench)
+    assert calls == [
+        ("math-ai/minervamath", None, "test"),
+        ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train"),
+        ("Idavidrein/gpqa", "gpqa_diamond", "train"),
+    ]
+
+
+def test_unknown_and_duplicate_benchmarks_and_greedy_sampling_are_config_errors(tmp_path):
+    base = {"run_dir": str(tmp_path / "run"), "teacher": "t"}
+    for bad, message in [
+        ({"benchmarks": ["math501"]}, "unknown benchmark 'math501'"),
+        ({"benchmarks": ["gsm8k", "gsm8k"]}, "listed twice"),
+        ({"benchmarks": [{"name": "offline", "path": "x"}]}, "built in"),
+        ({"sampling": {"temperature": 0}, "samples": 4}, "greedy"),
+        ({"samples": 4, "pass_k": [8]}, "exceeds samples"),
+        ({"models": {"w2sr": "x"}}, "is a run label"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            validate({**base, "eval": bad})
+    assert validate({**base, "eval": {"samples": 16}}).eval.ks == [1, 2, 4, 8, 16]
+    assert validate({**base, "eval": {"samples": 6}}).eval.ks == [1, 2, 4, 6]
+
+
+# --- models and the result cache ------------------------------------------------------------
+
+
+def train(run_dir: str, variant: str, wall: float) -> None:
+    run = RunDir(run_dir)
+    run.write_text("{}", "students", variant, "model", "config.json")
+    run.write_json({"fingerprint": "f", "wall_seconds": wall}, "students", variant, "_DONE.json")
+
+
+def test_models_are_found_by_label_and_missing_ones_are_skipped_with_a_reason(tmp_path):
+    data = {"run_dir": str(tmp_path / "run"), "teacher": "org/teacher", "student": "org/student"}
+    train(data["run_dir"], "all", 1.0)
+    models, skipped = model_table(validate({**data, "eval": {"models": {"big": "org/big"}}}))
+    assert sorted(models) == ["base", "big", "teacher", "w2sr"]
+    assert models["w2sr"].spec == str(tmp_path / "run" / "students" / "all" / "model")
+    assert models["big"].spec == "org/big"
+    assert "not trained yet" in skipped["w2sr_p"] and "not trained yet" in skipped["rl"]
+
+
+def test_result_fingerprint_follows_what_decides_the_result(tmp_path):
+    data = {"run_dir": str(tmp_path / "run"), "teacher": "org/teacher", "student": "org/student"}
+    train(data["run_dir"], "all", 1.0)
+
+    def fingerprint(label: str = "teacher", **eval_cfg) -> str:
+        cfg = validate(
+            {**data, "eval": {"benchmarks": [{"name": "offline", "limit": 5}], **eval_cfg}}
+        )
+        problems = load_problems(cfg, RunDir(cfg.run_dir))["offline"]
+        return result_fingerprint(cfg, model_table(cfg)[0][label], "offline", problems)
+
+    same = fingerprint()
+    assert fingerprint(engine={"batch_size": 3, "replicas": 2}) == same  # how, not what
+    assert fingerprint(endpoint={"concurrency": 2}) == same
+    for changed in [
+        {"samples": 8},
+        {"sampling": {"temperature": 0.9}},
+        {"sampling": {"max_tokens": 99}},
+        {"engine": {"max_model_len": 4096}},
+        {"benchmarks": [{"name": "offline", "limit": 6}]},
+    ]:
+        assert fingerprint(**changed) != same, changed
+    student = fingerprint("w2sr")
+    train(data["run_dir"], "all", 2.0)  # trained again: another checkpoint
+    assert fingerprint("w2sr") != student
+
+
+def test_benchmark_problems_that_are_training_prompts_are_left_out(tmp_path):
+    offline, _ = load_benchmark("offline")
+    run = RunDir(str(tmp_path / "run"))
+    training = [{"problem": "  " + offline[1]["problem"].upper() + " "}, {"problem": "other"}]
+    run.write_parquet(pa.Table.from_pylist(training), "prompts", "prompts.parquet")
+    cfg = validate({"run_dir": run.uri, "teacher": "t", "eval": {"benchmarks": ["offline"]}})
+    problems = load_problems(cfg, run)["offline"]
+    assert problems.decontaminated == 1 and len(problems.rows) == 199
+    assert offline[1]["prompt_id"] not in {r["prompt_id"] for r in problems.rows}
+
+
+# --- metrics of a result table ---------------------------------------------------------------
+
+
+def test_benchmark_metrics_of_a_hand_built_result():
+    rows = []
+    cases = {"p1": [True, True, False, False], "p2": [False] * 4, "p3": [True] * 4}
+    for pid, verdicts in cases.items():
+        for k, right in enumerate(verdicts):
+            answer = "7" if right else (None if pid == "p2" else "3")
+            finish = "length" if answer is None else "stop"
+            rows.append(
+                {"prompt_id": pid, "sample_index": 3 - k, "correct": right,
+                 "extracted_answer": answer, "finish_reason": finish, "completion_tokens": 10}
+            )  # fmt: skip
+    table = pa.Table.from_pylist(rows)
+    result = benchmark_metrics(table, [1, 2, 4], resamples=500, confidence=0.95, seed=0)
+    assert result["problems"] == 3 and result["samples"] == 4
+    assert result["pass@1"] == pytest.approx((0.5 + 0 + 1) / 3)
+    assert result["pass@k"]["2"] == pytest.approx((5 / 6 + 0 + 1) / 3)
+    assert result["pass@k"]["4"] == pytest.approx(2 / 3)
+    assert result["maj@4"] == pytest.approx((0.5 + 0 + 1) / 3)  # p1 ties 2-2
+    assert result["no_answer"] == pytest.approx(4 / 12)
+    assert result["truncated"] == pytest.approx(4 / 12)
+    low, high = result["pass@1_ci"]
+    assert low <= result["pass@1"] <= high
+
+
+# --- the endpoint client ---------------------------------------------------------------------
+
+REPLY = {
+    "choices": [{"message": {"content": "\\boxed{4}"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 3},
+}
+
+
+def chat(replies: list, retries: int = 3):
+    """Run one request against scripted replies; returns (result or exception, attempts)."""
+    attempts = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        attempts.append(json.loads(request.content))
+        reply = replies[min(len(attempts), len(replies)) - 1]
+        if isinstance(reply, Exception):
+            raise reply
+        return httpx.Response(reply[0], json=reply[1])
+
+    async def run():
+        transport = httpx.MockTransport(handler)
+        async with httpx.AsyncClient(base_url="http://server", transport=transport) as client:
+            return await _chat(client, {"model": "w2sr"}, retries, backoff_s=0.001)
+
+    try:
+        return asyncio.run(run()), len(attempts)
+    except EndpointError as error:
+        return error, len(attempts)
+
+
+def test_transient_failures_are_retried_until_a_reply_comes():
+    timeout = httpx.ReadTimeout("slow")
+    result, attempts = chat([(503, {}), timeout, (429, {}), (200, REPLY)])
+    assert result == REPLY and attempts == 4
+
+
+def test_the_client_gives_up_after_its_retries():
+    result, attempts = chat([(502, {"error": "bad gateway"})], retries=2)
+    assert isinstance(result, EndpointError) and "3 attempts" in str(result) and attempts == 3
+
+
+def test_a_refused_request_fails_at_once_and_an_overlong_prompt_is_reported():
+    result, attempts = chat([(404, {"error": "model 'w2sr' not found"})])
+    assert isinstance(result, EndpointError) and "404" in str(result) and attempts == 1
+    message = {"message": "This model's maximum context length is 512 tokens."}
+    assert chat([(400, message)]) == ({"too_long": True}, 1)
+
+
+# --- a real offline evaluation ---------------------------------------------------------------
+
+PROBLEMS = [f"What is {a} + {b}?" for a, b in [(1, 2), (3, 4), (5, 6)]]
+SAMPLES = 2
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_model, tiny_student, ray_session):
+    tmp = tmp_path_factory.mktemp("eval")
+    rows = [{"question": q, "answer": str(i)} for i, q in enumerate(PROBLEMS)]
+    rows += [
+        {"question": "1 + " * 300 + "1", "answer": "301"},
+        {"question": "Seen?", "answer": "1"},
+    ]
+    bench = write_jsonl(tmp / "amc.jsonl", rows)
+    run = RunDir(str(tmp / "run"))
+    run.write_parquet(pa.Table.from_pylist([{"problem": "Seen?"}]), "prompts", "prompts.parquet")
+    cfg = validate(
+        {
+            "run_dir": run.uri,
+            "teacher": tiny_model,
+            "student": tiny_student,
+            "eval": {
+                "benchmarks": [{"name": "amc23", "path": bench}, {"name": "offline", "limit": 3}],
+                "samples": SAMPLES,
+                "sampling": {"temperature": 1.0, "max_tokens": 16},
+                "engine": {"batch_size": 8, "max_model_len": 512},
+            },
+        }
+    )
+    return cfg, evaluate(cfg)
+
+
+def result_table(cfg, summary, label: str, bench: str) -> pa.Table:
+    return RunDir(cfg.run_dir).read_parquet(
+        *summary["models"][label]["results"][bench]["file"].split("/")
+    )
+
+
+def test_every_model_and_benchmark_gets_one_graded_row_per_problem_and_sample(evaluated):
+    cfg, summary = evaluated
+    assert sorted(summary["models"]) == ["base", "teacher"]
+    assert sorted(summary["skipped"]) == ["rl", "w2sr", "w2sr_n", "w2sr_p"]
+    for label in ("teacher", "base"):
+        for bench, problems in (("amc23", len(PROBLEMS) + 1), ("offline", 3)):
+            table = result_table(cfg, summary, label, bench)
+            assert table.schema.remove_metadata() == EVAL_SCHEMA
+            meta = json.loads(table.schema.metadata[b"w2sr"])
+            assert (meta["label"], meta["benchmark"], meta["backend"]) == (label, bench, "offline")
+            assert table.num_rows == problems * SAMPLES
+            assert set(table["model"].to_pylist()) == {label}
+            assert len(set(table["seed"].to_pylist())) == table.num_rows
+            for row in table.to_pylist():
+                if row["finish_reason"] != TOO_LONG:
+                    assert row["correct"] == is_correct(row["response"], row["answer"])
+                    assert row["prompt"].endswith("<|im_start|>assistant\n")
+                    assert 0 < row["completion_tokens"] <= 16
+            entry = summary["models"][label]["results"][bench]
+            assert entry["problems"] == problems and entry["samples"] == SAMPLES
+    teacher = result_table(cfg, summary, "teacher", "offline")["response"].to_pylist()
+    student = result_table(cfg, summary, "base", "offline")["response"].to_pylist()
+    assert teacher != student  # two models, two engines
+
+
+def test_an_overlong_prompt_counts_wrong_and_a_training_prompt_is_left_out(evaluated):
+    cfg, summary = evaluated
+    table = result_table(cfg, summary, "teacher", "amc23")
+    too_long = [r for r in table.to_pylist() if r["finish_reason"] == TOO_LONG]
+    assert len(too_long) == SAMPLES
+    assert all(r["problem"].startswith("1 + 1 + ") and not r["correct"] for r in too_long)
+    assert "Seen?" not in table["problem"].to_pylist()
+    assert summary["benchmarks"]["amc23"]["decontaminated"] == 1
+
+
+def test_a_rerun_reuses_every_result_without_starting_an_engine(evaluated, monkeypatch):
+    cfg, summary = evaluated
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("a cached result was recomputed")
+
+    monkeypatch.setattr(engines, "build_generator", no_engine)
+    files = sorted(Path(cfg.run_dir, "eval").rglob("*.parquet"))
+    stamps = [p.stat().st_mtime_ns for p in files]
+    assert evaluate(cfg) == summary
+    assert [p.stat().st_mtime_ns for p in files] == stamps

@@ -1,0 +1,128 @@
+"""Ray Serve hosting: which models a config hosts, and served evaluation matching offline eval.
+
+The agreement test runs the real stack twice on one tiny model: Ray Data + vLLM offline, then Ray
+Serve LLM on 127.0.0.1 behind the OpenAI API, with greedy decoding; the two must write the same
+responses token for token.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from w2sr import engines
+from w2sr.config import validate
+from w2sr.evaluate import evaluate, served_models
+from w2sr.rundir import RunDir
+from w2sr.serve import hosted_models, llm_config
+
+PROBLEMS = [f"What is {a} * {b}?" for a, b in [(2, 3), (4, 5), (6, 7), (8, 9), (3, 3)]]
+
+
+def experiment(tmp_path, model: str, **extra) -> dict:
+    path = tmp_path / "bench.jsonl"
+    path.write_text("".join(json.dumps({"question": p, "answer": "6"}) + "\n" for p in PROBLEMS))
+    return {
+        "run_dir": str(tmp_path / "run"),
+        "teacher": model,
+        "eval": {
+            "benchmarks": [{"name": "amc23", "path": str(path)}],
+            "samples": 1,
+            "sampling": {"temperature": 0, "max_tokens": 32},
+            "engine": {"batch_size": 8, "max_model_len": 512},
+        },
+        **extra,
+    }
+
+
+def trained(run_dir: str, variant: str, model: str) -> None:
+    """A student as the SFT stage leaves it: a model folder and its completion record."""
+    run = RunDir(run_dir)
+    run.write_json({"fingerprint": "x", "wall_seconds": 1.0}, "students", variant, "_DONE.json")
+    config = RunDir(model).read_text("config.json")
+    run.write_text(config, "students", variant, "model", "config.json")
+
+
+def test_default_hosts_every_trained_student_present(tmp_path, tiny_model):
+    data = experiment(tmp_path, tiny_model)
+    trained(data["run_dir"], "all", tiny_model)
+    trained(data["run_dir"], "incorrect", tiny_model)
+    models = hosted_models(validate(data))
+    assert [m.label for m in models] == ["w2sr", "w2sr_n"]
+    assert models[0].spec == RunDir(data["run_dir"]).path("students", "all", "model")
+
+
+def test_a_missing_or_unknown_model_fails_before_ray_starts(tmp_path, tiny_model):
+    data = experiment(tmp_path, tiny_model)
+    with pytest.raises(ValueError, match="no trained student"):
+        hosted_models(validate(data))
+    with pytest.raises(ValueError, match="w2sr_p.*not trained yet"):
+        hosted_models(validate({**data, "serve": {"models": ["w2sr_p"]}}))
+    with pytest.raises(ValueError, match="nope.*not a label"):
+        hosted_models(validate({**data, "serve": {"models": ["teacher", "nope"]}}))
+
+
+def test_deployment_uses_the_engine_settings_and_scales_between_the_replica_bounds(
+    tmp_path, tiny_model
+):
+    serve_cfg = {"engine": {"replicas": {"min": 1, "max": 3}, "max_model_len": 1024}}
+    cfg = validate(experiment(tmp_path, tiny_model, serve={"models": ["teacher"], **serve_cfg}))
+    config = llm_config(cfg, hosted_models(cfg)[0])
+    assert config.model_id == "teacher"
+    assert config.model_loading_config.model_source == tiny_model
+    engine = cfg.serve.engine  # the offline stages' settings, from serve.engine
+    assert config.engine_kwargs == engines.engine_kwargs(
+        engine, use_gpu=False, trust_remote_code=False
+    )
+    assert config.engine_kwargs["max_model_len"] == 1024
+    assert config.runtime_env == engines.engine_env(engine, use_gpu=False)
+    assert config.placement_group_config == {"bundle_per_worker": {"CPU": 1}}
+    scaling = config.deployment_config["autoscaling_config"]
+    assert (scaling["min_replicas"], scaling["max_replicas"]) == (1, 3)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_served_and_offline_greedy_evaluation_agree(tmp_path, tiny_model, ray_session):
+    from ray import serve as ray_serve
+
+    from w2sr.serve import serve
+
+    offline_dir, served_dir = tmp_path / "offline", tmp_path / "served"
+    offline_dir.mkdir()
+    served_dir.mkdir()
+    offline = evaluate(validate(experiment(offline_dir, tiny_model)))
+
+    port = free_port()
+    hosting = {"models": ["teacher"], "port": port}
+    cfg = validate(experiment(served_dir, tiny_model, student=tiny_model, serve=hosting))
+    try:
+        info = serve(cfg, blocking=False)
+        assert info["url"] == f"http://127.0.0.1:{port}/v1"
+        assert served_models(info["url"], cfg) == {"teacher"}
+        online = evaluate(cfg, endpoint=info["url"])
+    finally:
+        ray_serve.shutdown()
+
+    assert "not served" in online["skipped"]["base"]  # the student is neither cached nor served
+    rows = {}
+    for summary, run_dir in ((offline, offline_dir / "run"), (online, served_dir / "run")):
+        entry = summary["models"]["teacher"]["results"]["amc23"]
+        rows[entry["backend"].split()[0]] = (
+            RunDir(str(run_dir)).read_parquet(*entry["file"].split("/")).to_pylist()
+        )
+    assert set(rows) == {"offline", "endpoint"}
+    assert len(rows["offline"]) == len(rows["endpoint"]) == len(PROBLEMS)
+    for here, there in zip(rows["offline"], rows["endpoint"], strict=True):
+        assert here["prompt_id"] == there["prompt_id"]
+        assert here["completion_tokens"] > 4
+        assert here["response"] == there["response"]
+        for key in ("prompt_tokens", "completion_tokens", "finish_reason", "correct"):
+            assert here[key] == there[key], key
