@@ -40,6 +40,14 @@ class ReasoningGymSource(Strict):
     task_config: dict[str, Any] = Field(default_factory=dict)
 
 
+class KHopSource(Strict):
+    """The k-hop lookup world of the CPU demo (`w2sr.world`): `train` questions for traces,
+    `heldout` ones for evaluation."""
+
+    type: Literal["khop"] = "khop"
+    split: Literal["train", "heldout"] = "train"
+
+
 class FileSource(Strict):
     """Local or remote JSONL / Parquet rows."""
 
@@ -79,7 +87,7 @@ class BenchmarkSource(Strict):
 
 
 PromptSource = Annotated[
-    ReasoningGymSource | FileSource | HFSource | BenchmarkSource,
+    ReasoningGymSource | KHopSource | FileSource | HFSource | BenchmarkSource,
     Field(discriminator="type"),
 ]
 
@@ -189,6 +197,65 @@ class TrainConfig(Strict):
         return self.global_batch_size // (self.micro_batch_size * self.num_workers)
 
 
+def _rollout_sampling() -> SamplingConfig:
+    # SimpleRL-Zoo samples rollouts at temperature 1.0: the policy's own distribution.
+    return SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=1024)
+
+
+class GRPOConfig(Strict):
+    """The RL baseline: GRPO on the student with the run's grader as reward (SimpleRL-Zoo's
+    coefficients by default). One step samples `group_size` completions for each of
+    `prompts_per_step` prompts and takes `mini_batches` optimizer steps on them."""
+
+    steps: PositiveInt = 100
+    prompts_per_step: PositiveInt = 32
+    group_size: Annotated[int, Field(ge=2)] = 8
+    mini_batches: PositiveInt = 1
+    micro_batch_size: PositiveInt = 4
+    lr: Annotated[float, Field(gt=0)] = 1e-6
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    clip_eps: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    kl_coef: Annotated[float, Field(ge=0)] = 1e-4  # 0: no reference model at all
+    entropy_coef: Annotated[float, Field(ge=0)] = 0.001
+    # Reward of a wrong answer the grader could read (a correct one earns 1, no answer 0).
+    format_reward: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    sampling: SamplingConfig = Field(default_factory=_rollout_sampling)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    # colocated: rollout engines share the learner workers' resources (their placement group);
+    # separate: rollout engines hold resources of their own.
+    placement: Literal["colocated", "separate"] = "colocated"
+    num_workers: PositiveInt = 2
+    zero_stage: Literal[2, 3] = 3
+    bf16: bool = True
+    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    seed: int = 0
+    checkpoint_every: PositiveInt = 10
+    num_to_keep: PositiveInt = 2
+    max_failures: Annotated[int, Field(ge=-1)] = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GRPOConfig:
+        per_update = self.micro_batch_size * self.num_workers * self.mini_batches
+        if (self.prompts_per_step * self.group_size) % per_update:
+            raise ValueError(
+                f"prompts_per_step x group_size ({self.prompts_per_step * self.group_size}) is "
+                f"not a multiple of micro_batch_size x num_workers x mini_batches ({per_update})"
+            )
+        if self.sampling.temperature == 0:
+            raise ValueError("sampling.temperature 0 makes every sample of a group the same")
+        if self.engine.tensor_parallel_size > 1 or self.engine.pipeline_parallel_size > 1:
+            raise ValueError("engine: rollout engines run in-process, one device each")
+        if self.engine.replicas.min != self.engine.replicas.max:
+            raise ValueError("engine.replicas: rollouts use a fixed pool (min == max)")
+        if self.placement == "colocated" and self.engine.replicas.max > self.num_workers:
+            raise ValueError(
+                f"engine.replicas ({self.engine.replicas.max}) exceeds num_workers "
+                f"({self.num_workers}): colocated engines live beside learner workers"
+            )
+        return self
+
+
 # --- evaluation and serving ------------------------------------------------------------------
 
 # The models of a run, by label: cfg.teacher, cfg.student, the three SFT students and the GRPO one.
@@ -214,12 +281,12 @@ class EvalBenchmark(Strict):
 
     @model_validator(mode="after")
     def _known(self) -> EvalBenchmark:
-        from w2sr.data import EVAL_BENCHMARKS, OFFLINE
+        from w2sr.data import EVAL_BENCHMARKS, KHOP, OFFLINE
 
         if self.name not in EVAL_BENCHMARKS:
             raise ValueError(f"unknown benchmark {self.name!r}; one of {sorted(EVAL_BENCHMARKS)}")
-        if self.name == OFFLINE and (self.path or self.split):
-            raise ValueError(f"{OFFLINE!r} is built in: it takes no path or split")
+        if self.name in (OFFLINE, KHOP) and (self.path or self.split):
+            raise ValueError(f"{self.name!r} is built in: it takes no path or split")
         return self
 
 
@@ -316,6 +383,7 @@ class ExperimentConfig(Strict):
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 

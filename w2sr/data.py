@@ -32,6 +32,7 @@ from w2sr.config import (
     BenchmarkSource,
     FileSource,
     HFSource,
+    KHopSource,
     PromptsConfig,
     ReasoningGymSource,
 )
@@ -228,7 +229,16 @@ def _benchmark_records(
     return list(records), fields
 
 
+def _read_khop(source: KHopSource) -> tuple[list[Record], Fields]:
+    from w2sr.world import prompt_rows
+
+    return list(enumerate(prompt_rows(source.split))), Fields(
+        "problem", "answer", id="prompt_id", prefix="khop"
+    )
+
+
 _READERS: dict[str, Callable[[Any], tuple[list[Record], Fields]]] = {
+    "khop": _read_khop,
     "reasoning_gym": _read_reasoning_gym,
     "file": _read_file,
     "hf": _read_hf,
@@ -314,7 +324,9 @@ OFFLINE_TASKS = ("basic_arithmetic", "chain_sum", "simple_equations", "gsm_symbo
 OFFLINE_SEED = 20072
 OFFLINE_SIZE = 50  # per task
 
-EVAL_BENCHMARKS = (*sorted(n for n in BENCHMARKS if n != "math"), OFFLINE)
+KHOP = "khop"  # the held-out questions of the k-hop world (w2sr.world)
+
+EVAL_BENCHMARKS = (*sorted(n for n in BENCHMARKS if n != "math"), OFFLINE, KHOP)
 
 
 def _offline_rows() -> tuple[list[dict], list[dict]]:
@@ -338,6 +350,8 @@ def load_benchmark(
     """A benchmark's problems as prompt rows, validated like any source: (rows, rejected)."""
     if name == OFFLINE:
         rows, rejected = _offline_rows()
+    elif name == KHOP:
+        rows, rejected = validate_rows(*_read_khop(KHopSource(split="heldout")))
     else:
         rows, rejected = validate_rows(*_benchmark_records(name, path, split, None))
     return (rows[:limit] if limit else rows), rejected

@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from w2sr import world
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -125,6 +127,8 @@ def convert_smollm2(out_dir: str | Path) -> Path:
 
 
 BUILTINS: dict[str, Callable[[Path], Path]] = {
+    "khop-teacher": world.build_teacher,
+    "khop-student": world.build_student,
     "tiny-random": build_tiny_model,
     "smollm2-135m-instruct": convert_smollm2,
 }
