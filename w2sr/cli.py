@@ -31,6 +31,18 @@ def _select(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
     return select(cfg)
 
 
+def _train(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
+    from w2sr.train import train
+
+    return train(cfg)
+
+
+def _grpo(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
+    from w2sr.grpo import grpo
+
+    return grpo(cfg)
+
+
 def _eval(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
     from w2sr.evaluate import evaluate
 
@@ -44,7 +56,21 @@ def _serve(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
 
 
 def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
-    return {"generate": _generate(cfg, args), "select": _select(cfg, args)}
+    """The recipe end to end: traces, the three training sets, a student on each non-empty set,
+    then every model on the benchmarks and the report. GRPO is its own command (`w2sr grpo`):
+    it costs far more than the rest together, which is the point the report makes."""
+    from w2sr.evaluate import evaluate
+    from w2sr.report import report
+
+    done = {"generate": _generate(cfg, args), "select": _select(cfg, args)}
+    if cfg.student:
+        for variant, summary in done["select"].items():
+            if summary["traces"]:
+                train = cfg.train.model_copy(update={"variant": variant})
+                done[f"train {variant}"] = _train(cfg.model_copy(update={"train": train}), args)
+    done["eval"] = evaluate(cfg)
+    done["report"] = report(cfg.run_dir)
+    return done
 
 
 Stage = Callable[[ExperimentConfig, argparse.Namespace], dict]
@@ -54,9 +80,11 @@ STAGES: dict[str, tuple[Stage, str]] = {
         _select,
         "split traces into the W2SR (all), W2SR-P (correct) and W2SR-N (incorrect) sets",
     ),
+    "train": (_train, "fine-tune the student on one training set (Ray Train + DeepSpeed)"),
+    "grpo": (_grpo, "train the RL baseline: GRPO on the student with the grader as reward"),
     "eval": (_eval, "evaluate the run's models on benchmarks (offline, or through --endpoint)"),
     "serve": (_serve, "host the run's students behind an OpenAI-compatible API (Ray Serve)"),
-    "run": (_run, "run every stage in order, skipping the ones already complete"),
+    "run": (_run, "generate, select, train, eval and report in order; complete stages are skipped"),
 }
 
 

@@ -1,0 +1,303 @@
+"""Training tokens per second of `w2sr train` against TRL's `SFTTrainer`, in one run.
+
+Same machine, same tiny model, same traces, same cutoff, same global batch (samples per optimizer
+step), loss on the completion only, each trainer in its own process:
+  - w2sr: Ray Train + DeepSpeed ZeRO-2, bf16, `--workers` workers, padded then packed;
+  - TRL: DDP under torchrun with as many processes as w2sr has workers, one thread each (Ray
+    gives each w2sr worker one CPU), padded then packed (BFD packing, padding-free rows), in
+    fp32, its faster precision on CPU (bf16 autocast is slower there; `--trl-bf16` runs it).
+
+Tokens are real (non-padding) tokens; the rate is measured between the end of step `--warmup` and
+the end of the last step, so start-up (Ray, DeepSpeed, dataset preparation) is left out and
+reported apart as wall-clock.
+
+    python benchmarks/bench_train.py [--samples 512] [--steps 10] [--cutoff 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def traces(n: int, seed: int = 0) -> list[dict]:
+    """Arithmetic traces of long-tailed length (a few dozen to several hundred tokens)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        steps = min(60, int(rng.expovariate(1 / 12)) + 1)
+        body = " ".join(
+            f"First, compute {a} + {b} = {a + b}. Then, we check {j}." for j in range(steps)
+        )
+        rows.append(
+            {
+                "prompt_id": f"p{i}",
+                "problem": f"What is {a} + {b}?",
+                "answer": str(a + b),
+                "teacher": "bench",
+                "sample_index": 0,
+                "seed": i,
+                "prompt": "",
+                "trace": f"{body} Therefore the result is \\boxed{{{a + b}}}.",
+                "extracted_answer": str(a + b),
+                "correct": True,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "finish_reason": "stop",
+            }
+        )
+    return rows
+
+
+def steady_rate(times: list[float], tokens: list[int], warmup: int) -> float:
+    """Tokens of steps after `warmup` over the time from the end of step `warmup` to the last."""
+    return sum(tokens[warmup:]) / (times[-1] - times[warmup - 1])
+
+
+# --- the two trainers, each run in a child process ------------------------------------------
+
+
+def run_w2sr(work: Path, model: str, args, packing: bool) -> dict:
+    import pyarrow as pa
+
+    from w2sr.config import validate
+    from w2sr.generate import TRACE_SCHEMA
+    from w2sr.rundir import RunDir
+    from w2sr.train import train
+
+    run_dir = work / f"w2sr-{'packed' if packing else 'padded'}"
+    run = RunDir(str(run_dir))
+    run.write_parquet(
+        pa.Table.from_pylist(traces(args.samples), schema=TRACE_SCHEMA), "sft", "all.parquet"
+    )
+    run.mark_done("sft", "bench")
+    cfg = validate(
+        {
+            "run_dir": str(run_dir),
+            "teacher": model,
+            "student": model,
+            "train": {
+                "num_workers": args.workers,
+                "zero_stage": 2,
+                "global_batch_size": args.global_batch,
+                "micro_batch_size": args.micro_batch,
+                "cutoff_len": args.cutoff,
+                "max_steps": args.steps,
+                "checkpoint_every": args.steps,
+                "packing": packing,
+                "bf16": True,
+            },
+        }
+    )
+    start = time.time()
+    record = train(cfg)
+    wall = time.time() - start
+    steps = [
+        json.loads(line)
+        for line in (run_dir / "students/all/metrics.jsonl").read_text().splitlines()
+    ]
+    times, tokens = [r["time"] for r in steps], [r["tokens"] for r in steps]
+    return {
+        "tokens_per_second": steady_rate(times, tokens, args.warmup),
+        "wall_seconds": wall,
+        "final_loss": record["final_loss"],
+    }
+
+
+def run_trl(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
+    import pyarrow as pa
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from w2sr.sft_data import build_sft_set
+    from w2sr.templates import TEMPLATES
+
+    template = TEMPLATES["paper"]
+    rows = [
+        {
+            "prompt": template.messages(r["problem"]),
+            "completion": [{"role": "assistant", "content": r["trace"]}],
+        }
+        for r in traces(args.samples)
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    if packing:
+        # One row of `cutoff` tokens per micro-step, as many steps as hold the global batch's
+        # tokens (TRL's batch counts packed rows, not samples).
+        table = pa.Table.from_pylist(traces(args.samples))
+        mean = build_sft_set(tokenizer, template, table, args.cutoff).lengths.mean()
+        per_device = 1
+        accumulation = max(1, round(args.global_batch * mean / (args.cutoff * args.workers)))
+    else:  # as w2sr: micro-batches of samples, accumulated to the global batch
+        per_device = args.micro_batch
+        accumulation = args.global_batch // (args.micro_batch * args.workers)
+    config = SFTConfig(
+        output_dir=str(work / "trl"),
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        max_steps=args.steps,
+        max_length=args.cutoff,
+        packing=packing,
+        learning_rate=2e-5,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,
+        bf16=bf16,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10**6,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    seen: list[int] = []
+    ends: list[tuple[float, int]] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            ends.append((time.time(), len(seen)))
+
+    start = time.time()
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[StepClock()],
+    )
+    collate = trainer.data_collator
+
+    def counting(features):
+        batch = collate(features)
+        mask = batch.get("attention_mask")
+        seen.append(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
+        return batch
+
+    trainer.data_collator = counting
+    result = trainer.train()
+    wall = time.time() - start
+    tokens, last = [], 0
+    for _, count in ends:
+        tokens.append(sum(seen[last:count]))
+        last = count
+    if torch.distributed.is_initialized():  # every rank's tokens; rank 0's clock
+        total = torch.tensor(tokens, dtype=torch.float64)
+        torch.distributed.all_reduce(total)
+        tokens = total.tolist()
+    return {
+        "tokens_per_second": steady_rate([t for t, _ in ends], tokens, args.warmup),
+        "wall_seconds": wall,
+        "final_loss": result.training_loss,
+    }
+
+
+# --- the parent: runs each trainer in its own process and compares --------------------------
+
+
+def child(args) -> None:
+    work, model = Path(args.work), args.model
+    if args.child == "w2sr":
+        result = run_w2sr(work, model, args, packing=args.packing)
+    else:
+        result = run_trl(work, model, args, packing=args.packing, bf16=args.bf16)
+    if os.environ.get("RANK", "0") == "0":
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+def launch(args, *extra: str) -> dict:
+    """w2sr in one process (it starts its own workers); TRL under torchrun, one process per
+    worker with one thread each, as Ray gives each w2sr worker one CPU."""
+    cmd = [sys.executable, __file__, "--model", args.model, "--work", args.work]
+    if "trl" in extra:
+        launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={args.workers}"]
+        cmd = [sys.executable, *launcher, __file__, *cmd[2:]]
+    for key in ("samples", "steps", "warmup", "cutoff", "workers", "global_batch", "micro_batch"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if "trl" in extra else None
+    done = subprocess.run([*cmd, *extra], capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        sys.exit(f"{' '.join(extra)} failed:\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the rate")
+    parser.add_argument("--cutoff", type=int, default=1024)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--global-batch", type=int, default=32)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument(
+        "--trl-bf16", action="store_true", help="TRL in bf16 autocast (slower than fp32 on CPU)"
+    )
+    parser.add_argument("--model", help="(internal) the model folder")
+    parser.add_argument("--work", help="(internal) the scratch folder")
+    parser.add_argument("--child", choices=["w2sr", "trl"], help="(internal)")
+    parser.add_argument("--packing", action="store_true", help="(internal)")
+    parser.add_argument("--bf16", action="store_true", help="(internal)")
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    from w2sr.models import build_tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="w2sr-bench-train-") as work:
+        args.work = work
+        args.model = str(
+            build_tiny_model(
+                Path(work) / "model",
+                hidden_size=args.hidden,
+                num_layers=args.layers,
+                num_heads=args.hidden // 64,
+            )
+        )
+        print(
+            f"tiny Qwen2 {args.hidden}x{args.layers}, {args.samples} traces, cutoff {args.cutoff}, "
+            f"global batch {args.global_batch}, {args.steps} steps ({args.warmup} warm-up), "
+            f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+        trl = ("--child", "trl", *(["--bf16"] if args.trl_bf16 else []))
+        runs = {
+            "w2sr padded": ("--child", "w2sr"),
+            "TRL padded": trl,
+            "w2sr packed": ("--child", "w2sr", "--packing"),
+            "TRL packed": (*trl, "--packing"),
+        }
+        results = {}
+        for name, extra in runs.items():
+            results[name] = launch(args, *extra)
+            r = results[name]
+            print(
+                f"{name:16s} {r['tokens_per_second']:9,.0f} tokens/s   "
+                f"wall {r['wall_seconds']:6.1f} s   final loss {r['final_loss']:.3f}",
+                flush=True,
+            )
+    rate = {name: r["tokens_per_second"] for name, r in results.items()}
+    print(f"w2sr padded / TRL padded: {rate['w2sr padded'] / rate['TRL padded']:.2f}x")
+    print(f"w2sr packed / TRL padded: {rate['w2sr packed'] / rate['TRL padded']:.2f}x")
+    print(f"w2sr packed / TRL packed: {rate['w2sr packed'] / rate['TRL packed']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

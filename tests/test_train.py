@@ -1,0 +1,462 @@
+"""SFT of the student: data rendering and masking, packing, and real Ray Train + DeepSpeed runs.
+
+Two trainings on the same synthetic traces serve every integration test: a padded ZeRO-2 run and a
+packed ZeRO-3 run that gets one of its workers SIGKILLed midway and resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from w2sr.config import ConfigError, validate
+from w2sr.generate import TRACE_SCHEMA
+from w2sr.learner import param_groups, token_loss
+from w2sr.rundir import RunDir
+from w2sr.sft_data import (
+    IGNORE,
+    build_sft_set,
+    epoch_permutation,
+    layout,
+    packed_batch,
+    padded_batch,
+    step_samples,
+    total_steps,
+)
+from w2sr.templates import TEMPLATES
+from w2sr.train import MetricsLog, _staged_folder, train
+
+STEPS = 16
+GLOBAL_BATCH = 8
+
+
+def trace_rows(n: int = 64, seed: int = 0) -> list[dict]:
+    """Arithmetic traces of varied length (1-6 reasoning lines): learnable and worth packing."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        lines = " ".join(
+            f"First, compute {a} + {b}. Then, we check {j}." for j in range(rng.randint(1, 6))
+        )
+        trace = f"{lines} Therefore the result is \\boxed{{{a + b}}}."
+        rows.append(
+            {
+                "prompt_id": f"p{i}",
+                "problem": f"What is {a} + {b}?",
+                "answer": str(a + b),
+                "teacher": "tiny",
+                "sample_index": 0,
+                "seed": i,
+                "prompt": "",
+                "trace": trace,
+                "extracted_answer": str(a + b),
+                "correct": True,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "finish_reason": "stop",
+            }
+        )
+    return rows
+
+
+def write_sft_set(run_dir: Path, rows: list[dict], variant: str = "all") -> None:
+    run = RunDir(str(run_dir))
+    run.write_parquet(pa.Table.from_pylist(rows, schema=TRACE_SCHEMA), "sft", f"{variant}.parquet")
+    run.mark_done("sft", "test-traces")
+
+
+def config(run_dir: Path, student: str | None, **train):
+    return validate(
+        {
+            "run_dir": str(run_dir),
+            "teacher": student or "unused",
+            "student": student,
+            "train": {
+                "num_workers": 2,
+                "global_batch_size": GLOBAL_BATCH,
+                "micro_batch_size": 2,
+                "lr": 1e-3,
+                "max_steps": STEPS,
+                **train,
+            },
+        }
+    )
+
+
+def tokenizer_of(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def metrics(run_dir: Path, variant: str = "all") -> list[dict]:
+    path = run_dir / "students" / variant / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def last_per_step(records: list[dict]) -> dict[int, dict]:
+    """The record that stands for each step: a resumed attempt's replaces the killed one's."""
+    return {r["step"]: r for r in records}
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def test_prompt_tokens_carry_no_loss(tiny_student):
+    """Labels are -100 on exactly the prompt, which is the generation prompt token for token."""
+    tokenizer = tokenizer_of(tiny_student)
+    rows = trace_rows(4)
+    data = build_sft_set(tokenizer, TEMPLATES["paper"], pa.Table.from_pylist(rows), cutoff_len=4096)
+    assert len(data) == 4 and data.truncated == 0 and data.dropped == 0
+    for i, row in enumerate(rows):
+        ids, labels, p = data.ids(i), data.labels(i), int(data.prompt_lens[i])
+        prompt = tokenizer.apply_chat_template(
+            TEMPLATES["paper"].messages(row["problem"]), tokenize=False, add_generation_prompt=True
+        )
+        assert ids[:p].tolist() == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert (labels[:p] == IGNORE).all()
+        assert (labels[p:] == ids[p:]).all()
+        assert tokenizer.decode(ids[p:]) == row["trace"] + "<|im_end|>"
+        targets = data.targets(i)  # shifted: position t predicts token t + 1
+        assert (targets[: p - 1] == IGNORE).all() and targets[-1] == IGNORE
+        assert (targets[p - 1 : -1] == ids[p:]).all()
+
+
+def test_truncation_is_counted_and_unfinished_traces_do_not_end(tiny_student):
+    tokenizer = tokenizer_of(tiny_student)
+    rows = trace_rows(3)
+    rows[1]["trace"] = "First, compute the sum. " * 200
+    rows[2]["finish_reason"] = "length"
+    data = build_sft_set(tokenizer, TEMPLATES["paper"], pa.Table.from_pylist(rows), cutoff_len=256)
+    assert data.truncated == 1 and data.dropped == 0
+    assert data.lengths.tolist()[1] == 256
+    assert tokenizer.decode(data.ids(0)).endswith("<|im_end|>")
+    assert not tokenizer.decode(data.ids(2)).endswith("<|im_end|>")
+
+    tight = build_sft_set(tokenizer, TEMPLATES["paper"], pa.Table.from_pylist(rows), cutoff_len=20)
+    assert len(tight) == 0 and tight.dropped == 3  # the prompt alone fills the cutoff
+
+
+def test_data_order_is_deterministic_under_the_seed():
+    """A step's samples depend only on (seed, data position): epochs are fresh permutations."""
+    n, batch = 10, 4
+    stream = np.concatenate([step_samples(n, batch, seed=3, position=p) for p in range(0, 20, 4)])
+    assert (
+        stream.tolist()
+        == np.concatenate([epoch_permutation(10, 3, 0), epoch_permutation(10, 3, 1)]).tolist()
+    )
+    assert sorted(stream[:10].tolist()) == list(range(10))
+    assert stream[:10].tolist() != stream[10:].tolist()
+    assert step_samples(n, batch, 3, 8).tolist() == stream[8:12].tolist()  # straddles an epoch
+    assert step_samples(n, batch, 4, 0).tolist() != stream[:4].tolist()
+    assert total_steps(10, 4, epochs=3, max_steps=None) == 7
+    assert total_steps(10, 4, epochs=3, max_steps=20) == 20
+    with pytest.raises(ValueError, match="do not fill one global batch"):
+        total_steps(3, 4, epochs=1, max_steps=None)
+
+
+def test_layout_deals_every_sample_once_with_balanced_ranks():
+    lengths = np.array([5, 50, 7, 40, 9, 30, 11, 20, 13, 10, 15, 60])
+    indices = np.arange(12)
+    plan = layout(indices, lengths, world=2, micro=3)
+    assert [len(rank) for rank in plan] == [2, 2] and all(len(m) == 3 for r in plan for m in r)
+    assert sorted(i for rank in plan for micro in rank for i in micro) == list(range(12))
+    loads = [sum(lengths[i] for micro in rank for i in micro) for rank in plan]
+    assert abs(loads[0] - loads[1]) <= lengths.max() - lengths.min()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_rows_do_not_attend_across_samples(tiny_student, attention):
+    """transformers reads a packed row from its position ids: each sample's logits are the ones
+    it gets alone."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tokenizer_of(tiny_student)
+    data = build_sft_set(tokenizer, TEMPLATES["paper"], pa.Table.from_pylist(trace_rows(3)), 4096)
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_student, dtype=torch.float32, attn_implementation=attention
+    ).eval()
+    batch = packed_batch(data, [0, 1, 2])
+    assert batch["position_ids"][0, int(data.lengths[0])] == 0  # positions restart
+    with torch.no_grad():
+        packed = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits[0]
+        alone = [
+            model(input_ids=torch.from_numpy(data.ids(i).astype(np.int64))[None]).logits[0]
+            for i in range(3)
+        ]
+    torch.testing.assert_close(packed, torch.cat(alone), atol=1e-4, rtol=1e-4)
+
+
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(tiny_student):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tokenizer_of(tiny_student)
+    data = build_sft_set(tokenizer, TEMPLATES["paper"], pa.Table.from_pylist(trace_rows(6)), 4096)
+    assert len(set(data.lengths.tolist())) > 1  # padding does happen
+    model = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.float32)
+    results = []
+    for batch in (packed_batch(data, list(range(6))), padded_batch(data, list(range(6)), 0)):
+        model.zero_grad()
+        loss, count = token_loss(model, batch)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results.append((loss.detach(), count, grads))
+    (packed_loss, packed_n, packed_grads), (padded_loss, padded_n, padded_grads) = results
+    assert packed_n == padded_n == int(data.target_counts.sum())
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(packed_grads, padded_grads, atol=1e-5, rtol=1e-4)
+
+
+def test_weight_decay_spares_vectors_even_when_partitioned():
+    """ZeRO-3 leaves a parameter empty and keeps its shape in `ds_shape`."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model[0].weight.data = torch.empty(0)
+    model[0].weight.ds_shape = torch.Size([4, 4])
+    decay, rest = param_groups(model, 0.1)
+    assert decay == {"params": [model[0].weight], "weight_decay": 0.1}
+    assert rest["weight_decay"] == 0.0
+    assert {id(p) for p in rest["params"]} == {id(model[0].bias), *map(id, model[1].parameters())}
+
+
+def test_config_errors_come_before_any_ray_work(tmp_path):
+    with pytest.raises(ConfigError, match=r"global_batch_size \(10\) is not a multiple"):
+        config(tmp_path, "s", global_batch_size=10, micro_batch_size=2, num_workers=2)
+    with pytest.raises(ConfigError, match="student: not set"):
+        train(config(tmp_path, None))
+
+
+def test_metrics_and_model_reach_stores_that_cannot_append(tmp_path):
+    """On object stores metrics.jsonl is rewritten whole (a new attempt keeps the old lines) and
+    the model folder appears in one move once complete."""
+    run = RunDir("mock:///bucket/run")
+    record = {"step": 1, "loss": 2.0, "lr": 1e-5, "grad_norm": 1.0}
+    record |= {"tokens_per_second": 10.0, "samples_seen": 8}
+    first = MetricsLog(run, "students/all", flush_seconds=3600)
+    first.write(record, total_steps=3)
+    assert not run.exists("students/all", "metrics.jsonl")  # not before a flush
+    first.write({**record, "step": 2}, total_steps=3)
+    first.flush()
+    second = MetricsLog(run, "students/all")
+    second.write({**record, "step": 3}, total_steps=3)
+    second.flush()
+    lines = run.read_text("students/all", "metrics.jsonl").splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+
+    with _staged_folder(run, "students", "all", "model") as out:
+        Path(out, "config.json").write_text("{}")
+        assert not run.exists("students", "all", "model")
+    assert run.read_text("students", "all", "model", "config.json") == "{}"
+    assert run.list("students", "all") == ["metrics.jsonl", "model"]
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def padded_run(ray_session, tiny_student, tmp_path_factory) -> Path:
+    """ZeRO-2, padded micro-batches, gradient checkpointing, bf16."""
+    run_dir = tmp_path_factory.mktemp("padded")
+    write_sft_set(run_dir, trace_rows())
+    record = train(
+        config(run_dir, tiny_student, zero_stage=2, packing=False, gradient_checkpointing=True)
+    )
+    return run_dir, record
+
+
+def _kill_a_worker_once_logged(metrics_path: Path, step: int, killed: list, timeout=600.0):
+    """SIGKILL one Ray Train worker (a process this test started) once `step` is in the metrics."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+        if any(json.loads(line)["step"] >= step for line in lines if line.endswith("}")):
+            for proc in psutil.Process().children(recursive=True):
+                if "RayTrainWorker" in " ".join(proc.cmdline()):
+                    proc.kill()
+                    killed.append(proc.pid)
+                    return
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def killed_run(ray_session, tiny_student, tmp_path_factory) -> Path:
+    """ZeRO-3, packed, bf16; a worker is killed after step 6 and Ray Train restarts the group."""
+    run_dir = tmp_path_factory.mktemp("killed")
+    write_sft_set(run_dir, trace_rows())
+    killed: list[int] = []
+    watcher = threading.Thread(
+        target=_kill_a_worker_once_logged,
+        args=(run_dir / "students" / "all" / "metrics.jsonl", 6, killed),
+        daemon=True,
+    )
+    watcher.start()
+    record = train(
+        config(
+            run_dir, tiny_student, zero_stage=3, packing=True, checkpoint_every=4, max_failures=1
+        )
+    )
+    watcher.join(timeout=1)
+    assert killed, "the run ended before a worker could be killed"
+    return run_dir, record
+
+
+def test_loss_falls(killed_run, padded_run):
+    for run_dir, record in (killed_run, padded_run):
+        losses = [r["loss"] for r in last_per_step(metrics(run_dir)).values()]
+        assert len(losses) == STEPS == record["steps"]
+        assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3]), losses
+        assert record["final_loss"] == losses[-1]
+
+
+def test_killed_run_resumes_at_its_checkpoint_step(killed_run):
+    """The steps replayed after the restart equal the killed attempt's: same weights, optimizer,
+    schedule and data position."""
+    run_dir, record = killed_run
+    records = metrics(run_dir)
+    first = [r for r in records if r["resumed_from"] == 0]
+    resumed = [r for r in records if r["resumed_from"] > 0]
+    start = resumed[0]["resumed_from"]
+    assert start % 4 == 0 and 4 <= start < first[-1]["step"]
+    assert record["resumed_from"] == start
+    assert [r["step"] for r in resumed] == list(range(start + 1, STEPS + 1))
+    assert [r["step"] for r in first] == list(range(1, first[-1]["step"] + 1))
+    replayed = {r["step"]: r for r in first if r["step"] > start}
+    assert replayed
+    for again in resumed:
+        if again["step"] in replayed:
+            before = replayed[again["step"]]
+            assert again["samples_seen"] == before["samples_seen"] == again["step"] * GLOBAL_BATCH
+            assert again["lr"] == pytest.approx(before["lr"], rel=1e-9)
+            assert again["loss"] == pytest.approx(before["loss"], rel=1e-5)
+            assert again["grad_norm"] == pytest.approx(before["grad_norm"], rel=1e-4)
+
+
+def test_packed_and_padded_training_agree(killed_run, padded_run):
+    """Same data, same steps: packing and ZeRO stage change the layout, not the training."""
+    packed = last_per_step(metrics(killed_run[0]))
+    padded = last_per_step(metrics(padded_run[0]))
+    assert packed[1]["loss"] == pytest.approx(padded[1]["loss"], rel=5e-3)
+    for step in range(1, STEPS + 1):
+        assert packed[step]["lr"] == pytest.approx(padded[step]["lr"], rel=1e-9)
+        assert packed[step]["tokens"] == padded[step]["tokens"]
+        assert packed[step]["loss"] == pytest.approx(padded[step]["loss"], rel=3e-2)
+
+
+def test_first_step_matches_a_single_process_reference(padded_run, tiny_student):
+    """Loss and gradient norm of step 1 over 2 ranks x 2 accumulated micro-batches equal one
+    process computing them over the whole global batch: the token mean is normalized right."""
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _ = padded_run
+    tokenizer = tokenizer_of(tiny_student)
+    data = build_sft_set(tokenizer, TEMPLATES["paper"], pa.Table.from_pylist(trace_rows()), 4096)
+    indices = step_samples(len(data), GLOBAL_BATCH, seed=0, position=0).tolist()
+    model = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.float32)
+    loss, count = token_loss(model, padded_batch(data, indices, tokenizer.pad_token_id))
+    (loss / count).backward()
+    norm = math.sqrt(sum(float((p.grad.float() ** 2).sum()) for p in model.parameters()))
+    first = metrics(run_dir)[0]
+    assert first["loss"] == pytest.approx(float(loss) / count, rel=1e-2)
+    assert first["grad_norm"] == pytest.approx(norm, rel=5e-2)
+
+
+def test_stage_records_cost_and_is_skipped_when_done(killed_run, tiny_student):
+    run_dir, record = killed_run
+    assert record["samples"] == 64 and record["truncated"] == 0
+    assert record["wall_seconds"] > 0 and record["worker_seconds"] > record["wall_seconds"] / 2
+    assert record["tokens_per_second"] > 0
+    size = (run_dir / "students" / "all" / "metrics.jsonl").stat().st_size
+    started = time.time()
+    again = train(
+        config(
+            run_dir, tiny_student, zero_stage=3, packing=True, checkpoint_every=4, max_failures=1
+        )
+    )
+    assert again == record and time.time() - started < 5
+    assert (run_dir / "students" / "all" / "metrics.jsonl").stat().st_size == size
+
+
+def test_export_is_a_standard_hugging_face_folder(killed_run, tiny_student):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    model_dir = killed_run[0] / "students" / "all" / "model"
+    assert {"config.json", "model.safetensors", "generation_config.json"} <= {
+        p.name for p in model_dir.iterdir()
+    }
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert tokenizer.chat_template == tokenizer_of(tiny_student).chat_template
+    eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ([eos] if isinstance(eos, int) else eos)
+    trained = AutoModelForCausalLM.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_student)
+    assert trained.dtype == torch.bfloat16
+    data = build_sft_set(tokenizer, TEMPLATES["paper"], pa.Table.from_pylist(trace_rows()), 4096)
+    batch = packed_batch(data, list(range(16)))
+    with torch.no_grad():
+        after, n = token_loss(trained, batch)
+        before, _ = token_loss(base, batch)
+    assert float(after) / n < 0.75 * float(before) / n
+
+
+VLLM_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from vllm import LLM, SamplingParams
+
+    if __name__ == "__main__":
+        llm = LLM(model=sys.argv[1], dtype="bfloat16", enforce_eager=True,
+                  gpu_memory_utilization=0.3, max_model_len=512)
+        params = SamplingParams(temperature=0, max_tokens=16, prompt_logprobs=0)
+        out = llm.generate([{"prompt_token_ids": json.loads(sys.argv[2])}], params)[0]
+        prompt_logprobs = [None if d is None else d[t].logprob
+                           for d, t in zip(out.prompt_logprobs, out.prompt_token_ids)]
+        print("RESULT " + json.dumps({"tokens": list(out.outputs[0].token_ids),
+                                      "prompt_logprobs": prompt_logprobs}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_export_loads_in_vllm_and_generates(killed_run, tmp_path):
+    """vLLM serves the folder as it is, and scores the prompt as transformers does."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = killed_run[0] / "students" / "all" / "model"
+    tokenizer = tokenizer_of(str(model_dir))
+    data = build_sft_set(tokenizer, TEMPLATES["paper"], pa.Table.from_pylist(trace_rows(1)), 4096)
+    ids = data.ids(0).tolist()
+    script = tmp_path / "vllm_generate.py"
+    script.write_text(VLLM_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(model_dir), json.dumps(ids)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, done.stderr[-3000:]
+    result = json.loads(lines[0].removeprefix("RESULT "))
+    assert len(result["tokens"]) > 0
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    expected = [float(logprobs[t - 1, ids[t]]) for t in range(1, len(ids))]
+    np.testing.assert_allclose(result["prompt_logprobs"][1:], expected, atol=0.15)

@@ -1,0 +1,204 @@
+"""SFT examples from a trace table: tokenized samples, their loss mask, their order and batches.
+
+A sample is the prompt exactly as generation rendered it (the template's messages through the
+student's chat template, with the generation prompt) followed by the trace and the text the chat
+template closes an assistant turn with (`<|im_end|>` for ChatML). Only the assistant part carries
+loss. A trace the teacher did not finish (`finish_reason == "length"`) gets no end-of-turn: the
+student should not learn to stop mid-thought.
+
+Order: one optimizer step takes the next `global_batch` samples of a stream made of one fresh
+permutation per epoch (seeded by `(seed, epoch)`), so the data position of a step is
+`step * global_batch` whatever the number of workers, and a resumed run reads the same samples.
+
+Batches: the loss of a step is the sum of token losses over the whole global batch divided by its
+number of target tokens, so how the step's samples are split into ranks and micro-batches, and
+whether a micro-batch is padded or packed, does not change the gradient. Packed micro-batches put
+their samples in one row with positions restarting at 0 and no attention mask: transformers
+(`masking_utils.find_packed_sequence_indices`) then builds a block-diagonal causal mask from the
+position resets, so no token attends across samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from w2sr.templates import Template
+
+IGNORE = -100
+_PROBE = "W2SR-ASSISTANT-PROBE"
+
+
+def assistant_end(tokenizer) -> str:
+    """The text the chat template closes an assistant message with; the eos if it adds none."""
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"the student tokenizer ({tokenizer.name_or_path}) has no chat template; "
+            "SFT renders prompts with it exactly as generation does"
+        )
+    messages = [{"role": "user", "content": "?"}]
+    full = tokenizer.apply_chat_template(
+        [*messages, {"role": "assistant", "content": _PROBE}], tokenize=False
+    )
+    end = full[full.index(_PROBE) + len(_PROBE) :].rstrip() if _PROBE in full else ""
+    if not end and not tokenizer.eos_token:
+        raise ValueError("the student tokenizer has neither an end-of-turn marker nor an eos token")
+    return end or tokenizer.eos_token
+
+
+@dataclass
+class SFTSet:
+    """Tokenized samples as flat arrays (cheap to ship to every worker through the object store).
+
+    Sample i is `tokens[offsets[i]:offsets[i + 1]]`; its first `prompt_lens[i]` tokens are prompt.
+    """
+
+    tokens: np.ndarray  # int32, all samples concatenated
+    offsets: np.ndarray  # int64, len(samples) + 1
+    prompt_lens: np.ndarray  # int32
+    truncated: int  # samples cut at cutoff_len
+    dropped: int  # samples whose prompt alone fills cutoff_len: nothing left to learn
+
+    def __len__(self) -> int:
+        return len(self.prompt_lens)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def ids(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+    def labels(self, i: int) -> np.ndarray:
+        """The input ids with the prompt masked (-100): the usual causal-LM labels."""
+        labels = self.ids(i).astype(np.int64)
+        labels[: self.prompt_lens[i]] = IGNORE
+        return labels
+
+    def targets(self, i: int) -> np.ndarray:
+        """Labels shifted left: position t predicts token t+1; the last position predicts nothing,
+        so in a packed row no sample is trained to predict the next sample's first token."""
+        labels = self.labels(i)
+        return np.concatenate([labels[1:], [IGNORE]])
+
+    @property
+    def target_counts(self) -> np.ndarray:
+        return self.lengths - self.prompt_lens
+
+
+def build_sft_set(
+    tokenizer, template: Template, traces: pa.Table, cutoff_len: int, batch_size: int = 1024
+) -> SFTSet:
+    """Tokenize a trace table (columns problem, trace and optionally finish_reason)."""
+    end_ids = tokenizer(assistant_end(tokenizer), add_special_tokens=False)["input_ids"]
+    problems = traces.column("problem").to_pylist()
+    texts = traces.column("trace").to_pylist()
+    finished = (
+        [reason != "length" for reason in traces.column("finish_reason").to_pylist()]
+        if "finish_reason" in traces.column_names
+        else [True] * len(texts)
+    )
+    chunks, lengths, prompt_lens = [], [], []
+    truncated = dropped = 0
+    for start in range(0, len(texts), batch_size):
+        stop = start + batch_size
+        prompts = [
+            tokenizer.apply_chat_template(
+                template.messages(p), tokenize=False, add_generation_prompt=True
+            )
+            for p in problems[start:stop]
+        ]
+        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        trace_ids = tokenizer(texts[start:stop], add_special_tokens=False)["input_ids"]
+        for p_ids, t_ids, done in zip(prompt_ids, trace_ids, finished[start:stop], strict=True):
+            ids = p_ids + t_ids + (end_ids if done else [])
+            if len(p_ids) >= min(len(ids), cutoff_len):
+                dropped += 1
+                continue
+            if len(ids) > cutoff_len:
+                ids = ids[:cutoff_len]
+                truncated += 1
+            chunks.append(np.asarray(ids, dtype=np.int32))
+            lengths.append(len(ids))
+            prompt_lens.append(len(p_ids))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+    return SFTSet(tokens, offsets, np.asarray(prompt_lens, dtype=np.int32), truncated, dropped)
+
+
+# --- order -----------------------------------------------------------------------------------
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def step_samples(n: int, global_batch: int, seed: int, position: int) -> np.ndarray:
+    """The `global_batch` sample indices read from data position `position` of the stream."""
+    taken = []
+    need = global_batch
+    while need:
+        epoch, offset = divmod(position, n)
+        chunk = epoch_permutation(n, seed, epoch)[offset : offset + need]
+        taken.append(chunk)
+        need -= len(chunk)
+        position += len(chunk)
+    return np.concatenate(taken)
+
+
+def total_steps(n: int, global_batch: int, epochs: int, max_steps: int | None) -> int:
+    """Steps of the run: `max_steps` when set, else every whole global batch in `epochs` epochs."""
+    steps = max_steps if max_steps is not None else n * epochs // global_batch
+    if steps < 1:
+        raise ValueError(
+            f"{n} samples x {epochs} epochs do not fill one global batch of {global_batch}"
+        )
+    return steps
+
+
+def layout(indices: np.ndarray, lengths: np.ndarray, world: int, micro: int) -> list[list[list]]:
+    """`[rank][micro_step]` -> sample indices of one step.
+
+    Longest first, dealt round-robin: ranks carry about the same number of tokens at each
+    micro-step (they wait for each other in every collective), and a micro-batch holds samples
+    of similar length (little padding).
+    """
+    order = sorted(indices.tolist(), key=lambda i: -int(lengths[i]))
+    per_rank = [order[rank::world] for rank in range(world)]
+    return [[mine[k : k + micro] for k in range(0, len(mine), micro)] for mine in per_rank]
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+
+def padded_batch(data: SFTSet, indices: list[int], pad_id: int) -> dict:
+    """Right-padded rows with an attention mask; padding carries no loss."""
+    import torch
+
+    width = max(int(data.lengths[i]) for i in indices)
+    input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(indices), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(indices), width), dtype=torch.long)
+    for row, i in enumerate(indices):
+        n = int(data.lengths[i])
+        input_ids[row, :n] = torch.from_numpy(data.ids(i).astype(np.int64))
+        targets[row, :n] = torch.from_numpy(data.targets(i))
+        mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "targets": targets}
+
+
+def packed_batch(data: SFTSet, indices: list[int]) -> dict:
+    """One row holding every sample, positions restarting at 0 at each sample, no padding."""
+    import torch
+
+    ids = np.concatenate([data.ids(i) for i in indices]).astype(np.int64)
+    positions = np.concatenate([np.arange(data.lengths[i]) for i in indices])
+    targets = np.concatenate([data.targets(i) for i in indices])
+    return {
+        "input_ids": torch.from_numpy(ids)[None],
+        "position_ids": torch.from_numpy(positions)[None],
+        "targets": torch.from_numpy(targets)[None],
+    }
