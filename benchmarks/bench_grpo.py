@@ -1,0 +1,226 @@
+"""GRPO step time of `w2sr grpo` against TRL's `GRPOTrainer`, in one run.
+
+Same machine, same tiny random model, same prompts, group size, completion length, KL coefficient
+and token-level loss (TRL's `dapo` loss type), each trainer in its own process:
+  - w2sr: a vLLM rollout engine (a Ray actor) + a Ray Train / DeepSpeed ZeRO-`--zero` learner of
+    `--workers` workers, weights synced to the engine after every step;
+  - TRL: one process using every core, generating with transformers (its default; its vLLM modes
+    need a GPU), bf16.
+
+A step is rollout + update (+ weight sync for w2sr). The reported time is the mean step time after
+`--warmup` steps, so start-up (Ray, vLLM, DeepSpeed, model loading) is left out and reported apart
+as wall-clock. A random model seldom emits its end token, so both sides generate about
+`--max-tokens` tokens per sample; the mean completion lengths are printed to show it.
+
+    python benchmarks/bench_grpo.py [--prompts 8] [--group 8] [--max-tokens 128] [--steps 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def problems(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        rows.append({"problem": f"What is {a} + {b}?", "answer": str(a + b)})
+    return rows
+
+
+# --- the two trainers, each run in a child process ------------------------------------------
+
+
+def run_w2sr(work: Path, model: str, args) -> dict:
+    from w2sr.config import validate
+    from w2sr.grpo import grpo
+
+    data = work / "prompts.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in problems(args.prompts * 4)))
+    g = {
+        "steps": args.warmup + args.steps,
+        "prompts_per_step": args.prompts,
+        "group_size": args.group,
+        "micro_batch_size": args.prompts * args.group // args.workers,
+        "num_workers": args.workers,
+        "zero_stage": args.zero,
+        "lr": 1e-6,
+        "kl_coef": args.kl,
+        "entropy_coef": 0.0,
+        "sampling": {"max_tokens": args.max_tokens, "temperature": 1.0},
+        "engine": {"max_model_len": 1024},
+        "checkpoint_every": 10_000,
+    }
+    cfg = validate(
+        {
+            "run_dir": str(work / "w2sr"),
+            "teacher": model,
+            "student": model,
+            "prompts": {"source": {"type": "file", "path": str(data)}},
+            "grpo": g,
+        }
+    )
+    started = time.time()
+    grpo(cfg)
+    wall = time.time() - started
+    lines = (work / "w2sr" / "rl" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines][args.warmup :]
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in records) / len(records)
+
+    return {
+        "step_seconds": mean("step_seconds"),
+        "rollout_seconds": mean("rollout_seconds"),
+        "learner_seconds": mean("learner_seconds"),
+        "sync_seconds": mean("sync_seconds"),
+        "completion_tokens": mean("response_length"),
+        "wall_seconds": wall,
+    }
+
+
+def run_trl(work: Path, model: str, args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from w2sr.grading import is_correct
+    from w2sr.templates import TEMPLATES
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = problems(args.prompts * 4)
+    dataset = Dataset.from_list(
+        [{"prompt": TEMPLATES["paper"].messages(r["problem"]), "answer": r["answer"]} for r in rows]
+    )
+    lengths: list[float] = []
+
+    def reward(prompts, completions, answer, completion_ids=None, **_):
+        if completion_ids is not None:
+            lengths.append(sum(len(c) for c in completion_ids) / len(completion_ids))
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [float(is_correct(t, a)) for t, a in zip(texts, answer, strict=True)]
+
+    ends: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            ends.append(time.time())
+
+    config = GRPOConfig(
+        output_dir=str(work / "trl"),
+        max_steps=args.warmup + args.steps,
+        per_device_train_batch_size=args.prompts * args.group,
+        num_generations=args.group,
+        max_completion_length=args.max_tokens,
+        temperature=1.0,
+        beta=args.kl,
+        loss_type="dapo",
+        learning_rate=1e-6,
+        bf16=True,
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    started = time.time()
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16),
+        processing_class=AutoTokenizer.from_pretrained(model, padding_side="left"),
+        reward_funcs=reward,
+        args=config,
+        train_dataset=dataset,
+        callbacks=[Clock()],
+    )
+    trainer.train()
+    wall = time.time() - started
+    steps = ends[args.warmup - 1 :]
+    return {
+        "step_seconds": (steps[-1] - steps[0]) / (len(steps) - 1),
+        "completion_tokens": sum(lengths[args.warmup :]) / max(1, len(lengths[args.warmup :])),
+        "wall_seconds": wall,
+    }
+
+
+# --- the driver ------------------------------------------------------------------------------
+
+
+def child(role: str, work: Path, model: str, argv: list[str]) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, *argv, "--role", role, "--work", str(work), "--model", model],
+        capture_output=True,
+        text=True,
+    )
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line.removeprefix("RESULT "))
+    sys.stderr.write(out.stderr[-4000:])
+    raise RuntimeError(f"{role} run failed (exit {out.returncode})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    parser.add_argument("--group", type=int, default=8, help="samples per prompt")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="w2sr learner workers")
+    parser.add_argument("--zero", type=int, default=2, choices=[2, 3])
+    parser.add_argument("--kl", type=float, default=1e-4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--role", choices=["w2sr", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.role:
+        run = run_w2sr if args.role == "w2sr" else run_trl
+        print("RESULT " + json.dumps(run(Path(args.work), args.model, args)))
+        return
+
+    from w2sr.models import build_tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="bench-grpo-") as tmp:
+        work = Path(tmp)
+        model = str(
+            build_tiny_model(
+                work / "model", hidden_size=args.hidden, num_layers=args.layers, num_heads=4
+            )
+        )
+        argv = sys.argv[1:]
+        results = {}
+        for role in ("w2sr", "trl"):
+            (work / role).mkdir()
+            results[role] = child(role, work / role, model, argv)
+            print(role, json.dumps({k: round(v, 3) for k, v in results[role].items()}), flush=True)
+    ratio = results["w2sr"]["step_seconds"] / results["trl"]["step_seconds"]
+    print(
+        f"\n{args.prompts} prompts x {args.group} samples, up to {args.max_tokens} tokens, "
+        f"model {args.layers}x{args.hidden}, {os.cpu_count()} cores"
+    )
+    print(
+        f"w2sr step: {results['w2sr']['step_seconds']:.2f} s  TRL step: "
+        f"{results['trl']['step_seconds']:.2f} s  ratio w2sr/TRL: {ratio:.2f}x (goal <= 1.0x)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""GRPO: the loss pieces on their own, then one real run (vLLM rollout actors, a Ray Train +
+DeepSpeed ZeRO-3 learner, weight sync through the object store) that gets a worker SIGKILLed
+midway and resumes from its checkpoint, and a check that a synced engine computes with exactly
+the learner's weights.
+
+The task must give a tiny model a reward signal from the first step: every problem's answer is 7,
+and the student is first taught (a few seconds of plain SFT) to answer `\\boxed{d}` with d drawn
+from 3, 5, 7 and 9, so about one sample in four is right and GRPO has something to reinforce; a
+wrong but readable answer earns the format reward, 0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from w2sr.config import ConfigError, validate
+from w2sr.grpo import group_advantages, grpo, policy_loss, rollout_rows
+from w2sr.templates import TEMPLATES
+
+PROBLEMS = [f"What is {a} + {7 - a}?" for a in range(8)] + [
+    f"What is {a + 7} - {a}?" for a in range(8)
+]
+STEPS = 14
+KILL_AFTER = 3
+CHECKPOINT_EVERY = 2
+
+
+def config(run_dir: Path, student: str, prompts: Path, **grpo_overrides):
+    return validate(
+        {
+            "run_dir": str(run_dir),
+            "teacher": student,
+            "student": student,
+            "grader": "exact",
+            "prompts": {"source": {"type": "file", "path": str(prompts)}},
+            "grpo": {
+                "steps": STEPS,
+                "prompts_per_step": 4,
+                "group_size": 8,
+                "mini_batches": 2,
+                "micro_batch_size": 8,
+                "num_workers": 2,
+                "zero_stage": 3,
+                "lr": 3e-4,
+                "kl_coef": 1e-3,
+                "entropy_coef": 0.0,
+                "format_reward": 0.1,
+                "sampling": {"max_tokens": 8},
+                "engine": {"max_model_len": 256},
+                "checkpoint_every": CHECKPOINT_EVERY,
+                "max_failures": 1,
+                **grpo_overrides,
+            },
+        }
+    )
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Torch in the test process: on a few shared cores, several OpenMP threads spin against
+    the Ray workers and a tiny model's step gets 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "rl" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --- the loss --------------------------------------------------------------------------------
+
+
+def test_group_advantages_are_normalised_within_each_group():
+    rewards = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    adv = group_advantages(rewards, group_size=4)
+    assert adv[:4] == pytest.approx([1.5, -0.5, -0.5, -0.5], rel=1e-5)  # std with ddof=1 is 0.5
+    assert adv[4:].tolist() == [0.0] * 4  # all right: nothing to learn from this group
+
+
+def test_policy_loss_clips_the_ratio_on_the_advantage_side():
+    g = validate({"run_dir": "/tmp/unused", "teacher": "t"}).grpo.model_copy(
+        update={"kl_coef": 0.0, "entropy_coef": 0.0}
+    )
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([1.5, 1.5, 0.5, 1.0]))  # ratios
+    adv = torch.tensor([1.0, -1.0, -1.0, 2.0])
+    loss, stats = policy_loss(logp, old, adv, None, torch.zeros(4), g)
+    # min(r A, clip(r) A): the gain of a good token is capped at 1.2; bad tokens are not spared
+    assert loss.tolist() == pytest.approx([-1.2, 1.5, 0.8, -2.0], rel=1e-5)
+    assert stats["clipped"] == 2 and stats["kl"] == 0.0  # the 1st and 3rd lose their gradient
+    g = g.model_copy(update={"kl_coef": 0.5, "entropy_coef": 0.1})
+    entropy = torch.full((4,), 2.0)
+    loss_kl, stats = policy_loss(old, old, torch.zeros(4), old - 1.0, entropy, g)
+    k3 = float(np.exp(-1.0) + 1.0 - 1.0)  # exp(ref - logp) - (ref - logp) - 1 at ref - logp = -1
+    assert stats["kl"] == pytest.approx(4 * k3, rel=1e-5)
+    assert loss_kl.tolist() == pytest.approx([0.5 * k3 - 0.2] * 4, rel=1e-5)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_rollout_rows_score_exactly_the_completion_tokens(packed):
+    batch = {
+        "prompt_ids": [[1, 2, 3], [4, 5]],
+        "completion_ids": [[6, 7], [8, 9, 10]],
+        "advantages": [0.5, -1.0],
+    }
+    row = rollout_rows(batch, [0, 1], packed)
+    if packed:
+        assert row["input_ids"].tolist() == [[1, 2, 3, 6, 7, 4, 5, 8, 9, 10]]
+        assert row["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]]
+    else:
+        assert row["input_ids"].tolist() == [[1, 2, 3, 6, 7], [4, 5, 8, 9, 10]]
+        assert row["attention_mask"].tolist() == [[1] * 5, [1] * 5]
+    ids = row["input_ids"].flatten()
+    # position t predicts token t + 1: the scored positions predict the completions, in order
+    assert ids[row["response"] + 1].tolist() == row["targets"].tolist() == [6, 7, 8, 9, 10]
+    assert row["advantages"].tolist() == [0.5, 0.5, -1.0, -1.0, -1.0]
+
+
+def test_padded_and_packed_rows_give_the_same_logprobs(tiny_student):
+    from transformers import AutoModelForCausalLM
+
+    from w2sr.grpo import _response_logits, token_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.float32).eval()
+    batch = {
+        "prompt_ids": [[11, 12, 13, 14], [15, 16]],
+        "completion_ids": [[20, 21], [22, 23, 24, 25, 26]],
+        "advantages": [1.0, -1.0],
+    }
+    with torch.no_grad():
+        out = [
+            token_logprobs(_response_logits(model, row), row["targets"])
+            for row in (rollout_rows(batch, [0, 1], p) for p in (True, False))
+        ]
+    torch.testing.assert_close(out[0], out[1], atol=1e-4, rtol=1e-4)
+
+
+def test_config_errors_come_before_any_ray_work(tmp_path):
+    with pytest.raises(ConfigError, match="not a multiple of micro_batch_size"):
+        config(tmp_path, "s", tmp_path / "p.jsonl", prompts_per_step=3, group_size=3)
+    with pytest.raises(ConfigError, match="temperature 0"):
+        config(tmp_path, "s", tmp_path / "p.jsonl", sampling={"temperature": 0})
+    with pytest.raises(ConfigError, match="colocated engines"):
+        config(tmp_path, "s", tmp_path / "p.jsonl", engine={"replicas": 3})
+
+
+# --- a real run ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def answerer(tiny_student, tmp_path_factory) -> str:
+    """The tiny student taught to answer `\\boxed{d}`, d one of 3, 5, 7, 9 at random."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_student)
+    model = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.float32)
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with one_thread():
+        _teach(model, tokenizer, optimizer, rng)
+    out = tmp_path_factory.mktemp("models") / "answerer"
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def _teach(model, tokenizer, optimizer, rng: random.Random) -> None:
+    for _ in range(100):
+        rows, labels = [], []
+        for _ in range(16):
+            prompt = tokenizer.apply_chat_template(
+                TEMPLATES["paper"].messages(rng.choice(PROBLEMS)),
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            answer = f"\\boxed{{{rng.choice([3, 5, 7, 9])}}}<|im_end|>"
+            c = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            rows.append(p + c)
+            labels.append([-100] * len(p) + c)
+        width = max(map(len, rows))
+        pad = [[0] * (width - len(r)) for r in rows]
+        loss = model(
+            input_ids=torch.tensor([r + z for r, z in zip(rows, pad, strict=True)]),
+            attention_mask=torch.tensor([[1] * len(r) + z for r, z in zip(rows, pad, strict=True)]),
+            labels=torch.tensor(
+                [lab + [-100] * len(z) for lab, z in zip(labels, pad, strict=True)]
+            ),
+        ).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def _kill_a_worker_once_checkpointed(run_dir: Path, step: int, killed: list, timeout=600.0):
+    """SIGKILL one Ray Train worker (a process this test started) once `step` is in the metrics
+    and Ray Train has registered a checkpoint (a checkpoint reported but not yet registered by
+    the controller is lost with the worker)."""
+    import psutil
+
+    metrics_path = run_dir / "rl" / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+        logged = any(json.loads(line)["step"] >= step for line in lines if line.endswith("}"))
+        snapshots = list((run_dir / "rl" / "ray").glob("*/checkpoint_manager_snapshot.json"))
+        if logged and any("checkpoint-" in path.read_text() for path in snapshots):
+            for proc in psutil.Process().children(recursive=True):
+                if "RayTrainWorker" in " ".join(proc.cmdline()):
+                    proc.kill()
+                    killed.append(proc.pid)
+                    return
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def killed_run(ray_session, answerer, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("grpo")
+    prompts = run_dir.parent / f"{run_dir.name}-prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"problem": p, "answer": "7"}) + "\n" for p in PROBLEMS))
+    killed: list[int] = []
+    watcher = threading.Thread(
+        target=_kill_a_worker_once_checkpointed,
+        args=(run_dir, KILL_AFTER, killed),
+        daemon=True,
+    )
+    watcher.start()
+    cfg = config(run_dir, answerer, prompts)
+    record = grpo(cfg)
+    watcher.join(timeout=1)
+    assert killed, "the run ended before a worker could be killed"
+    return run_dir, record, cfg
+
+
+@pytest.mark.slow
+def test_reward_rises(killed_run):
+    run_dir, record, _ = killed_run
+    rewards = [r["reward_mean"] for r in {r["step"]: r for r in metrics(run_dir)}.values()]
+    assert len(rewards) == STEPS == record["steps"]
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards
+
+
+@pytest.mark.slow
+def test_every_step_logs_what_the_issue_asks(killed_run):
+    run_dir, _, _ = killed_run
+    records = metrics(run_dir)
+    for r in records:
+        assert r["reward_mean"] == pytest.approx(
+            r["accuracy"] + 0.1 * (r["answered"] - r["accuracy"])
+        )
+        assert r["kl"] >= 0 and r["entropy"] > 0 and 0 < r["response_length"] <= 8
+        assert 0 <= r["clip_fraction"] <= 1
+        assert min(r["rollout_seconds"], r["learner_seconds"], r["sync_seconds"]) > 0
+        parts = r["rollout_seconds"] + r["learner_seconds"] + r["sync_seconds"]
+        assert parts == pytest.approx(r["step_seconds"], rel=1e-6)
+    # the policy starts as the reference (step 1's first mini-batch runs before any update)
+    assert records[0]["kl"] < 0.01 < max(r["kl"] for r in records)
+    # the second mini-batch of a step runs on updated weights: its ratios leave 1
+    assert max(r["clip_fraction"] for r in records) > 0
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_at_its_checkpoint_step(killed_run):
+    """After the kill, Ray Train restarts the group (and rank 0 its engines) at the last
+    checkpoint: the replayed step samples the same groups from the same weights."""
+    run_dir, record, _ = killed_run
+    records = metrics(run_dir)
+    first = [r for r in records if r["resumed_from"] == 0]
+    resumed = [r for r in records if r["resumed_from"] > 0]
+    start = resumed[0]["resumed_from"]
+    assert start % CHECKPOINT_EVERY == 0 and start < first[-1]["step"]
+    assert record["resumed_from"] == start
+    assert [r["step"] for r in resumed] == list(range(start + 1, STEPS + 1))
+    replayed = {r["step"]: r for r in first if r["step"] > start}
+    again = resumed[0]
+    assert again["step"] in replayed
+    assert again["reward_mean"] == replayed[again["step"]]["reward_mean"]
+    assert again["response_length"] == replayed[again["step"]]["response_length"]
+
+
+@pytest.mark.slow
+def test_stage_records_cost_and_is_skipped_when_done(killed_run):
+    run_dir, record, cfg = killed_run
+    assert record["wall_seconds"] > 0 and record["worker_seconds"] > record["wall_seconds"] / 2
+    assert record["samples_seen"] == STEPS * 4 * 8
+    started = time.time()
+    assert grpo(cfg) == record and time.time() - started < 5
+
+
+@pytest.mark.slow
+def test_synced_engine_computes_with_the_learners_weights(killed_run, answerer):
+    """Push the learner's final weights (its HF export) into an engine started on the base
+    student, as the stage does after every update: the engine's tensors are the learner's and
+    its greedy tokens are those of transformers' `generate` on the learner's weights."""
+    import ray
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from w2sr.rollout import rollout_actor
+
+    run_dir, _, cfg = killed_run
+    exported = run_dir / "rl" / "model"
+    learned = load_file(exported / "model.safetensors")
+    base = load_file(Path(answerer) / "model.safetensors")
+    assert not torch.equal(learned["model.norm.weight"], base["model.norm.weight"])
+
+    actor = rollout_actor(answerer, cfg.grpo.engine, use_gpu=False, trust_remote_code=False, seed=0)
+    try:
+        named = [(name, tensor) for name, tensor in learned.items() if name != "lm_head.weight"]
+        assert ray.get(actor.load_weights.remote(ray.put(named))) == len(named)
+        names = [
+            "model.embed_tokens.weight",
+            "model.norm.weight",
+            "model.layers.1.input_layernorm.weight",
+        ]
+        engine = ray.get(actor.get_weights.remote(names))
+        for name in names:
+            rows = learned[name].shape[0]  # vLLM pads the vocabulary
+            assert torch.equal(engine[name][:rows], learned[name]), name
+
+        tokenizer = AutoTokenizer.from_pretrained(exported)
+        prompts = [
+            tokenizer(
+                tokenizer.apply_chat_template(
+                    TEMPLATES["paper"].messages(p), tokenize=False, add_generation_prompt=True
+                ),
+                add_special_tokens=False,
+            )["input_ids"]
+            for p in PROBLEMS[:4]
+        ]
+        outputs = ray.get(
+            actor.generate.remote(prompts, {"temperature": 0.0, "max_tokens": 12}, 1, [0] * 4)
+        )
+    finally:
+        ray.kill(actor)
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    for ids, out in zip(prompts, outputs, strict=True):
+        with one_thread():
+            expected = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+        assert out[0]["token_ids"] == expected[0, len(ids) :].tolist()
