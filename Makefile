@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/w2sr run jobs/tiny.yaml
+	$(BIN)/w2sr run jobs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -4,9 +4,10 @@ In one run, on one machine, with one model and the same prompts and sampling:
   (a) vLLM's offline `LLM.generate` on one engine: the ceiling for a single replica;
   (b) a plain transformers `generate` loop in batches: what a user writes by hand.
 
-Steady state is what scales to a long job, so start-up (Ray, engine load) is reported apart:
-for `w2sr generate` the steady rate is measured between the first and the last shard written,
-from the shards' own token counts.
+Steady state is what scales to a long job, so start-up (Ray, engine load) is reported apart.
+`w2sr generate` runs as a user runs it, a whole command: it runs twice, on half the prompts and on
+all of them, and the steady rate is the difference in tokens over the difference in time, which
+cancels the start-up both runs pay.
 
     python benchmarks/bench_generate.py [--prompts 256] [--samples 2] [--max-tokens 128]
 """
@@ -48,15 +49,19 @@ def rendered_prompts(model: str, rows: list[dict]) -> list[str]:
     ]
 
 
-def bench_w2sr(model: str, data: Path, args) -> dict:
-    """The real stage through its CLI, in its own process, as a user runs it."""
+def run_w2sr(model: str, data: Path, args, prompts: int) -> tuple[int, float]:
+    """The real stage through its CLI, in its own process: (completion tokens, seconds)."""
+    from w2sr.generate import read_traces
     from w2sr.rundir import RunDir
 
-    run_dir = data / "run"
+    run_dir = data / f"run-{prompts}"
     config = {
         "run_dir": str(run_dir),
         "teacher": model,
-        "prompts": {"source": {"type": "file", "path": str(data / "prompts.jsonl")}},
+        "prompts": {
+            "source": {"type": "file", "path": str(data / "prompts.jsonl")},
+            "limit": prompts,
+        },
         "generation": {
             "samples_per_prompt": args.samples,
             "prompts_per_shard": max(1, args.prompts // 8),
@@ -64,25 +69,22 @@ def bench_w2sr(model: str, data: Path, args) -> dict:
             "engine": {"batch_size": args.batch_size, "max_model_len": 1024},
         },
     }
-    (data / "w2sr.json").write_text(json.dumps(config))
+    path = data / f"w2sr-{prompts}.json"
+    path.write_text(json.dumps(config))
     start = time.time()
-    cmd = [sys.executable, "-m", "w2sr.cli", "generate", str(data / "w2sr.json")]
+    cmd = [sys.executable, "-m", "w2sr.cli", "generate", str(path)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    total = time.time() - start
-    run = RunDir(str(run_dir))
-    shards = sorted(Path(run.path("traces")).glob("shard-*.parquet"), key=os.path.getmtime)
-    tokens = [
-        run.read_parquet("traces", s.name)["completion_tokens"].to_numpy().sum() for s in shards
-    ]
-    times = [s.stat().st_mtime for s in shards]
-    steady = sum(tokens[1:]) / (times[-1] - times[0])
-    first = times[0] - start
-    return {
-        "tokens": int(sum(tokens)),
-        "seconds": total,
-        "steady_tok_s": steady,
-        "startup_s": first,
-    }
+    seconds = time.time() - start
+    tokens = int(read_traces(RunDir(str(run_dir)))["completion_tokens"].to_numpy().sum())
+    return tokens, seconds
+
+
+def bench_w2sr(model: str, data: Path, args) -> dict:
+    half_tokens, half_seconds = run_w2sr(model, data, args, args.prompts // 2)
+    tokens, seconds = run_w2sr(model, data, args, args.prompts)
+    steady = (tokens - half_tokens) / (seconds - half_seconds)
+    startup = seconds - tokens / steady
+    return {"tokens": tokens, "seconds": seconds, "steady_tok_s": steady, "startup_s": startup}
 
 
 def bench_vllm(model: str, prompts: list[str], args) -> dict:
