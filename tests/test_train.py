@@ -6,10 +6,13 @@ packed ZeRO-3 run that gets one of its workers SIGKILLed midway and resumes from
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,6 +25,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from w2sr import learner
 from w2sr.config import ConfigError, validate
 from w2sr.generate import TRACE_SCHEMA
 from w2sr.learner import param_groups, token_loss
@@ -39,8 +43,15 @@ from w2sr.sft_data import (
 from w2sr.templates import TEMPLATES
 from w2sr.train import MetricsLog, _staged_folder, train
 
-STEPS = 16
+STEPS = 24
 GLOBAL_BATCH = 8
+
+
+KILLED = {"zero_stage": 3, "packing": True, "checkpoint_every": 4, "max_failures": 1}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def trace_rows(n: int = 64, seed: int = 0) -> list[dict]:
@@ -179,37 +190,72 @@ def test_layout_deals_every_sample_once_with_balanced_ranks():
     assert abs(loads[0] - loads[1]) <= lengths.max() - lengths.min()
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_rows_do_not_attend_across_samples(tiny_student, attention):
-    """transformers reads a packed row from its position ids: each sample's logits are the ones
-    it gets alone."""
-    from transformers import AutoModelForCausalLM
+def load_model(path: str, attention: str, **overrides):
+    """fp32, with transformers' `sdpa` or `eager`, or w2sr's `sample_sdpa` (what training uses)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    tokenizer = tokenizer_of(tiny_student)
-    data = build_sft_set(tokenizer, TEMPLATES["paper"], pa.Table.from_pylist(trace_rows(3)), 4096)
-    model = AutoModelForCausalLM.from_pretrained(
-        tiny_student, dtype=torch.float32, attn_implementation=attention
-    ).eval()
+    config = AutoConfig.from_pretrained(path, **overrides)
+    name = learner.attention("sdpa", config) if attention == "sample_sdpa" else attention
+    assert name != "sdpa" or attention == "sdpa"
+    return AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=torch.float32, attn_implementation=name
+    )
+
+
+def forward(model, batch: dict) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "targets"}
+    with torch.no_grad():
+        return model(**inputs, use_cache=False).logits
+
+
+def logits_alone(model, data, indices) -> list[torch.Tensor]:
+    return [
+        forward(model, {"input_ids": torch.from_numpy(data.ids(i).astype(np.int64))[None]})[0]
+        for i in indices
+    ]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "sample_sdpa"])
+def test_packed_rows_do_not_attend_across_samples(tiny_student, attention):
+    """A packed row is read from its position ids: each sample gets the logits it gets alone
+    (transformers' masks for sdpa and eager; sample by sample for sample_sdpa)."""
+    data = build_sft_set(
+        tokenizer_of(tiny_student), TEMPLATES["paper"], pa.Table.from_pylist(trace_rows(3)), 4096
+    )
+    model = load_model(tiny_student, attention).eval()
     batch = packed_batch(data, [0, 1, 2])
     assert batch["position_ids"][0, int(data.lengths[0])] == 0  # positions restart
-    with torch.no_grad():
-        packed = model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-        ).logits[0]
-        alone = [
-            model(input_ids=torch.from_numpy(data.ids(i).astype(np.int64))[None]).logits[0]
-            for i in range(3)
-        ]
+    alone = logits_alone(model, data, range(3))
+    torch.testing.assert_close(forward(model, batch)[0], torch.cat(alone), atol=1e-4, rtol=1e-4)
+
+
+def test_sample_sdpa_keeps_sliding_windows_and_padding(tiny_student):
+    """With a window shorter than the samples, on packed rows and on padded batches, sample_sdpa
+    gives transformers' sdpa logits."""
+    layers = ["full_attention", "sliding_attention", "sliding_attention"]
+    window = {"use_sliding_window": True, "sliding_window": 8, "layer_types": layers}
+    data = build_sft_set(
+        tokenizer_of(tiny_student), TEMPLATES["paper"], pa.Table.from_pylist(trace_rows(3)), 4096
+    )
+    reference = load_model(tiny_student, "sdpa", **window).eval()
+    model = load_model(tiny_student, "sample_sdpa", **window).eval()
+    alone = logits_alone(reference, data, range(3))
+    unwindowed = logits_alone(load_model(tiny_student, "sdpa").eval(), data, range(3))
+    assert not torch.allclose(torch.cat(alone), torch.cat(unwindowed))  # the window matters
+    packed = forward(model, packed_batch(data, [0, 1, 2]))[0]
     torch.testing.assert_close(packed, torch.cat(alone), atol=1e-4, rtol=1e-4)
+    padded = forward(model, padded_batch(data, [0, 1, 2], pad_id=0))
+    for row, logits in enumerate(alone):
+        torch.testing.assert_close(padded[row, : len(logits)], logits, atol=1e-4, rtol=1e-4)
 
 
-def test_packed_and_padded_batches_give_the_same_loss_and_gradients(tiny_student):
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = tokenizer_of(tiny_student)
-    data = build_sft_set(tokenizer, TEMPLATES["paper"], pa.Table.from_pylist(trace_rows(6)), 4096)
+@pytest.mark.parametrize("attention", ["sdpa", "sample_sdpa"])
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(tiny_student, attention):
+    data = build_sft_set(
+        tokenizer_of(tiny_student), TEMPLATES["paper"], pa.Table.from_pylist(trace_rows(6)), 4096
+    )
     assert len(set(data.lengths.tolist())) > 1  # padding does happen
-    model = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.float32)
+    model = load_model(tiny_student, attention)
     results = []
     for batch in (packed_batch(data, list(range(6))), padded_batch(data, list(range(6)), 0)):
         model.zero_grad()
@@ -239,6 +285,15 @@ def test_config_errors_come_before_any_ray_work(tmp_path):
         config(tmp_path, "s", global_batch_size=10, micro_batch_size=2, num_workers=2)
     with pytest.raises(ConfigError, match="student: not set"):
         train(config(tmp_path, None))
+    with pytest.raises(RuntimeError, match="run `w2sr select` first"):
+        train(config(tmp_path, "s"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is not None, reason="mlflow is installed")
+def test_a_tracker_that_is_not_installed_fails_before_ray_work(tmp_path):
+    write_sft_set(tmp_path, trace_rows(8))
+    with pytest.raises(RuntimeError, match="train.mlflow_tracking_uri is set but mlflow"):
+        train(config(tmp_path, "s", mlflow_tracking_uri="file:///tmp/mlruns"))
 
 
 def test_metrics_and_model_reach_stores_that_cannot_append(tmp_path):
@@ -269,56 +324,60 @@ def test_metrics_and_model_reach_stores_that_cannot_append(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def padded_run(ray_session, tiny_student, tmp_path_factory) -> Path:
-    """ZeRO-2, padded micro-batches, gradient checkpointing, bf16."""
+def padded_run(ray_session, tiny_student, tmp_path_factory) -> tuple[Path, dict]:
+    """ZeRO-2 with the optimizer offloaded to the CPU, padded micro-batches, gradient
+    checkpointing, bf16."""
     run_dir = tmp_path_factory.mktemp("padded")
     write_sft_set(run_dir, trace_rows())
-    record = train(
-        config(run_dir, tiny_student, zero_stage=2, packing=False, gradient_checkpointing=True)
-    )
+    padded = {"packing": False, "gradient_checkpointing": True, "offload_optimizer": True}
+    record = train(config(run_dir, tiny_student, zero_stage=2, **padded))
     return run_dir, record
 
 
-def _kill_a_worker_once_logged(metrics_path: Path, step: int, killed: list, timeout=600.0):
-    """SIGKILL one Ray Train worker (a process this test started) once `step` is in the metrics."""
+def _kill_a_worker_after_a_checkpoint(stage: Path, killed: list, timeout: float = 600.0) -> None:
+    """SIGKILL one Ray Train worker (a process this test started) once Ray Train has registered a
+    checkpoint (a reported one counts only from then on) and a later step is logged."""
     import psutil
 
     deadline = time.time() + timeout
     while time.time() < deadline:
-        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        if any(json.loads(line)["step"] >= step for line in lines if line.endswith("}")):
+        time.sleep(0.05)
+        try:
+            snapshot = next(stage.glob("ray/*/checkpoint_manager_snapshot.json")).read_text()
+            registered = json.loads(snapshot)["checkpoint_results"][-1]["metrics"]["step"]
+            lines = (stage / "metrics.jsonl").read_text().splitlines()
+            logged = [json.loads(line)["step"] for line in lines]
+        except (StopIteration, ValueError, IndexError):  # not there yet, or being written
+            continue
+        if logged and logged[-1] > registered:
             for proc in psutil.Process().children(recursive=True):
                 if "RayTrainWorker" in " ".join(proc.cmdline()):
                     proc.kill()
-                    killed.append(proc.pid)
+                    killed.append(registered)
                     return
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
-def killed_run(ray_session, tiny_student, tmp_path_factory) -> Path:
-    """ZeRO-3, packed, bf16; a worker is killed after step 6 and Ray Train restarts the group."""
+def killed_run(ray_session, tiny_student, tmp_path_factory) -> tuple[Path, dict, int]:
+    """ZeRO-3, packed, bf16; a worker is killed after a checkpoint and Ray Train restarts the
+    group. Returns the step of the checkpoint registered at the kill (or a later one)."""
     run_dir = tmp_path_factory.mktemp("killed")
     write_sft_set(run_dir, trace_rows())
     killed: list[int] = []
     watcher = threading.Thread(
-        target=_kill_a_worker_once_logged,
-        args=(run_dir / "students" / "all" / "metrics.jsonl", 6, killed),
+        target=_kill_a_worker_after_a_checkpoint,
+        args=(run_dir / "students" / "all", killed),
         daemon=True,
     )
     watcher.start()
-    record = train(
-        config(
-            run_dir, tiny_student, zero_stage=3, packing=True, checkpoint_every=4, max_failures=1
-        )
-    )
+    record = train(config(run_dir, tiny_student, **KILLED))
     watcher.join(timeout=1)
     assert killed, "the run ended before a worker could be killed"
-    return run_dir, record
+    return run_dir, record, killed[0]
 
 
 def test_loss_falls(killed_run, padded_run):
-    for run_dir, record in (killed_run, padded_run):
+    for run_dir, record in (killed_run[:2], padded_run):
         losses = [r["loss"] for r in last_per_step(metrics(run_dir)).values()]
         assert len(losses) == STEPS == record["steps"]
         assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3]), losses
@@ -328,13 +387,12 @@ def test_loss_falls(killed_run, padded_run):
 def test_killed_run_resumes_at_its_checkpoint_step(killed_run):
     """The steps replayed after the restart equal the killed attempt's: same weights, optimizer,
     schedule and data position."""
-    run_dir, record = killed_run
+    run_dir, _, registered = killed_run
     records = metrics(run_dir)
     first = [r for r in records if r["resumed_from"] == 0]
     resumed = [r for r in records if r["resumed_from"] > 0]
     start = resumed[0]["resumed_from"]
-    assert start % 4 == 0 and 4 <= start < first[-1]["step"]
-    assert record["resumed_from"] == start
+    assert start % 4 == 0 and registered <= start < first[-1]["step"]
     assert [r["step"] for r in resumed] == list(range(start + 1, STEPS + 1))
     assert [r["step"] for r in first] == list(range(1, first[-1]["step"] + 1))
     replayed = {r["step"]: r for r in first if r["step"] > start}
@@ -373,22 +431,23 @@ def test_first_step_matches_a_single_process_reference(padded_run, tiny_student)
     (loss / count).backward()
     norm = math.sqrt(sum(float((p.grad.float() ** 2).sum()) for p in model.parameters()))
     first = metrics(run_dir)[0]
-    assert first["loss"] == pytest.approx(float(loss) / count, rel=1e-2)
+    assert first["loss"] == pytest.approx(loss.item() / count, rel=1e-2)
     assert first["grad_norm"] == pytest.approx(norm, rel=5e-2)
 
 
 def test_stage_records_cost_and_is_skipped_when_done(killed_run, tiny_student):
-    run_dir, record = killed_run
+    run_dir, record, _ = killed_run
     assert record["samples"] == 64 and record["truncated"] == 0
     assert record["wall_seconds"] > 0 and record["worker_seconds"] > record["wall_seconds"] / 2
-    assert record["tokens_per_second"] > 0
+    steps = last_per_step(metrics(run_dir)).values()
+    assert record["tokens"] == sum(r["tokens"] for r in steps)
+    assert record["tokens_per_second"] == pytest.approx(
+        record["tokens"] / sum(r["step_seconds"] for r in steps)
+    )
+    assert record["model"] == str(run_dir / "students" / "all" / "model")
     size = (run_dir / "students" / "all" / "metrics.jsonl").stat().st_size
     started = time.time()
-    again = train(
-        config(
-            run_dir, tiny_student, zero_stage=3, packing=True, checkpoint_every=4, max_failures=1
-        )
-    )
+    again = train(config(run_dir, tiny_student, **KILLED))
     assert again == record and time.time() - started < 5
     assert (run_dir / "students" / "all" / "metrics.jsonl").stat().st_size == size
 
@@ -460,3 +519,18 @@ def test_export_loads_in_vllm_and_generates(killed_run, tmp_path):
         logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
     expected = [float(logprobs[t - 1, ids[t]]) for t in range(1, len(ids))]
     np.testing.assert_allclose(result["prompt_logprobs"][1:], expected, atol=0.15)
+
+
+def test_a_rerun_resumes_from_the_last_checkpoint(killed_run, tiny_student):
+    """As after a killed driver: the same config finds its Ray Train run and its checkpoint, has
+    no step left to train, and exports the same weights again."""
+    run_dir, record, _ = killed_run
+    stage = run_dir / "students" / "all"
+    weights = sha256(stage / "model" / "model.safetensors")
+    logged = metrics(run_dir)
+    (stage / "_DONE.json").unlink()
+    shutil.rmtree(stage / "model")
+    again = train(config(run_dir, tiny_student, **KILLED))
+    assert metrics(run_dir) == logged  # no step trained again
+    assert again["steps"] == STEPS and again["final_loss"] == record["final_loss"]
+    assert sha256(stage / "model" / "model.safetensors") == weights

@@ -173,7 +173,8 @@ class TrainConfig(Strict):
     # instead of being padded to the longest: same gradient, no compute spent on padding.
     packing: bool = True
     gradient_checkpointing: bool = False
-    # flash_attention_2 (GPU, needs flash-attn) reads packed rows without building a mask.
+    # With sdpa, packed rows are attended sample by sample (w2sr.learner.sample_sdpa);
+    # flash_attention_2 (GPU, needs flash-attn) reads them from their position ids.
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     seed: int = 0
     checkpoint_every: PositiveInt = 50

@@ -13,9 +13,10 @@ permutation per epoch (seeded by `(seed, epoch)`), so the data position of a ste
 Batches: the loss of a step is the sum of token losses over the whole global batch divided by its
 number of target tokens, so how the step's samples are split into ranks and micro-batches, and
 whether a micro-batch is padded or packed, does not change the gradient. Packed micro-batches put
-their samples in one row with positions restarting at 0 and no attention mask: transformers
-(`masking_utils.find_packed_sequence_indices`) then builds a block-diagonal causal mask from the
-position resets, so no token attends across samples.
+their samples in one row with positions restarting at 0 and no attention mask, and the position
+resets keep samples apart: transformers' eager and sdpa attention build a block-diagonal causal
+mask from them (`masking_utils.find_packed_sequence_indices`), flash-attention reads them as
+sequence boundaries, and w2sr's `learner.sample_sdpa` attends each sample on its own.
 """
 
 from __future__ import annotations

@@ -37,10 +37,6 @@ from w2sr.rundir import DONE, RunDir
 log = logging.getLogger(__name__)
 
 
-def stage_name(variant: str) -> str:
-    return f"students/{variant}"
-
-
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run the stage; returns its completion record."""
     if cfg.student is None:
@@ -50,7 +46,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         )
     run = RunDir(cfg.run_dir)
     variant = cfg.train.variant
-    stage = stage_name(variant)
+    stage = f"students/{variant}"
     if not run.exists("sft", DONE):
         raise RuntimeError(f"no training sets in {cfg.run_dir}; run `w2sr select` first")
     fingerprint = "-".join(
@@ -71,21 +67,24 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     _drop_stale_run(run, stage, fingerprint)
     run.write_json({"fingerprint": fingerprint}, stage, "_RUN.json")
     data, model_path = _tokenize(cfg, run)
-    result = _fit(cfg, run, stage, fingerprint, data, model_path)
-    metrics = result.metrics
+    final = _fit(cfg, run, stage, fingerprint, data, model_path).metrics
+    steps = {}  # the record that stands for each step: a resumed attempt's replaces a killed one's
+    for record in map(json.loads, run.read_text(stage, "metrics.jsonl").splitlines()):
+        steps[record["step"]] = record
+    tokens = sum(r["tokens"] for r in steps.values())
     facts = {
         "variant": variant,
         "student": cfg.student,
-        "model": run.path(stage, "model"),
+        "model": _location(run, stage, "model"),
         "samples": len(data),
         "truncated": data.truncated,
         "dropped": data.dropped,
-        "steps": metrics["step"],
-        "final_loss": metrics["loss"],
-        "tokens_per_second": metrics["tokens_per_second"],
-        "resumed_from": metrics["resumed_from"],
+        "steps": final["step"],
+        "final_loss": final["loss"],
+        "tokens": tokens,
+        "tokens_per_second": tokens / sum(r["step_seconds"] for r in steps.values()),
         "wall_seconds": round(time.time() - start, 2),
-        "worker_seconds": round(metrics["worker_seconds"], 2),
+        "worker_seconds": round(final["worker_seconds"], 2),
     }
     run.mark_done(stage, fingerprint, **facts)
     log.info("student %s trained: %s", variant, json.dumps(facts))
