@@ -3,7 +3,8 @@
 Same machine, same tiny random model, same prompts, group size, completion length, KL coefficient
 and token-level loss (TRL's `dapo` loss type), each trainer in its own process:
   - w2sr: a vLLM rollout engine (a Ray actor) + a Ray Train / DeepSpeed ZeRO-`--zero` learner of
-    `--workers` workers, weights synced to the engine after every step;
+    `--workers` workers, weights synced to the engine after every step, once through each
+    transport (`grpo.weight_sync`: the Ray object store, then a gloo process-group broadcast);
   - TRL: one process using every core, generating with transformers (its default; its vLLM modes
     need a GPU), bf16.
 
@@ -13,6 +14,8 @@ as wall-clock. A random model seldom emits its end token, so both sides generate
 `--max-tokens` tokens per sample; the mean completion lengths are printed to show it.
 
     python benchmarks/bench_grpo.py [--prompts 8] [--group 8] [--max-tokens 128] [--steps 6]
+
+The ratio is taken against w2sr's CPU default transport (object store).
 """
 
 from __future__ import annotations
@@ -42,10 +45,12 @@ def problems(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-# --- the two trainers, each run in a child process ------------------------------------------
+# --- the trainers, each run in a child process ----------------------------------------------
+
+W2SR = ("w2sr-object_store", "w2sr-collective")
 
 
-def run_w2sr(work: Path, model: str, args) -> dict:
+def run_w2sr(work: Path, model: str, args, weight_sync: str) -> dict:
     from w2sr.config import validate
     from w2sr.grpo import grpo
 
@@ -64,6 +69,7 @@ def run_w2sr(work: Path, model: str, args) -> dict:
         "sampling": {"max_tokens": args.max_tokens, "temperature": 1.0},
         "engine": {"max_model_len": 1024},
         "checkpoint_every": 10_000,
+        "weight_sync": weight_sync,
     }
     cfg = validate(
         {
@@ -186,14 +192,17 @@ def main() -> None:
     parser.add_argument("--kl", type=float, default=1e-4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--role", choices=["w2sr", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=[*W2SR, "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.role:
-        run = run_w2sr if args.role == "w2sr" else run_trl
-        print("RESULT " + json.dumps(run(Path(args.work), args.model, args)))
+        if args.role == "trl":
+            result = run_trl(Path(args.work), args.model, args)
+        else:
+            result = run_w2sr(Path(args.work), args.model, args, args.role.removeprefix("w2sr-"))
+        print("RESULT " + json.dumps(result))
         return
 
     from w2sr.models import build_tiny_model
@@ -207,18 +216,25 @@ def main() -> None:
         )
         argv = sys.argv[1:]
         results = {}
-        for role in ("w2sr", "trl"):
+        for role in (*W2SR, "trl"):
             (work / role).mkdir()
             results[role] = child(role, work / role, model, argv)
             print(role, json.dumps({k: round(v, 3) for k, v in results[role].items()}), flush=True)
-    ratio = results["w2sr"]["step_seconds"] / results["trl"]["step_seconds"]
+    w2sr = results["w2sr-object_store"]
+    ratio = w2sr["step_seconds"] / results["trl"]["step_seconds"]
     print(
         f"\n{args.prompts} prompts x {args.group} samples, up to {args.max_tokens} tokens, "
         f"model {args.layers}x{args.hidden}, {os.cpu_count()} cores"
     )
     print(
-        f"w2sr step: {results['w2sr']['step_seconds']:.2f} s  TRL step: "
+        f"w2sr step: {w2sr['step_seconds']:.2f} s  TRL step: "
         f"{results['trl']['step_seconds']:.2f} s  ratio w2sr/TRL: {ratio:.2f}x (goal <= 1.0x)"
+    )
+    collective = results["w2sr-collective"]
+    print(
+        f"weight sync per step: object store {w2sr['sync_seconds']:.3f} s, collective (gloo) "
+        f"{collective['sync_seconds']:.3f} s, ratio collective/object store "
+        f"{collective['sync_seconds'] / w2sr['sync_seconds']:.2f}x"
     )
 
 

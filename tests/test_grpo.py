@@ -1,7 +1,7 @@
 """GRPO: the loss pieces on their own, then one real run (vLLM rollout actors, a Ray Train +
-DeepSpeed ZeRO-3 learner, weight sync through the object store) that gets a worker SIGKILLed
-midway and resumes from its checkpoint, and a check that a synced engine computes with exactly
-the learner's weights.
+DeepSpeed ZeRO-3 learner, weight sync by broadcast in a gloo process group, the CPU twin of the
+NCCL one) that gets a worker SIGKILLed midway and resumes from its checkpoint, and a check that an
+engine synced by either transport computes with exactly the learner's weights.
 
 The task must give a tiny model a reward signal from the first step: every problem's answer is 7,
 and the student is first taught (a few seconds of plain SFT) to answer `\\boxed{d}` with d drawn
@@ -58,6 +58,7 @@ def config(run_dir: Path, student: str, prompts: Path, **grpo_overrides):
                 "engine": {"max_model_len": 256},
                 "checkpoint_every": CHECKPOINT_EVERY,
                 "max_failures": 1,
+                "weight_sync": "collective",
                 **grpo_overrides,
             },
         }
@@ -156,6 +157,25 @@ def test_config_errors_come_before_any_ray_work(tmp_path):
         config(tmp_path, "s", tmp_path / "p.jsonl", sampling={"temperature": 0})
     with pytest.raises(ConfigError, match="colocated engines"):
         config(tmp_path, "s", tmp_path / "p.jsonl", engine={"replicas": 3})
+
+
+def test_colocated_engines_sit_beside_their_learner_worker():
+    """Colocated: the learner worker's node and device, no resources of its own (Ray Train holds
+    the worker's bundle); separate: a replica's own resources."""
+    from w2sr.config import EngineConfig
+    from w2sr.rollout import actor_options
+
+    engine = EngineConfig(cpus_per_replica=2, accelerator_type="A100")
+    beside = {"node_id": "ab" * 28, "gpu_ids": ["3"]}
+    on_gpu = actor_options(engine, use_gpu=True, beside=beside)
+    assert (on_gpu["num_cpus"], on_gpu["num_gpus"]) == (0, 0) and "accelerator_type" not in on_gpu
+    strategy = on_gpu["scheduling_strategy"]
+    assert (strategy.node_id, strategy.soft) == (beside["node_id"], False)
+    assert on_gpu["runtime_env"]["env_vars"]["CUDA_VISIBLE_DEVICES"] == "3"
+    on_cpu = actor_options(engine, use_gpu=False, beside=beside)
+    assert "CUDA_VISIBLE_DEVICES" not in on_cpu["runtime_env"]["env_vars"]
+    apart = actor_options(engine, use_gpu=True)
+    assert (apart["num_cpus"], apart["num_gpus"], apart["accelerator_type"]) == (2, 1, "A100")
 
 
 # --- a real run ------------------------------------------------------------------------------
@@ -303,15 +323,17 @@ def test_stage_records_cost_and_is_skipped_when_done(killed_run):
 
 
 @pytest.mark.slow
-def test_synced_engine_computes_with_the_learners_weights(killed_run, answerer):
-    """Push the learner's final weights (its HF export) into an engine started on the base
-    student, as the stage does after every update: the engine's tensors are the learner's and
+@pytest.mark.parametrize("transport", ["object_store", "collective"])
+def test_synced_engine_computes_with_the_learners_weights(killed_run, answerer, transport):
+    """Send the learner's final weights (its HF export) to an engine started on the base
+    student, as rank 0 does after every update: the engine's tensors are the learner's and
     its greedy tokens are those of transformers' `generate` on the learner's weights."""
     import ray
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from w2sr.rollout import rollout_actor
+    from w2sr.weight_sync import CollectiveSender, ObjectStoreSender
 
     run_dir, _, cfg = killed_run
     exported = run_dir / "rl" / "model"
@@ -322,7 +344,14 @@ def test_synced_engine_computes_with_the_learners_weights(killed_run, answerer):
     actor = rollout_actor(answerer, cfg.grpo.engine, use_gpu=False, trust_remote_code=False, seed=0)
     try:
         named = [(name, tensor) for name, tensor in learned.items() if name != "lm_head.weight"]
-        assert ray.get(actor.load_weights.remote(ray.put(named))) == len(named)
+        if transport == "collective":
+            specs = [(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in named]
+            sender = CollectiveSender.open([actor], "gloo").start(specs)
+        else:
+            sender = ObjectStoreSender([actor])
+        for name, tensor in named:
+            sender.send(name, tensor)
+        assert sender.finish() == [len(named)]
         names = [
             "model.embed_tokens.weight",
             "model.norm.weight",

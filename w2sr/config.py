@@ -222,9 +222,14 @@ class GRPOConfig(Strict):
     format_reward: Annotated[float, Field(ge=0, lt=1)] = 0.0
     sampling: SamplingConfig = Field(default_factory=_rollout_sampling)
     engine: EngineConfig = Field(default_factory=EngineConfig)
-    # colocated: rollout engines share the learner workers' resources (their placement group);
+    # colocated: engine i runs beside learner worker i on its resources (on a GPU, sharing its
+    # device with `engine.gpu_memory_utilization` of it, asleep while the learner updates);
     # separate: rollout engines hold resources of their own.
     placement: Literal["colocated", "separate"] = "colocated"
+    # How updated weights reach the engines (w2sr.weight_sync): `collective` broadcasts them in a
+    # process group (NCCL on GPUs, gloo on CPU); `object_store` passes CPU copies through Ray.
+    # auto: collective on GPUs, object_store on CPU.
+    weight_sync: Literal["auto", "collective", "object_store"] = "auto"
     num_workers: PositiveInt = 2
     zero_stage: Literal[2, 3] = 3
     bf16: bool = True

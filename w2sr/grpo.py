@@ -13,8 +13,12 @@ drives the loop and owns the rollout engines, vLLM replicas held in-process by R
 2. learner: every rank takes its share of the samples and takes `mini_batches` optimizer
    steps on the clipped policy-gradient loss averaged over all response tokens of a mini-batch,
    plus `kl_coef` x the k3 estimate of KL to the frozen reference, minus `entropy_coef` x entropy;
-3. sync: the updated weights are gathered (ZeRO-3 partitions one tensor at a time) and pushed to
-   every engine through the Ray object store, and the engines reload them in place.
+3. sync: the updated weights are gathered (ZeRO-3 partitions one tensor at a time) and sent to
+   every engine (`w2sr.weight_sync`: a process group broadcast, NCCL on GPUs, or the Ray object
+   store), and the engines reload them in place.
+
+Colocated on GPUs, each engine shares its learner worker's device and sleeps (weights to host
+memory, KV cache freed) from the end of its rollout until the next sync.
 
 Old-policy log-probabilities are the learner's own, not vLLM's: with one optimizer step per
 rollout (the default) they are the current ones detached, at no cost, and the ratio is exactly 1
@@ -159,9 +163,6 @@ def _fit(cfg: ExperimentConfig, run: RunDir, fingerprint: str, prompts: list[dic
         g.placement,
     )
     engines.init_ray(cfg)
-    resources = {"CPU": 1}
-    if cfg.use_gpu:  # colocated engines take a share of each learner worker's device
-        resources["GPU"] = 0.5 if g.placement == "colocated" else 1
     name = f"grpo-{fingerprint}"
     trainer = TorchTrainer(
         _worker_loop,
@@ -171,7 +172,7 @@ def _fit(cfg: ExperimentConfig, run: RunDir, fingerprint: str, prompts: list[dic
             "model": model,
         },
         scaling_config=ScalingConfig(
-            num_workers=g.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+            num_workers=g.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": 1}
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(
@@ -190,15 +191,12 @@ def _fit(cfg: ExperimentConfig, run: RunDir, fingerprint: str, prompts: list[dic
 class Rollouts:
     """The rollout engines of a run and the step's groups: samples, rewards and advantages."""
 
-    def __init__(self, cfg: ExperimentConfig, model: str):
-        import ray
-
+    def __init__(self, cfg: ExperimentConfig, model: str, learners: list[dict]):
+        """`learners`: each learner worker's `node_id` and `gpu_ids`, by rank."""
         from w2sr.rollout import rollout_actor
 
         g = cfg.grpo
-        placement_group = None
-        if g.placement == "colocated":
-            placement_group = ray.util.get_current_placement_group()
+        colocated = g.placement == "colocated"
         self.actors = [
             rollout_actor(
                 model,
@@ -206,12 +204,16 @@ class Rollouts:
                 use_gpu=cfg.use_gpu,
                 trust_remote_code=cfg.trust_remote_code,
                 seed=cfg.seed + g.seed,
-                placement_group=placement_group,
-                bundle_index=i,
-                gpu_share=0.5,
+                beside=learners[i] if colocated else None,
             )
             for i in range(g.engine.replicas.max)
         ]
+        self.sleeps = colocated and cfg.use_gpu
+        self.transport = g.weight_sync
+        if self.transport == "auto":
+            self.transport = "collective" if cfg.use_gpu else "object_store"
+        self.backend = "nccl" if cfg.use_gpu else "gloo"
+        self.collective = None  # opened at the first sync, once the engines are up
         self.cfg = cfg
 
     def sample(self, prompts: list[dict], step: int) -> dict[str, Any]:
@@ -262,11 +264,27 @@ class Rollouts:
             "truncated": [o["finish_reason"] == "length" for group in groups for o in group],
         }
 
-    def load(self, named_tensors: list) -> None:
+    def sender(self, specs: list[tuple[str, str, list[int]]]):
+        """What the learner's rank 0 sends this sync's tensors through (`w2sr.weight_sync`)."""
+        from w2sr.weight_sync import CollectiveSender, ObjectStoreSender
+
+        if self.transport == "object_store":
+            return ObjectStoreSender(self.actors)
+        if self.collective is None:
+            self.collective = CollectiveSender.open(self.actors, self.backend)
+        return self.collective.start(specs)
+
+    def sleep(self) -> None:
         import ray
 
-        ref = ray.put(named_tensors)
-        ray.get([actor.load_weights.remote(ref) for actor in self.actors])
+        if self.sleeps:
+            ray.get([actor.sleep.remote() for actor in self.actors])
+
+    def wake_up(self) -> None:
+        import ray
+
+        if self.sleeps:
+            ray.get([actor.wake_up.remote() for actor in self.actors])
 
     def close(self) -> None:
         import ray
@@ -431,18 +449,41 @@ def _update(engine, reference, batch: dict[str, Any], g: GRPOConfig, step: int, 
     return out
 
 
-def gather_weights(engine) -> list | None:
-    """The learner's weights as (HF name, CPU tensor) pairs on rank 0 (collective)."""
+def sync_weights(engine, rollouts: Rollouts | None) -> None:
+    """Send the learner's weights to the engines (every rank gathers; rank 0 sends).
+
+    Under ZeRO-3 each parameter is gathered on its own and sent before the next one is, so no
+    rank ever holds the whole model twice.
+    """
     import deepspeed
+
+    params = list(engine.module.named_parameters())
+    specs = [
+        (name, str(p.dtype).removeprefix("torch."), list(getattr(p, "ds_shape", p.shape)))
+        for name, p in params
+    ]
+    sender = rollouts.sender(specs) if rollouts else None
+    for name, param in params:
+        with deepspeed.zero.GatheredParameters([param]):
+            if sender:
+                sender.send(name, param.data)
+    if sender:
+        sender.finish()
+
+
+def learner_places() -> list[dict]:
+    """Each learner worker's node and GPU ids, by rank (collective): colocated engines go there."""
+    import ray
     import torch.distributed as dist
 
-    rank0 = dist.get_rank() == 0
-    named = []
-    for name, param in engine.module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param]):
-            if rank0:
-                named.append((name, param.detach().to("cpu", copy=True)))
-    return named if rank0 else None
+    context = ray.get_runtime_context()
+    place = {
+        "node_id": context.get_node_id(),
+        "gpu_ids": [str(i) for i in context.get_accelerator_ids().get("GPU", [])],
+    }
+    places: list = [None] * dist.get_world_size()
+    dist.all_gather_object(places, place)
+    return places
 
 
 def _reference(model_path: str, cfg: ExperimentConfig, train: TrainConfig):
@@ -493,7 +534,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     model, prompts = config["model"], ray.get(config["prompts"])
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=cfg.trust_remote_code)
     # Engines start in their actors while DeepSpeed initializes here.
-    rollouts = Rollouts(cfg, model) if rank == 0 else None
+    places = learner_places()
+    rollouts = Rollouts(cfg, model, places) if rank == 0 else None
     train = learner_config(g)
     engine, _ds_config = learner.build_engine(
         model,
@@ -510,23 +552,23 @@ def _worker_loop(config: dict[str, Any]) -> None:
     run = RunDir(cfg.run_dir)
     metrics_log = MetricsLog(run, STAGE) if rank == 0 else None
     if resumed_from:  # the engines start from the base weights
-        named = gather_weights(engine)
-        if rollouts:
-            rollouts.load(named)
-            log.info("resumed at step %d", resumed_from)
+        sync_weights(engine, rollouts)
+        log.info("resumed at step %d", resumed_from)
     samples_per_step = g.prompts_per_step * g.group_size
     for step in range(state["step"], g.steps):
         began = time.time()
         box = [rollouts.sample(prompts, step) if rollouts else None]
+        if rollouts:
+            rollouts.sleep()
         dist.broadcast_object_list(box, src=0)
         batch = box[0]
         rolled = time.time()
         lr = engine.get_lr()[0]
         stats = _update(engine, reference, batch, g, step, seed)
         learned = time.time()
-        named = gather_weights(engine)
         if rollouts:
-            rollouts.load(named)
+            rollouts.wake_up()
+        sync_weights(engine, rollouts)
         synced = time.time()
         tokens = stats["tokens"]
         state = {

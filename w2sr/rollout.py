@@ -2,7 +2,8 @@
 
 The engine runs in the actor's own process (no engine subprocess, one worker), so weights pushed
 by the learner reach the model as tensors, through the worker extension of `w2sr.weight_sync`,
-without restarting anything.
+without restarting anything. An engine colocated with a learner worker on a GPU shares its device
+and sleeps (weights to host memory, KV cache freed) while the learner updates.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from w2sr.weight_sync import EXTENSION
 class RolloutEngine:
     """One vLLM replica. Create it with `rollout_actor(...)`, which sets its resources and env."""
 
-    def __init__(self, model: str, engine: dict, use_gpu: bool, trust_remote_code: bool, seed: int):
+    def __init__(
+        self,
+        model: str,
+        engine: dict,
+        use_gpu: bool,
+        trust_remote_code: bool,
+        seed: int,
+        sleep_mode: bool = False,
+    ):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when vLLM builds the engine
         from vllm import LLM
 
@@ -29,6 +38,7 @@ class RolloutEngine:
             distributed_executor_backend="uni",
             worker_extension_cls=EXTENSION,
             seed=seed,
+            enable_sleep_mode=sleep_mode,
             **kwargs,
         )
 
@@ -60,12 +70,30 @@ class RolloutEngine:
 
     def load_weights(self, named_tensors: list) -> int:
         """Replace the engine's weights in place; returns how many tensors were loaded."""
-        loaded = self.llm.collective_rpc("w2sr_load_weights", args=(named_tensors,))[0]
+        return self._reloaded(self.llm.collective_rpc("w2sr_load_weights", args=(named_tensors,)))
+
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str):
+        self.llm.collective_rpc(
+            "w2sr_join_weight_group", args=(host, port, rank, world_size, backend)
+        )
+
+    def receive_weights(self, specs: list) -> int:
+        """Load the weights the learner broadcasts to its weight group (see `w2sr.weight_sync`)."""
+        return self._reloaded(self.llm.collective_rpc("w2sr_receive_weights", args=(specs,)))
+
+    def _reloaded(self, results: list) -> int:
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
-        return loaded
+        return results[0]
 
     def get_weights(self, names: list[str]) -> dict:
         return self.llm.collective_rpc("w2sr_get_weights", args=(names,))[0]
+
+    def sleep(self) -> None:
+        """Free the device for the learner: weights to host memory, KV cache dropped."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
 
 
 def sampling_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
@@ -76,6 +104,32 @@ def sampling_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
     }
 
 
+def actor_options(engine: EngineConfig, *, use_gpu: bool, beside: dict | None = None) -> dict:
+    """Ray options of a rollout actor.
+
+    `beside` (a learner worker's `node_id` and `gpu_ids`) colocates the engine with that worker:
+    same node, no resources of its own (the worker's are reserved by Ray Train) and, on GPUs, the
+    worker's device made visible to it. Otherwise the engine reserves a replica's resources.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    env = engines.engine_env(engine, use_gpu)
+    env["env_vars"]["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if beside is not None:
+        options = {
+            "num_cpus": 0,
+            "num_gpus": 0,
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(beside["node_id"], soft=False),
+        }
+        if use_gpu:
+            env["env_vars"]["CUDA_VISIBLE_DEVICES"] = ",".join(beside["gpu_ids"])
+    else:
+        options = {"num_cpus": engine.cpus_per_replica, "num_gpus": 1 if use_gpu else 0}
+        if engine.accelerator_type and use_gpu:
+            options["accelerator_type"] = engine.accelerator_type
+    return {"runtime_env": env, **options}
+
+
 def rollout_actor(
     model: str,
     engine: EngineConfig,
@@ -83,35 +137,14 @@ def rollout_actor(
     use_gpu: bool,
     trust_remote_code: bool,
     seed: int,
-    placement_group=None,
-    bundle_index: int = 0,
-    gpu_share: float = 1.0,
+    beside: dict | None = None,
 ):
-    """Start a RolloutEngine actor.
-
-    With a placement group (colocated with the learner), the actor goes into the learner worker's
-    bundle and takes no CPU of its own (on GPU, `gpu_share` of the bundle's device); otherwise it
-    reserves a replica's resources.
-    """
+    """Start a RolloutEngine actor (see `actor_options` for `beside`)."""
     import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    env = engines.engine_env(engine, use_gpu)
-    env["env_vars"]["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    if placement_group is not None:
-        options = {
-            "num_cpus": 0,
-            "num_gpus": gpu_share if use_gpu else 0,
-            "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                placement_group, placement_group_bundle_index=bundle_index
-            ),
-        }
-    else:
-        options = {"num_cpus": engine.cpus_per_replica, "num_gpus": 1 if use_gpu else 0}
-    if engine.accelerator_type and use_gpu:
-        options["accelerator_type"] = engine.accelerator_type
+    sleep_mode = use_gpu and beside is not None
     return (
         ray.remote(RolloutEngine)
-        .options(runtime_env=env, **options)
-        .remote(model, engine.model_dump(mode="json"), use_gpu, trust_remote_code, seed)
+        .options(**actor_options(engine, use_gpu=use_gpu, beside=beside))
+        .remote(model, engine.model_dump(mode="json"), use_gpu, trust_remote_code, seed, sleep_mode)
     )

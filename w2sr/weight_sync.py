@@ -1,28 +1,72 @@
-"""The vLLM worker extension that lets a learner replace a running engine's weights.
+"""How the learner's weights reach the rollout engines, without restarting them.
 
-vLLM imports this class by its dotted path (`worker_extension_cls`) and mixes it into its worker;
-callers reach its methods through `LLM.collective_rpc`. The methods carry a `w2sr_` prefix so they
-never shadow the worker's own (the CPU worker already has `update_weights`).
+Two transports, chosen by `grpo.weight_sync`:
 
-Weights arrive as Hugging Face names and CPU tensors, with the engine in the caller's process, so
-no tensor is serialized on the way (through a subprocess engine they would arrive as nested lists).
+- `object_store`: rank 0 gathers CPU copies of every tensor and puts them once in the Ray object
+  store; each engine reads them there. Simple, and fast enough on one CPU machine.
+- `collective`: rank 0 and the engines' workers form a process group of their own (NCCL on GPUs,
+  gloo on CPU) and rank 0 broadcasts each tensor as soon as ZeRO has gathered it; an engine loads
+  each one as it arrives. No full copy is held anywhere, and on GPUs tensors go device to device.
+
+The engine side is `WeightSyncExtension`: vLLM imports it by its dotted path
+(`worker_extension_cls`) and mixes it into its worker; callers reach its methods through
+`LLM.collective_rpc`. Its methods carry a `w2sr_` prefix so they never shadow the worker's own
+(the CPU worker already has `update_weights`).
 """
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Iterator
+from typing import Any
+
 EXTENSION = "w2sr.weight_sync.WeightSyncExtension"
+GROUP_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def process_group(store, rank: int, world_size: int, backend: str):
+    """A process group apart from torch.distributed's default one (which is the learner's, or
+    vLLM's own in an engine): only the transport's members take part in its collectives."""
+    import torch.distributed as dist
+
+    store = dist.PrefixStore("w2sr-weights", store)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world_size, GROUP_TIMEOUT)
+    return dist.ProcessGroupNCCL(store, rank, world_size)
 
 
 class WeightSyncExtension:
     def w2sr_load_weights(self, named_tensors: list) -> int:
-        """Reload every given weight in place; vLLM's loader maps HF names to its fused layers.
-
-        `reload_weights` rather than the model's `load_weights`: the CPU worker repacks weights
-        after loading, and a second `load_weights` on repacked parameters fails.
-        """
-        self.model_runner.reload_weights(weights_iterator=iter(named_tensors))
-        self._w2sr_repack_tied_head()
+        """Reload every given weight in place; vLLM's loader maps HF names to its fused layers."""
+        self._w2sr_reload(iter(named_tensors))
         return len(named_tensors)
+
+    def w2sr_join_weight_group(
+        self, host: str, port: int, rank: int, world_size: int, backend: str
+    ) -> None:
+        import torch.distributed as dist
+
+        store = dist.TCPStore(host, port, world_size, is_master=False, timeout=GROUP_TIMEOUT)
+        self._w2sr_group = process_group(store, rank, world_size, backend)
+
+    def w2sr_receive_weights(self, specs: list[tuple[str, str, list[int]]]) -> int:
+        """Load the tensors rank 0 broadcasts, in the order of `specs` (name, dtype, shape)."""
+        import torch
+
+        def arriving() -> Iterator[tuple[str, Any]]:
+            for name, dtype, shape in specs:
+                tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+                self._w2sr_group.broadcast(tensor, 0).wait()
+                yield name, tensor
+
+        self._w2sr_reload(arriving())
+        return len(specs)
+
+    def _w2sr_reload(self, weights: Iterator) -> None:
+        """`reload_weights` rather than the model's `load_weights`: the CPU worker repacks weights
+        after loading, and a second `load_weights` on repacked parameters fails."""
+        self.model_runner.reload_weights(weights_iterator=weights)
+        self._w2sr_repack_tied_head()
 
     def _w2sr_repack_tied_head(self) -> None:
         """A tied output head shares the embedding's weight, but no weight is loaded into it, so
@@ -38,3 +82,67 @@ class WeightSyncExtension:
         """Copies of the engine's parameters by vLLM name (unfused ones match HF names)."""
         params = dict(self.model_runner.get_model().named_parameters())
         return {name: params[name].detach().to("cpu", copy=True) for name in names}
+
+
+# --- the learner's side (rank 0) -------------------------------------------------------------
+
+
+class ObjectStoreSender:
+    """Collects CPU copies, then hands them to every engine through one object-store entry."""
+
+    def __init__(self, actors: list):
+        self.actors = actors
+        self.named: list = []
+
+    def send(self, name: str, tensor) -> None:
+        self.named.append((name, tensor.detach().to("cpu", copy=True)))
+
+    def finish(self) -> list[int]:
+        """How many tensors each engine loaded."""
+        import ray
+
+        ref = ray.put(self.named)
+        return ray.get([actor.load_weights.remote(ref) for actor in self.actors])
+
+
+class CollectiveSender:
+    """Rank 0 of a process group whose other ranks are the engines' workers.
+
+    Open it once per run (`open`); each sync announces the tensors (`start`), broadcasts them
+    one by one (`send`), and waits for every engine to have loaded them (`finish`).
+    """
+
+    def __init__(self, actors: list, group, store):
+        self.actors, self.group, self.store = actors, group, store
+        self.pending: list = []
+
+    @classmethod
+    def open(cls, actors: list, backend: str) -> CollectiveSender:
+        import ray
+        import torch.distributed as dist
+
+        host = ray.util.get_node_ip_address()
+        world = 1 + len(actors)
+        store = dist.TCPStore(
+            host, 0, world, is_master=True, wait_for_workers=False, timeout=GROUP_TIMEOUT
+        )
+        joined = [
+            actor.join_weight_group.remote(host, store.port, rank, world, backend)
+            for rank, actor in enumerate(actors, start=1)
+        ]
+        group = process_group(store, 0, world, backend)  # returns once every engine has joined
+        ray.get(joined)
+        return cls(actors, group, store)
+
+    def start(self, specs: list[tuple[str, str, list[int]]]) -> CollectiveSender:
+        self.pending = [actor.receive_weights.remote(specs) for actor in self.actors]
+        return self
+
+    def send(self, name: str, tensor) -> None:
+        self.group.broadcast(tensor.detach().contiguous(), 0).wait()
+
+    def finish(self) -> list[int]:
+        """How many tensors each engine loaded."""
+        import ray
+
+        return ray.get(self.pending)
