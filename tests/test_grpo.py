@@ -260,7 +260,7 @@ def killed_run(ray_session, answerer, tmp_path_factory):
         daemon=True,
     )
     watcher.start()
-    cfg = config(run_dir, answerer, prompts)
+    cfg = config(run_dir, answerer, prompts, mlflow_tracking_uri=f"file://{run_dir}-mlruns")
     record = grpo(cfg)
     watcher.join(timeout=1)
     assert killed, "the run ended before a worker could be killed"
@@ -292,6 +292,27 @@ def test_every_step_logs_what_the_issue_asks(killed_run):
     assert records[0]["kl"] < 0.01 < max(r["kl"] for r in records)
     # the second mini-batch of a step runs on updated weights: its ratios leave 1
     assert max(r["clip_fraction"] for r in records) > 0
+
+
+@pytest.mark.slow
+def test_step_metrics_reach_mlflow(killed_run):
+    """Every step's metrics are in MLflow (the attempt before the kill and the resumed one log
+    to runs of the same name)."""
+    import mlflow
+
+    run_dir, _, cfg = killed_run
+    client = mlflow.MlflowClient(cfg.grpo.mlflow_tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("w2sr").experiment_id])
+    assert len({r.info.run_name for r in runs}) == 1 and len(runs) == 2
+    logged = {
+        m.step: m.value
+        for r in sorted(runs, key=lambda r: r.info.start_time)
+        for m in client.get_metric_history(r.info.run_id, "reward_mean")
+    }
+    final = {r["step"]: r for r in metrics(run_dir)}
+    assert sorted(logged) == sorted(final) == list(range(1, STEPS + 1))
+    assert logged[STEPS] == pytest.approx(final[STEPS]["reward_mean"])
+    assert client.get_run(runs[0].info.run_id).data.params["group_size"] == "8"
 
 
 @pytest.mark.slow
@@ -382,3 +403,27 @@ def test_synced_engine_computes_with_the_learners_weights(killed_run, answerer, 
         with one_thread():
             expected = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
         assert out[0]["token_ids"] == expected[0, len(ids) :].tolist()
+
+
+@pytest.mark.slow
+def test_separate_engines_train_and_count_as_workers(ray_session, answerer, tmp_path):
+    """An engine with a CPU of its own beside a one-worker learner, weights through the object
+    store: the run trains and exports, and the engine's time counts in the worker-seconds."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"problem": p, "answer": "7"}) + "\n" for p in PROBLEMS))
+    cfg = config(
+        tmp_path / "run",
+        answerer,
+        prompts,
+        steps=2,
+        num_workers=1,
+        placement="separate",
+        weight_sync="object_store",
+        kl_coef=0.0,
+        max_failures=0,
+    )
+    record = grpo(cfg)
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
+    assert (tmp_path / "run" / "rl" / "model" / "model.safetensors").exists()
+    # one learner worker + one engine: more worker-seconds than the stage's wall-clock
+    assert record["wall_seconds"] < record["worker_seconds"] <= 2 * record["wall_seconds"]

@@ -289,11 +289,11 @@ def test_config_errors_come_before_any_ray_work(tmp_path):
         train(config(tmp_path, "s"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mlflow") is not None, reason="mlflow is installed")
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
 def test_a_tracker_that_is_not_installed_fails_before_ray_work(tmp_path):
     write_sft_set(tmp_path, trace_rows(8))
-    with pytest.raises(RuntimeError, match="train.mlflow_tracking_uri is set but mlflow"):
-        train(config(tmp_path, "s", mlflow_tracking_uri="file:///tmp/mlruns"))
+    with pytest.raises(RuntimeError, match="train.wandb_project is set but wandb"):
+        train(config(tmp_path, "s", wandb_project="w2sr"))
 
 
 def test_metrics_and_model_reach_stores_that_cannot_append(tmp_path):
@@ -330,6 +330,7 @@ def padded_run(ray_session, tiny_student, tmp_path_factory) -> tuple[Path, dict]
     run_dir = tmp_path_factory.mktemp("padded")
     write_sft_set(run_dir, trace_rows())
     padded = {"packing": False, "gradient_checkpointing": True, "offload_optimizer": True}
+    padded["mlflow_tracking_uri"] = f"file://{run_dir}-mlruns"
     record = train(config(run_dir, tiny_student, zero_stage=2, **padded))
     return run_dir, record
 
@@ -382,6 +383,17 @@ def test_loss_falls(killed_run, padded_run):
         assert len(losses) == STEPS == record["steps"]
         assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3]), losses
         assert record["final_loss"] == losses[-1]
+
+
+def test_step_metrics_reach_mlflow(padded_run):
+    import mlflow
+
+    run_dir, _ = padded_run
+    client = mlflow.MlflowClient(f"file://{run_dir}-mlruns")
+    (run,) = client.search_runs([client.get_experiment_by_name("w2sr").experiment_id])
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert logged == {r["step"]: pytest.approx(r["loss"]) for r in metrics(run_dir)}
+    assert run.data.params["zero_stage"] == "2"
 
 
 def test_killed_run_resumes_at_its_checkpoint_step(killed_run):

@@ -239,6 +239,8 @@ class GRPOConfig(Strict):
     checkpoint_every: PositiveInt = 10
     num_to_keep: PositiveInt = 2
     max_failures: Annotated[int, Field(ge=-1)] = 0
+    mlflow_tracking_uri: str | None = None
+    wandb_project: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> GRPOConfig:

@@ -51,12 +51,29 @@ from w2sr.rundir import DONE, RunDir
 log = logging.getLogger(__name__)
 
 STAGE = "rl"
+# The step metrics sent to MLflow / W&B when configured.
+TRACKED = (
+    "reward_mean",
+    "accuracy",
+    "kl",
+    "entropy",
+    "response_length",
+    "clip_fraction",
+    "loss",
+    "lr",
+    "grad_norm",
+    "rollout_seconds",
+    "learner_seconds",
+    "sync_seconds",
+    "step_seconds",
+)
 
 
 def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run the stage; returns its completion record (with wall and worker seconds)."""
     if cfg.student is None:
         raise ConfigError("student: not set; `w2sr grpo` trains the student model with RL")
+    from w2sr import learner
     from w2sr.generate import prepare_prompts
     from w2sr.models import resolve_model
     from w2sr.train import _drop_stale_run
@@ -73,6 +90,7 @@ def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
     if record:
         log.info("the GRPO student is trained for this config; nothing to do")
         return record
+    learner.check_trackers(cfg.grpo, "grpo")
     start = time.time()
     _drop_stale_run(run, STAGE, fingerprint)
     run.write_json({"fingerprint": fingerprint}, STAGE, "_RUN.json")
@@ -170,6 +188,7 @@ def _fit(cfg: ExperimentConfig, run: RunDir, fingerprint: str, prompts: list[dic
             "cfg": cfg.model_copy(update={"run_dir": _location(run)}).model_dump(mode="json"),
             "prompts": ray.put(prompts),
             "model": model,
+            "name": name,
         },
         scaling_config=ScalingConfig(
             num_workers=g.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": 1}
@@ -551,6 +570,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     run = RunDir(cfg.run_dir)
     metrics_log = MetricsLog(run, STAGE) if rank == 0 else None
+    trackers = learner.Trackers(g, config["name"], g.model_dump(mode="json"))
     if resumed_from:  # the engines start from the base weights
         sync_weights(engine, rollouts)
         log.info("resumed at step %d", resumed_from)
@@ -601,6 +621,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
         }
         if metrics_log:
             metrics_log.write(record, g.steps)
+            tracked = {k: v for k, v in record.items() if k in TRACKED and v is not None}
+            trackers.log(tracked, step + 1)
             log.info(
                 "step %d reward %.3f accuracy %.3f length %.1f rollout %.2fs learner %.2fs "
                 "sync %.2fs",
@@ -621,6 +643,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     if rollouts:
         rollouts.close()
+    trackers.close()
     end_text = assistant_end(tokenizer)
     if rank == 0:
         with _staged_folder(run, STAGE, "model") as out:

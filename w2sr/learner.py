@@ -280,37 +280,39 @@ def export_hf(engine, tokenizer, out_dir: str | None, end_text: str) -> None:
 # --- experiment trackers ---------------------------------------------------------------------
 
 
-def check_trackers(train: TrainConfig) -> None:
-    """A configured tracker must be installed: fail before any Ray work, not on rank 0 later."""
+def check_trackers(section, name: str) -> None:
+    """A configured tracker must be installed: fail before any Ray work, not on rank 0 later.
+    `section` is the `train` or `grpo` config, `name` its key."""
     import importlib.util
 
     for key, module in (("mlflow_tracking_uri", "mlflow"), ("wandb_project", "wandb")):
-        if getattr(train, key) and importlib.util.find_spec(module) is None:
+        if getattr(section, key) and importlib.util.find_spec(module) is None:
             raise RuntimeError(
-                f"train.{key} is set but {module} is not installed: pip install {module}"
+                f"{name}.{key} is set but {module} is not installed: pip install {module}"
             )
 
 
 class Trackers:
-    """MLflow and W&B through Ray Train's integrations (rank 0 logs, the others get no-ops)."""
+    """MLflow and W&B through Ray Train's integrations (rank 0 logs, the others get no-ops).
+    `section` is the `train` or `grpo` config; `params` are recorded with the run."""
 
-    def __init__(self, train: TrainConfig, run_name: str, params: dict[str, Any]):
+    def __init__(self, section, run_name: str, params: dict[str, Any]):
         self.mlflow = self.wandb = None
-        if train.mlflow_tracking_uri:
+        if section.mlflow_tracking_uri:
             from ray.air.integrations.mlflow import setup_mlflow
 
             self.mlflow = setup_mlflow(
                 params,
-                tracking_uri=train.mlflow_tracking_uri,
+                tracking_uri=section.mlflow_tracking_uri,
                 experiment_name="w2sr",
                 run_name=run_name,
                 create_experiment_if_not_exists=True,
             )
-        if train.wandb_project:
+        if section.wandb_project:
             from ray.air.integrations.wandb import setup_wandb
 
             self.wandb = setup_wandb(
-                params, project=train.wandb_project, name=run_name, id=run_name, resume="allow"
+                params, project=section.wandb_project, name=run_name, id=run_name, resume="allow"
             )
 
     def log(self, metrics: dict[str, float], step: int) -> None:

@@ -62,7 +62,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
     from w2sr import learner
 
-    learner.check_trackers(cfg.train)
+    learner.check_trackers(cfg.train, "train")
     start = time.time()
     _drop_stale_run(run, stage, fingerprint)
     run.write_json({"fingerprint": fingerprint}, stage, "_RUN.json")
