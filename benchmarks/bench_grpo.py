@@ -3,8 +3,9 @@
 Same machine, same tiny random model, same prompts, group size, completion length, KL coefficient
 and token-level loss (TRL's `dapo` loss type), each trainer in its own process:
   - w2sr: a vLLM rollout engine (a Ray actor) + a Ray Train / DeepSpeed ZeRO-`--zero` learner of
-    `--workers` workers, weights synced to the engine after every step, once through each
-    transport (`grpo.weight_sync`: the Ray object store, then a gloo process-group broadcast);
+    `--workers` workers sharing the cores (the colocated engine uses its worker's cores), weights
+    synced to the engine after every step, once through each transport (`grpo.weight_sync`: the
+    Ray object store, then a gloo process-group broadcast);
   - TRL: one process using every core, generating with transformers (its default; its vLLM modes
     need a GPU), bf16.
 
@@ -62,6 +63,7 @@ def run_w2sr(work: Path, model: str, args, weight_sync: str) -> dict:
         "group_size": args.group,
         "micro_batch_size": args.prompts * args.group // args.workers,
         "num_workers": args.workers,
+        "cpus_per_worker": max(1, (os.cpu_count() or 1) // args.workers),
         "zero_stage": args.zero,
         "lr": 1e-6,
         "kl_coef": args.kl,

@@ -166,12 +166,13 @@ def test_colocated_engines_sit_beside_their_learner_worker():
     from w2sr.rollout import actor_options
 
     engine = EngineConfig(cpus_per_replica=2, accelerator_type="A100")
-    beside = {"node_id": "ab" * 28, "gpu_ids": ["3"]}
+    beside = {"node_id": "ab" * 28, "cpus": 4, "gpu_ids": ["3"]}
     on_gpu = actor_options(engine, use_gpu=True, beside=beside)
     assert (on_gpu["num_cpus"], on_gpu["num_gpus"]) == (0, 0) and "accelerator_type" not in on_gpu
     strategy = on_gpu["scheduling_strategy"]
     assert (strategy.node_id, strategy.soft) == (beside["node_id"], False)
     assert on_gpu["runtime_env"]["env_vars"]["CUDA_VISIBLE_DEVICES"] == "3"
+    assert on_gpu["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "4"
     on_cpu = actor_options(engine, use_gpu=False, beside=beside)
     assert "CUDA_VISIBLE_DEVICES" not in on_cpu["runtime_env"]["env_vars"]
     apart = actor_options(engine, use_gpu=True)

@@ -231,6 +231,9 @@ class GRPOConfig(Strict):
     # auto: collective on GPUs, object_store on CPU.
     weight_sync: Literal["auto", "collective", "object_store"] = "auto"
     num_workers: PositiveInt = 2
+    # CPUs (and torch threads) of each learner worker; a colocated engine, which computes while
+    # its worker waits, runs with as many threads.
+    cpus_per_worker: PositiveInt = 1
     zero_stage: Literal[2, 3] = 3
     bf16: bool = True
     gradient_checkpointing: bool = False

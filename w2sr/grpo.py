@@ -191,7 +191,9 @@ def _fit(cfg: ExperimentConfig, run: RunDir, fingerprint: str, prompts: list[dic
             "name": name,
         },
         scaling_config=ScalingConfig(
-            num_workers=g.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": 1}
+            num_workers=g.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": g.cpus_per_worker},
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(
@@ -491,13 +493,15 @@ def sync_weights(engine, rollouts: Rollouts | None) -> None:
 
 
 def learner_places() -> list[dict]:
-    """Each learner worker's node and GPU ids, by rank (collective): colocated engines go there."""
+    """Each learner worker's node, CPU count and GPU ids, by rank (collective): colocated engines
+    go there."""
     import ray
     import torch.distributed as dist
 
     context = ray.get_runtime_context()
     place = {
         "node_id": context.get_node_id(),
+        "cpus": max(1, int(context.get_assigned_resources().get("CPU", 1))),
         "gpu_ids": [str(i) for i in context.get_accelerator_ids().get("GPU", [])],
     }
     places: list = [None] * dist.get_world_size()

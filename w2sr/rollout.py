@@ -107,9 +107,10 @@ def sampling_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
 def actor_options(engine: EngineConfig, *, use_gpu: bool, beside: dict | None = None) -> dict:
     """Ray options of a rollout actor.
 
-    `beside` (a learner worker's `node_id` and `gpu_ids`) colocates the engine with that worker:
-    same node, no resources of its own (the worker's are reserved by Ray Train) and, on GPUs, the
-    worker's device made visible to it. Otherwise the engine reserves a replica's resources.
+    `beside` (a learner worker's `node_id`, `cpus` and `gpu_ids`) colocates the engine with that
+    worker: same node, no resources of its own (Ray Train holds the worker's), as many threads as
+    the worker has CPUs (they take turns) and, on GPUs, the worker's device. Otherwise the engine
+    reserves a replica's resources.
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -121,6 +122,8 @@ def actor_options(engine: EngineConfig, *, use_gpu: bool, beside: dict | None = 
             "num_gpus": 0,
             "scheduling_strategy": NodeAffinitySchedulingStrategy(beside["node_id"], soft=False),
         }
+        # Ray gives an actor without CPUs one thread unless told otherwise.
+        env["env_vars"]["OMP_NUM_THREADS"] = str(beside["cpus"])
         if use_gpu:
             env["env_vars"]["CUDA_VISIBLE_DEVICES"] = ",".join(beside["gpu_ids"])
     else:
