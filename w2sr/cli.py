@@ -57,8 +57,9 @@ def _serve(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
 
 def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
     """The recipe end to end: traces, the three training sets, a student on each non-empty set,
-    then every model on the benchmarks and the report. GRPO is its own command (`w2sr grpo`):
-    it costs far more than the rest together, which is the point the report makes."""
+    the GRPO baseline when the config has a `grpo` section (at scale it costs far more than the
+    rest together, so it is asked for, not implied), then every model on the benchmarks and the
+    report."""
     from w2sr.evaluate import evaluate
     from w2sr.report import report
 
@@ -68,6 +69,8 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
             if summary["traces"]:
                 train = cfg.train.model_copy(update={"variant": variant})
                 done[f"train {variant}"] = _train(cfg.model_copy(update={"train": train}), args)
+        if "grpo" in cfg.model_fields_set:
+            done["grpo"] = _grpo(cfg, args)
     done["eval"] = evaluate(cfg)
     done["report"] = report(cfg.run_dir)
     return done
