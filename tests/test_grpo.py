@@ -157,6 +157,18 @@ def test_config_errors_come_before_any_ray_work(tmp_path):
         config(tmp_path, "s", tmp_path / "p.jsonl", sampling={"temperature": 0})
     with pytest.raises(ConfigError, match="colocated engines"):
         config(tmp_path, "s", tmp_path / "p.jsonl", engine={"replicas": 3})
+    on_gpu = config(tmp_path, "s", tmp_path / "p.jsonl").model_dump() | {"use_gpu": True}
+    with pytest.raises(ConfigError, match="grpo.weight_sync: collective .NCCL. cannot join"):
+        validate(on_gpu)
+
+
+def test_weight_sync_auto_picks_nccl_only_for_separate_gpu_engines():
+    from w2sr.weight_sync import transport
+
+    assert transport("auto", use_gpu=True, colocated=False) == "collective"
+    assert transport("auto", use_gpu=True, colocated=True) == "object_store"
+    assert transport("auto", use_gpu=False, colocated=False) == "object_store"
+    assert transport("collective", use_gpu=False, colocated=True) == "collective"
 
 
 def test_colocated_engines_sit_beside_their_learner_worker():

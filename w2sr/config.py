@@ -228,7 +228,8 @@ class GRPOConfig(Strict):
     placement: Literal["colocated", "separate"] = "colocated"
     # How updated weights reach the engines (w2sr.weight_sync): `collective` broadcasts them in a
     # process group (NCCL on GPUs, gloo on CPU); `object_store` passes CPU copies through Ray.
-    # auto: collective on GPUs, object_store on CPU.
+    # auto: collective for separate engines on GPUs, object_store otherwise (NCCL cannot join two
+    # processes on one GPU, as a colocated engine and its learner worker are).
     weight_sync: Literal["auto", "collective", "object_store"] = "auto"
     num_workers: PositiveInt = 2
     # CPUs (and torch threads) of each learner worker; a colocated engine, which computes while
@@ -407,6 +408,12 @@ class ExperimentConfig(Strict):
             raise ValueError(f"template: unknown {self.template!r}; one of {sorted(TEMPLATES)}")
         if self.grader not in GRADERS:
             raise ValueError(f"grader: unknown {self.grader!r}; one of {sorted(GRADERS)}")
+        g = self.grpo
+        if self.use_gpu and g.placement == "colocated" and g.weight_sync == "collective":
+            raise ValueError(
+                "grpo.weight_sync: collective (NCCL) cannot join a colocated engine and its "
+                "learner worker, which share a GPU; use object_store or placement: separate"
+            )
         return self
 
     def fingerprint(self, *sections: str) -> str:

@@ -213,8 +213,9 @@ class Rollouts:
     """The rollout engines of a run and the step's groups: samples, rewards and advantages."""
 
     def __init__(self, cfg: ExperimentConfig, model: str, learners: list[dict]):
-        """`learners`: each learner worker's `node_id` and `gpu_ids`, by rank."""
+        """`learners`: each learner worker's `node_id`, `cpus` and `gpu_ids`, by rank."""
         from w2sr.rollout import rollout_actor
+        from w2sr.weight_sync import transport
 
         g = cfg.grpo
         colocated = g.placement == "colocated"
@@ -230,9 +231,7 @@ class Rollouts:
             for i in range(g.engine.replicas.max)
         ]
         self.sleeps = colocated and cfg.use_gpu
-        self.transport = g.weight_sync
-        if self.transport == "auto":
-            self.transport = "collective" if cfg.use_gpu else "object_store"
+        self.transport = transport(g.weight_sync, use_gpu=cfg.use_gpu, colocated=colocated)
         self.backend = "nccl" if cfg.use_gpu else "gloo"
         self.collective = None  # opened at the first sync, once the engines are up
         self.cfg = cfg

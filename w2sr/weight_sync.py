@@ -1,6 +1,6 @@
 """How the learner's weights reach the rollout engines, without restarting them.
 
-Two transports, chosen by `grpo.weight_sync`:
+Two transports, chosen by `grpo.weight_sync` (see `transport`):
 
 - `object_store`: rank 0 gathers CPU copies of every tensor and puts them once in the Ray object
   store; each engine reads them there. Simple, and fast enough on one CPU machine.
@@ -22,6 +22,15 @@ from typing import Any
 
 EXTENSION = "w2sr.weight_sync.WeightSyncExtension"
 GROUP_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def transport(configured: str, *, use_gpu: bool, colocated: bool) -> str:
+    """`grpo.weight_sync` resolved: `auto` is a collective for separate engines on GPUs, where
+    NCCL moves tensors device to device, and the object store otherwise (on CPU it measured
+    faster, and NCCL cannot join two processes on one GPU, as colocation would ask)."""
+    if configured != "auto":
+        return configured
+    return "collective" if use_gpu and not colocated else "object_store"
 
 
 def process_group(store, rank: int, world_size: int, backend: str):
