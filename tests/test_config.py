@@ -78,12 +78,34 @@ def test_replicas_accept_a_fixed_count():
         ({**BASE, "grader": "vibes"}, "grader", "unknown"),
         ({"teacher": "m"}, "run_dir", "Field required"),
         ({**BASE, "prompts": {"source": {"type": "csv"}}}, "prompts.source", "type"),
-        ({**BASE, "prompts": {"source": {"type": "file"}}}, "prompts.source.file.path", "required"),
+        ({**BASE, "prompts": {"source": {"type": "file"}}}, "prompts.source.path", "required"),
         (
             {**BASE, "prompts": {"source": {"type": "benchmark", "name": "gsm8k", "levels": [3]}}},
             "prompts.source",
             "levels",
         ),
+        (
+            {**BASE, "prompts": {"source": {"type": "reasoning_gym", "task": "basic_arithmetc"}}},
+            "prompts.source.task",
+            "did you mean basic_arithmetic",
+        ),
+        (
+            {
+                **BASE,
+                "prompts": {
+                    "source": {
+                        "type": "reasoning_gym",
+                        "task_config": {"min_terms": 5, "max_terms": 2},
+                    }
+                },
+            },
+            "prompts.source.task_config",
+            "max_terms must be >= min_terms",
+        ),
+        ({**BASE, "teacher": "builtin:nope"}, "teacher", "unknown built-in 'nope'"),
+        ({**BASE, "student": "./no/such/folder"}, "student", "no model folder"),
+        ({**BASE, "eval": {"models": {"mine": "/no/such/model"}}}, "eval.models.mine", "no model"),
+        ({**BASE, "generation": {"engine": {"replicas": True}}}, "engine.replicas", "valid"),
     ],
 )
 def test_invalid_configs_name_the_key(data, key, words):
@@ -110,6 +132,30 @@ def test_fingerprint_changes_only_with_its_sections():
     c = validate({**BASE, "generation": {"samples_per_prompt": 2}})
     assert a.fingerprint("generation") == b.fingerprint("generation")
     assert a.fingerprint("generation") != c.fingerprint("generation")
+
+
+def test_fingerprints_ignore_how_a_stage_runs():
+    """More replicas, a bigger batch, another checkpoint cadence or failure budget resume the
+    same work; a change to what comes out starts it over."""
+    a = validate(BASE)
+    operational = validate(
+        {
+            **BASE,
+            "generation": {"engine": {"replicas": {"min": 1, "max": 8}, "batch_size": 64}},
+            "train": {"checkpoint_every": 7, "max_failures": 3, "gradient_checkpointing": True},
+            "grpo": {"weight_sync": "collective", "num_to_keep": 5, "engine": {"replicas": 2}},
+        }
+    )
+    for section in ("generation", "train", "grpo"):
+        assert a.fingerprint(section) == operational.fingerprint(section), section
+    for changed in (
+        {"generation": {"engine": {"max_model_len": 1024}}},
+        {"generation": {"sampling": {"temperature": 0.5}}},
+        {"train": {"num_workers": 4, "micro_batch_size": 1}},
+        {"grpo": {"lr": 1e-5}},
+    ):
+        section = next(iter(changed))
+        assert a.fingerprint(section) != validate({**BASE, **changed}).fingerprint(section)
 
 
 def test_cli_rejects_a_bad_config_before_ray_starts(tmp_path):

@@ -68,7 +68,7 @@ def test_reasoning_gym_task_config_and_unknown_task():
         load(type="reasoning_gym", task="no_such_task")
     with pytest.raises(ValueError, match="did you mean chain_sum"):
         load(type="reasoning_gym", task="chain_sums")
-    with pytest.raises(ValueError, match="chain_sum.*bogus"):
+    with pytest.raises(ValueError, match="task_config.*bogus"):
         load(type="reasoning_gym", task="chain_sum", task_config={"bogus": 1})
 
 

@@ -337,7 +337,8 @@ def padded_run(ray_session, tiny_student, tmp_path_factory) -> tuple[Path, dict]
 
 def _kill_a_worker_after_a_checkpoint(stage: Path, killed: list, timeout: float = 600.0) -> None:
     """SIGKILL one Ray Train worker (a process this test started) once Ray Train has registered a
-    checkpoint (a reported one counts only from then on) and a later step is logged."""
+    checkpoint (a reported one counts only from then on) and a later step, not the last, is
+    logged."""
     import psutil
 
     deadline = time.time() + timeout
@@ -350,7 +351,9 @@ def _kill_a_worker_after_a_checkpoint(stage: Path, killed: list, timeout: float 
             logged = [json.loads(line)["step"] for line in lines]
         except (StopIteration, ValueError, IndexError):  # not there yet, or being written
             continue
-        if logged and logged[-1] > registered:
+        # Not once the last step is logged: its checkpoint may be registered before the restart,
+        # which would then have nothing left to train.
+        if logged and registered < logged[-1] < STEPS:
             for proc in psutil.Process().children(recursive=True):
                 if "RayTrainWorker" in " ".join(proc.cmdline()):
                     proc.kill()

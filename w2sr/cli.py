@@ -50,8 +50,16 @@ def _eval(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
 
 
 def _serve(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
+    import os
+
     from w2sr.serve import serve
 
+    if args.detach and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        raise ConfigError(
+            "ray.address: not set; --detach leaves the app in a running cluster, but a local "
+            "session ends with this command (start one with `ray start --head`, or leave out "
+            "--detach)"
+        )
     return serve(cfg, blocking=not args.detach)
 
 
@@ -134,13 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as error:
+        RunDir(cfg.run_dir).write_text(
+            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml"
+        )
+        result = STAGES[args.command][0](cfg, args)
+    except ConfigError as error:  # raised before any work that could be lost
         print(f"w2sr: {error}", file=sys.stderr)
         return 2
-    RunDir(cfg.run_dir).write_text(
-        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml"
-    )
-    result = STAGES[args.command][0](cfg, args)
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,6 +25,18 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Fields that say how a stage runs, not what it produces. Fingerprints leave them out, so a
+    # rerun with more replicas or another checkpoint cadence resumes instead of starting over.
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset()
+
+    def outcome(self) -> dict[str, Any]:
+        """The fields that decide a stage's outputs, as JSON values (what fingerprints hash)."""
+        data = self.model_dump(mode="json", exclude=set(self.OPERATIONAL))
+        for name in data:
+            value = getattr(self, name)
+            if isinstance(value, Strict):
+                data[name] = value.outcome()
+        return data
 
 
 # --- prompts ---------------------------------------------------------------------------------
@@ -38,6 +50,24 @@ class ReasoningGymSource(Strict):
     size: PositiveInt = 64
     seed: int = 0
     task_config: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _task_exists(self) -> ReasoningGymSource:
+        """The task and its settings are checked here, by the task's own config class."""
+        import difflib
+
+        from reasoning_gym.factory import DATASETS
+
+        if self.task not in DATASETS:
+            close = difflib.get_close_matches(self.task, DATASETS, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"task: unknown reasoning_gym task {self.task!r}{hint}")
+        _, config_class = DATASETS[self.task]
+        try:
+            config_class(size=self.size, seed=self.seed, **self.task_config).validate()
+        except (TypeError, ValueError, AssertionError) as error:
+            raise ValueError(f"task_config: {error}") from None
+        return self
 
 
 class KHopSource(Strict):
@@ -109,7 +139,9 @@ class Replicas(Strict):
     @model_validator(mode="before")
     @classmethod
     def _from_int(cls, value: Any) -> Any:
-        return {"min": value, "max": value} if isinstance(value, int) else value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {"min": value, "max": value}
+        return value
 
     @model_validator(mode="after")
     def _ordered(self) -> Replicas:
@@ -120,6 +152,20 @@ class Replicas(Strict):
 
 class EngineConfig(Strict):
     """How vLLM engines are laid out; the same block serves generation, evaluation and serving."""
+
+    OPERATIONAL = frozenset(
+        {
+            "replicas",
+            "tensor_parallel_size",
+            "pipeline_parallel_size",
+            "accelerator_type",
+            "batch_size",
+            "enforce_eager",
+            "gpu_memory_utilization",
+            "cpu_kv_cache_gib",
+            "cpus_per_replica",
+        }
+    )
 
     replicas: Replicas = Field(default_factory=Replicas)
     tensor_parallel_size: PositiveInt = 1
@@ -153,6 +199,18 @@ class GenerationConfig(Strict):
 
 class TrainConfig(Strict):
     """SFT of the student on a selected trace set (the paper's recipe by default)."""
+
+    OPERATIONAL = frozenset(
+        {
+            "gradient_checkpointing",
+            "attn_implementation",
+            "checkpoint_every",
+            "num_to_keep",
+            "max_failures",
+            "mlflow_tracking_uri",
+            "wandb_project",
+        }
+    )
 
     variant: Literal["all", "correct", "incorrect"] = "all"
     num_workers: PositiveInt = 2
@@ -207,6 +265,21 @@ class GRPOConfig(Strict):
     """The RL baseline: GRPO on the student with the run's grader as reward (SimpleRL-Zoo's
     coefficients by default). One step samples `group_size` completions for each of
     `prompts_per_step` prompts and takes `mini_batches` optimizer steps on them."""
+
+    OPERATIONAL = frozenset(
+        {
+            "placement",
+            "weight_sync",
+            "cpus_per_worker",
+            "gradient_checkpointing",
+            "attn_implementation",
+            "checkpoint_every",
+            "num_to_keep",
+            "max_failures",
+            "mlflow_tracking_uri",
+            "wandb_project",
+        }
+    )
 
     steps: PositiveInt = 100
     prompts_per_step: PositiveInt = 32
@@ -408,6 +481,12 @@ class ExperimentConfig(Strict):
             raise ValueError(f"template: unknown {self.template!r}; one of {sorted(TEMPLATES)}")
         if self.grader not in GRADERS:
             raise ValueError(f"grader: unknown {self.grader!r}; one of {sorted(GRADERS)}")
+        for key, spec in [("teacher", self.teacher), ("student", self.student)] + [
+            (f"eval.models.{label}", spec) for label, spec in self.eval.models.items()
+        ]:
+            problem = model_spec_problem(spec) if spec else None
+            if problem:
+                raise ValueError(f"{key}: {problem}")
         g = self.grpo
         if self.use_gpu and g.placement == "colocated" and g.weight_sync == "collective":
             raise ValueError(
@@ -420,6 +499,9 @@ class ExperimentConfig(Strict):
         """A stable hash of the named sections: a stage reruns only when its inputs change."""
         data = self.model_dump(mode="json")
         picked = {name: data[name] for name in sections}
+        for name in sections:
+            if isinstance(value := getattr(self, name), Strict):
+                picked[name] = value.outcome()
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -444,11 +526,30 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def model_spec_problem(spec: str) -> str | None:
+    """Why a model spec cannot work, found without loading anything: an unknown built-in, or a
+    local path (absolute or relative, never a hub id) that is not there."""
+    from w2sr.models import BUILTINS
+
+    if spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        return None if name in BUILTINS else f"unknown built-in {name!r}; one of {sorted(BUILTINS)}"
+    if spec.startswith(("/", "./", "../", "~")) and not Path(spec).expanduser().exists():
+        return f"no model folder at {spec}"
+    return None
+
+
 def _format_errors(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        loc = ".".join(str(p) for p in item["loc"] if not str(p).endswith("Source"))
-        lines.append(f"  {loc or '(top level)'}: {item['msg']}")
+        parts = [str(p) for p in item["loc"]]
+        # A prompt source's type tag (`source.reasoning_gym`) is not a key the user wrote.
+        parts = [p for i, p in enumerate(parts) if not (i and parts[i - 1] == "source")]
+        loc, msg = ".".join(parts), item["msg"].removeprefix("Value error, ")
+        key, sep, rest = msg.partition(": ")
+        if sep and re.fullmatch(r"[a-z_][a-z0-9_.]*", key):  # a validator naming its key
+            loc, msg = f"{loc}.{key}" if loc else key, rest
+        lines.append(f"  {loc or '(top level)'}: {msg}")
     return "invalid config:\n" + "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from w2sr import engines
-from w2sr.config import ExperimentConfig
+from w2sr.config import ConfigError, EngineConfig, ExperimentConfig
 from w2sr.data import load_prompts
 from w2sr.grading import GRADERS, extract_answer
 from w2sr.models import resolve_model
@@ -113,6 +113,11 @@ def prepare_prompts(cfg: ExperimentConfig, run: RunDir) -> pa.Table:
             "%d prompt rows set aside; see %s",
             len(rejected),
             run.path("prompts", "rejected.parquet"),
+        )
+    if not rows:
+        raise ConfigError(
+            f"prompts: none of {len(rejected)} rows is usable; the reasons are in "
+            f"{run.path('prompts', 'rejected.parquet')}"
         )
     run.mark_done("prompts", fingerprint, prompts=len(rows), rejected=len(rejected))
     return table
@@ -264,10 +269,15 @@ def _finish(
         if traces.num_rows
         else 0.0,
         "wall_seconds": round(wall, 2),
-        "worker_seconds": round(wall * cfg.generation.engine.replicas.max, 2),
+        # the pool at its largest, each replica counted once per device it spans
+        "worker_seconds": round(wall * _devices(cfg.generation.engine), 2),
     }
     run.mark_done("traces", fingerprint, **facts)
     return run.read_json("traces", "_DONE.json")
+
+
+def _devices(engine: EngineConfig) -> int:
+    return engine.replicas.max * engine.tensor_parallel_size * engine.pipeline_parallel_size
 
 
 def read_traces(run: RunDir) -> pa.Table:
