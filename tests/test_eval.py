@@ -22,7 +22,9 @@ from w2sr.evaluate import (
     EVAL_SCHEMA,
     TOO_LONG,
     EndpointError,
+    Task,
     _chat,
+    _sample_rows,
     benchmark_metrics,
     evaluate,
     load_problems,
@@ -266,6 +268,80 @@ def test_a_refused_request_fails_at_once_and_an_overlong_prompt_is_reported():
     assert isinstance(result, EndpointError) and "404" in str(result) and attempts == 1
     message = {"message": "This model's maximum context length is 512 tokens."}
     assert chat([(400, message)]) == ({"too_long": True}, 1)
+
+
+class FlakyServer:
+    """A local OpenAI-style server that refuses (404) the requests whose seed it is told to,
+    and answers \\boxed{4} to the others; it counts the chat requests it gets."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.refuse: set[int] = set()
+        self.requests = 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *_):
+                pass
+
+            def _send(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._send(200, {"data": [{"id": "teacher"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests += 1
+                if body["seed"] in server.refuse:
+                    self._send(404, {"error": "gone"})
+                else:
+                    self._send(200, REPLY)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+
+def test_a_benchmark_that_loses_requests_keeps_its_replies_for_the_rerun(tmp_path):
+    """Two of six requests are refused: the four replies are kept, no result is written, and the
+    rerun asks only for the two, then writes the whole result."""
+    cfg = validate(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "teacher": "org/teacher",
+            "eval": {"benchmarks": [{"name": "offline", "limit": 3}], "samples": 2},
+        }
+    )
+    run = RunDir(cfg.run_dir)
+    model = model_table(cfg)[0]["teacher"]
+    rows = load_problems(cfg, run)["offline"]
+    task = Task(
+        model, cfg.eval.benchmarks[0], rows, result_fingerprint(cfg, model, "offline", rows)
+    )
+    seeds = [s["seed"] for s in _sample_rows(cfg, task)]
+    server = FlakyServer()
+    try:
+        server.refuse = set(seeds[:2])
+        with pytest.raises(EndpointError, match="2 of 6 requests failed.*rerun asks only"):
+            evaluate(cfg, endpoint=server.url)
+        assert server.requests == 6 and not run.exists(*task.parts)
+        server.refuse = set()
+        summary = evaluate(cfg, endpoint=server.url)
+    finally:
+        server.httpd.shutdown()
+    assert server.requests == 6 + 2  # only the two lost ones again
+    table = run.read_parquet(*task.parts)
+    assert sorted(table.column("seed").to_pylist()) == sorted(seeds)
+    assert run.list(*task.parts[:-1]) == [task.parts[-1]]  # the kept replies are gone
+    assert summary["models"]["teacher"]["results"]["offline"]["backend"].startswith("endpoint")
 
 
 # --- a real offline evaluation ---------------------------------------------------------------

@@ -508,12 +508,35 @@ async def _evaluate_endpoint(
             }
 
         for task in todo:  # benchmark by benchmark, so a failure keeps the finished ones
-            samples = _sample_rows(cfg, task)
+            # Replies of an attempt that lost some requests wait here for a rerun to complete.
+            partial = (*task.parts[:-1], task.parts[-1].removesuffix(".parquet") + ".partial.json")
+            replies = run.read_json(*partial) if run.exists(*partial) else []
+            have = {(r["prompt_id"], r["sample_index"]) for r in replies}
+            samples = [
+                s
+                for s in _sample_rows(cfg, task)
+                if (s["prompt_id"], s["sample_index"]) not in have
+            ]
             progress = [0, len(samples)]
             log.info("%s on %s: %d requests", label, task.bench.name, len(samples))
-            replies = await asyncio.gather(*(complete(s, progress) for s in samples))
+            results = await asyncio.gather(
+                *(complete(s, progress) for s in samples), return_exceptions=True
+            )
+            failures = [r for r in results if isinstance(r, BaseException)]
+            replies += [r for r in results if not isinstance(r, BaseException)]
+            if failures:
+                run.write_json(replies, *partial)
+                if not isinstance(failures[0], EndpointError):
+                    raise failures[0]
+                raise EndpointError(
+                    f"{label} on {task.bench.name}: {len(failures)} of {len(samples)} requests "
+                    f"failed (first: {failures[0]}); the {len(replies)} replies are kept in "
+                    f"{run.path(*partial)} and a rerun asks only for the rest"
+                )
             rows = await asyncio.to_thread(list, map(score, replies))  # grading may take seconds
             write_result(cfg, run, task, rows, f"endpoint {api_base(endpoint)}")
+            if have:
+                run.delete(*partial)
 
 
 # --- the summary -----------------------------------------------------------------------------
