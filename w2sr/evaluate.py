@@ -102,7 +102,7 @@ def model_table(cfg: ExperimentConfig) -> tuple[dict[str, Model], dict[str, str]
             skipped[label] = f"{'/'.join(parts)}/model has no config.json"
         else:
             done = run.read_json(*parts, DONE)
-            spec = _artifact(run, *parts, "model")
+            spec = run.location(*parts, "model")
             models[label] = Model(label, spec, json.dumps(done, sort_keys=True), done)
     for label, spec in cfg.eval.models.items():
         models[label] = _configured(label, spec)
@@ -119,11 +119,6 @@ def _configured(label: str, spec: str) -> Model:
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     stamp = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     return Model(label, spec, hashlib.sha256(json.dumps(stamp).encode()).hexdigest())
-
-
-def _artifact(run: RunDir, *parts: str) -> str:
-    """A run-dir path as vLLM reads it: local path, or the URI for a remote run dir."""
-    return run.path(*parts) if "://" not in run.uri else "/".join([run.uri.rstrip("/"), *parts])
 
 
 def parameter_count(spec: str) -> int | None:

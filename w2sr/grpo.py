@@ -101,7 +101,7 @@ def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
     metrics = _fit(cfg, run, fingerprint, prompts, model_path).metrics
     facts = {
         "student": cfg.student,
-        "model": run.path(STAGE, "model"),
+        "model": run.location(STAGE, "model"),
         "prompts": len(prompts),
         "steps": metrics["step"],
         "samples_seen": metrics["samples_seen"],
@@ -167,7 +167,6 @@ def _fit(cfg: ExperimentConfig, run: RunDir, fingerprint: str, prompts: list[dic
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from w2sr import engines
-    from w2sr.train import _location
 
     g = cfg.grpo
     log.info(
@@ -185,7 +184,7 @@ def _fit(cfg: ExperimentConfig, run: RunDir, fingerprint: str, prompts: list[dic
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
-            "cfg": cfg.model_copy(update={"run_dir": _location(run)}).model_dump(mode="json"),
+            "cfg": cfg.model_copy(update={"run_dir": run.location()}).model_dump(mode="json"),
             "prompts": ray.put(prompts),
             "model": model,
             "name": name,
@@ -198,7 +197,7 @@ def _fit(cfg: ExperimentConfig, run: RunDir, fingerprint: str, prompts: list[dic
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
-            storage_path=_location(run, STAGE, "ray"),
+            storage_path=run.location(STAGE, "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=g.num_to_keep),
             failure_config=FailureConfig(max_failures=g.max_failures),
         ),

@@ -13,8 +13,8 @@ import tempfile
 from typing import Any
 
 from w2sr.config import TrainConfig
+from w2sr.sft_data import IGNORE
 
-IGNORE = -100
 CHECKPOINT_TAG = "step{step}"  # never "latest": DeepSpeed writes a file of that name beside tags
 
 
@@ -169,8 +169,11 @@ def build_engine(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     warmup = math.ceil(train.warmup_ratio * total_steps)
 
+    # transformers' "constant" ignores warm-up steps; its warm-up twin has them.
+    name = "constant_with_warmup" if train.lr_scheduler == "constant" else train.lr_scheduler
+
     def schedule(optimizer):
-        return get_scheduler(train.lr_scheduler, optimizer, warmup, total_steps)
+        return get_scheduler(name, optimizer, warmup, total_steps)
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,

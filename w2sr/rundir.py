@@ -52,7 +52,14 @@ class RunDir:
         self.fs.create_dir(self.root, recursive=True)
 
     def path(self, *parts: str) -> str:
+        """The path on `self.fs` (a remote store's path has no scheme)."""
         return "/".join([self.root.rstrip("/"), *parts])
+
+    def location(self, *parts: str) -> str:
+        """What other processes (Ray workers, vLLM, a report) open: an absolute local path, or
+        the URI of a remote run dir."""
+        base = self.uri.rstrip("/") if "://" in self.uri else self.root
+        return "/".join([base, *parts])
 
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
@@ -117,6 +124,3 @@ class RunDir:
 
     def mark_done(self, stage: str, fingerprint: str, **facts: Any) -> None:
         self.write_json({"fingerprint": fingerprint, **facts}, stage, DONE)
-
-    def clear_done(self, stage: str) -> None:
-        self.delete(stage, DONE)

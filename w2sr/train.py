@@ -75,7 +75,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     facts = {
         "variant": variant,
         "student": cfg.student,
-        "model": _location(run, stage, "model"),
+        "model": run.location(stage, "model"),
         "samples": len(data),
         "truncated": data.truncated,
         "dropped": data.dropped,
@@ -127,12 +127,6 @@ def _tokenize(cfg: ExperimentConfig, run: RunDir):
     return data, model_path
 
 
-def _location(run: RunDir, *parts: str) -> str:
-    """A path the workers can open: absolute for a local run dir, a URI otherwise."""
-    base = run.uri.rstrip("/") if "://" in run.uri else run.root
-    return "/".join([base, *parts])
-
-
 def _fit(cfg: ExperimentConfig, run: RunDir, stage: str, fingerprint: str, data, model_path: str):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -159,7 +153,7 @@ def _fit(cfg: ExperimentConfig, run: RunDir, stage: str, fingerprint: str, data,
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
-            "cfg": cfg.model_copy(update={"run_dir": _location(run)}).model_dump(mode="json"),
+            "cfg": cfg.model_copy(update={"run_dir": run.location()}).model_dump(mode="json"),
             "data": ray.put(data),
             "model": model_path,
             "steps": steps,
@@ -170,7 +164,7 @@ def _fit(cfg: ExperimentConfig, run: RunDir, stage: str, fingerprint: str, data,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
-            storage_path=_location(run, stage, "ray"),
+            storage_path=run.location(stage, "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=tcfg.num_to_keep),
             failure_config=FailureConfig(max_failures=tcfg.max_failures),
         ),
