@@ -72,9 +72,7 @@ def render_prompts(cfg: ExperimentConfig, model_path: str, rows: list[dict]) -> 
     limit = cfg.generation.engine.max_model_len
     kept, rejected = [], []
     for index, row in enumerate(rows):
-        prompt = tokenizer.apply_chat_template(
-            template.messages(row["problem"]), tokenize=False, add_generation_prompt=True
-        )
+        prompt = template.render(tokenizer, row["problem"])
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) >= limit:
             reason = f"prompt has {len(ids)} tokens; max_model_len is {limit}"

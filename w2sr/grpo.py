@@ -125,12 +125,7 @@ def student_prompts(cfg: ExperimentConfig, model_path: str, rows: list[dict]) ->
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
     template = TEMPLATES[cfg.template]
-    texts = [
-        tokenizer.apply_chat_template(
-            template.messages(row["problem"]), tokenize=False, add_generation_prompt=True
-        )
-        for row in rows
-    ]
+    texts = [template.render(tokenizer, row["problem"]) for row in rows]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     limit = cfg.grpo.engine.max_model_len
     kept = [

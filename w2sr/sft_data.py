@@ -105,12 +105,7 @@ def build_sft_set(
     truncated = dropped = 0
     for start in range(0, len(texts), batch_size):
         stop = start + batch_size
-        prompts = [
-            tokenizer.apply_chat_template(
-                template.messages(p), tokenize=False, add_generation_prompt=True
-            )
-            for p in problems[start:stop]
-        ]
+        prompts = [template.render(tokenizer, p) for p in problems[start:stop]]
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         trace_ids = tokenizer(texts[start:stop], add_special_tokens=False)["input_ids"]
         for p_ids, t_ids, done in zip(prompt_ids, trace_ids, finished[start:stop], strict=True):

@@ -18,6 +18,12 @@ class Template:
         user = {"role": "user", "content": self.user.format(problem=problem)}
         return [{"role": "system", "content": self.system}, user] if self.system else [user]
 
+    def render(self, tokenizer, problem: str) -> str:
+        """The prompt text a model sees: its chat template on these messages, ready to answer."""
+        return tokenizer.apply_chat_template(
+            self.messages(problem), tokenize=False, add_generation_prompt=True
+        )
+
 
 TEMPLATES: dict[str, Template] = {
     # SimpleRL-Zoo's template, used by the W2SR paper for teachers and students alike.
