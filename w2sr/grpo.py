@@ -39,7 +39,6 @@ Layout (relative to the run dir):
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -527,28 +526,18 @@ def _reference(model_path: str, cfg: ExperimentConfig, train: TrainConfig):
 
 def _worker_loop(config: dict[str, Any]) -> None:
     """One learner worker; rank 0 also drives the rollouts, the sync and the logs."""
-    attempt_start = time.time()
-    cfg = ExperimentConfig.model_validate(config["cfg"])
-    if not cfg.use_gpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"  # read when deepspeed is first imported
+    from w2sr import learner
+
+    cfg, rank, world, seed, tokenizer, attempt_start = learner.start_worker(config, "grpo")
 
     import ray
-    import ray.train
-    import torch
     import torch.distributed as dist
-    from transformers import AutoTokenizer
 
-    from w2sr import learner
     from w2sr.sft_data import assistant_end
     from w2sr.train import MetricsLog, _staged_folder
 
     g = cfg.grpo
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    seed = cfg.seed + g.seed
-    torch.manual_seed(seed)
     model, prompts = config["model"], ray.get(config["prompts"])
-    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=cfg.trust_remote_code)
     # Engines start in their actors while DeepSpeed initializes here.
     places = learner_places()
     rollouts = Rollouts(cfg, model, places) if rank == 0 else None

@@ -1,4 +1,4 @@
-"""The DeepSpeed learner that SFT (and later GRPO) runs inside Ray Train workers.
+"""The DeepSpeed learner that SFT and GRPO run inside Ray Train workers.
 
 What lives here is independent of the objective: the DeepSpeed config from a `TrainConfig`, the
 engine (model, AdamW, warmup + decay schedule), the token-level loss, checkpoints through Ray Train,
@@ -9,13 +9,47 @@ Every function that touches the engine is collective: all ranks call it, in the 
 
 from __future__ import annotations
 
+import os
 import tempfile
-from typing import Any
+import time
+from typing import Any, NamedTuple
 
-from w2sr.config import TrainConfig
+from w2sr.config import ExperimentConfig, TrainConfig
 from w2sr.sft_data import IGNORE
 
 CHECKPOINT_TAG = "step{step}"  # never "latest": DeepSpeed writes a file of that name beside tags
+
+
+class Worker(NamedTuple):
+    """What a Ray Train worker of either stage knows about itself once started."""
+
+    cfg: ExperimentConfig
+    rank: int
+    world: int
+    seed: int
+    tokenizer: Any
+    started: float  # this attempt's start, for worker-seconds
+
+
+def start_worker(config: dict[str, Any], section: str) -> Worker:
+    """The first steps of a worker loop: the run's config, DeepSpeed's accelerator chosen before
+    deepspeed is imported, the rank, torch seeded with `seed + <section>.seed`, the tokenizer of
+    `config["model"]`."""
+    started = time.time()
+    cfg = ExperimentConfig.model_validate(config["cfg"])
+    if not cfg.use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"  # read when deepspeed is first imported
+    import ray.train
+    import torch
+    from transformers import AutoTokenizer
+
+    context = ray.train.get_context()
+    seed = cfg.seed + getattr(cfg, section).seed
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(
+        config["model"], trust_remote_code=cfg.trust_remote_code
+    )
+    return Worker(cfg, context.get_world_rank(), context.get_world_size(), seed, tokenizer, started)
 
 
 def deepspeed_config(train: TrainConfig, use_gpu: bool) -> dict[str, Any]:

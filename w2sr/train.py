@@ -238,29 +238,19 @@ def _staged_folder(run: RunDir, *parts: str):
 
 def _worker_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: restore, train to the last step, checkpoint, export."""
-    attempt_start = time.time()
-    cfg = ExperimentConfig.model_validate(config["cfg"])
-    if not cfg.use_gpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"  # read when deepspeed is first imported
+    from w2sr import learner
+
+    cfg, rank, world, seed, tokenizer, attempt_start = learner.start_worker(config, "train")
 
     import ray
-    import ray.train
     import torch
     import torch.distributed as dist
-    from transformers import AutoTokenizer
 
-    from w2sr import learner
     from w2sr.sft_data import assistant_end, layout, packed_batch, padded_batch, step_samples
 
     tcfg = cfg.train
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     data = ray.get(config["data"])
-    steps, seed = config["steps"], cfg.seed + tcfg.seed
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(
-        config["model"], trust_remote_code=cfg.trust_remote_code
-    )
+    steps = config["steps"]
     engine, _ds_config = learner.build_engine(
         config["model"], tcfg, steps, use_gpu=cfg.use_gpu, trust_remote_code=cfg.trust_remote_code
     )
