@@ -197,20 +197,24 @@ class GenerationConfig(Strict):
 # --- training --------------------------------------------------------------------------------
 
 
+# How a learner runs, not what it learns: the same math, checkpoints and trackers.
+LEARNER_OPERATIONAL = frozenset(
+    {
+        "gradient_checkpointing",
+        "attn_implementation",
+        "checkpoint_every",
+        "num_to_keep",
+        "max_failures",
+        "mlflow_tracking_uri",
+        "wandb_project",
+    }
+)
+
+
 class TrainConfig(Strict):
     """SFT of the student on a selected trace set (the paper's recipe by default)."""
 
-    OPERATIONAL = frozenset(
-        {
-            "gradient_checkpointing",
-            "attn_implementation",
-            "checkpoint_every",
-            "num_to_keep",
-            "max_failures",
-            "mlflow_tracking_uri",
-            "wandb_project",
-        }
-    )
+    OPERATIONAL = LEARNER_OPERATIONAL
 
     variant: Literal["all", "correct", "incorrect"] = "all"
     num_workers: PositiveInt = 2
@@ -266,20 +270,7 @@ class GRPOConfig(Strict):
     coefficients by default). One step samples `group_size` completions for each of
     `prompts_per_step` prompts and takes `mini_batches` optimizer steps on them."""
 
-    OPERATIONAL = frozenset(
-        {
-            "placement",
-            "weight_sync",
-            "cpus_per_worker",
-            "gradient_checkpointing",
-            "attn_implementation",
-            "checkpoint_every",
-            "num_to_keep",
-            "max_failures",
-            "mlflow_tracking_uri",
-            "wandb_project",
-        }
-    )
+    OPERATIONAL = LEARNER_OPERATIONAL | {"placement", "weight_sync", "cpus_per_worker"}
 
     steps: PositiveInt = 100
     prompts_per_step: PositiveInt = 32
