@@ -296,6 +296,14 @@ def test_a_tracker_that_is_not_installed_fails_before_ray_work(tmp_path):
         train(config(tmp_path, "s", wandb_project="w2sr"))
 
 
+def test_run_dir_locations_are_what_other_processes_open(tmp_path):
+    """Workers and vLLM get a local path for a local run dir (`file://` too), a URI otherwise."""
+    model = str(tmp_path / "students" / "all" / "model")
+    assert RunDir(str(tmp_path)).location("students", "all", "model") == model
+    assert RunDir(f"file://{tmp_path}").location("students", "all", "model") == model
+    assert RunDir("mock:///bucket/run/").location("rl", "model") == "mock:///bucket/run/rl/model"
+
+
 def test_metrics_and_model_reach_stores_that_cannot_append(tmp_path):
     """On object stores metrics.jsonl is rewritten whole (a new attempt keeps the old lines) and
     the model folder appears in one move once complete."""

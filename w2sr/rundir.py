@@ -56,10 +56,11 @@ class RunDir:
         return "/".join([self.root.rstrip("/"), *parts])
 
     def location(self, *parts: str) -> str:
-        """What other processes (Ray workers, vLLM, a report) open: an absolute local path, or
-        the URI of a remote run dir."""
-        base = self.uri.rstrip("/") if "://" in self.uri else self.root
-        return "/".join([base, *parts])
+        """What other processes (Ray workers, vLLM, a report) open: an absolute local path (also
+        for a `file://` run dir), or the URI of a remote one."""
+        local = isinstance(self.fs, pafs.LocalFileSystem)
+        base = self.root if local else self.uri.rstrip("/")
+        return "/".join([base.rstrip("/"), *parts])
 
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
