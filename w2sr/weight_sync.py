@@ -68,7 +68,10 @@ class WeightSyncExtension:
                 self._w2sr_group.broadcast(tensor, 0).wait()
                 yield name, tensor
 
-        self._w2sr_reload(arriving())
+        weights = arriving()
+        self._w2sr_reload(weights)
+        for _ in weights:  # a loader that stops early must not leave rank 0 broadcasting
+            pass
         return len(specs)
 
     def _w2sr_reload(self, weights: Iterator) -> None:
