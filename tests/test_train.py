@@ -29,7 +29,7 @@ from w2sr import learner
 from w2sr.config import ConfigError, validate
 from w2sr.generate import TRACE_SCHEMA
 from w2sr.learner import param_groups, token_loss
-from w2sr.rundir import RunDir
+from w2sr.rundir import MetricsLog, RunDir
 from w2sr.sft_data import (
     IGNORE,
     build_sft_set,
@@ -41,7 +41,7 @@ from w2sr.sft_data import (
     total_steps,
 )
 from w2sr.templates import TEMPLATES
-from w2sr.train import MetricsLog, _staged_folder, train
+from w2sr.train import train
 
 STEPS = 24
 GLOBAL_BATCH = 8
@@ -311,17 +311,17 @@ def test_metrics_and_model_reach_stores_that_cannot_append(tmp_path):
     record = {"step": 1, "loss": 2.0, "lr": 1e-5, "grad_norm": 1.0}
     record |= {"tokens_per_second": 10.0, "samples_seen": 8}
     first = MetricsLog(run, "students/all", flush_seconds=3600)
-    first.write(record, total_steps=3)
+    first.write(record)
     assert not run.exists("students/all", "metrics.jsonl")  # not before a flush
-    first.write({**record, "step": 2}, total_steps=3)
+    first.write({**record, "step": 2})
     first.flush()
     second = MetricsLog(run, "students/all")
-    second.write({**record, "step": 3}, total_steps=3)
+    second.write({**record, "step": 3})
     second.flush()
     lines = run.read_text("students/all", "metrics.jsonl").splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
 
-    with _staged_folder(run, "students", "all", "model") as out:
+    with run.staged_folder("students", "all", "model") as out:
         Path(out, "config.json").write_text("{}")
         assert not run.exists("students", "all", "model")
     assert run.read_text("students", "all", "model", "config.json") == "{}"

@@ -139,8 +139,7 @@ def generate(cfg: ExperimentConfig) -> dict[str, Any]:
     if record:
         log.info("traces are complete for this config; nothing to generate")
         return record
-    _drop_stale_shards(run, fingerprint)
-    run.write_json({"fingerprint": fingerprint}, "traces", "_RUN.json")
+    run.begin("traces", fingerprint)
 
     shards = sorted(set(prompts.column("shard").to_pylist()))
     finished = {name for name in run.list("traces", suffix=".parquet")}
@@ -151,16 +150,6 @@ def generate(cfg: ExperimentConfig) -> dict[str, Any]:
         _generate_shards(cfg, run, prompts, missing)
     wall = time.time() - start
     return _finish(cfg, run, fingerprint, shards, wall)
-
-
-def _drop_stale_shards(run: RunDir, fingerprint: str) -> None:
-    """Shards made under another config would mix two experiments: they are regenerated."""
-    if (
-        run.exists("traces", "_RUN.json")
-        and run.read_json("traces", "_RUN.json")["fingerprint"] != fingerprint
-    ):
-        log.warning("generation config changed since the traces were written; regenerating them")
-        run.delete("traces")
 
 
 def _generate_shards(

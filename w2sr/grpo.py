@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from w2sr.config import ConfigError, ExperimentConfig, GRPOConfig, TrainConfig
-from w2sr.rundir import DONE, RunDir
+from w2sr.rundir import DONE, MetricsLog, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,6 @@ def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
     from w2sr import learner
     from w2sr.generate import prepare_prompts
     from w2sr.models import resolve_model
-    from w2sr.train import _drop_stale_run
 
     run = RunDir(cfg.run_dir)
     table = prepare_prompts(cfg, run)  # the generation prompt set, recorded for decontamination
@@ -91,8 +90,7 @@ def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
         return record
     learner.check_trackers(cfg.grpo, "grpo")
     start = time.time()
-    _drop_stale_run(run, STAGE, fingerprint)
-    run.write_json({"fingerprint": fingerprint}, STAGE, "_RUN.json")
+    run.begin(STAGE, fingerprint)
     model_path = resolve_model(cfg.student)
     prompts = student_prompts(cfg, model_path, table.to_pylist())
     if not prompts:
@@ -157,10 +155,8 @@ def learner_config(g: GRPOConfig) -> TrainConfig:
 
 def _fit(cfg: ExperimentConfig, run: RunDir, fingerprint: str, prompts: list[dict], model: str):
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from w2sr import engines
+    from w2sr import engines, learner
 
     g = cfg.grpo
     log.info(
@@ -174,29 +170,17 @@ def _fit(cfg: ExperimentConfig, run: RunDir, fingerprint: str, prompts: list[dic
         g.placement,
     )
     engines.init_ray(cfg)
-    name = f"grpo-{fingerprint}"
-    trainer = TorchTrainer(
+    loop_config = {"prompts": ray.put(prompts), "model": model}
+    return learner.fit(
         _worker_loop,
-        train_loop_config={
-            "cfg": cfg.model_copy(update={"run_dir": run.location()}).model_dump(mode="json"),
-            "prompts": ray.put(prompts),
-            "model": model,
-            "name": name,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=g.num_workers,
-            use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": g.cpus_per_worker},
-        ),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=name,
-            storage_path=run.location(STAGE, "ray"),
-            checkpoint_config=CheckpointConfig(num_to_keep=g.num_to_keep),
-            failure_config=FailureConfig(max_failures=g.max_failures),
-        ),
+        cfg,
+        run,
+        STAGE,
+        f"grpo-{fingerprint}",
+        g,
+        loop_config,
+        resources_per_worker={"CPU": g.cpus_per_worker},
     )
-    return trainer.fit()
 
 
 # --- rank 0: rollouts ------------------------------------------------------------------------
@@ -534,7 +518,6 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from w2sr.sft_data import assistant_end
-    from w2sr.train import MetricsLog, _staged_folder
 
     g = cfg.grpo
     model, prompts = config["model"], ray.get(config["prompts"])
@@ -606,7 +589,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
             "resumed_from": resumed_from,
         }
         if metrics_log:
-            metrics_log.write(record, g.steps)
+            metrics_log.write(record)
             tracked = {k: v for k, v in record.items() if k in TRACKED and v is not None}
             trackers.log(tracked, step + 1)
             log.info(
@@ -632,7 +615,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     trackers.close()
     end_text = assistant_end(tokenizer)
     if rank == 0:
-        with _staged_folder(run, STAGE, "model") as out:
+        with run.staged_folder(STAGE, "model") as out:
             learner.export_hf(engine, tokenizer, out, end_text)
     else:
         learner.export_hf(engine, tokenizer, None, end_text)

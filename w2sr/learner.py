@@ -52,6 +52,45 @@ def start_worker(config: dict[str, Any], section: str) -> Worker:
     return Worker(cfg, context.get_world_rank(), context.get_world_size(), seed, tokenizer, started)
 
 
+def fit(
+    worker_loop,
+    cfg: ExperimentConfig,
+    run,
+    stage: str,
+    name: str,
+    section,
+    loop_config: dict[str, Any],
+    resources_per_worker: dict[str, float] | None = None,
+):
+    """Run `worker_loop` on a Ray Train worker group of `section.num_workers` (the `train` or
+    `grpo` config): checkpoints under `<stage>/ray/<name>`, so a rerun of the same config finds
+    them, and `section.max_failures` restarts. Returns Ray Train's result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={
+            "cfg": cfg.model_copy(update={"run_dir": run.location()}).model_dump(mode="json"),
+            "name": name,
+            **loop_config,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=section.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=resources_per_worker,
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=run.location(stage, "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=section.num_to_keep),
+            failure_config=FailureConfig(max_failures=section.max_failures),
+        ),
+    )
+    return trainer.fit()
+
+
 def deepspeed_config(train: TrainConfig, use_gpu: bool) -> dict[str, Any]:
     zero: dict[str, Any] = {
         "stage": train.zero_stage,

@@ -30,8 +30,12 @@ stage that finds its `_DONE.json` with the same fingerprint has nothing left to 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import tempfile
+import time
 import uuid
 from typing import Any
 
@@ -40,6 +44,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 DONE = "_DONE.json"
+RUN = "_RUN.json"  # the fingerprint of the config a stage's unfinished work belongs to
+
+log = logging.getLogger(__name__)
 
 
 class RunDir:
@@ -114,7 +121,30 @@ class RunDir:
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(target)
 
+    @contextlib.contextmanager
+    def staged_folder(self, *parts: str):
+        """A local folder to write into, published at `parts` in one move at the end."""
+        final = self.path(*parts)
+        staged = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            yield staged
+        else:
+            with tempfile.TemporaryDirectory(prefix="w2sr-export-") as local:
+                yield local
+                self.fs.create_dir(staged, recursive=True)
+                pafs.copy_files(local, staged, destination_filesystem=self.fs)
+        self.delete(*parts)
+        self.fs.move(staged, final)
+
     # --- stage completion ---
+
+    def begin(self, stage: str, fingerprint: str) -> None:
+        """Claim `stage` for this config. Unfinished work of another config (shards,
+        checkpoints, metrics) cannot be resumed or mixed in: it is deleted."""
+        if self.exists(stage, RUN) and self.read_json(stage, RUN)["fingerprint"] != fingerprint:
+            log.warning("the config of %s changed since it was started; starting it afresh", stage)
+            self.delete(stage)
+        self.write_json({"fingerprint": fingerprint}, stage, RUN)
 
     def done(self, stage: str, fingerprint: str) -> dict[str, Any] | None:
         """The stage's completion record if it finished with this fingerprint, else None."""
@@ -125,3 +155,38 @@ class RunDir:
 
     def mark_done(self, stage: str, fingerprint: str, **facts: Any) -> None:
         self.write_json({"fingerprint": fingerprint, **facts}, stage, DONE)
+
+
+class MetricsLog:
+    """A stage's per-step records in `<stage>/metrics.jsonl`.
+
+    A local file is appended to line by line; object stores cannot append, so there the file is
+    rewritten whole at most every `flush_seconds` and at every `flush`.
+    """
+
+    def __init__(self, run: RunDir, stage: str, flush_seconds: float = 10.0):
+        self.run, self.parts = run, (stage, "metrics.jsonl")
+        self.local = isinstance(run.fs, pafs.LocalFileSystem)
+        self.lines = (
+            []
+            if self.local or not run.exists(*self.parts)
+            else [line + "\n" for line in run.read_text(*self.parts).splitlines()]
+        )
+        self.flush_seconds, self.flushed = flush_seconds, time.time()
+        if self.local:
+            os.makedirs(os.path.dirname(run.path(*self.parts)), exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record) + "\n"
+        if self.local:
+            with open(self.run.path(*self.parts), "a") as out:
+                out.write(line)
+            return
+        self.lines.append(line)
+        if time.time() - self.flushed > self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.local:
+            self.run.write_text("".join(self.lines), *self.parts)
+            self.flushed = time.time()

@@ -20,19 +20,13 @@ Layout (relative to the run dir):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import tempfile
 import time
-import uuid
 from typing import Any
 
-import pyarrow.fs as pafs
-
 from w2sr.config import ConfigError, ExperimentConfig
-from w2sr.rundir import DONE, RunDir
+from w2sr.rundir import DONE, MetricsLog, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +58,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
     learner.check_trackers(cfg.train, "train")
     start = time.time()
-    _drop_stale_run(run, stage, fingerprint)
-    run.write_json({"fingerprint": fingerprint}, stage, "_RUN.json")
+    run.begin(stage, fingerprint)
     data, model_path = _tokenize(cfg, run)
     final = _fit(cfg, run, stage, fingerprint, data, model_path).metrics
     steps = {}  # the record that stands for each step: a resumed attempt's replaces a killed one's
@@ -89,16 +82,6 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     run.mark_done(stage, fingerprint, **facts)
     log.info("student %s trained: %s", variant, json.dumps(facts))
     return run.read_json(stage, DONE)
-
-
-def _drop_stale_run(run: RunDir, stage: str, fingerprint: str) -> None:
-    """Checkpoints and metrics of another config cannot be resumed: start the stage afresh."""
-    if (
-        run.exists(stage, "_RUN.json")
-        and run.read_json(stage, "_RUN.json")["fingerprint"] != fingerprint
-    ):
-        log.warning("training config changed since %s was started; starting it afresh", stage)
-        run.delete(stage)
 
 
 def _tokenize(cfg: ExperimentConfig, run: RunDir):
@@ -129,10 +112,8 @@ def _tokenize(cfg: ExperimentConfig, run: RunDir):
 
 def _fit(cfg: ExperimentConfig, run: RunDir, stage: str, fingerprint: str, data, model_path: str):
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from w2sr import engines
+    from w2sr import engines, learner
     from w2sr.sft_data import total_steps
 
     tcfg = cfg.train
@@ -149,91 +130,11 @@ def _fit(cfg: ExperimentConfig, run: RunDir, stage: str, fingerprint: str, data,
         "packed" if tcfg.packing else "padded",
     )
     engines.init_ray(cfg)
-    name = f"sft-{fingerprint}"
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={
-            "cfg": cfg.model_copy(update={"run_dir": run.location()}).model_dump(mode="json"),
-            "data": ray.put(data),
-            "model": model_path,
-            "steps": steps,
-            "stage": stage,
-            "name": name,
-        },
-        scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=cfg.use_gpu),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=name,
-            storage_path=run.location(stage, "ray"),
-            checkpoint_config=CheckpointConfig(num_to_keep=tcfg.num_to_keep),
-            failure_config=FailureConfig(max_failures=tcfg.max_failures),
-        ),
-    )
-    return trainer.fit()
+    loop_config = {"data": ray.put(data), "model": model_path, "steps": steps, "stage": stage}
+    return learner.fit(_worker_loop, cfg, run, stage, f"sft-{fingerprint}", tcfg, loop_config)
 
 
 # --- inside the Ray Train workers ------------------------------------------------------------
-
-
-class MetricsLog:
-    """Rank 0's per-step records: a log line (on the driver's stdout) and one in metrics.jsonl.
-
-    A local file is appended to line by line; object stores cannot append, so there the file is
-    rewritten whole at most every `flush_seconds` and at every checkpoint.
-    """
-
-    def __init__(self, run: RunDir, stage: str, flush_seconds: float = 10.0):
-        self.run, self.parts = run, (stage, "metrics.jsonl")
-        self.local = isinstance(run.fs, pafs.LocalFileSystem)
-        self.lines = (
-            []
-            if self.local or not run.exists(*self.parts)
-            else [line + "\n" for line in run.read_text(*self.parts).splitlines()]
-        )
-        self.flush_seconds, self.flushed = flush_seconds, time.time()
-        if self.local:
-            os.makedirs(os.path.dirname(run.path(*self.parts)), exist_ok=True)
-
-    def write(self, record: dict[str, Any], total_steps: int) -> None:
-        log.info(
-            "step %d/%d loss %.4f lr %.3g grad_norm %.3f tokens/s %.0f samples %d",
-            record["step"],
-            total_steps,
-            record["loss"],
-            record["lr"],
-            record["grad_norm"],
-            record["tokens_per_second"],
-            record["samples_seen"],
-        )
-        line = json.dumps(record) + "\n"
-        if self.local:
-            with open(self.run.path(*self.parts), "a") as out:
-                out.write(line)
-            return
-        self.lines.append(line)
-        if time.time() - self.flushed > self.flush_seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.local:
-            self.run.write_text("".join(self.lines), *self.parts)
-            self.flushed = time.time()
-
-
-@contextlib.contextmanager
-def _staged_folder(run: RunDir, *parts: str):
-    """A local folder to write into, published at `parts` of the run dir in one move at the end."""
-    final = run.path(*parts)
-    staged = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-    if isinstance(run.fs, pafs.LocalFileSystem):
-        yield staged
-    else:
-        with tempfile.TemporaryDirectory(prefix="w2sr-export-") as local:
-            yield local
-            run.fs.create_dir(staged, recursive=True)
-            pafs.copy_files(local, staged, destination_filesystem=run.fs)
-    run.delete(*parts)
-    run.fs.move(staged, final)
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -304,7 +205,17 @@ def _worker_loop(config: dict[str, Any]) -> None:
             "resumed_from": resumed_from,
         }
         if metrics_log:
-            metrics_log.write(record, steps)
+            metrics_log.write(record)
+            log.info(
+                "step %d/%d loss %.4f lr %.3g grad_norm %.3f tokens/s %.0f samples %d",
+                record["step"],
+                steps,
+                record["loss"],
+                record["lr"],
+                record["grad_norm"],
+                record["tokens_per_second"],
+                record["samples_seen"],
+            )
             tracked = ("loss", "lr", "grad_norm", "tokens_per_second", "samples_seen")
             trackers.log({k: record[k] for k in tracked}, step + 1)
         if state["step"] % tcfg.checkpoint_every == 0 or state["step"] == steps:
@@ -316,7 +227,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     end_text = assistant_end(tokenizer)
     if rank == 0:
-        with _staged_folder(run, config["stage"], "model") as out:
+        with run.staged_folder(config["stage"], "model") as out:
             learner.export_hf(engine, tokenizer, out, end_text)
     else:
         learner.export_hf(engine, tokenizer, None, end_text)
