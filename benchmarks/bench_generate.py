@@ -37,7 +37,7 @@ def problems(n: int) -> list[dict]:
 def rendered_prompts(model: str, rows: list[dict]) -> list[str]:
     from transformers import AutoTokenizer
 
-    from w2sr.templates import TEMPLATES
+    from w2sr.data.templates import TEMPLATES
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     template = TEMPLATES["paper"]
@@ -51,7 +51,7 @@ def rendered_prompts(model: str, rows: list[dict]) -> list[str]:
 
 def run_w2sr(model: str, data: Path, args, prompts: int) -> tuple[int, float]:
     """The real stage through its CLI, in its own process: (completion tokens, seconds)."""
-    from w2sr.generate import read_traces
+    from w2sr.layout import read_traces
     from w2sr.rundir import RunDir
 
     run_dir = data / f"run-{prompts}"

@@ -53,7 +53,7 @@ W2SR = ("w2sr-object_store", "w2sr-collective")
 
 def run_w2sr(work: Path, model: str, args, weight_sync: str) -> dict:
     from w2sr.config import validate
-    from w2sr.grpo import grpo
+    from w2sr.stages.grpo import grpo
 
     data = work / "prompts.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in problems(args.prompts * 4)))
@@ -107,8 +107,8 @@ def run_trl(work: Path, model: str, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from w2sr.data.templates import TEMPLATES
     from w2sr.grading import is_correct
-    from w2sr.templates import TEMPLATES
 
     torch.set_num_threads(os.cpu_count() or 1)
     rows = problems(args.prompts * 4)

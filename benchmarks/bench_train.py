@@ -79,9 +79,9 @@ def run_w2sr(work: Path, model: str, args, packing: bool) -> dict:
     import pyarrow as pa
 
     from w2sr.config import validate
-    from w2sr.generate import TRACE_SCHEMA
     from w2sr.rundir import RunDir
-    from w2sr.train import train
+    from w2sr.schemas import TRACE_SCHEMA
+    from w2sr.stages.train import train
 
     run_dir = work / f"w2sr-{'packed' if packing else 'padded'}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a finished stage would be skipped
@@ -130,8 +130,8 @@ def run_trl(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from w2sr.sft_data import build_sft_set
-    from w2sr.templates import TEMPLATES
+    from w2sr.data.templates import TEMPLATES
+    from w2sr.learner.batches import build_sft_set
 
     template = TEMPLATES["paper"]
     rows = [

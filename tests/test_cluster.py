@@ -27,7 +27,7 @@ import jsonschema
 import pytest
 import yaml
 
-from w2sr.config import RUN_LABELS
+from w2sr.layout import RUN_LABELS
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from w2sr.config import PromptsConfig
-from w2sr.data import BENCHMARKS, load_prompts
+from w2sr.data.benchmarks import BENCHMARKS
+from w2sr.data.sources import load_prompts
 
 
 @pytest.fixture(autouse=True)

@@ -15,24 +15,18 @@ import httpx
 import pyarrow as pa
 import pytest
 
-from w2sr import engines
 from w2sr.config import PromptsConfig, validate
-from w2sr.data import OFFLINE_TASKS, load_benchmark, load_prompts
-from w2sr.evaluate import (
-    EVAL_SCHEMA,
-    TOO_LONG,
-    EndpointError,
-    Task,
-    _chat,
-    _sample_rows,
-    benchmark_metrics,
-    evaluate,
-    load_problems,
-    model_table,
-    result_fingerprint,
-)
+from w2sr.data.benchmarks import OFFLINE_TASKS
+from w2sr.data.sources import load_benchmark, load_prompts
+from w2sr.engines import settings as engines
+from w2sr.evaluation.endpoint import EndpointError, chat_completion
+from w2sr.evaluation.problems import load_problems
+from w2sr.evaluation.results import Task, benchmark_metrics, result_fingerprint, sample_rows
 from w2sr.grading import is_correct
+from w2sr.registry import model_table
 from w2sr.rundir import RunDir
+from w2sr.schemas import EVAL_SCHEMA, TOO_LONG
+from w2sr.stages.evaluate import evaluate
 
 
 @pytest.fixture(autouse=True)
@@ -244,7 +238,7 @@ def chat(replies: list, retries: int = 3):
     async def run():
         transport = httpx.MockTransport(handler)
         async with httpx.AsyncClient(base_url="http://server", transport=transport) as client:
-            return await _chat(client, {"model": "w2sr"}, retries, backoff_s=0.001)
+            return await chat_completion(client, {"model": "w2sr"}, retries, backoff_s=0.001)
 
     try:
         return asyncio.run(run()), len(attempts)
@@ -326,7 +320,7 @@ def test_a_benchmark_that_loses_requests_keeps_its_replies_for_the_rerun(tmp_pat
     task = Task(
         model, cfg.eval.benchmarks[0], rows, result_fingerprint(cfg, model, "offline", rows)
     )
-    seeds = [s["seed"] for s in _sample_rows(cfg, task)]
+    seeds = [s["seed"] for s in sample_rows(cfg, task)]
     server = FlakyServer()
     try:
         server.refuse = set(seeds[:2])

@@ -15,10 +15,12 @@ import pytest
 import yaml
 
 from w2sr.config import validate
-from w2sr.generate import TRACE_SCHEMA, generate, read_traces
 from w2sr.grading import is_correct
+from w2sr.layout import read_traces
 from w2sr.rundir import RunDir
-from w2sr.selection import select
+from w2sr.schemas import TRACE_SCHEMA
+from w2sr.stages.generate import generate
+from w2sr.stages.select import select
 
 # Long enough that one engine step cannot prefill every prompt at once: a prompt gets split or
 # deferred, the path where seeded sampling on CPU used to kill the engine.

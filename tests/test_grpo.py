@@ -22,9 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-from w2sr.config import ConfigError, validate
-from w2sr.grpo import group_advantages, grpo, policy_loss, rollout_rows
-from w2sr.templates import TEMPLATES
+from w2sr.config import ConfigError, GRPOConfig, validate
+from w2sr.data.templates import TEMPLATES
+from w2sr.learner.batches import RolloutBatch, rollout_rows
+from w2sr.learner.rl_loss import group_advantages, policy_loss
+from w2sr.stages.grpo import grpo
 
 PROBLEMS = [f"What is {a} + {7 - a}?" for a in range(8)] + [
     f"What is {a + 7} - {a}?" for a in range(8)
@@ -93,9 +95,7 @@ def test_group_advantages_are_normalised_within_each_group():
 
 
 def test_policy_loss_clips_the_ratio_on_the_advantage_side():
-    g = validate({"run_dir": "/tmp/unused", "teacher": "t"}).grpo.model_copy(
-        update={"kl_coef": 0.0, "entropy_coef": 0.0}
-    )
+    g = GRPOConfig().model_copy(update={"kl_coef": 0.0, "entropy_coef": 0.0})
     old = torch.zeros(4)
     logp = torch.log(torch.tensor([1.5, 1.5, 0.5, 1.0]))  # ratios
     adv = torch.tensor([1.0, -1.0, -1.0, 2.0])
@@ -111,13 +111,27 @@ def test_policy_loss_clips_the_ratio_on_the_advantage_side():
     assert loss_kl.tolist() == pytest.approx([0.5 * k3 - 0.2] * 4, rel=1e-5)
 
 
+def rollout_batch(prompt_ids, completion_ids, advantages) -> RolloutBatch:
+    """Sampled groups with only what the update reads."""
+    n = len(prompt_ids)
+    return RolloutBatch(prompt_ids, completion_ids, advantages, [0.0] * n, *[[False] * n] * 3)
+
+
+def engine_weights(rollout_engine, names: list[str]) -> dict:
+    """Copies of a rollout engine's parameters by vLLM name (unfused ones match HF names)."""
+
+    def read(worker, names):
+        params = dict(worker.model_runner.get_model().named_parameters())
+        return {name: params[name].detach().to("cpu", copy=True) for name in names}
+
+    return rollout_engine.llm.collective_rpc(read, args=(names,))[0]
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_rollout_rows_score_exactly_the_completion_tokens(packed):
-    batch = {
-        "prompt_ids": [[1, 2, 3], [4, 5]],
-        "completion_ids": [[6, 7], [8, 9, 10]],
-        "advantages": [0.5, -1.0],
-    }
+    batch = rollout_batch(
+        prompt_ids=[[1, 2, 3], [4, 5]], completion_ids=[[6, 7], [8, 9, 10]], advantages=[0.5, -1.0]
+    )
     row = rollout_rows(batch, [0, 1], packed)
     if packed:
         assert row["input_ids"].tolist() == [[1, 2, 3, 6, 7, 4, 5, 8, 9, 10]]
@@ -134,17 +148,17 @@ def test_rollout_rows_score_exactly_the_completion_tokens(packed):
 def test_padded_and_packed_rows_give_the_same_logprobs(tiny_student):
     from transformers import AutoModelForCausalLM
 
-    from w2sr.grpo import _response_logits, token_logprobs
+    from w2sr.learner.rl_loss import response_logits, token_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.float32).eval()
-    batch = {
-        "prompt_ids": [[11, 12, 13, 14], [15, 16]],
-        "completion_ids": [[20, 21], [22, 23, 24, 25, 26]],
-        "advantages": [1.0, -1.0],
-    }
+    batch = rollout_batch(
+        prompt_ids=[[11, 12, 13, 14], [15, 16]],
+        completion_ids=[[20, 21], [22, 23, 24, 25, 26]],
+        advantages=[1.0, -1.0],
+    )
     with torch.no_grad():
         out = [
-            token_logprobs(_response_logits(model, row), row["targets"])
+            token_logprobs(response_logits(model, row), row["targets"])
             for row in (rollout_rows(batch, [0, 1], p) for p in (True, False))
         ]
     torch.testing.assert_close(out[0], out[1], atol=1e-4, rtol=1e-4)
@@ -163,7 +177,7 @@ def test_config_errors_come_before_any_ray_work(tmp_path):
 
 
 def test_weight_sync_auto_picks_nccl_only_for_separate_gpu_engines():
-    from w2sr.weight_sync import transport
+    from w2sr.engines.weight_sync import transport
 
     assert transport("auto", use_gpu=True, colocated=False) == "collective"
     assert transport("auto", use_gpu=True, colocated=True) == "object_store"
@@ -175,7 +189,7 @@ def test_colocated_engines_sit_beside_their_learner_worker():
     """Colocated: the learner worker's node and device, no resources of its own (Ray Train holds
     the worker's bundle); separate: a replica's own resources."""
     from w2sr.config import EngineConfig
-    from w2sr.rollout import actor_options
+    from w2sr.engines.rollout import actor_options
 
     engine = EngineConfig(cpus_per_replica=2, accelerator_type="A100")
     beside = {"node_id": "ab" * 28, "cpus": 4, "gpu_ids": ["3"]}
@@ -366,8 +380,8 @@ def test_synced_engine_computes_with_the_learners_weights(killed_run, answerer, 
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from w2sr.rollout import rollout_actor
-    from w2sr.weight_sync import CollectiveSender, ObjectStoreSender
+    from w2sr.engines.rollout import rollout_actor
+    from w2sr.engines.weight_sync import CollectiveSender, ObjectStoreSender
 
     run_dir, _, cfg = killed_run
     exported = run_dir / "rl" / "model"
@@ -391,7 +405,7 @@ def test_synced_engine_computes_with_the_learners_weights(killed_run, answerer, 
             "model.norm.weight",
             "model.layers.1.input_layernorm.weight",
         ]
-        engine = ray.get(actor.get_weights.remote(names))
+        engine = ray.get(actor.__ray_call__.remote(engine_weights, names))
         for name in names:
             rows = learned[name].shape[0]  # vLLM pads the vocabulary
             assert torch.equal(engine[name][:rows], learned[name]), name

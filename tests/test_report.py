@@ -18,16 +18,12 @@ import torch
 from safetensors.torch import save_file
 
 from w2sr.config import validate
-from w2sr.evaluate import (
-    Task,
-    evaluate,
-    load_problems,
-    model_table,
-    result_fingerprint,
-    write_result,
-)
-from w2sr.report import report
+from w2sr.evaluation.problems import load_problems
+from w2sr.evaluation.results import Task, result_fingerprint, write_result
+from w2sr.registry import model_table
 from w2sr.rundir import RunDir
+from w2sr.stages.evaluate import evaluate
+from w2sr.stages.report import report
 
 PROBLEMS = 10
 SAMPLES = 4

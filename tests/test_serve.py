@@ -12,11 +12,13 @@ import socket
 
 import pytest
 
-from w2sr import engines
 from w2sr.config import validate
-from w2sr.evaluate import evaluate, served_models
+from w2sr.engines import settings as engines
+from w2sr.engines.serve_app import llm_config
+from w2sr.evaluation.endpoint import served_models
 from w2sr.rundir import RunDir
-from w2sr.serve import hosted_models, llm_config
+from w2sr.stages.evaluate import evaluate
+from w2sr.stages.serve import hosted_models
 
 PROBLEMS = [f"What is {a} * {b}?" for a, b in [(2, 3), (4, 5), (6, 7), (8, 9), (3, 3)]]
 
@@ -93,7 +95,7 @@ def free_port() -> int:
 def test_served_and_offline_greedy_evaluation_agree(tmp_path, tiny_model, ray_session):
     from ray import serve as ray_serve
 
-    from w2sr.serve import serve
+    from w2sr.stages.serve import serve
 
     offline_dir, served_dir = tmp_path / "offline", tmp_path / "served"
     offline_dir.mkdir()

@@ -25,29 +25,36 @@ import pyarrow as pa
 import pytest
 import torch
 
-from w2sr import learner
 from w2sr.config import ConfigError, validate
-from w2sr.generate import TRACE_SCHEMA
-from w2sr.learner import param_groups, token_loss
-from w2sr.rundir import MetricsLog, RunDir
-from w2sr.sft_data import (
+from w2sr.data.templates import TEMPLATES
+from w2sr.learner.attention import attention as attention_for
+from w2sr.learner.batches import (
     IGNORE,
     build_sft_set,
     epoch_permutation,
-    layout,
-    packed_batch,
-    padded_batch,
+    micro_batch_plan,
+    sft_rows,
     step_samples,
     total_steps,
 )
-from w2sr.templates import TEMPLATES
-from w2sr.train import train
+from w2sr.learner.engine import param_groups, token_loss
+from w2sr.rundir import MetricsLog, RunDir
+from w2sr.schemas import TRACE_SCHEMA
+from w2sr.stages.train import train
 
 STEPS = 24
 GLOBAL_BATCH = 8
 
 
 KILLED = {"zero_stage": 3, "packing": True, "checkpoint_every": 4, "max_failures": 1}
+
+
+def packed_batch(data, indices):
+    return sft_rows(data, indices, packed=True, pad_id=0)
+
+
+def padded_batch(data, indices, pad_id):
+    return sft_rows(data, indices, packed=False, pad_id=pad_id)
 
 
 def sha256(path: Path) -> str:
@@ -183,7 +190,7 @@ def test_data_order_is_deterministic_under_the_seed():
 def test_layout_deals_every_sample_once_with_balanced_ranks():
     lengths = np.array([5, 50, 7, 40, 9, 30, 11, 20, 13, 10, 15, 60])
     indices = np.arange(12)
-    plan = layout(indices, lengths, world=2, micro=3)
+    plan = micro_batch_plan(indices, lengths, world=2, micro=3)
     assert [len(rank) for rank in plan] == [2, 2] and all(len(m) == 3 for r in plan for m in r)
     assert sorted(i for rank in plan for micro in rank for i in micro) == list(range(12))
     loads = [sum(lengths[i] for micro in rank for i in micro) for rank in plan]
@@ -195,7 +202,7 @@ def load_model(path: str, attention: str, **overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path, **overrides)
-    name = learner.attention("sdpa", config) if attention == "sample_sdpa" else attention
+    name = attention_for("sdpa", config) if attention == "sample_sdpa" else attention
     assert name != "sdpa" or attention == "sdpa"
     return AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=torch.float32, attn_implementation=name

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from w2sr.config import PromptsConfig
-from w2sr.data import load_benchmark, load_prompts
+from w2sr.data.sources import load_benchmark, load_prompts
+from w2sr.data.world import World, build_tokenizer, prompt_rows, solution
 from w2sr.grading import GRADERS
-from w2sr.world import World, build_tokenizer, prompt_rows, solution
 
 
 def test_the_world_is_fixed_and_its_held_out_pairs_never_train():

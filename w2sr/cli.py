@@ -15,36 +15,37 @@ from collections.abc import Callable
 
 import yaml
 
+from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig, load_config
 from w2sr.rundir import RunDir
 
 
 def _generate(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
-    from w2sr.generate import generate
+    from w2sr.stages.generate import generate
 
     return generate(cfg)
 
 
 def _select(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
-    from w2sr.selection import select
+    from w2sr.stages.select import select
 
     return select(cfg)
 
 
 def _train(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
-    from w2sr.train import train
+    from w2sr.stages.train import train
 
     return train(cfg)
 
 
 def _grpo(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
-    from w2sr.grpo import grpo
+    from w2sr.stages.grpo import grpo
 
     return grpo(cfg)
 
 
 def _eval(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
-    from w2sr.evaluate import evaluate
+    from w2sr.stages.evaluate import evaluate
 
     return evaluate(cfg, endpoint=args.endpoint)
 
@@ -52,7 +53,7 @@ def _eval(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
 def _serve(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
     import os
 
-    from w2sr.serve import serve
+    from w2sr.stages.serve import serve
 
     if args.detach and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         raise ConfigError(
@@ -68,8 +69,8 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
     the GRPO baseline when the config has a `grpo` section (at scale it costs far more than the
     rest together, so it is asked for, not implied), then every model on the benchmarks and the
     report."""
-    from w2sr.evaluate import evaluate
-    from w2sr.report import report
+    from w2sr.stages.evaluate import evaluate
+    from w2sr.stages.report import report
 
     done = {"generate": _generate(cfg, args), "select": _select(cfg, args)}
     if cfg.student:
@@ -77,7 +78,7 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
             if summary["traces"]:
                 train = cfg.train.model_copy(update={"variant": variant})
                 done[f"train {variant}"] = _train(cfg.model_copy(update={"train": train}), args)
-        if "grpo" in cfg.model_fields_set:
+        if cfg.grpo is not None:
             done["grpo"] = _grpo(cfg, args)
     done["eval"] = evaluate(cfg)
     done["report"] = report(cfg.run_dir)
@@ -140,14 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "report":
-        from w2sr.report import report
+        from w2sr.stages.report import report
 
         print(json.dumps(report(args.run_dir), indent=2, default=str))
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
         RunDir(cfg.run_dir).write_text(
-            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml"
+            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), layout.CONFIG
         )
         result = STAGES[args.command][0](cfg, args)
     except ConfigError as error:  # raised before any work that could be lost

@@ -6,14 +6,14 @@ an impossible value costs nothing; errors name the dotted key.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from w2sr.layout import RUN_LABELS, VARIANT_NAMES
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
@@ -71,7 +71,7 @@ class ReasoningGymSource(Strict):
 
 
 class KHopSource(Strict):
-    """The k-hop lookup world of the CPU demo (`w2sr.world`): `train` questions for traces,
+    """The k-hop lookup world of the CPU demo (`w2sr.data.world`): `train` questions for traces,
     `heldout` ones for evaluation."""
 
     type: Literal["khop"] = "khop"
@@ -197,45 +197,31 @@ class GenerationConfig(Strict):
 # --- training --------------------------------------------------------------------------------
 
 
-# How a learner runs, not what it learns: the same math, checkpoints and trackers.
-LEARNER_OPERATIONAL = frozenset(
-    {
-        "gradient_checkpointing",
-        "attn_implementation",
-        "checkpoint_every",
-        "num_to_keep",
-        "max_failures",
-        "mlflow_tracking_uri",
-        "wandb_project",
-    }
-)
+class LearnerConfig(Strict):
+    """What SFT and GRPO share: the DeepSpeed learner on a Ray Train worker group, its
+    checkpoints and its trackers. Each stage adds its objective and its batch."""
 
+    # How a learner runs, not what it learns: the same math, checkpoints and trackers.
+    OPERATIONAL = frozenset(
+        {
+            "gradient_checkpointing",
+            "attn_implementation",
+            "checkpoint_every",
+            "num_to_keep",
+            "max_failures",
+            "mlflow_tracking_uri",
+            "wandb_project",
+        }
+    )
 
-class TrainConfig(Strict):
-    """SFT of the student on a selected trace set (the paper's recipe by default)."""
-
-    OPERATIONAL = LEARNER_OPERATIONAL
-
-    variant: Literal["all", "correct", "incorrect"] = "all"
     num_workers: PositiveInt = 2
     zero_stage: Literal[2, 3] = 3
-    offload_optimizer: bool = False
     lr: Annotated[float, Field(gt=0)] = 2e-5
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
-    global_batch_size: PositiveInt = 128
     micro_batch_size: PositiveInt = 1
-    cutoff_len: PositiveInt = 4096
-    epochs: PositiveInt = 3
-    max_steps: PositiveInt | None = None
     bf16: bool = True
-    # Samples of a micro-batch share one row (positions restart, no attention across samples)
-    # instead of being padded to the longest: same gradient, no compute spent on padding.
-    packing: bool = True
     gradient_checkpointing: bool = False
-    # With sdpa, packed rows are attended sample by sample (w2sr.learner.sample_sdpa);
+    # With sdpa, packed rows are attended sample by sample (w2sr.learner.attention);
     # flash_attention_2 (GPU, needs flash-attn) reads them from their position ids.
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     seed: int = 0
@@ -244,6 +230,34 @@ class TrainConfig(Strict):
     max_failures: Annotated[int, Field(ge=-1)] = 0
     mlflow_tracking_uri: str | None = None
     wandb_project: str | None = None
+
+    # Samples per optimizer step, and the optimizer's schedule: fields of SFT, fixed for GRPO.
+    global_batch_size: ClassVar[int]
+    lr_scheduler: ClassVar[str]
+    warmup_ratio: ClassVar[float]
+    weight_decay: ClassVar[float]
+    offload_optimizer: ClassVar[bool]
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+
+class TrainConfig(LearnerConfig):
+    """SFT of the student on a selected trace set (the paper's recipe by default)."""
+
+    variant: Literal[VARIANT_NAMES] = "all"
+    offload_optimizer: bool = False
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    global_batch_size: PositiveInt = 128
+    cutoff_len: PositiveInt = 4096
+    epochs: PositiveInt = 3
+    max_steps: PositiveInt | None = None
+    # Samples of a micro-batch share one row (positions restart, no attention across samples)
+    # instead of being padded to the longest: same gradient, no compute spent on padding.
+    packing: bool = True
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:
@@ -255,22 +269,23 @@ class TrainConfig(Strict):
             )
         return self
 
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
-
 
 def _rollout_sampling() -> SamplingConfig:
     # SimpleRL-Zoo samples rollouts at temperature 1.0: the policy's own distribution.
     return SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=1024)
 
 
-class GRPOConfig(Strict):
+class GRPOConfig(LearnerConfig):
     """The RL baseline: GRPO on the student with the run's grader as reward (SimpleRL-Zoo's
     coefficients by default). One step samples `group_size` completions for each of
     `prompts_per_step` prompts and takes `mini_batches` optimizer steps on them."""
 
-    OPERATIONAL = LEARNER_OPERATIONAL | {"placement", "weight_sync", "cpus_per_worker"}
+    OPERATIONAL = LearnerConfig.OPERATIONAL | {"placement", "weight_sync", "cpus_per_worker"}
+    # One optimizer step per mini-batch at a constant rate from the first step.
+    lr_scheduler: ClassVar[str] = "constant"
+    warmup_ratio: ClassVar[float] = 0.0
+    weight_decay: ClassVar[float] = 0.0
+    offload_optimizer: ClassVar[bool] = False
 
     steps: PositiveInt = 100
     prompts_per_step: PositiveInt = 32
@@ -278,7 +293,6 @@ class GRPOConfig(Strict):
     mini_batches: PositiveInt = 1
     micro_batch_size: PositiveInt = 4
     lr: Annotated[float, Field(gt=0)] = 1e-6
-    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     clip_eps: Annotated[float, Field(gt=0, lt=1)] = 0.2
     kl_coef: Annotated[float, Field(ge=0)] = 1e-4  # 0: no reference model at all
     entropy_coef: Annotated[float, Field(ge=0)] = 0.001
@@ -290,25 +304,19 @@ class GRPOConfig(Strict):
     # device with `engine.gpu_memory_utilization` of it, asleep while the learner updates);
     # separate: rollout engines hold resources of their own.
     placement: Literal["colocated", "separate"] = "colocated"
-    # How updated weights reach the engines (w2sr.weight_sync): `collective` broadcasts them in a
-    # process group (NCCL on GPUs, gloo on CPU); `object_store` passes CPU copies through Ray.
-    # auto: collective for separate engines on GPUs, object_store otherwise (NCCL cannot join two
-    # processes on one GPU, as a colocated engine and its learner worker are).
+    # How updated weights reach the engines (w2sr.engines.weight_sync): `collective` broadcasts
+    # them in a process group (NCCL on GPUs, gloo on CPU); `object_store` passes CPU copies
+    # through Ray. auto: collective for separate engines on GPUs, object_store otherwise (NCCL
+    # cannot join two processes on one GPU, as a colocated engine and its learner worker are).
     weight_sync: Literal["auto", "collective", "object_store"] = "auto"
-    num_workers: PositiveInt = 2
     # CPUs (and torch threads) of each learner worker; a colocated engine, which computes while
     # its worker waits, runs with as many threads.
     cpus_per_worker: PositiveInt = 1
-    zero_stage: Literal[2, 3] = 3
-    bf16: bool = True
-    gradient_checkpointing: bool = False
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    seed: int = 0
     checkpoint_every: PositiveInt = 10
-    num_to_keep: PositiveInt = 2
-    max_failures: Annotated[int, Field(ge=-1)] = 0
-    mlflow_tracking_uri: str | None = None
-    wandb_project: str | None = None
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.prompts_per_step * self.group_size // self.mini_batches
 
     @model_validator(mode="after")
     def _consistent(self) -> GRPOConfig:
@@ -334,13 +342,12 @@ class GRPOConfig(Strict):
 
 # --- evaluation and serving ------------------------------------------------------------------
 
-# The models of a run, by label: cfg.teacher, cfg.student, the three SFT students and the GRPO one.
-RUN_LABELS = ("teacher", "base", "w2sr", "w2sr_p", "w2sr_n", "rl")
 _LABEL_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"  # a label names a folder and a served model id
 
 
 class EvalBenchmark(Strict):
-    """A benchmark by name (`w2sr.data.EVAL_BENCHMARKS`), from a local copy (`path`) or the hub.
+    """A benchmark by name (`w2sr.data.benchmarks.EVAL_BENCHMARKS`), from a local copy (`path`)
+    or the hub.
 
     `limit` keeps the first N problems: a quick look, not a result to report.
     """
@@ -357,7 +364,7 @@ class EvalBenchmark(Strict):
 
     @model_validator(mode="after")
     def _known(self) -> EvalBenchmark:
-        from w2sr.data import EVAL_BENCHMARKS, KHOP, OFFLINE
+        from w2sr.data.benchmarks import EVAL_BENCHMARKS, KHOP, OFFLINE
 
         if self.name not in EVAL_BENCHMARKS:
             raise ValueError(f"unknown benchmark {self.name!r}; one of {sorted(EVAL_BENCHMARKS)}")
@@ -459,14 +466,14 @@ class ExperimentConfig(Strict):
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    grpo: GRPOConfig | None = None  # the RL baseline; null or absent: none
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")
     def _known_names(self) -> ExperimentConfig:
+        from w2sr.data.templates import TEMPLATES
         from w2sr.grading import GRADERS
-        from w2sr.templates import TEMPLATES
 
         if self.template not in TEMPLATES:
             raise ValueError(f"template: unknown {self.template!r}; one of {sorted(TEMPLATES)}")
@@ -479,21 +486,20 @@ class ExperimentConfig(Strict):
             if problem:
                 raise ValueError(f"{key}: {problem}")
         g = self.grpo
-        if self.use_gpu and g.placement == "colocated" and g.weight_sync == "collective":
+        if g and self.use_gpu and g.placement == "colocated" and g.weight_sync == "collective":
             raise ValueError(
                 "grpo.weight_sync: collective (NCCL) cannot join a colocated engine and its "
                 "learner worker, which share a GPU; use object_store or placement: separate"
             )
         return self
 
-    def fingerprint(self, *sections: str) -> str:
-        """A stable hash of the named sections: a stage reruns only when its inputs change."""
-        data = self.model_dump(mode="json")
-        picked = {name: data[name] for name in sections}
+    def fields(self, *sections: str) -> dict[str, Any]:
+        """The named sections as they decide a stage's outputs (`w2sr.layout.fingerprint`)."""
+        picked = {}
         for name in sections:
-            if isinstance(value := getattr(self, name), Strict):
-                picked[name] = value.outcome()
-        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+            value = getattr(self, name)
+            picked[name] = value.outcome() if isinstance(value, Strict) else value
+        return picked
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -1,31 +1,8 @@
 """The run directory: every artifact of an experiment, on a local disk or any pyarrow filesystem.
 
-Layout (relative to `run_dir`):
-
-    config.yaml                     the resolved config of the latest command
-    prompts/prompts.parquet         the validated prompt set (prompt_id, problem, answer, prompt)
-    prompts/rejected.parquet        rows set aside, with the reason
-    traces/shard-NNNNN.parquet      graded teacher traces, one file per prompt shard
-    sft/{all,correct,incorrect}.parquet and sft/summary.json
-                                    the W2SR, W2SR-P and W2SR-N training sets
-    students/{all,correct,incorrect}/model
-                                    the W2SR, W2SR-P and W2SR-N students (HF folders)
-    rl/model                        the GRPO student (HF folder)
-    eval/{label}/{benchmark}-{fingerprint}.parquet
-                                    one model on one benchmark, k graded samples per problem
-                                    (schema: evaluate.EVAL_SCHEMA, provenance in the file's
-                                    metadata); label is teacher, base, w2sr, w2sr_p, w2sr_n, rl
-                                    or an eval.models extra; the fingerprint covers weights,
-                                    problems, sampling, template, grader and context length, so
-                                    files of other settings stay as a cache
-    eval/summary.json               written last by `w2sr eval`: settings, the result file and
-                                    metrics of every (model, benchmark), the models skipped
-    report/report.md, report/*.png  `w2sr report`: the tables and figures
-    <stage>/_DONE.json              written last: the stage's config fingerprint and counts
-                                    (traces, students/*, rl: also wall_seconds, worker_seconds)
-
-Files are written to a temporary name and renamed, so a reader sees a whole file or none, and a
-stage that finds its `_DONE.json` with the same fingerprint has nothing left to do.
+What lives where is `w2sr.layout`'s to say; this module is how it is stored. Files are written to
+a temporary name and renamed, so a reader sees a whole file or none, and a stage that finds its
+done record with the same fingerprint has nothing left to do.
 """
 
 from __future__ import annotations
@@ -43,8 +20,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-DONE = "_DONE.json"
+DONE = "_DONE.json"  # a finished stage's record: its fingerprint and counts
 RUN = "_RUN.json"  # the fingerprint of the config a stage's unfinished work belongs to
+METRICS = "metrics.jsonl"  # a training stage's per-step records
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +57,7 @@ class RunDir:
         return sorted(n for n in names if n.endswith(suffix) and ".tmp-" not in n)
 
     def _atomic(self, parts: tuple[str, ...], write) -> None:
+        """Call `write(tmp)` to fill a temporary file, then move it to `parts`."""
         final = self.path(*parts)
         self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
         tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
@@ -96,12 +75,15 @@ class RunDir:
     def read_parquet(self, *parts: str) -> pa.Table:
         return pq.read_table(self.path(*parts), filesystem=self.fs)
 
-    def write_text(self, text: str, *parts: str) -> None:
+    def write_bytes(self, data: bytes, *parts: str) -> None:
         def write(tmp: str) -> None:
             with self.fs.open_output_stream(tmp) as out:
-                out.write(text.encode())
+                out.write(data)
 
         self._atomic(parts, write)
+
+    def write_text(self, text: str, *parts: str) -> None:
+        self.write_bytes(text.encode(), *parts)
 
     def read_text(self, *parts: str) -> str:
         with self.fs.open_input_stream(self.path(*parts)) as stream:
@@ -165,7 +147,7 @@ class MetricsLog:
     """
 
     def __init__(self, run: RunDir, stage: str, flush_seconds: float = 10.0):
-        self.run, self.parts = run, (stage, "metrics.jsonl")
+        self.run, self.parts = run, (stage, METRICS)
         self.local = isinstance(run.fs, pafs.LocalFileSystem)
         self.lines = (
             []

@@ -20,7 +20,7 @@ import datetime
 from collections.abc import Iterator
 from typing import Any
 
-EXTENSION = "w2sr.weight_sync.WeightSyncExtension"
+EXTENSION = "w2sr.engines.weight_sync.WeightSyncExtension"
 GROUP_TIMEOUT = datetime.timedelta(minutes=10)
 
 
@@ -89,11 +89,6 @@ class WeightSyncExtension:
         tied = getattr(self.model_runner.model_config.hf_config, "tie_word_embeddings", False)
         if tied and head is not None and hasattr(head, "quant_method"):
             head.quant_method.process_weights_after_loading(head)
-
-    def w2sr_get_weights(self, names: list[str]) -> dict:
-        """Copies of the engine's parameters by vLLM name (unfused ones match HF names)."""
-        params = dict(self.model_runner.get_model().named_parameters())
-        return {name: params[name].detach().to("cpu", copy=True) for name in names}
 
 
 # --- the learner's side (rank 0) -------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Stage `select`: the three training sets of the paper from one set of graded traces.
 
-`all` trains W2SR, `correct` W2SR-P, `incorrect` W2SR-N. The summary says what each set holds,
-so a surprising student can be traced back to its data (few correct traces, many truncated ones).
+`all` trains W2SR, `correct` W2SR-P, `incorrect` W2SR-N (`w2sr.layout.VARIANTS`). The summary says
+what each set holds, so a surprising student can be traced back to its data (few correct traces,
+many truncated ones).
 """
 
 from __future__ import annotations
@@ -12,20 +13,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from w2sr import layout
 from w2sr.config import ExperimentConfig
-from w2sr.generate import read_traces
-from w2sr.rundir import RunDir
+from w2sr.rundir import DONE, RunDir
 
 log = logging.getLogger(__name__)
 
-VARIANTS = {"all": None, "correct": True, "incorrect": False}
 
-
-def select_variant(traces: pa.Table, variant: str) -> pa.Table:
-    wanted = VARIANTS[variant]
-    if wanted is None:
+def select_variant(traces: pa.Table, variant: layout.Variant) -> pa.Table:
+    if variant.correct is None:
         return traces
-    return traces.filter(pc.equal(traces.column("correct"), wanted))
+    return traces.filter(pc.equal(traces.column("correct"), variant.correct))
 
 
 def summarize(traces: pa.Table) -> dict[str, Any]:
@@ -55,20 +53,19 @@ def summarize(traces: pa.Table) -> dict[str, Any]:
 
 def select(cfg: ExperimentConfig) -> dict[str, Any]:
     run = RunDir(cfg.run_dir)
-    record = run.read_json("traces", "_DONE.json") if run.exists("traces", "_DONE.json") else None
-    if record is None:
+    if not run.exists(layout.TRACES, DONE):
         raise RuntimeError(f"no complete traces in {cfg.run_dir}; run `w2sr generate` first")
-    fingerprint = record["fingerprint"]
-    if run.done("sft", fingerprint):
-        return run.read_json("sft", "summary.json")
-    traces = read_traces(run)
+    fingerprint = layout.fingerprint({}, run.read_json(layout.TRACES, DONE)["fingerprint"])
+    if run.done(layout.SFT, fingerprint):
+        return run.read_json(*layout.SFT_SUMMARY)
+    traces = layout.read_traces(run)
     summary = {}
-    for variant in VARIANTS:
+    for variant in layout.VARIANTS:
         subset = select_variant(traces, variant)
-        run.write_parquet(subset, "sft", f"{variant}.parquet")
-        summary[variant] = summarize(subset)
-    run.write_json(summary, "sft", "summary.json")
-    run.mark_done("sft", fingerprint)
+        run.write_parquet(subset, *layout.sft_set(variant.name))
+        summary[variant.name] = summarize(subset)
+    run.write_json(summary, *layout.SFT_SUMMARY)
+    run.mark_done(layout.SFT, fingerprint)
     log.info(
         "training sets: all %d, correct %d, incorrect %d (teacher accuracy %s)",
         summary["all"]["traces"],

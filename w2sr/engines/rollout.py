@@ -1,9 +1,10 @@
 """Rollout engines: Ray actors that hold a vLLM engine in-process and sample GRPO's groups.
 
 The engine runs in the actor's own process (no engine subprocess, one worker), so weights pushed
-by the learner reach the model as tensors, through the worker extension of `w2sr.weight_sync`,
-without restarting anything. An engine colocated with a learner worker on a GPU shares its device
-and sleeps (weights to host memory, KV cache freed) while the learner updates.
+by the learner reach the model as tensors, through the worker extension of
+`w2sr.engines.weight_sync`, without restarting anything. An engine colocated with a learner
+worker on a GPU shares its device and sleeps (weights to host memory, KV cache freed) while the
+learner updates.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from w2sr import engines
-from w2sr.config import EngineConfig, SamplingConfig
-from w2sr.weight_sync import EXTENSION
+from w2sr.config import EngineConfig
+from w2sr.engines import settings
+from w2sr.engines.weight_sync import EXTENSION
 
 
 class RolloutEngine:
@@ -32,7 +33,9 @@ class RolloutEngine:
         from vllm import LLM
 
         config = EngineConfig.model_validate(engine)
-        kwargs = engines.engine_kwargs(config, use_gpu=use_gpu, trust_remote_code=trust_remote_code)
+        kwargs = settings.engine_kwargs(
+            config, use_gpu=use_gpu, trust_remote_code=trust_remote_code
+        )
         self.llm = LLM(
             model=model,
             distributed_executor_backend="uni",
@@ -78,15 +81,12 @@ class RolloutEngine:
         )
 
     def receive_weights(self, specs: list) -> int:
-        """Load the weights the learner broadcasts to its weight group (see `w2sr.weight_sync`)."""
+        """Load the weights the learner broadcasts to its weight group (see weight_sync)."""
         return self._reloaded(self.llm.collective_rpc("w2sr_receive_weights", args=(specs,)))
 
     def _reloaded(self, results: list) -> int:
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         return results[0]
-
-    def get_weights(self, names: list[str]) -> dict:
-        return self.llm.collective_rpc("w2sr_get_weights", args=(names,))[0]
 
     def sleep(self) -> None:
         """Free the device for the learner: weights to host memory, KV cache dropped."""
@@ -94,14 +94,6 @@ class RolloutEngine:
 
     def wake_up(self) -> None:
         self.llm.wake_up()
-
-
-def sampling_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
-    return {
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "max_tokens": sampling.max_tokens,
-    }
 
 
 def actor_options(engine: EngineConfig, *, use_gpu: bool, beside: dict | None = None) -> dict:
@@ -114,7 +106,7 @@ def actor_options(engine: EngineConfig, *, use_gpu: bool, beside: dict | None = 
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    env = engines.engine_env(engine, use_gpu)
+    env = settings.engine_env(engine, use_gpu)
     env["env_vars"]["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if beside is not None:
         options = {

@@ -1,4 +1,5 @@
-"""SFT examples from a trace table: tokenized samples, their loss mask, their order and batches.
+"""Training data: SFT samples from a trace table (tokens, loss mask, order), GRPO's rollout
+batches, and the model inputs of a micro-batch for both.
 
 A sample is the prompt exactly as generation rendered it (the template's messages through the
 student's chat template, with the generation prompt) followed by the trace and the text the chat
@@ -16,7 +17,7 @@ whether a micro-batch is padded or packed, does not change the gradient. Packed 
 their samples in one row with positions restarting at 0 and no attention mask, and the position
 resets keep samples apart: transformers' eager and sdpa attention build a block-diagonal causal
 mask from them (`masking_utils.find_packed_sequence_indices`), flash-attention reads them as
-sequence boundaries, and w2sr's `learner.sample_sdpa` attends each sample on its own.
+sequence boundaries, and w2sr's `learner.attention.sample_sdpa` attends each sample on its own.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from w2sr.templates import Template
+from w2sr.data.prompts import render
+from w2sr.data.templates import Template
 
 IGNORE = -100
 _PROBE = "W2SR-ASSISTANT-PROBE"
@@ -105,8 +107,7 @@ def build_sft_set(
     truncated = dropped = 0
     for start in range(0, len(texts), batch_size):
         stop = start + batch_size
-        prompts = [template.render(tokenizer, p) for p in problems[start:stop]]
-        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        _, prompt_ids = render(tokenizer, template, problems[start:stop])
         trace_ids = tokenizer(texts[start:stop], add_special_tokens=False)["input_ids"]
         for p_ids, t_ids, done in zip(prompt_ids, trace_ids, finished[start:stop], strict=True):
             ids = p_ids + t_ids + (end_ids if done else [])
@@ -155,7 +156,9 @@ def total_steps(n: int, global_batch: int, epochs: int, max_steps: int | None) -
     return steps
 
 
-def layout(indices: np.ndarray, lengths: np.ndarray, world: int, micro: int) -> list[list[list]]:
+def micro_batch_plan(
+    indices: np.ndarray, lengths: np.ndarray, world: int, micro: int
+) -> list[list[list]]:
     """`[rank][micro_step]` -> sample indices of one step.
 
     Longest first, dealt round-robin: ranks carry about the same number of tokens at each
@@ -170,31 +173,89 @@ def layout(indices: np.ndarray, lengths: np.ndarray, world: int, micro: int) -> 
 # --- batches ---------------------------------------------------------------------------------
 
 
-def padded_batch(data: SFTSet, indices: list[int], pad_id: int) -> dict:
-    """Right-padded rows with an attention mask; padding carries no loss."""
+def model_rows(samples: list[np.ndarray], packed: bool, pad_id: int) -> tuple[dict, list[int]]:
+    """The model inputs of a micro-batch, and where each sample starts in the flattened rows.
+
+    Packed: one row holding every sample, positions restarting at 0 at each sample, no padding.
+    Padded: one right-padded row per sample with an attention mask.
+    """
     import torch
 
-    width = max(int(data.lengths[i]) for i in indices)
-    input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(indices), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(indices), width), dtype=torch.long)
-    for row, i in enumerate(indices):
-        n = int(data.lengths[i])
-        input_ids[row, :n] = torch.from_numpy(data.ids(i).astype(np.int64))
-        targets[row, :n] = torch.from_numpy(data.targets(i))
+    lengths = [len(sample) for sample in samples]
+    if packed:
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
+        ids = np.concatenate(samples).astype(np.int64)
+        positions = np.concatenate([np.arange(n) for n in lengths])
+        inputs = {
+            "input_ids": torch.from_numpy(ids)[None],
+            "position_ids": torch.from_numpy(positions)[None],
+        }
+        return inputs, starts
+    width = max(lengths)
+    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, (sample, n) in enumerate(zip(samples, lengths, strict=True)):
+        input_ids[row, :n] = torch.from_numpy(np.asarray(sample, dtype=np.int64))
         mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "targets": targets}
+    return {"input_ids": input_ids, "attention_mask": mask}, [
+        row * width for row in range(len(samples))
+    ]
 
 
-def packed_batch(data: SFTSet, indices: list[int]) -> dict:
-    """One row holding every sample, positions restarting at 0 at each sample, no padding."""
+def sft_rows(data: SFTSet, indices: list[int], packed: bool, pad_id: int) -> dict:
+    """SFT inputs with `targets` (the shifted labels, -100 where nothing is learned)."""
     import torch
 
-    ids = np.concatenate([data.ids(i) for i in indices]).astype(np.int64)
-    positions = np.concatenate([np.arange(data.lengths[i]) for i in indices])
-    targets = np.concatenate([data.targets(i) for i in indices])
+    inputs, starts = model_rows([data.ids(i) for i in indices], packed, pad_id)
+    targets = torch.full((inputs["input_ids"].numel(),), IGNORE, dtype=torch.long)
+    for start, i in zip(starts, indices, strict=True):
+        targets[start : start + int(data.lengths[i])] = torch.from_numpy(data.targets(i))
+    return {**inputs, "targets": targets.view_as(inputs["input_ids"])}
+
+
+@dataclass
+class RolloutBatch:
+    """One GRPO step's graded groups, as rank 0 hands them to every learner worker: sample i is
+    `prompt_ids[i] + completion_ids[i]`, samples of a prompt adjacent."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    advantages: list[float]
+    rewards: list[float]
+    correct: list[bool]
+    answered: list[bool]  # the grader could read an answer
+    truncated: list[bool]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array(
+            [len(p) + len(c) for p, c in zip(self.prompt_ids, self.completion_ids, strict=True)]
+        )
+
+    @property
+    def response_lengths(self) -> np.ndarray:
+        return np.array([len(c) for c in self.completion_ids])
+
+
+def rollout_rows(batch: RolloutBatch, indices: list[int], packed: bool) -> dict:
+    """GRPO inputs for the samples `indices`: `response` indexes the flattened positions whose
+    next token is a completion token, `targets` holds those tokens and `advantages` their sample's
+    advantage. Padded rows suit sdpa and eager attention; packed rows suit flash-attention, which
+    reads sample boundaries from the positions."""
+    import torch
+
+    samples = [np.asarray(batch.prompt_ids[i] + batch.completion_ids[i]) for i in indices]
+    inputs, starts = model_rows(samples, packed, pad_id=0)
+    response, targets, advantages = [], [], []
+    for start, i in zip(starts, indices, strict=True):
+        completion = batch.completion_ids[i]
+        first = start + len(batch.prompt_ids[i]) - 1
+        response += range(first, first + len(completion))
+        targets += completion
+        advantages += [batch.advantages[i]] * len(completion)
     return {
-        "input_ids": torch.from_numpy(ids)[None],
-        "position_ids": torch.from_numpy(positions)[None],
-        "targets": torch.from_numpy(targets)[None],
+        **inputs,
+        "response": torch.tensor(response),
+        "targets": torch.tensor(targets),
+        "advantages": torch.tensor(advantages, dtype=torch.float32),
     }

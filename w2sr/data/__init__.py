@@ -1,0 +1,2 @@
+"""Where problems come from and how they become prompts: sources, benchmarks, the k-hop world,
+templates and rendering."""

@@ -1,0 +1,146 @@
+"""Evaluation through an OpenAI-compatible endpoint (`w2sr serve`, or any server that hosts the
+models under their labels): requests go out with bounded concurrency, time-outs and retries.
+
+Prompts are the run's template messages; the server applies the model's chat template. A
+benchmark that loses requests keeps its replies in a `.partial.json` beside its result, and a
+rerun asks only for the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import re
+
+from w2sr.config import ExperimentConfig
+from w2sr.data.templates import TEMPLATES
+from w2sr.evaluation.results import Task, sample_rows, scorer, write_result
+from w2sr.rundir import RunDir
+from w2sr.schemas import TOO_LONG
+
+log = logging.getLogger(__name__)
+
+_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+_TOO_LONG_MESSAGE = re.compile(r"maximum (?:context|model) length|longer than the maximum", re.I)
+
+
+def api_base(endpoint: str) -> str:
+    """`http://host:port`, `.../v1` or `.../v1/` all name the same server."""
+    return re.sub(r"/v1/?$", "", endpoint.rstrip("/"))
+
+
+def _headers(cfg: ExperimentConfig) -> dict[str, str]:
+    key = os.environ.get(cfg.eval.endpoint.api_key_env)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+class EndpointError(RuntimeError):
+    """A request the server refused for good, or that failed after every retry."""
+
+
+def served_models(endpoint: str, cfg: ExperimentConfig) -> set[str]:
+    """The model ids the server lists at /v1/models."""
+    import httpx
+
+    url = f"{api_base(endpoint)}/v1/models"
+    try:
+        response = httpx.get(url, headers=_headers(cfg), timeout=cfg.eval.endpoint.timeout_s)
+        response.raise_for_status()
+    except httpx.HTTPError as error:
+        raise EndpointError(f"cannot list the models at {url}: {error}") from error
+    return {card["id"] for card in response.json()["data"]}
+
+
+async def chat_completion(client, body: dict, retries: int, backoff_s: float) -> dict:
+    """One chat completion, retried with jittered exponential back-off on transient failures."""
+    import httpx
+
+    for attempt in range(retries + 1):
+        try:
+            response = await client.post("/v1/chat/completions", json=body)
+        except (httpx.TimeoutException, httpx.TransportError) as error:
+            failure = f"{type(error).__name__}: {error}"
+        else:
+            if response.status_code == 200:
+                return response.json()
+            if response.status_code == 400 and _TOO_LONG_MESSAGE.search(response.text):
+                return {"too_long": True}
+            if response.status_code not in _RETRY_STATUS:
+                raise EndpointError(f"HTTP {response.status_code}: {response.text[:500]}")
+            failure = f"HTTP {response.status_code}: {response.text[:200]}"
+        if attempt < retries:
+            await asyncio.sleep(min(30.0, backoff_s * 2.0**attempt) * (0.5 + random.random()))
+    raise EndpointError(f"{body['model']}: failed after {retries + 1} attempts; last: {failure}")
+
+
+async def evaluate_endpoint(
+    cfg: ExperimentConfig, run: RunDir, todo: list[Task], endpoint: str
+) -> None:
+    import httpx
+
+    ep, sampling = cfg.eval.endpoint, cfg.eval.sampling
+    template = TEMPLATES[cfg.template]
+    label = todo[0].model.label
+    score = scorer(cfg, label)
+    gate = asyncio.Semaphore(ep.concurrency)
+    limits = httpx.Limits(max_connections=ep.concurrency, max_keepalive_connections=ep.concurrency)
+    async with httpx.AsyncClient(
+        base_url=api_base(endpoint), headers=_headers(cfg), timeout=ep.timeout_s, limits=limits
+    ) as client:
+
+        async def complete(sample: dict, progress: list[int]) -> dict:
+            body = {
+                "model": label,
+                "messages": template.messages(sample["problem"]),
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "max_tokens": sampling.max_tokens,
+                "seed": sample["seed"],
+                "n": 1,
+            }
+            async with gate:
+                reply = await chat_completion(client, body, ep.retries, ep.backoff_s)
+            progress[0] += 1
+            if progress[0] % max(1, progress[1] // 10) == 0:  # every tenth
+                log.info("%s: %d of %d completions", label, *progress)
+            if reply.get("too_long"):
+                return {**sample, "response": "", "finish_reason": TOO_LONG}
+            choice, usage = reply["choices"][0], reply.get("usage") or {}
+            return {
+                **sample,
+                "response": choice["message"].get("content") or "",
+                "prompt_tokens": usage.get("prompt_tokens"),
+                "completion_tokens": usage.get("completion_tokens"),
+                "finish_reason": "length" if choice.get("finish_reason") == "length" else "stop",
+            }
+
+        for task in todo:  # benchmark by benchmark, so a failure keeps the finished ones
+            # Replies of an attempt that lost some requests wait here for a rerun to complete.
+            partial = (*task.parts[:-1], task.parts[-1].removesuffix(".parquet") + ".partial.json")
+            replies = run.read_json(*partial) if run.exists(*partial) else []
+            have = {(r["prompt_id"], r["sample_index"]) for r in replies}
+            samples = [
+                s for s in sample_rows(cfg, task) if (s["prompt_id"], s["sample_index"]) not in have
+            ]
+            progress = [0, len(samples)]
+            log.info("%s on %s: %d requests", label, task.bench.name, len(samples))
+            results = await asyncio.gather(
+                *(complete(s, progress) for s in samples), return_exceptions=True
+            )
+            failures = [r for r in results if isinstance(r, BaseException)]
+            replies += [r for r in results if not isinstance(r, BaseException)]
+            if failures:
+                run.write_json(replies, *partial)
+                if not isinstance(failures[0], EndpointError):
+                    raise failures[0]
+                raise EndpointError(
+                    f"{label} on {task.bench.name}: {len(failures)} of {len(samples)} requests "
+                    f"failed (first: {failures[0]}); the {len(replies)} replies are kept in "
+                    f"{run.path(*partial)} and a rerun asks only for the rest"
+                )
+            rows = await asyncio.to_thread(list, map(score, replies))  # grading may take seconds
+            write_result(cfg, run, task, rows, f"endpoint {api_base(endpoint)}")
+            if have:
+                run.delete(*partial)

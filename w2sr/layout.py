@@ -1,0 +1,123 @@
+"""The run directory's layout: every artifact's path, named once, and the fingerprint recipe.
+
+Stages exchange artifacts, not objects: each stage reads what earlier stages wrote through the
+names below and never imports another stage.
+
+    config.yaml                     the resolved config of the latest command
+    prompts/prompts.parquet         the validated prompt set, rendered for the teacher
+    prompts/rejected.parquet        rows set aside, with the reason
+    traces/shard-NNNNN.parquet      graded teacher traces, one file per prompt shard
+    sft/{all,correct,incorrect}.parquet, sft/summary.json
+                                    the W2SR, W2SR-P and W2SR-N training sets
+    students/{variant}/model        the fine-tuned students (HF folders), with metrics.jsonl
+                                    and Ray Train checkpoints under ray/
+    rl/model                        the GRPO student, likewise
+    eval/{label}/{benchmark}-{fingerprint}.parquet
+                                    one model on one benchmark, k graded samples per problem;
+                                    files of other settings stay as a cache
+    eval/summary.json               written last by `w2sr eval`
+    report/report.md, report/*.png  `w2sr report`
+    <stage>/_DONE.json              written last: the stage's fingerprint and counts
+    <stage>/_RUN.json               the fingerprint the stage's unfinished work belongs to
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from w2sr.rundir import RunDir
+from w2sr.schemas import TRACE_SCHEMA
+
+CONFIG = "config.yaml"
+
+PROMPTS = "prompts"
+PROMPT_SET = (PROMPTS, "prompts.parquet")
+REJECTED = (PROMPTS, "rejected.parquet")
+TRACES = "traces"
+SFT = "sft"
+SFT_SUMMARY = (SFT, "summary.json")
+RL = "rl"
+MODEL = "model"  # the Hugging Face folder a training stage exports
+CHECKPOINTS = "ray"  # a training stage's Ray Train storage
+EVAL = "eval"
+EVAL_SUMMARY = (EVAL, "summary.json")
+REPORT = "report"
+
+
+def trace_shard(shard: int) -> tuple[str, str]:
+    return (TRACES, f"shard-{shard:05d}.parquet")
+
+
+def sft_set(variant: str) -> tuple[str, str]:
+    return (SFT, f"{variant}.parquet")
+
+
+def student(variant: str) -> str:
+    """The stage folder of the student trained on one SFT set."""
+    return f"students/{variant}"
+
+
+def eval_result(label: str, benchmark: str, fingerprint: str) -> tuple[str, str, str]:
+    return (EVAL, label, f"{benchmark}-{fingerprint}.parquet")
+
+
+# --- the training sets and the models of a run -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One of the paper's three training sets and the student trained on it."""
+
+    name: str  # `train.variant` and the SFT set's file name
+    label: str  # the student's label in evaluation, serving and reports
+    display: str  # the paper's name
+    correct: bool | None  # the traces it keeps: all (None), correct only, incorrect only
+
+
+VARIANTS = (
+    Variant("all", "w2sr", "W2SR", None),
+    Variant("correct", "w2sr_p", "W2SR-P", True),
+    Variant("incorrect", "w2sr_n", "W2SR-N", False),
+)
+VARIANT_NAMES = tuple(v.name for v in VARIANTS)
+STUDENT_LABELS = tuple(v.label for v in VARIANTS)
+
+# The models of a run by label, in the paper's row order, with their display names.
+DISPLAY_NAMES = {
+    "teacher": "Teacher",
+    "base": "Base student",
+    **{v.label: v.display for v in VARIANTS},
+    "rl": "RL (GRPO)",
+}
+RUN_LABELS = tuple(DISPLAY_NAMES)
+
+
+def trained_stages() -> dict[str, str]:
+    """The stage folder that produces each trained model, by label."""
+    return {**{v.label: student(v.name) for v in VARIANTS}, "rl": RL}
+
+
+# --- fingerprints ----------------------------------------------------------------------------
+
+
+def fingerprint(fields: dict[str, Any], *inputs: str) -> str:
+    """A stage's fingerprint: its own config fields plus the fingerprints of the artifacts it
+    reads, so a change anywhere upstream reaches every stage below it."""
+    data = json.dumps({"fields": fields, "inputs": list(inputs)}, sort_keys=True)
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+# --- reading what earlier stages wrote -------------------------------------------------------
+
+
+def read_traces(run: RunDir) -> pa.Table:
+    """Every graded trace the generate stage has written so far, shard by shard."""
+    names = run.list(TRACES, suffix=".parquet")
+    if not names:
+        return TRACE_SCHEMA.empty_table()
+    return pa.concat_tables([run.read_parquet(TRACES, name) for name in names])

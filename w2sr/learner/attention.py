@@ -1,0 +1,65 @@
+"""Attention for training forwards: packed rows attended sample by sample with PyTorch's sdpa."""
+
+from __future__ import annotations
+
+SAMPLE_SDPA = "w2sr_sample_sdpa"
+
+
+def attention(name: str, config) -> str:
+    """The attention implementation to load a model with: `sdpa` becomes `sample_sdpa` for models
+    whose layers are full or sliding-window causal attention (not chunked or other masks)."""
+    layers = set(getattr(config, "layer_types", None) or ["full_attention"])
+    plain = layers <= {"full_attention", "sliding_attention"}
+    if name != "sdpa" or not plain or getattr(config, "attention_chunk_size", None):
+        return name
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(SAMPLE_SDPA, sample_sdpa)
+    AttentionMaskInterface.register(SAMPLE_SDPA, _padding_mask)
+    return SAMPLE_SDPA
+
+
+def _padding_mask(*_, attention_mask=None, **__):
+    """Hand `sample_sdpa` the 2-D padding mask as it is (None when nothing is padded)."""
+    return None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+
+
+def _causal(n: int, window: int | None, device):
+    import torch
+
+    mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    return mask.triu(-(window - 1)) if window else mask
+
+
+def sample_sdpa(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """PyTorch sdpa that keeps samples apart without a row-wide mask.
+
+    A packed row (no padding, positions restarting at 0 at each sample) is attended sample by
+    sample: the cost is the sum of the squared sample lengths, not the square of the row's, and
+    no row x row mask is built. A padded batch gets the causal and padding mask. Sliding windows
+    are kept. For a training forward (no KV cache) the result is sdpa's on the same inputs.
+    """
+    import itertools
+
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if key.shape[2] != query.shape[2]:
+        raise ValueError("sample_sdpa serves training forwards, without a KV cache")
+    window = kwargs.get("sliding_window")
+    if attention_mask is not None:
+        mask = _causal(query.shape[2], window, query.device) & attention_mask[:, None, None, :]
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    if position_ids is None:
+        position_ids = torch.arange(query.shape[2], device=query.device)[None]
+    rows = []
+    for b, positions in enumerate(position_ids.expand(query.shape[0], -1)):
+        starts = (positions[1:] != positions[:-1] + 1).nonzero().flatten() + 1
+        parts = []
+        for start, end in itertools.pairwise([0, *starts.tolist(), query.shape[2]]):
+            long = window and end - start > window
+            mask = _causal(end - start, window, query.device) if long else None
+            part = (t[b : b + 1, :, start:end] for t in (query, key, value))
+            parts.append(sdpa_attention_forward(module, *part, mask, **kwargs)[0])
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows, dim=0), None

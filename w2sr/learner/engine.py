@@ -1,0 +1,131 @@
+"""The DeepSpeed engine of a causal LM: its config, optimizer and schedule, and the token loss.
+
+Every function that touches the engine is collective: all ranks call it, in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from w2sr.config import LearnerConfig
+from w2sr.learner.attention import attention
+from w2sr.learner.batches import IGNORE
+
+
+def deepspeed_config(train: LearnerConfig, use_gpu: bool) -> dict[str, Any]:
+    zero: dict[str, Any] = {
+        "stage": train.zero_stage,
+        "contiguous_gradients": True,
+        "overlap_comm": use_gpu,
+    }
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    return {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "gradient_clipping": train.max_grad_norm,
+        "bf16": {"enabled": train.bf16},
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": train.lr,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                "weight_decay": train.weight_decay,
+                # On CPU without offload, torch's AdamW rather than an op DeepSpeed must compile.
+                "torch_adam": not use_gpu and not train.offload_optimizer,
+            },
+        },
+        "steps_per_print": 2**31 - 1,  # metrics are ours to log
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
+    """Biases and norm weights (1-D tensors) get no weight decay, as in HF Trainer.
+
+    A ZeRO-3 partitioned parameter is an empty tensor: its shape is in `ds_shape`.
+    """
+    trained = [p for p in model.parameters() if p.requires_grad]
+    matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in trained]
+    decay = [p for p, m in zip(trained, matrix, strict=True) if m]
+    rest = [p for p, m in zip(trained, matrix, strict=True) if not m]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
+
+
+def build_engine(
+    model_path: str,
+    train: LearnerConfig,
+    total_steps: int,
+    *,
+    use_gpu: bool,
+    trust_remote_code: bool = False,
+):
+    """The DeepSpeed engine of a causal LM, its optimizer and its learning-rate schedule.
+
+    With ZeRO-3 the model is built under `zero.Init` (through transformers' HfDeepSpeedConfig),
+    so no rank ever holds all the weights. Returns the engine and the DeepSpeed config object,
+    which must stay alive as long as the engine.
+    """
+    import math
+
+    import deepspeed
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
+    from transformers.integrations import HfDeepSpeedConfig
+
+    if use_gpu:
+        import ray.train.torch
+
+        torch.cuda.set_device(ray.train.torch.get_device())
+    # Join the process group Ray Train made, before zero.Init sizes its partitions by it.
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    config = deepspeed_config(train, use_gpu)
+    keep_alive = HfDeepSpeedConfig(config)  # read by from_pretrained through a weakref
+    model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path,
+        dtype=torch.bfloat16 if train.bf16 else torch.float32,
+        attn_implementation=attention(train.attn_implementation, model_config),
+        trust_remote_code=trust_remote_code,
+    )
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    warmup = math.ceil(train.warmup_ratio * total_steps)
+
+    # transformers' "constant" ignores warm-up steps; its warm-up twin has them.
+    name = "constant_with_warmup" if train.lr_scheduler == "constant" else train.lr_scheduler
+
+    def schedule(optimizer):
+        return get_scheduler(name, optimizer, warmup, total_steps)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, train.weight_decay),
+        lr_scheduler=schedule,
+        config=config,
+    )
+    return engine, keep_alive
+
+
+def token_loss(model, batch: dict) -> tuple[Any, int]:
+    """Sum of next-token cross-entropies over the batch's targets, and how many there are.
+
+    `batch["targets"]` holds the already shifted labels (`learner.batches.sft_rows`); the KV cache
+    is off so that transformers reads packed rows from their position ids.
+    """
+    import torch.nn.functional as F
+
+    device = next(iter(model.parameters())).device
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "targets"}
+    targets = batch["targets"].to(device)
+    logits = model(**inputs, use_cache=False).logits
+    loss = F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss, int((targets != IGNORE).sum())

@@ -1,0 +1,84 @@
+"""A learner's Ray Train run: the worker group that SFT and GRPO train on, and the first steps
+every worker takes."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, NamedTuple
+
+from w2sr import layout
+from w2sr.config import ExperimentConfig, LearnerConfig
+from w2sr.rundir import RunDir
+
+
+class Worker(NamedTuple):
+    """What a Ray Train worker of either stage knows about itself once started."""
+
+    cfg: ExperimentConfig
+    rank: int
+    world: int
+    seed: int
+    tokenizer: Any
+    started: float  # this attempt's start, for worker-seconds
+
+
+def start_worker(config: dict[str, Any]) -> Worker:
+    """The first steps of a worker loop: the run's config, DeepSpeed's accelerator chosen before
+    deepspeed is imported, the rank, torch seeded with the learner's seed, the tokenizer of
+    `config["model"]`."""
+    started = time.time()
+    cfg = ExperimentConfig.model_validate(config["cfg"])
+    if not cfg.use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"  # read when deepspeed is first imported
+    import ray.train
+    import torch
+    from transformers import AutoTokenizer
+
+    context = ray.train.get_context()
+    seed = config["seed"]
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(
+        config["model"], trust_remote_code=cfg.trust_remote_code
+    )
+    return Worker(cfg, context.get_world_rank(), context.get_world_size(), seed, tokenizer, started)
+
+
+def fit(
+    worker_loop,
+    cfg: ExperimentConfig,
+    run: RunDir,
+    stage: str,
+    name: str,
+    learner: LearnerConfig,
+    loop_config: dict[str, Any],
+    resources_per_worker: dict[str, float] | None = None,
+):
+    """Run `worker_loop` on a Ray Train worker group of `learner.num_workers`: checkpoints under
+    `<stage>/ray/<name>`, so a rerun of the same config finds them, and `learner.max_failures`
+    restarts. Returns Ray Train's result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={
+            "cfg": cfg.model_copy(update={"run_dir": run.location()}).model_dump(mode="json"),
+            "name": name,
+            "seed": cfg.seed + learner.seed,
+            **loop_config,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=learner.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=resources_per_worker,
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=run.location(stage, layout.CHECKPOINTS),
+            checkpoint_config=CheckpointConfig(num_to_keep=learner.num_to_keep),
+            failure_config=FailureConfig(max_failures=learner.max_failures),
+        ),
+    )
+    return trainer.fit()

@@ -1,0 +1,230 @@
+"""The GRPO learner, one Ray Train worker of it: rank 0 samples the step's groups through the
+rollout engines and broadcasts them; every rank takes its share of the update; then the new
+weights go to the engines.
+
+Old-policy log-probabilities are the learner's own, not vLLM's: with one optimizer step per
+rollout (the default) they are the current ones detached, at no cost, and the ratio is exactly 1
+on the first pass instead of carrying the numerical gap between vLLM's and the learner's kernels
+(which would make the clip fire on noise). With several mini-batches they are computed by one
+no-grad pass before the first update.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from w2sr import layout
+from w2sr.config import GRPOConfig
+from w2sr.learner.batches import RolloutBatch, assistant_end, micro_batch_plan, rollout_rows
+from w2sr.learner.engine import build_engine
+from w2sr.learner.fit import start_worker
+from w2sr.learner.loop import StepLoop
+from w2sr.learner.reference import reference_model
+from w2sr.learner.rl_loss import policy_loss, response_logits, token_logprobs
+from w2sr.learner.rollouts import Rollouts
+
+# The step metrics sent to MLflow / W&B when configured.
+TRACKED = (
+    "reward_mean",
+    "accuracy",
+    "kl",
+    "entropy",
+    "response_length",
+    "clip_fraction",
+    "loss",
+    "lr",
+    "grad_norm",
+    "rollout_seconds",
+    "learner_seconds",
+    "sync_seconds",
+    "step_seconds",
+)
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """One learner worker; rank 0 also drives the rollouts, the sync and the logs."""
+    worker = start_worker(config)
+    cfg, rank, world = worker.cfg, worker.rank, worker.world
+
+    import ray
+    import torch.distributed as dist
+
+    g = cfg.grpo
+    model, prompts = config["model"], ray.get(config["prompts"])
+    # Engines start in their actors while DeepSpeed initializes here.
+    places = learner_places()
+    rollouts = Rollouts(cfg, model, places) if rank == 0 else None
+    engine, _ds_config = build_engine(
+        model,
+        g,
+        g.steps * g.mini_batches,
+        use_gpu=cfg.use_gpu,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    reference = (
+        reference_model(model, g, use_gpu=cfg.use_gpu, trust_remote_code=cfg.trust_remote_code)
+        if g.kl_coef
+        else None
+    )
+    separate = g.engine.replicas.max if g.placement == "separate" else 0
+    loop = StepLoop(
+        worker,
+        engine,
+        g,
+        run_name=config["name"],
+        stage=layout.RL,
+        steps=g.steps,
+        workers=world + separate,
+        start={},
+    )
+    if loop.resumed_from:  # the engines start from the base weights
+        sync_weights(engine, rollouts)
+    samples_per_step = g.prompts_per_step * g.group_size
+
+    def step(index: int, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        began = time.time()
+        box = [rollouts.sample(prompts, index) if rollouts else None]
+        if rollouts:
+            rollouts.sleep()
+        dist.broadcast_object_list(box, src=0)
+        batch: RolloutBatch = box[0]
+        rolled = time.time()
+        lr = engine.get_lr()[0]
+        stats = update(engine, reference, batch, g, index, worker.seed)
+        learned = time.time()
+        if rollouts:
+            rollouts.wake_up()
+        sync_weights(engine, rollouts)
+        synced = time.time()
+        tokens = stats["tokens"]
+        metrics = {
+            "reward_mean": float(np.mean(batch.rewards)),
+            "accuracy": float(np.mean(batch.correct)),
+            "answered": float(np.mean(batch.answered)),
+            "kl": stats["kl"] / tokens if reference is not None else None,
+            "entropy": stats["entropy"] / tokens,
+            "response_length": tokens / samples_per_step,
+            "truncated": float(np.mean(batch.truncated)),
+            "clip_fraction": stats["clipped"] / tokens,
+            "pg_loss": stats["pg_loss"] / tokens,
+            "loss": stats["loss"] / tokens,
+            "lr": lr,
+            "grad_norm": stats["grad_norm"],
+            "tokens": tokens,
+            "tokens_per_second": tokens / (learned - rolled),
+            "samples_seen": (index + 1) * samples_per_step,
+            "rollout_seconds": rolled - began,
+            "learner_seconds": learned - rolled,
+            "sync_seconds": synced - learned,
+            "step_seconds": synced - began,
+        }
+        return metrics, {}
+
+    def describe(r: dict[str, Any]) -> str:
+        return (
+            f"step {r['step']} reward {r['reward_mean']:.3f} accuracy {r['accuracy']:.3f} "
+            f"length {r['response_length']:.1f} rollout {r['rollout_seconds']:.2f}s "
+            f"learner {r['learner_seconds']:.2f}s sync {r['sync_seconds']:.2f}s"
+        )
+
+    loop.run(step, describe, TRACKED)
+    if rollouts:
+        rollouts.close()
+    loop.finish(assistant_end(worker.tokenizer))
+
+
+def update(engine, reference, batch: RolloutBatch, g: GRPOConfig, step: int, seed: int):
+    """`mini_batches` optimizer steps over the step's samples; returns summed statistics."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    packed = g.attn_implementation == "flash_attention_2"
+    n = len(batch.completion_ids)
+    lengths, response_lengths = batch.lengths, batch.response_lengths
+    order = np.random.default_rng([seed, step]).permutation(n)
+    minis = np.array_split(order, g.mini_batches)
+    plans = [micro_batch_plan(mini, lengths, world, g.micro_batch_size)[rank] for mini in minis]
+
+    old: dict[tuple[int, int], Any] = {}
+    if g.mini_batches > 1:  # the policy that sampled: before any update of this step
+        with torch.no_grad():
+            for k, plan in enumerate(plans):
+                for m, micro in enumerate(plan):
+                    row = rollout_rows(batch, micro, packed)
+                    old[k, m] = token_logprobs(response_logits(engine, row), row["targets"])[0]
+
+    totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipped": 0.0}
+    grad_norms = []
+    for k, (mini, plan) in enumerate(zip(minis, plans, strict=True)):
+        # DeepSpeed averages gradients over ranks: scale so that an optimizer step follows the
+        # mean over every response token of the mini-batch, whatever each rank's share.
+        scale = world / max(1, int(response_lengths[mini].sum()))
+        for m, micro in enumerate(plan):
+            row = rollout_rows(batch, micro, packed)
+            logp, entropy = token_logprobs(response_logits(engine, row), row["targets"])
+            if not g.entropy_coef:
+                entropy = entropy.detach()  # a metric only
+            ref_logp = None
+            if reference is not None:
+                with torch.no_grad():
+                    ref_logp = token_logprobs(response_logits(reference, row), row["targets"])[0]
+            old_logp = old[k, m] if old else logp.detach()
+            loss, stats = policy_loss(logp, old_logp, row["advantages"], ref_logp, entropy, g)
+            loss = loss.sum()
+            engine.backward(loss * scale, scale_wrt_gas=False)
+            engine.step()
+            totals["loss"] += float(loss.detach())
+            for key, value in stats.items():
+                totals[key] += value
+        norm = engine.get_global_grad_norm()
+        grad_norms.append(float(norm) if norm is not None else float("nan"))
+    keys = list(totals)
+    summed = torch.tensor([totals[key] for key in keys], dtype=torch.float64, device=engine.device)
+    dist.all_reduce(summed)
+    out = dict(zip(keys, summed.cpu().tolist(), strict=True))
+    out["grad_norm"] = float(np.mean(grad_norms))
+    out["tokens"] = int(response_lengths.sum())
+    return out
+
+
+def sync_weights(engine, rollouts: Rollouts | None) -> None:
+    """Send the learner's weights to the engines (every rank gathers; rank 0 sends).
+
+    Under ZeRO-3 each parameter is gathered on its own and sent before the next one is, so no
+    rank ever holds the whole model twice.
+    """
+    import deepspeed
+
+    params = list(engine.module.named_parameters())
+    specs = [
+        (name, str(p.dtype).removeprefix("torch."), list(getattr(p, "ds_shape", p.shape)))
+        for name, p in params
+    ]
+    sender = rollouts.sender(specs) if rollouts else None
+    for name, param in params:
+        with deepspeed.zero.GatheredParameters([param]):
+            if sender:
+                sender.send(name, param.data)
+    if sender:
+        sender.finish()
+
+
+def learner_places() -> list[dict]:
+    """Each learner worker's node, CPU count and GPU ids, by rank (collective): colocated engines
+    go there."""
+    import ray
+    import torch.distributed as dist
+
+    context = ray.get_runtime_context()
+    place = {
+        "node_id": context.get_node_id(),
+        "cpus": max(1, int(context.get_assigned_resources().get("CPU", 1))),
+        "gpu_ids": [str(i) for i in context.get_accelerator_ids().get("GPU", [])],
+    }
+    places: list = [None] * dist.get_world_size()
+    dist.all_gather_object(places, place)
+    return places

@@ -1,0 +1,97 @@
+"""The step loop SFT and GRPO share inside their Ray Train workers.
+
+It owns what does not depend on the objective: resuming from the latest checkpoint, the step
+count and worker-seconds, the per-step record (metrics file, stdout, trackers), the checkpoint
+cadence and the export of the trained model. Each stage supplies its step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from w2sr import layout
+from w2sr.config import LearnerConfig
+from w2sr.learner.checkpoint import restore, save_checkpoint
+from w2sr.learner.export import export_hf
+from w2sr.learner.fit import Worker
+from w2sr.learner.trackers import Trackers
+from w2sr.rundir import MetricsLog, RunDir
+
+log = logging.getLogger(__name__)
+
+# One step: (step index, the loop's state) -> (the step's metrics, state fields it advances).
+Step = Callable[[int, dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]]
+
+
+class StepLoop:
+    """Runs a learner from its latest checkpoint (or `start`) to `steps`.
+
+    `workers` is how many processes the run bills per second: the learner's workers, plus
+    rollout engines that hold resources of their own.
+    """
+
+    def __init__(
+        self,
+        worker: Worker,
+        engine,
+        learner: LearnerConfig,
+        *,
+        run_name: str,
+        stage: str,
+        steps: int,
+        workers: int,
+        start: dict[str, Any],
+    ):
+        self.worker, self.engine, self.learner = worker, engine, learner
+        self.stage, self.steps, self.workers = stage, steps, workers
+        self.state = restore(engine) or {**start, "step": 0, "worker_seconds": 0.0}
+        self.resumed_from = self.state["step"]
+        self.prior_seconds = self.state["worker_seconds"]
+        self.run_dir = RunDir(worker.cfg.run_dir)
+        rank0 = worker.rank == 0
+        self.metrics_log = MetricsLog(self.run_dir, stage) if rank0 else None
+        self.trackers = Trackers(learner, run_name, learner.model_dump(mode="json"))
+        if self.resumed_from and rank0:
+            log.info("resumed at step %d", self.resumed_from)
+
+    def run(
+        self, step: Step, describe: Callable[[dict[str, Any]], str], tracked: tuple[str, ...]
+    ) -> None:
+        """Take every remaining step; rank 0 logs `describe(record)` and sends the `tracked`
+        metrics to the trackers."""
+        for index in range(self.state["step"], self.steps):
+            metrics, advanced = step(index, self.state)
+            now = time.time()
+            self.state = {
+                **self.state,
+                **advanced,
+                "step": index + 1,
+                "worker_seconds": self.prior_seconds + self.workers * (now - self.worker.started),
+            }
+            record = {"step": index + 1, **metrics, "time": now, "resumed_from": self.resumed_from}
+            if self.metrics_log:
+                self.metrics_log.write(record)
+                log.info("%s", describe(record))
+                found = {k: record[k] for k in tracked if record.get(k) is not None}
+                self.trackers.log(found, index + 1)
+            if self.state["step"] % self.learner.checkpoint_every == 0 or index + 1 == self.steps:
+                if self.metrics_log:
+                    self.metrics_log.flush()
+                save_checkpoint(
+                    self.engine,
+                    self.state,
+                    {**record, "worker_seconds": self.state["worker_seconds"]},
+                )
+
+    def finish(self, end_text: str) -> None:
+        """Close the trackers and export the model (collective; rank 0 writes `<stage>/model`)."""
+        self.trackers.close()
+        tokenizer = self.worker.tokenizer
+        if self.worker.rank == 0:
+            with self.run_dir.staged_folder(self.stage, layout.MODEL) as out:
+                export_hf(self.engine, tokenizer, out, end_text)
+        else:
+            export_hf(self.engine, tokenizer, None, end_text)

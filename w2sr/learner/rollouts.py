@@ -1,0 +1,106 @@
+"""GRPO's rollouts, driven by the learner's rank 0: the engines of a run (vLLM replicas in Ray
+actors, `w2sr.engines.rollout`), the step's graded groups with their rewards and advantages, and
+the sender that brings the engines the learner's new weights."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from w2sr.config import ExperimentConfig
+from w2sr.engines.rollout import rollout_actor
+from w2sr.engines.settings import sample_seed, sampling_params
+from w2sr.engines.weight_sync import CollectiveSender, ObjectStoreSender, transport
+from w2sr.grading import extract_answer, grade_batch
+from w2sr.learner.batches import RolloutBatch, step_samples
+from w2sr.learner.rl_loss import group_advantages
+
+
+class Rollouts:
+    """The rollout engines of a run and the step's groups: samples, rewards and advantages."""
+
+    def __init__(self, cfg: ExperimentConfig, model: str, learners: list[dict]):
+        """`learners`: each learner worker's `node_id`, `cpus` and `gpu_ids`, by rank."""
+        g = cfg.grpo
+        colocated = g.placement == "colocated"
+        self.actors = [
+            rollout_actor(
+                model,
+                g.engine,
+                use_gpu=cfg.use_gpu,
+                trust_remote_code=cfg.trust_remote_code,
+                seed=cfg.seed + g.seed,
+                beside=learners[i] if colocated else None,
+            )
+            for i in range(g.engine.replicas.max)
+        ]
+        self.sleeps = colocated and cfg.use_gpu
+        self.transport = transport(g.weight_sync, use_gpu=cfg.use_gpu, colocated=colocated)
+        self.backend = "nccl" if cfg.use_gpu else "gloo"
+        self.collective = None  # opened at the first sync, once the engines are up
+        self.cfg = cfg
+
+    def sample(self, prompts: list[dict], step: int) -> RolloutBatch:
+        """The step's groups, graded. Prompts and seeds depend only on (seed, step)."""
+        import ray
+
+        g = self.cfg.grpo
+        seed = self.cfg.seed + g.seed
+        chosen = [
+            prompts[i]
+            for i in step_samples(len(prompts), g.prompts_per_step, seed, step * g.prompts_per_step)
+        ]
+        seeds = [sample_seed(seed + g.sampling.seed, f"{step}/{p['prompt_id']}", 0) for p in chosen]
+        shares = [list(range(i, len(chosen), len(self.actors))) for i in range(len(self.actors))]
+        pending = [
+            actor.generate.remote(
+                [chosen[i]["prompt_token_ids"] for i in share],
+                sampling_params(g.sampling),
+                g.group_size,
+                [seeds[i] for i in share],
+            )
+            for actor, share in zip(self.actors, shares, strict=True)
+        ]
+        groups: list[list[dict]] = [[] for _ in chosen]
+        for share, outputs in zip(shares, ray.get(pending), strict=True):
+            for i, group in zip(share, outputs, strict=True):
+                groups[i] = group
+        texts = [o["text"] for group in groups for o in group]
+        golds = [p["answer"] for p, group in zip(chosen, groups, strict=True) for _ in group]
+        correct = np.array(grade_batch(texts, golds, self.cfg.grader), dtype=bool)
+        answered = np.array([extract_answer(t) is not None for t in texts], dtype=bool)
+        rewards = np.where(correct, 1.0, np.where(answered, g.format_reward, 0.0))
+        return RolloutBatch(
+            prompt_ids=[p["prompt_token_ids"] for p in chosen for _ in range(g.group_size)],
+            completion_ids=[o["token_ids"] for group in groups for o in group],
+            advantages=group_advantages(rewards, g.group_size).tolist(),
+            rewards=rewards.tolist(),
+            correct=correct.tolist(),
+            answered=answered.tolist(),
+            truncated=[o["finish_reason"] == "length" for group in groups for o in group],
+        )
+
+    def sender(self, specs: list[tuple[str, str, list[int]]]):
+        """What rank 0 sends this sync's tensors through (`w2sr.engines.weight_sync`)."""
+        if self.transport == "object_store":
+            return ObjectStoreSender(self.actors)
+        if self.collective is None:
+            self.collective = CollectiveSender.open(self.actors, self.backend)
+        return self.collective.start(specs)
+
+    def sleep(self) -> None:
+        import ray
+
+        if self.sleeps:
+            ray.get([actor.sleep.remote() for actor in self.actors])
+
+    def wake_up(self) -> None:
+        import ray
+
+        if self.sleeps:
+            ray.get([actor.wake_up.remote() for actor in self.actors])
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)

@@ -1,0 +1,97 @@
+"""The models of a run by label: what evaluation, serving and reports find in a run directory.
+
+The teacher and the base student come from the config, the W2SR, W2SR-P, W2SR-N and RL students
+from the run dir once their stage has finished, and `eval.models` adds extras.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from w2sr import layout
+from w2sr.config import ExperimentConfig
+from w2sr.models import resolve_model
+from w2sr.rundir import DONE, RunDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Model:
+    label: str
+    spec: str  # a model spec (see models.resolve_model) or the run-dir folder of a trained model
+    identity: str  # what the result cache knows the weights by
+    done: dict | None = None  # the producing stage's completion record (its costs), if any
+
+
+def model_table(cfg: ExperimentConfig) -> tuple[dict[str, Model], dict[str, str]]:
+    """The run's models by label, and the labels left out with the reason (present-only)."""
+    run = RunDir(cfg.run_dir)
+    models: dict[str, Model] = {"teacher": _configured("teacher", cfg.teacher)}
+    skipped: dict[str, str] = {}
+    if cfg.student:
+        models["base"] = _configured("base", cfg.student)
+    else:
+        skipped["base"] = "no `student` in the config"
+    for label, stage in layout.trained_stages().items():
+        if not run.exists(stage, DONE):
+            skipped[label] = f"{stage}/{DONE} not found (not trained yet)"
+        elif not run.exists(stage, layout.MODEL, "config.json"):
+            skipped[label] = f"{stage}/{layout.MODEL} has no config.json"
+        else:
+            done = run.read_json(stage, DONE)
+            spec = run.location(stage, layout.MODEL)
+            models[label] = Model(label, spec, json.dumps(done, sort_keys=True), done)
+    for label, spec in cfg.eval.models.items():
+        models[label] = _configured(label, spec)
+    for label, reason in skipped.items():
+        log.info("model %s skipped: %s", label, reason)
+    return models, skipped
+
+
+def _configured(label: str, spec: str) -> Model:
+    """A model named in the config: a local folder is known by its files, else by its spec."""
+    folder = Path(spec).expanduser()
+    if spec.startswith("builtin:") or not folder.is_dir():
+        return Model(label, spec, spec)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    stamp = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return Model(label, spec, hashlib.sha256(json.dumps(stamp).encode()).hexdigest())
+
+
+def model_path(model: Model) -> str:
+    """What transformers and vLLM open: a trained model's run-dir location as it is, else the
+    resolved spec."""
+    return model.spec if "://" in model.spec else resolve_model(model.spec)
+
+
+def parameter_count(spec: str) -> int | None:
+    """Parameters of a model from its safetensors headers (a local folder or the hub cache),
+    without loading weights; None when the files are not on this machine."""
+    folder = Path(spec).expanduser()
+    if spec.startswith("builtin:"):
+        folder = Path(resolve_model(spec))
+    elif not folder.is_dir() and "://" not in spec:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(spec, local_files_only=True))
+        except Exception:  # not cached, or not a hub id
+            return None
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with open(file, "rb") as stream:
+            (size,) = struct.unpack("<Q", stream.read(8))
+            header = json.loads(stream.read(size))
+        total += sum(int(np.prod(t["shape"])) for k, t in header.items() if k != "__metadata__")
+    return total

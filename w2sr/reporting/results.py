@@ -1,0 +1,155 @@
+"""The numbers of a run's report: pass@1 with paired-bootstrap intervals, RGR, costs and
+behaviours, from what `w2sr eval` left in the run dir."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+
+from w2sr import layout, metrics
+from w2sr.behaviors import summarize_behaviors
+from w2sr.evaluation.results import problem_matrix
+from w2sr.layout import DISPLAY_NAMES, STUDENT_LABELS
+from w2sr.rundir import DONE, RunDir
+from w2sr.schemas import TOO_LONG
+
+log = logging.getLogger(__name__)
+
+BENCH_NAMES = {
+    "math500": "MATH-500",
+    "aime24": "AIME24",
+    "aime25": "AIME25",
+    "amc23": "AMC23",
+    "gsm8k": "GSM8K",
+    "minerva_math": "Minerva",
+    "olympiadbench": "OlympiadBench",
+    "gpqa_diamond": "GPQA-D",
+    "offline": "Offline",
+}
+
+
+AVG = "avg"  # the macro average over benchmarks, a column beside them
+
+
+def display_name(label: str) -> str:
+    return DISPLAY_NAMES.get(label, label)
+
+
+def bench_name(name: str) -> str:
+    return BENCH_NAMES.get(name, name)
+
+
+@dataclass
+class RunResults:
+    run: RunDir
+    summary: dict[str, Any]
+    benches: list[str]
+    labels: list[str]  # run labels in paper order, then extras
+    pass1: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> bench|avg -> x
+    ci: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    rgr: dict[str, dict[str, float | None]] = field(default_factory=dict)  # variant -> bench|avg
+    rgr_ci: dict[str, dict[str, tuple[float, float] | None]] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.summary["settings"]
+
+
+def load_results(run: RunDir) -> RunResults:
+    summary = run.read_json(*layout.EVAL_SUMMARY)
+    models = summary["models"]
+    order = [label for label in DISPLAY_NAMES if label in models]
+    labels = order + sorted(set(models) - set(order))
+    results = RunResults(run, summary, list(summary["benchmarks"]), labels)
+    for label in labels:
+        entries = models[label]["results"]
+        results.pass1[label] = {b: entries[b]["pass@1"] for b in results.benches if b in entries}
+        results.ci[label] = {b: tuple(entries[b]["pass@1_ci"]) for b in results.pass1[label]}
+    _paired_statistics(results)
+    return results
+
+
+def _paired_statistics(results: RunResults) -> None:
+    """Macro averages and RGR with their intervals, from one paired bootstrap of every model
+    that has a result on every benchmark."""
+    complete = [
+        label for label in results.labels if len(results.pass1[label]) == len(results.benches)
+    ]
+    if not complete:
+        return
+    settings, models = results.settings, results.summary["models"]
+    scores = []
+    for bench in results.benches:
+        rows, ids = [], None
+        for label in complete:
+            table = results.run.read_parquet(*models[label]["results"][bench]["file"].split("/"))
+            problems, correct, _ = problem_matrix(table)
+            if ids is not None and problems != ids:
+                raise ValueError(f"{bench}: {label} was evaluated on other problems than the rest")
+            ids = problems
+            rows.append(correct.mean(axis=1))
+        scores.append(np.array(rows))
+    means = metrics.resample_means(scores, settings["bootstrap_resamples"], settings["seed"])
+    averages = means.mean(axis=2)  # (resamples, models): the macro average of each resample
+    confidence = settings["confidence"]
+    for m, label in enumerate(complete):
+        results.pass1[label][AVG] = float(np.mean([s[m].mean() for s in scores]))
+        results.ci[label][AVG] = metrics.percentile_interval(averages[:, m], confidence)
+    if not {"base", "rl"} <= set(complete):
+        return
+    base, rl = complete.index("base"), complete.index("rl")
+    for variant in [v for v in STUDENT_LABELS if v in complete]:
+        student = complete.index(variant)
+        results.rgr[variant], results.rgr_ci[variant] = {}, {}
+        columns = [(b, means[:, :, i]) for i, b in enumerate(results.benches)]
+        for column, draws in [*columns, (AVG, averages)]:
+            point = {label: results.pass1[label][column] for label in ("base", variant, "rl")}
+            results.rgr[variant][column] = metrics.rgr(point["base"], point[variant], point["rl"])
+            results.rgr_ci[variant][column] = metrics.rgr_interval(
+                draws[:, base], draws[:, student], draws[:, rl], confidence
+            )
+
+
+def costs(results: RunResults) -> dict[str, dict[str, float]]:
+    """Worker-seconds spent to obtain each trained model: the teacher's traces (shared by the
+    three W2SR variants) plus its SFT; RL's training (its rollouts included)."""
+    run, models = results.run, results.summary["models"]
+    traces = run.read_json(layout.TRACES, DONE) if run.exists(layout.TRACES, DONE) else {}
+    out = {}
+    for label in [*STUDENT_LABELS, "rl"]:
+        done = (models.get(label) or {}).get("done") or {}
+        if "worker_seconds" not in done:
+            continue
+        generation = traces.get("worker_seconds", 0.0) if label in STUDENT_LABELS else 0.0
+        out[label] = {
+            "generation": generation,
+            "training": done["worker_seconds"],
+            "total": generation + done["worker_seconds"],
+        }
+    return out
+
+
+def behaviors(results: RunResults) -> dict[str, dict[str, Any]]:
+    """Behaviour counts of every model's responses on the benchmarks (the same prompts for all),
+    and of the teacher's training traces when the run generated them."""
+    out = {}
+    models = results.summary["models"]
+    for label in results.labels:
+        responses = []
+        for entry in models[label]["results"].values():
+            table = results.run.read_parquet(*entry["file"].split("/"))
+            table = table.filter(pc.not_equal(table["finish_reason"], TOO_LONG))
+            responses += table.column("response").to_pylist()
+        out[display_name(label)] = {"traces": len(responses), **summarize_behaviors(responses)}
+    traces = layout.read_traces(results.run).column("trace").to_pylist()
+    if traces:
+        out["Teacher (training traces)"] = {"traces": len(traces), **summarize_behaviors(traces)}
+    return out
+
+
+def teacher_scale(results: RunResults) -> int | None:
+    return results.summary["models"].get("teacher", {}).get("parameters")

@@ -1,0 +1,157 @@
+"""Stage `generate`: the teacher writes graded chain-of-thought traces for every prompt.
+
+    w2sr generate CONFIG generation.samples_per_prompt=8
+
+Prompts are split into shards of `generation.prompts_per_shard`; one Ray Data pipeline feeds all
+missing shards through the vLLM replicas and the driver writes a shard the moment its last sample
+arrives. A killed run therefore keeps every finished shard, and a rerun generates only the rest:
+no (prompt, sample) pair is lost or written twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from w2sr import layout
+from w2sr.config import EngineConfig, ExperimentConfig
+from w2sr.data.prompt_set import prepare_prompts
+from w2sr.engines import settings
+from w2sr.engines.generator import build_generator, generate_groups
+from w2sr.grading import GRADERS, extract_answer
+from w2sr.models import resolve_model
+from w2sr.rundir import DONE, RunDir
+from w2sr.schemas import TRACE_SCHEMA
+from w2sr.session import init_ray
+
+log = logging.getLogger(__name__)
+
+
+def generate(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Run the stage; returns its completion record (counts, accuracy, wall-clock)."""
+    run = RunDir(cfg.run_dir)
+    prompts, prompts_fingerprint = prepare_prompts(cfg, run)
+    fingerprint = layout.fingerprint(
+        cfg.fields("generation", "grader", "seed"), prompts_fingerprint
+    )
+    record = run.done(layout.TRACES, fingerprint)
+    if record:
+        log.info("traces are complete for this config; nothing to generate")
+        return record
+    run.begin(layout.TRACES, fingerprint)
+
+    shards = sorted(set(prompts.column("shard").to_pylist()))
+    finished = set(run.list(layout.TRACES, suffix=".parquet"))
+    missing = [s for s in shards if layout.trace_shard(s)[-1] not in finished]
+    log.info("%d of %d shards to generate", len(missing), len(shards))
+    start = time.time()
+    if missing:
+        _generate_shards(cfg, run, prompts, missing)
+    wall = time.time() - start
+
+    traces = layout.read_traces(run)
+    present = len(run.list(layout.TRACES, suffix=".parquet"))
+    if present != len(shards):
+        raise RuntimeError(f"{present} of {len(shards)} trace shards present after generation")
+    facts = {
+        "traces": traces.num_rows,
+        "prompts": len(set(traces.column("prompt_id").to_pylist())),
+        "accuracy": pc.mean(traces.column("correct").cast(pa.float64())).as_py()
+        if traces.num_rows
+        else 0.0,
+        "wall_seconds": round(wall, 2),
+        # the pool at its largest, each replica counted once per device it spans
+        "worker_seconds": round(wall * _devices(cfg.generation.engine), 2),
+    }
+    run.mark_done(layout.TRACES, fingerprint, **facts)
+    return run.read_json(layout.TRACES, DONE)
+
+
+def _generate_shards(
+    cfg: ExperimentConfig, run: RunDir, prompts: pa.Table, missing: list[int]
+) -> None:
+    init_ray(cfg)
+    gen = cfg.generation
+    wanted = set(missing)
+    requests = []
+    for row in prompts.to_pylist():
+        if row["shard"] not in wanted:
+            continue
+        for k in range(gen.samples_per_prompt):
+            seed = settings.sample_seed(gen.sampling.seed + cfg.seed, row["prompt_id"], k)
+            requests.append(
+                {
+                    **{
+                        key: row[key]
+                        for key in ("prompt_id", "problem", "answer", "prompt", "shard")
+                    },
+                    "sample_index": k,
+                    "seed": seed,
+                    "tokenized_prompt": row["prompt_token_ids"],
+                    "sampling_params": settings.sampling_params(gen.sampling, seed),
+                }
+            )
+    processor = build_generator(
+        resolve_model(cfg.teacher),
+        gen.engine,
+        use_gpu=cfg.use_gpu,
+        trust_remote_code=cfg.trust_remote_code,
+        postprocess=_trace_row(cfg),
+    )
+    expected = Counter(request["shard"] for request in requests)
+
+    def write_shard(shard: int, rows: list[dict]) -> None:
+        rows.sort(key=lambda r: (r["prompt_id"], r["sample_index"]))
+        table = pa.Table.from_pylist(rows, schema=TRACE_SCHEMA)
+        run.write_parquet(table, *layout.trace_shard(shard))
+        log.info("wrote %s (%d traces)", "/".join(layout.trace_shard(shard)), len(rows))
+
+    generate_groups(
+        processor,
+        requests,
+        gen.engine.batch_size,
+        lambda row: row.pop("shard"),
+        expected,
+        write_shard,
+    )
+
+
+def _trace_row(cfg: ExperimentConfig):
+    """The per-row postprocess: shape the engine output into a graded trace (runs in Ray)."""
+    grader = GRADERS[cfg.grader]
+    max_tokens = cfg.generation.sampling.max_tokens
+    max_len = cfg.generation.engine.max_model_len
+    teacher = cfg.teacher
+
+    def postprocess(row: dict[str, Any]) -> dict[str, Any]:
+        trace = row["generated_text"]
+        prompt_tokens, completion_tokens = row["num_input_tokens"], row["num_generated_tokens"]
+        return {
+            "prompt_id": row["prompt_id"],
+            "problem": row["problem"],
+            "answer": row["answer"],
+            "teacher": teacher,
+            "sample_index": row["sample_index"],
+            "seed": row["seed"],
+            "prompt": row["prompt"],
+            "trace": trace,
+            "extracted_answer": extract_answer(trace),
+            "correct": grader(trace, row["answer"]),
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "finish_reason": settings.finish_reason(
+                prompt_tokens, completion_tokens, max_tokens, max_len
+            ),
+            "shard": row["shard"],
+        }
+
+    return postprocess
+
+
+def _devices(engine: EngineConfig) -> int:
+    return engine.replicas.max * engine.tensor_parallel_size * engine.pipeline_parallel_size

@@ -1,0 +1,115 @@
+"""Stage `grpo`: the RL baseline, GRPO on the student with the run's grader as reward.
+
+    w2sr grpo CONFIG grpo.steps=200
+
+One Ray Train worker group (DeepSpeed ZeRO) is the learner and lives for the whole run
+(`w2sr.learner.grpo`); its rank 0 drives the loop and owns the rollout engines, vLLM replicas held
+in-process by Ray actors (`w2sr.learner.rollouts`). Each step:
+
+1. rollout: rank 0 has the engines sample `group_size` completions for each of the step's
+   `prompts_per_step` prompts (the run's prompt set, rendered with the student's chat template),
+   grades them (1 correct; `format_reward` for a readable wrong answer; else 0) and normalises
+   rewards within each group into advantages;
+2. learner: every rank takes its share of the samples and takes `mini_batches` optimizer
+   steps on the clipped policy-gradient loss averaged over all response tokens of a mini-batch,
+   plus `kl_coef` x the k3 estimate of KL to the frozen reference, minus `entropy_coef` x entropy
+   (`w2sr.learner.rl_loss`);
+3. sync: the updated weights are gathered (ZeRO-3 partitions one tensor at a time) and sent to
+   every engine (`w2sr.engines.weight_sync`: a process group broadcast, NCCL on GPUs, or the Ray
+   object store), and the engines reload them in place.
+
+Colocated on GPUs, each engine shares its learner worker's device and sleeps (weights to host
+memory, KV cache freed) from the end of its rollout until the next sync.
+
+Artifacts: `rl/metrics.jsonl` (one record per step: reward, accuracy, KL, entropy, response
+length, clip fraction, and the step's seconds split into rollout, learner and sync), `rl/model/`
+(label `rl` for evaluation), `rl/ray/` (checkpoints; a rerun of the same config resumes from the
+last one) and `rl/_DONE.json` (fingerprint, steps, final reward, wall and worker seconds).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from w2sr import layout
+from w2sr.config import ConfigError, ExperimentConfig
+from w2sr.data.prompt_set import prepare_prompts
+from w2sr.data.prompts import load_tokenizer, render_prompts
+from w2sr.data.templates import TEMPLATES
+from w2sr.learner.fit import fit
+from w2sr.learner.grpo import worker_loop
+from w2sr.learner.trackers import check_trackers
+from w2sr.models import resolve_model
+from w2sr.rundir import DONE, RunDir
+from w2sr.session import init_ray
+
+log = logging.getLogger(__name__)
+
+
+def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Run the stage; returns its completion record (with wall and worker seconds)."""
+    if cfg.student is None:
+        raise ConfigError("student: not set; `w2sr grpo` trains the student model with RL")
+    g = cfg.grpo
+    if g is None:
+        raise ConfigError("grpo: not set; the RL baseline is trained only when asked for")
+    run = RunDir(cfg.run_dir)
+    table, prompts_fingerprint = prepare_prompts(cfg, run)
+    fingerprint = layout.fingerprint(
+        cfg.fields("grpo", "student", "template", "grader", "seed"), prompts_fingerprint
+    )
+    record = run.done(layout.RL, fingerprint)
+    if record:
+        log.info("the GRPO student is trained for this config; nothing to do")
+        return record
+    check_trackers(g, "grpo")
+    start = time.time()
+    run.begin(layout.RL, fingerprint)
+    model_path = resolve_model(cfg.student)
+    # The student is the policy: its own chat template, not the teacher's rendering.
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    rows = [{k: row[k] for k in ("prompt_id", "problem", "answer")} for row in table.to_pylist()]
+    rendered, too_long = render_prompts(
+        tokenizer, TEMPLATES[cfg.template], rows, g.engine.max_model_len
+    )
+    if too_long:
+        log.warning(
+            "%d prompts leave no room to answer in %d tokens", len(too_long), g.engine.max_model_len
+        )
+    if not rendered:
+        raise RuntimeError(f"no prompt fits grpo.engine.max_model_len ({table.num_rows} prompts)")
+    prompts = [{k: row[k] for k in ("prompt_id", "answer", "prompt_token_ids")} for row in rendered]
+    log.info(
+        "GRPO on %s: %d steps of %d prompts x %d samples, %d learners, %d %s rollout engines",
+        cfg.student,
+        g.steps,
+        g.prompts_per_step,
+        g.group_size,
+        g.num_workers,
+        g.engine.replicas.max,
+        g.placement,
+    )
+    init_ray(cfg)
+    import ray
+
+    loop_config = {"prompts": ray.put(prompts), "model": model_path}
+    resources = {"CPU": g.cpus_per_worker}
+    name = f"grpo-{fingerprint}"
+    metrics = fit(worker_loop, cfg, run, layout.RL, name, g, loop_config, resources).metrics
+    facts = {
+        "student": cfg.student,
+        "model": run.location(layout.RL, layout.MODEL),
+        "prompts": len(prompts),
+        "steps": metrics["step"],
+        "samples_seen": metrics["samples_seen"],
+        "final_reward_mean": metrics["reward_mean"],
+        "final_accuracy": metrics["accuracy"],
+        "resumed_from": metrics["resumed_from"],
+        "wall_seconds": round(time.time() - start, 2),
+        "worker_seconds": round(metrics["worker_seconds"], 2),
+    }
+    run.mark_done(layout.RL, fingerprint, **facts)
+    log.info("GRPO student trained: %s", facts)
+    return run.read_json(layout.RL, DONE)

@@ -1,0 +1,137 @@
+"""Stage `report`: report.md and the paper's figures, from what `w2sr eval` left in a run dir.
+
+    w2sr report RUN_DIR
+
+For one run (a folder with eval/summary.json):
+- the paper-style table: pass@1 per benchmark and its macro average for the teacher, the base
+  student, W2SR, W2SR-P, W2SR-N and RL, with RGR = (W2SR - base) / (RL - base) for each student
+  variant, and 95% intervals from a bootstrap over problems (paired across models, stratified
+  across benchmarks, so an average or a ratio gets the interval it deserves);
+- pass@k and majority vote, answer and truncation rates;
+- cognitive behaviours of the responses (w2sr.behaviors), teacher vs base student vs students;
+- figures: the four bars of Figure 2 (teacher, student, W2SR, W2SR-P), and accuracy against
+  training cost (Figure 5) when the stages recorded their costs.
+
+For a sweep (a folder whose subfolders are runs, e.g. one per teacher), each run gets its report
+and the sweep gets a summary table with accuracy against teacher scale (Figures 3 and 4).
+
+An RGR whose RL gain is zero or negative is written "undefined", never as a number.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from w2sr import layout
+from w2sr.layout import DISPLAY_NAMES, STUDENT_LABELS
+from w2sr.reporting.figures import figure_bars, figure_cost, figure_scale, figure_scale_benchmarks
+from w2sr.reporting.results import (
+    AVG,
+    RunResults,
+    behaviors,
+    costs,
+    display_name,
+    load_results,
+    teacher_scale,
+)
+from w2sr.reporting.tables import (
+    behavior_table,
+    cost_table,
+    count,
+    details_table,
+    main_tables,
+    pct,
+    rgr_or_dash,
+    setup,
+    table,
+)
+from w2sr.rundir import RunDir
+
+
+def run_report(run: RunDir) -> dict[str, Any]:
+    results = load_results(run)
+    spent = costs(results)
+    figures = [f for f in (figure_bars(results), figure_cost(results, spent)) if f]
+    parts = [
+        f"# W2SR report: {run.uri}",
+        "",
+        "## Setup",
+        "",
+        setup(results),
+        "",
+        "## Results",
+        "",
+        main_tables(results),
+        "",
+        "## Pass@k and majority vote (%)",
+        "",
+        f"pass@k is the unbiased estimator from {results.settings['samples']} samples; maj is "
+        "the majority vote over them (ties split); no answer: responses without a final answer; "
+        "truncated: responses cut at the token limit; tokens: mean completion length.",
+        "",
+        details_table(results),
+        "",
+        "## Cognitive behaviours",
+        "",
+        "Mean count per response (share of responses with at least one), from the phrase "
+        "patterns of `w2sr/behaviors.py`: lexical markers, to compare models on the same "
+        "prompts rather than to read as absolute rates.",
+        "",
+        behavior_table(behaviors(results)),
+    ]
+    if spent:
+        parts += ["", "## Training cost", "", cost_table(results, spent)]
+    if figures:
+        parts += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
+    run.write_text("\n".join(parts) + "\n", layout.REPORT, "report.md")
+    return {
+        "report": run.path(layout.REPORT, "report.md"),
+        "figures": figures,
+        "pass@1": results.pass1,
+        "rgr": results.rgr,
+    }
+
+
+def report(run_dir: str) -> dict[str, Any]:
+    """Write the report of a run, or of every run in a sweep folder plus the sweep's own."""
+    root = RunDir(run_dir)
+    if root.exists(*layout.EVAL_SUMMARY):
+        return run_report(root)
+    runs = [name for name in root.list() if root.exists(name, *layout.EVAL_SUMMARY)]
+    if not runs:
+        raise FileNotFoundError(
+            f"no eval/summary.json in {run_dir} or its subfolders: run `w2sr eval` first"
+        )
+    children = {name: RunDir(f"{root.uri.rstrip('/')}/{name}") for name in runs}
+    for child in children.values():
+        run_report(child)
+    return sweep_report(root, {name: load_results(child) for name, child in children.items()})
+
+
+def sweep_report(root: RunDir, runs: dict[str, RunResults]) -> dict[str, Any]:
+    header = ["Run", "Teacher model", "Parameters", *[display_name(x) for x in DISPLAY_NAMES]]
+    header += [f"RGR {display_name(v)}" for v in STUDENT_LABELS]
+    rows = []
+    for name, results in sorted(runs.items(), key=lambda item: teacher_scale(item[1]) or 0):
+        scale = teacher_scale(results)
+        rows.append(
+            [
+                f"[{name}]({name}/report/report.md)",
+                f"`{results.summary['models'].get('teacher', {}).get('spec', '–')}`",
+                count(scale) if scale else "unknown",
+                *[pct(results.pass1.get(label, {}).get(AVG)) for label in DISPLAY_NAMES],
+                *[rgr_or_dash(results, v) for v in STUDENT_LABELS],
+            ]
+        )
+    figures = [f for f in (figure_scale(root, runs), figure_scale_benchmarks(root, runs)) if f]
+    parts = [
+        f"# W2SR sweep: {root.uri}",
+        "",
+        "Average pass@1 (%) over each run's benchmarks, and RGR (%) on that average.",
+        "",
+        table(header, rows),
+    ]
+    if figures:
+        parts += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
+    root.write_text("\n".join(parts) + "\n", layout.REPORT, "report.md")
+    return {"report": root.path(layout.REPORT, "report.md"), "figures": figures, "runs": list(runs)}

@@ -1,0 +1,69 @@
+"""Stage `serve`: models of a run behind one OpenAI-compatible API (Ray Serve LLM on vLLM).
+
+    w2sr serve CONFIG [--detach]
+
+Each model is served under its label (`w2sr`, `w2sr_p`, `base`, an `eval.models` extra, ...), so
+`/v1/models` lists the labels and `w2sr eval --endpoint URL` finds the same models it would
+evaluate offline. Serve's HTTP proxy does no authentication (Ray's token auth covers the
+cluster's own APIs, not the proxy), hence the default host 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from w2sr import layout
+from w2sr.config import ExperimentConfig
+from w2sr.engines.serve_app import openai_app
+from w2sr.registry import Model, model_table
+from w2sr.session import init_ray
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LABELS = (*layout.STUDENT_LABELS, "rl")  # the trained students, when nothing is asked for
+
+
+def hosted_models(cfg: ExperimentConfig) -> list[Model]:
+    """The models `serve.models` names (default: every trained student present), checked before
+    any Ray work starts."""
+    models, skipped = model_table(cfg)
+    wanted = cfg.serve.models or [label for label in DEFAULT_LABELS if label in models]
+    if not wanted:
+        raise ValueError(
+            f"serve.models: no trained student in {cfg.run_dir} ({skipped}); "
+            "name the models to host, e.g. serve.models=[base]"
+        )
+    unknown = [label for label in wanted if label not in models]
+    if unknown:
+        reasons = {label: skipped.get(label, "not a label of this run") for label in unknown}
+        raise ValueError(f"serve.models: cannot host {reasons}; present: {sorted(models)}")
+    return [models[label] for label in wanted]
+
+
+def serve(cfg: ExperimentConfig, blocking: bool = True) -> dict[str, Any]:
+    """Deploy the app and return where it answers; with `blocking`, keep it up until Ctrl-C and
+    then delete it (a non-blocking call leaves it running in the cluster)."""
+    from ray import serve as ray_serve
+
+    models = hosted_models(cfg)
+    init_ray(cfg)
+    sv = cfg.serve
+    # HTTP options are cluster-wide and fixed once Serve runs; a second app reuses the first's.
+    ray_serve.start(http_options={"host": sv.host, "port": sv.port})
+    ray_serve.run(openai_app(cfg, models), name=sv.app_name, route_prefix="/")
+    info = {
+        "url": f"http://{sv.host}:{sv.port}/v1",
+        "app": sv.app_name,
+        "models": {m.label: m.spec for m in models},
+    }
+    log.info("serving %s at %s", sorted(info["models"]), info["url"])
+    if blocking:
+        try:
+            while True:
+                time.sleep(60)
+        except KeyboardInterrupt:
+            log.info("deleting Serve app %s", sv.app_name)
+            ray_serve.delete(sv.app_name)
+    return info

@@ -1,0 +1,114 @@
+"""Stage `train`: SFT of the student on a selected trace set, on Ray Train with DeepSpeed ZeRO.
+
+    w2sr train CONFIG train.variant=correct      # W2SR-P
+
+The driver tokenizes the set once (`w2sr.learner.batches`) and hands it to the workers through
+the object store; each worker runs DeepSpeed over its share of every global batch
+(`w2sr.learner.sft`). Per-step metrics go to stdout and to `students/{variant}/metrics.jsonl`
+(and MLflow / W&B when configured); checkpoints go through Ray Train under
+`students/{variant}/ray/`, so a failed worker (within `max_failures`) or a rerun of the same
+config resumes at the last checkpoint's step and data position, with its optimizer and
+schedule. The result is a Hugging Face folder, `students/{variant}/model`; `_DONE.json` beside
+it holds the fingerprint, steps, final loss, truncated samples and cost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from w2sr import layout
+from w2sr.config import ConfigError, ExperimentConfig
+from w2sr.data.prompts import load_tokenizer
+from w2sr.data.templates import TEMPLATES
+from w2sr.learner.batches import build_sft_set, total_steps
+from w2sr.learner.fit import fit
+from w2sr.learner.sft import worker_loop
+from w2sr.learner.trackers import check_trackers
+from w2sr.models import resolve_model
+from w2sr.rundir import DONE, METRICS, RunDir
+from w2sr.session import init_ray
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Run the stage; returns its completion record."""
+    if cfg.student is None:
+        raise ConfigError(
+            "student: not set; `w2sr train` fine-tunes the student model "
+            "(a local Hugging Face folder, a hub id or builtin:NAME)"
+        )
+    run = RunDir(cfg.run_dir)
+    tcfg, variant = cfg.train, cfg.train.variant
+    stage = layout.student(variant)
+    if not run.exists(layout.SFT, DONE):
+        raise RuntimeError(f"no training sets in {cfg.run_dir}; run `w2sr select` first")
+    fingerprint = layout.fingerprint(
+        cfg.fields("train", "student", "template", "seed"),
+        run.read_json(layout.SFT, DONE)["fingerprint"],
+    )
+    record = run.done(stage, fingerprint)
+    if record:
+        log.info("student %s is trained for this config; nothing to do", variant)
+        return record
+    check_trackers(tcfg, "train")
+    start = time.time()
+    run.begin(stage, fingerprint)
+
+    model_path = resolve_model(cfg.student)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    traces = run.read_parquet(*layout.sft_set(variant))
+    data = build_sft_set(tokenizer, TEMPLATES[cfg.template], traces, tcfg.cutoff_len)
+    if not len(data):
+        raise RuntimeError(f"the {variant} set has no trainable sample ({traces.num_rows} rows)")
+    if data.truncated or data.dropped:
+        log.warning(
+            "%d of %d samples truncated at cutoff_len %d; %d dropped (prompt alone fills it)",
+            data.truncated,
+            traces.num_rows,
+            tcfg.cutoff_len,
+            data.dropped,
+        )
+    steps = total_steps(len(data), tcfg.global_batch_size, tcfg.epochs, tcfg.max_steps)
+    log.info(
+        "training %s on %d samples: %d steps of %d (%d workers x %d micro-batches of %d), %s",
+        cfg.student,
+        len(data),
+        steps,
+        tcfg.global_batch_size,
+        tcfg.num_workers,
+        tcfg.grad_accum_steps,
+        tcfg.micro_batch_size,
+        "packed" if tcfg.packing else "padded",
+    )
+    init_ray(cfg)
+    import ray
+
+    loop_config = {"data": ray.put(data), "model": model_path, "steps": steps, "stage": stage}
+    final = fit(worker_loop, cfg, run, stage, f"sft-{fingerprint}", tcfg, loop_config).metrics
+
+    # The record that stands for each step: a resumed attempt's replaces a killed one's.
+    by_step = {}
+    for step_record in map(json.loads, run.read_text(stage, METRICS).splitlines()):
+        by_step[step_record["step"]] = step_record
+    tokens = sum(r["tokens"] for r in by_step.values())
+    facts = {
+        "variant": variant,
+        "student": cfg.student,
+        "model": run.location(stage, layout.MODEL),
+        "samples": len(data),
+        "truncated": data.truncated,
+        "dropped": data.dropped,
+        "steps": final["step"],
+        "final_loss": final["loss"],
+        "tokens": tokens,
+        "tokens_per_second": tokens / sum(r["step_seconds"] for r in by_step.values()),
+        "wall_seconds": round(time.time() - start, 2),
+        "worker_seconds": round(final["worker_seconds"], 2),
+    }
+    run.mark_done(stage, fingerprint, **facts)
+    log.info("student %s trained: %s", variant, json.dumps(facts))
+    return run.read_json(stage, DONE)
