@@ -144,6 +144,29 @@ def test_malformed_rows_are_rejected_with_reasons(tmp_path):
         assert set(r) == {"index", "prompt_id", "reason", "row"} and isinstance(r["row"], str)
 
 
+def test_bad_bytes_and_unicode_line_separators_cost_one_row_at_most(tmp_path):
+    """JSON lines end at "\\n" only: U+2028 inside a string is text, an invalid UTF-8 byte
+    rejects its own line, and the rows after either keep their ids."""
+    good = [{"problem": f"p{i}", "answer": str(i)} for i in range(4)]
+    good[1]["problem"] = "line\u2028separator\u2029paragraph\x85next"
+    data = b"\n".join(
+        [
+            json.dumps(good[0]).encode(),
+            json.dumps(good[1], ensure_ascii=False).encode(),
+            b'{"problem": "bad \xff byte", "answer": "9"}',
+            json.dumps(good[2]).encode() + b"\r",  # a CRLF line
+            json.dumps(good[3]).encode(),
+        ]
+    )
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(data)
+    rows, rejected = load(type="file", path=str(path))
+    assert [r["prompt_id"] for r in rows] == ["mixed-0", "mixed-1", "mixed-3", "mixed-4"]
+    assert rows[1]["problem"] == good[1]["problem"]
+    assert [(r["index"], r["reason"]) for r in rejected] == [(2, "invalid UTF-8 at byte 17")]
+    assert "bad" in rejected[0]["row"]
+
+
 def test_limit_keeps_first_good_rows(tmp_path):
     lines = [{"problem": "bad"}] + [{"problem": f"q{i}", "answer": str(i)} for i in range(5)]
     rows, rejected = load(limit=3, type="file", path=write_jsonl(tmp_path / "p.jsonl", lines))

@@ -25,14 +25,19 @@ from fractions import Fraction
 logger = logging.getLogger(__name__)
 
 TIMEOUT_S = 5.0  # wall-clock limit for one math-verify check
+# A response is read from its end, where its final answer stands: a trace that loops for
+# megabytes costs no more than this much text per check.
+MAX_RESPONSE_CHARS = 65_536
+# A longer "final answer" is compared as a string only: no benchmark's gold is an essay, and
+# numbers of thousands of digits (past Python's int-to-string limit) or LaTeX that expands
+# without end must not reach the number parser or sympy.
+MAX_ANSWER_CHARS = 512
 _STARTUP_S = 120.0  # for the worker to import and warm up math-verify (slow on a loaded node)
 
 # --- extraction ------------------------------------------------------------------------------
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BRACE_TOKENS = re.compile(r"\\.|[{}]", re.DOTALL)  # escaped characters (\{, \}) are skipped
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_HASHES = re.compile(r"####[ \t]*(.*)")
 
 
 def _box_content(text: str, start: int) -> str | None:
@@ -54,14 +59,20 @@ def extract_answer(text: str) -> str | None:
     """The last `\\boxed{}`/`\\fbox{}`, else the last `<answer></answer>`, else the last `#### N`.
 
     An unbalanced (e.g. truncated) last box gives None, not an earlier box: the last box is the
-    model's final answer, and an earlier one may be an answer it went on to revise.
+    model's final answer, and an earlier one may be an answer it went on to revise. Only the last
+    MAX_RESPONSE_CHARS characters are read, each in one pass.
     """
+    text = text[-MAX_RESPONSE_CHARS:]
     if boxes := list(_BOX.finditer(text)):
         return _clean(_box_content(text, boxes[-1].end()))
-    if tags := _ANSWER_TAG.findall(text):
-        return _clean(tags[-1])
-    if hashes := _HASHES.findall(text):
-        return _clean(hashes[-1])
+    close = text.rfind("</answer>")
+    start = text.rfind("<answer>", 0, close) if close >= 0 else -1
+    if start >= 0:
+        start += len("<answer>")
+        return _clean(text[start : text.index("</answer>", start)])
+    hashes = text.rfind("####")
+    if hashes >= 0:
+        return _clean(text[hashes + 4 :].split("\n", 1)[0].lstrip(" \t"))
     return None
 
 
@@ -248,6 +259,8 @@ def _slow_equal(pred: str, gold: str) -> bool:
 
 
 def _math_equal(pred: str, gold: str) -> bool:
+    if max(len(pred), len(gold)) > MAX_ANSWER_CHARS:
+        return pred.strip() == gold.strip()
     a, b = _normalise(pred), _normalise(gold)
     if a.replace(" ", "") == b.replace(" ", ""):
         return True

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +114,26 @@ def fingerprint(fields: dict[str, Any], *inputs: str) -> str:
 
 
 # --- reading what earlier stages wrote -------------------------------------------------------
+
+
+def check_keys(what: str, found: list[tuple], expected: set[tuple]) -> None:
+    """An artifact is complete when it holds every expected (prompt, sample) key exactly once,
+    not when it has as many rows: a replayed task can repeat one sample and lose another."""
+    counts = Counter(found)
+    duplicated = sorted(k for k, n in counts.items() if n > 1)
+    missing = sorted(expected - counts.keys())
+    unexpected = sorted(counts.keys() - expected)
+    if duplicated or missing or unexpected:
+        parts = [
+            f"{name} {len(keys)} (first: {keys[:5]})"
+            for name, keys in (
+                ("missing", missing),
+                ("duplicated", duplicated),
+                ("unexpected", unexpected),
+            )
+            if keys
+        ]
+        raise RuntimeError(f"{what}: keys {'; '.join(parts)}")
 
 
 def read_traces(run: RunDir) -> pa.Table:

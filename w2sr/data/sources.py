@@ -59,7 +59,7 @@ class Fields:
 
 @dataclass(frozen=True)
 class _Unparsed:
-    """A line of a JSON-lines file that is not JSON: rejected, never a crash."""
+    """A line of a JSON-lines file that is not UTF-8 JSON: rejected, never a crash."""
 
     line: str
     error: str
@@ -102,7 +102,10 @@ def validate_rows(records: Iterable[Record], fields: Fields) -> tuple[list[dict]
 def _check(index: int, raw: Any, fields: Fields) -> tuple[str | None, str, str, str | None]:
     """(prompt_id, problem, answer, reason); reason is None for a good row."""
     if isinstance(raw, _Unparsed):
-        return None, "", "", f"invalid JSON: {raw.error}"
+        reason = (
+            raw.error if raw.error.startswith("invalid UTF-8") else f"invalid JSON: {raw.error}"
+        )
+        return None, "", "", reason
     if not isinstance(raw, dict):
         return None, "", "", f"wrong type: row is {type(raw).__name__}, not an object"
     prompt_id, reason = _id(index, raw, fields)
@@ -295,8 +298,17 @@ def _file_records(path: str) -> Iterator[Record]:
         yield from enumerate(pq.read_table(where, filesystem=fs).to_pylist())
     elif path.endswith((".jsonl", ".json")):
         with fs.open_input_stream(where) as stream:
-            text = stream.read().decode("utf-8")
-        for index, line in enumerate(text.splitlines()):
+            data = stream.read()
+        # Lines end at "\n" only: U+2028 and its kin may stand inside a JSON string, and one
+        # bad byte costs its own line, not the set.
+        for index, raw in enumerate(data.split(b"\n")):
+            raw = raw.removesuffix(b"\r")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                text = raw.decode("utf-8", errors="replace")
+                yield index, _Unparsed(text, f"invalid UTF-8 at byte {error.start}")
+                continue
             if not line.strip():
                 continue
             try:

@@ -53,21 +53,34 @@ def generate_groups(
     requests: list[dict[str, Any]],
     batch_size: int,
     group: Callable[[dict[str, Any]], Hashable],
-    expected: dict[Hashable, int],
+    expected: dict[Hashable, set[tuple]],
     complete: Callable[[Hashable, list[dict[str, Any]]], None],
 ) -> None:
-    """Run `requests` through `processor` and call `complete(key, rows)` as soon as the group
-    `key` (of `group(row)`) has its `expected[key]` rows; fail if any group is left short."""
+    """Run `requests` through `processor` and call `complete(group, rows)` as soon as a group
+    (of `group(row)`) holds each of its `expected` (prompt_id, sample_index) keys. A row that
+    arrives twice (a replayed task) is kept once; a group left short is an error naming its
+    missing keys."""
     import ray
 
     blocks = max(1, len(requests) // batch_size)
     dataset = processor(ray.data.from_items(requests, override_num_blocks=blocks))
-    pending: dict[Hashable, list[dict[str, Any]]] = defaultdict(list)
+    pending: dict[Hashable, dict[tuple, dict[str, Any]]] = defaultdict(dict)
+    done: set[Hashable] = set()
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in batch.to_pylist():
-            key = group(row)
-            pending[key].append(row)
-            if len(pending[key]) == expected[key]:
-                complete(key, pending.pop(key))
-    if pending:
-        raise RuntimeError(f"generation ended with groups incomplete: {sorted(pending)}")
+            name, key = group(row), (row["prompt_id"], row["sample_index"])
+            if key not in expected[name]:
+                raise RuntimeError(f"group {name}: unexpected key {key}")
+            if name in done or key in pending[name]:
+                continue  # a replay of a row already kept
+            pending[name][key] = row
+            if len(pending[name]) == len(expected[name]):
+                complete(name, list(pending.pop(name).values()))
+                done.add(name)
+    short = {
+        name: sorted(keys - pending.get(name, {}).keys())[:5]
+        for name, keys in expected.items()
+        if name not in done
+    }
+    if short:
+        raise RuntimeError(f"generation ended with groups incomplete (first missing keys): {short}")

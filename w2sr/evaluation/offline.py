@@ -6,6 +6,7 @@ One engine start per model; a benchmark's file is written as soon as its last sa
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from typing import Any
 
 from w2sr.config import ExperimentConfig
@@ -59,14 +60,15 @@ def evaluate_offline(cfg: ExperimentConfig, run: RunDir, todo: list[Task]) -> No
                 }
             )
     tasks = {task.bench.name: task for task in todo}
-    expected = {name: len(task.problems.rows) * cfg.eval.samples for name, task in tasks.items()}
-    expected = {name: n - len(too_long[name]) for name, n in expected.items()}
+    expected = defaultdict(set)
+    for request in requests:
+        expected[request["benchmark"]].add((request["prompt_id"], request["sample_index"]))
 
     def complete(name: str, rows: list[dict]) -> None:
         write_result(cfg, run, tasks[name], rows + too_long[name], "offline")
 
-    for name in [name for name, n in expected.items() if n == 0]:
-        complete(name, [])
+    for name in [name for name in tasks if name not in expected]:
+        complete(name, [])  # every prompt too long: nothing to generate
     if not requests:
         return
     processor = build_generator(

@@ -95,8 +95,15 @@ def sample_rows(cfg: ExperimentConfig, task: Task) -> list[dict[str, Any]]:
 
 
 def write_result(cfg: ExperimentConfig, run: RunDir, task: Task, rows: list, backend: str):
-    """A result file: rows in (problem, sample) order, provenance in the Parquet metadata."""
+    """A result file: rows in (problem, sample) order, provenance in the Parquet metadata.
+
+    It must hold every (problem, sample) of the task exactly once."""
     rows.sort(key=lambda r: (r["prompt_id"], r["sample_index"]))
+    layout.check_keys(
+        f"{task.model.label} on {task.bench.name}",
+        [(r["prompt_id"], r["sample_index"]) for r in rows],
+        {(p["prompt_id"], k) for p in task.problems.rows for k in range(cfg.eval.samples)},
+    )
     meta = {
         "label": task.model.label,
         "spec": task.model.spec,

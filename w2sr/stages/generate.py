@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import defaultdict
 from typing import Any
 
 import pyarrow as pa
@@ -58,6 +58,12 @@ def generate(cfg: ExperimentConfig) -> dict[str, Any]:
     present = len(run.list(layout.TRACES, suffix=".parquet"))
     if present != len(shards):
         raise RuntimeError(f"{present} of {len(shards)} trace shards present after generation")
+    samples = range(cfg.generation.samples_per_prompt)
+    layout.check_keys(
+        f"traces in {run.path(layout.TRACES)}",
+        list(zip(traces["prompt_id"].to_pylist(), traces["sample_index"].to_pylist(), strict=True)),
+        {(p, k) for p in prompts["prompt_id"].to_pylist() for k in samples},
+    )
     facts = {
         "traces": traces.num_rows,
         "prompts": len(set(traces.column("prompt_id").to_pylist())),
@@ -103,7 +109,9 @@ def _generate_shards(
         trust_remote_code=cfg.trust_remote_code,
         postprocess=_trace_row(cfg),
     )
-    expected = Counter(request["shard"] for request in requests)
+    expected = defaultdict(set)
+    for request in requests:
+        expected[request["shard"]].add((request["prompt_id"], request["sample_index"]))
 
     def write_shard(shard: int, rows: list[dict]) -> None:
         rows.sort(key=lambda r: (r["prompt_id"], r["sample_index"]))

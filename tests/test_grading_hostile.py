@@ -1,0 +1,64 @@
+"""Grading never raises and never hangs, whatever a model writes.
+
+One looping trace must not fail a whole generation or evaluation (and every rerun with the same
+seed), so hostile responses are generated: huge numbers, deep nesting, megabyte strings, control
+characters and lone surrogates, unbalanced braces, LaTeX that expands without end.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from w2sr.grading import GRADERS, extract_answer, grade_batch, is_correct
+
+MARKERS = ["\\boxed{", "\\fbox{", "#### ", "<answer>", "</answer>", "}", "{", "\\", "$"]
+
+digits = st.text(alphabet="0123456789", min_size=1, max_size=20_000)
+control = st.text(alphabet=st.characters(categories=["Cc", "Cs", "Co", "Zl", "Zp"]), max_size=200)
+latex = st.lists(
+    st.sampled_from(
+        ["\\frac{", "\\sqrt{", "^{", "_{", "x", "10", "!", "\\left(", "\\right)", "}", "{", ","]
+    ),
+    max_size=400,
+).map("".join)
+payload = st.one_of(digits, control, latex, st.text(max_size=2_000))
+response = st.lists(st.one_of(st.sampled_from(MARKERS), payload), max_size=12).map("".join)
+gold = st.one_of(st.sampled_from(["5", "1/2", "\\frac{1}{2}", "x^2", "A"]), digits, latex)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(response=response, gold=gold)
+def test_hostile_responses_get_a_verdict(response, gold):
+    answer = extract_answer(response)
+    assert answer is None or isinstance(answer, str)
+    for name, grader in GRADERS.items():
+        assert isinstance(grader(response, gold), bool), name
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        "#### " + "1" * 5000,  # past Python's int-to-string limit
+        "\\boxed{" + "9" * 10_000 + "}",
+        "\\boxed{" + "{" * 100_000,  # never closed
+        "\\boxed{" + "{" * 50_000 + "1" + "}" * 50_001,  # nested 50,000 deep
+        "<answer>" * 200_000,  # an unclosed tag, 1.6 MB
+        "<answer>" * 100_000 + "1</answer>",
+        "so " * 500_000 + "\\boxed{5}",  # 1.5 MB of loop before the answer
+        "\\boxed{10^{10^{10^{10^{10}}}}}",  # LaTeX whose value does not fit in memory
+        "\\boxed{" + "\\frac{1}{" * 300 + "2" + "}" * 300 + "}",
+        "\\boxed{\x00\x07\ud800\udfff}",  # NUL, BEL and lone surrogates
+    ],
+)
+def test_each_hostile_case_gets_a_verdict(response):
+    for gold in ("5", "1", "2"):
+        assert isinstance(is_correct(response, gold), bool)
+    assert len(grade_batch([response] * 3, ["5"] * 3)) == 3
+
+
+def test_an_answer_past_the_int_limit_is_compared_as_a_string():
+    answer = "7" * 10_000
+    assert is_correct(f"\\boxed{{{answer}}}", answer)
+    assert not is_correct(f"\\boxed{{{answer}}}", answer + "0")
