@@ -23,3 +23,16 @@ def test_a_fingerprint_follows_its_fields_and_its_inputs():
     assert base == fingerprint({"lr": 1e-3}, "traces-a")
     assert base != fingerprint({"lr": 2e-3}, "traces-a")
     assert base != fingerprint({"lr": 1e-3}, "traces-b")
+
+
+def test_a_stage_claim_keeps_what_earlier_attempts_spent(tmp_path):
+    from w2sr.rundir import RunDir
+
+    run = RunDir(str(tmp_path))
+    assert run.begin("traces", "a") == 0.0
+    run.write_text("x", "traces", "shard-00000.parquet")
+    run.spent("traces", "a", 12.5)  # then the attempt is killed
+    assert run.begin("traces", "a") == 12.5  # the rerun counts it
+    assert run.exists("traces", "shard-00000.parquet")
+    assert run.begin("traces", "b") == 0.0  # another config starts afresh
+    assert not run.exists("traces", "shard-00000.parquet")

@@ -369,10 +369,12 @@ def _kill_a_worker_after_a_checkpoint(stage: Path, killed: list, timeout: float 
         # Not once the last step is logged: its checkpoint may be registered before the restart,
         # which would then have nothing left to train.
         if logged and registered < logged[-1] < STEPS:
+            spent = json.loads((stage / "_RUN.json").read_text())["worker_seconds"]
             for proc in psutil.Process().children(recursive=True):
                 if "RayTrainWorker" in " ".join(proc.cmdline()):
                     proc.kill()
                     killed.append(registered)
+                    (stage / "spent-at-kill").write_text(str(spent))
                     return
 
 
@@ -412,6 +414,16 @@ def test_step_metrics_reach_mlflow(padded_run):
     logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
     assert logged == {r["step"]: pytest.approx(r["loss"]) for r in metrics(run_dir)}
     assert run.data.params["zero_stage"] == "2"
+
+
+def test_the_killed_attempt_is_counted_in_the_cost(killed_run):
+    """Worker-seconds cover the killed attempt up to its last step, past its last checkpoint:
+    the replayed steps were paid for twice."""
+    run_dir, record, _ = killed_run
+    spent_at_kill = float((run_dir / "students" / "all" / "spent-at-kill").read_text())
+    resumed = [r for r in metrics(run_dir) if r["resumed_from"]]
+    resumed_seconds = 2 * (resumed[-1]["time"] - resumed[0]["time"])  # two workers
+    assert record["worker_seconds"] > spent_at_kill + resumed_seconds
 
 
 def test_killed_run_resumes_at_its_checkpoint_step(killed_run):

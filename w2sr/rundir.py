@@ -120,13 +120,22 @@ class RunDir:
 
     # --- stage completion ---
 
-    def begin(self, stage: str, fingerprint: str) -> None:
-        """Claim `stage` for this config. Unfinished work of another config (shards,
-        checkpoints, metrics) cannot be resumed or mixed in: it is deleted."""
-        if self.exists(stage, RUN) and self.read_json(stage, RUN)["fingerprint"] != fingerprint:
+    def begin(self, stage: str, fingerprint: str) -> float:
+        """Claim `stage` for this config; returns the worker-seconds that earlier attempts at it
+        spent, killed ones too. Unfinished work of another config (shards, checkpoints,
+        metrics) cannot be resumed or mixed in: it is deleted."""
+        record = self.read_json(stage, RUN) if self.exists(stage, RUN) else {}
+        if record.get("fingerprint", fingerprint) != fingerprint:
             log.warning("the config of %s changed since it was started; starting it afresh", stage)
             self.delete(stage)
-        self.write_json({"fingerprint": fingerprint}, stage, RUN)
+            record = {}
+        spent = record.get("worker_seconds", 0.0)
+        self.spent(stage, fingerprint, spent)
+        return spent
+
+    def spent(self, stage: str, fingerprint: str, worker_seconds: float) -> None:
+        """Record what the stage has cost so far, so a killed attempt's work is still counted."""
+        self.write_json({"fingerprint": fingerprint, "worker_seconds": worker_seconds}, stage, RUN)
 
     def done(self, stage: str, fingerprint: str) -> dict[str, Any] | None:
         """The stage's completion record if it finished with this fingerprint, else None."""

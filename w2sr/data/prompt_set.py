@@ -39,8 +39,6 @@ def prepare_prompts(cfg: ExperimentConfig, run: RunDir) -> tuple[pa.Table, str]:
     per_shard = cfg.generation.prompts_per_shard
     for position, row in enumerate(rows):
         row["shard"] = position // per_shard
-    table = pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA)
-    run.write_parquet(table, *layout.PROMPT_SET)
     run.write_parquet(pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA), *layout.REJECTED)
     if rejected:
         log.warning("%d prompt rows set aside; see %s", len(rejected), run.path(*layout.REJECTED))
@@ -49,5 +47,7 @@ def prepare_prompts(cfg: ExperimentConfig, run: RunDir) -> tuple[pa.Table, str]:
             f"prompts: none of {len(rejected)} rows is usable; the reasons are in "
             f"{run.path(*layout.REJECTED)}"
         )
+    table = pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA)
+    run.write_parquet(table, *layout.PROMPT_SET)
     run.mark_done(layout.PROMPTS, fingerprint, prompts=len(rows), rejected=len(rejected))
     return table, fingerprint

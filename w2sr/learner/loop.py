@@ -18,7 +18,7 @@ from w2sr.learner.checkpoint import restore, save_checkpoint
 from w2sr.learner.export import export_hf
 from w2sr.learner.fit import Worker
 from w2sr.learner.trackers import Trackers
-from w2sr.rundir import MetricsLog, RunDir
+from w2sr.rundir import RUN, MetricsLog, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,10 @@ class StepLoop:
         self.stage, self.steps, self.workers = stage, steps, workers
         self.state = restore(engine) or {**start, "step": 0, "worker_seconds": 0.0}
         self.resumed_from = self.state["step"]
-        self.prior_seconds = self.state["worker_seconds"]
         self.run_dir = RunDir(worker.cfg.run_dir)
+        # Every earlier attempt's cost, the steps a killed one took after its last checkpoint too.
+        self.claim = self.run_dir.read_json(stage, RUN)
+        self.prior_seconds = self.claim["worker_seconds"]
         rank0 = worker.rank == 0
         self.metrics_log = MetricsLog(self.run_dir, stage) if rank0 else None
         self.trackers = Trackers(learner, run_name, learner.model_dump(mode="json"))
@@ -73,6 +75,9 @@ class StepLoop:
             }
             record = {"step": index + 1, **metrics, "time": now, "resumed_from": self.resumed_from}
             if self.metrics_log:
+                self.run_dir.spent(
+                    self.stage, self.claim["fingerprint"], self.state["worker_seconds"]
+                )
                 self.metrics_log.write(record)
                 log.info("%s", describe(record))
                 found = {k: record[k] for k in tracked if record.get(k) is not None}

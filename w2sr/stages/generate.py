@@ -43,15 +43,22 @@ def generate(cfg: ExperimentConfig) -> dict[str, Any]:
     if record:
         log.info("traces are complete for this config; nothing to generate")
         return record
-    run.begin(layout.TRACES, fingerprint)
+    prior_seconds = run.begin(layout.TRACES, fingerprint)
+    devices = _devices(cfg.generation.engine)
 
     shards = sorted(set(prompts.column("shard").to_pylist()))
     finished = set(run.list(layout.TRACES, suffix=".parquet"))
     missing = [s for s in shards if layout.trace_shard(s)[-1] not in finished]
     log.info("%d of %d shards to generate", len(missing), len(shards))
     start = time.time()
+
+    def spent() -> float:  # the pool at its largest, each replica once per device it spans
+        return prior_seconds + (time.time() - start) * devices
+
     if missing:
-        _generate_shards(cfg, run, prompts, missing)
+        _generate_shards(
+            cfg, run, prompts, missing, lambda: run.spent(layout.TRACES, fingerprint, spent())
+        )
     wall = time.time() - start
 
     traces = layout.read_traces(run)
@@ -70,16 +77,15 @@ def generate(cfg: ExperimentConfig) -> dict[str, Any]:
         "accuracy": pc.mean(traces.column("correct").cast(pa.float64())).as_py()
         if traces.num_rows
         else 0.0,
-        "wall_seconds": round(wall, 2),
-        # the pool at its largest, each replica counted once per device it spans
-        "worker_seconds": round(wall * _devices(cfg.generation.engine), 2),
+        "wall_seconds": round(wall, 2),  # this attempt's
+        "worker_seconds": round(spent(), 2),  # every attempt's, killed ones too
     }
     run.mark_done(layout.TRACES, fingerprint, **facts)
     return run.read_json(layout.TRACES, DONE)
 
 
 def _generate_shards(
-    cfg: ExperimentConfig, run: RunDir, prompts: pa.Table, missing: list[int]
+    cfg: ExperimentConfig, run: RunDir, prompts: pa.Table, missing: list[int], record_cost
 ) -> None:
     init_ray(cfg)
     gen = cfg.generation
@@ -118,6 +124,7 @@ def _generate_shards(
         table = pa.Table.from_pylist(rows, schema=TRACE_SCHEMA)
         run.write_parquet(table, *layout.trace_shard(shard))
         log.info("wrote %s (%d traces)", "/".join(layout.trace_shard(shard)), len(rows))
+        record_cost()
 
     generate_groups(
         processor,
