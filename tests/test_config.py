@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +160,35 @@ def test_fingerprints_ignore_how_a_stage_runs():
         assert fingerprint(a.fields(section)) != fingerprint(
             validate({**BASE, "grpo": {}, **changed}).fields(section)
         )
+
+
+@pytest.mark.parametrize(
+    ("command", "override", "key"),
+    [
+        ("train", "train.num_workers=16", "train.num_workers: needs 16 CPUs"),
+        ("generate", "generation.engine.replicas={min: 3, max: 9}", "replicas.min: needs 6 CPUs"),
+        ("run", "grpo.placement=separate", "grpo.num_workers: needs 10 CPUs"),
+    ],
+)
+def test_more_cpus_than_a_local_session_has_fail_before_ray_starts(
+    tmp_path, command, override, key
+):
+    data = {**BASE, "run_dir": str(tmp_path / "run"), "ray": {"num_cpus": 5}}
+    data["generation"] = {"engine": {"cpus_per_replica": 2}}
+    data["grpo"] = {
+        "num_workers": 2,
+        "cpus_per_worker": 3,
+        "engine": {"replicas": 2, "cpus_per_replica": 2},
+    }
+    cmd = [sys.executable, "-m", "w2sr.cli", command, str(write(tmp_path, data)), override]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=no_cluster())
+    assert done.returncode == 2, done.stderr
+    assert "the local Ray session has 5 CPUs" in done.stderr and key in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def no_cluster() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
 def test_cli_rejects_a_bad_config_before_ray_starts(tmp_path):

@@ -7,9 +7,13 @@ responses token for token.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import time
+from collections import Counter
 
+import numpy as np
 import pytest
 
 from w2sr.config import validate
@@ -85,6 +89,28 @@ def test_deployment_uses_the_engine_settings_and_scales_between_the_replica_boun
     assert (scaling["min_replicas"], scaling["max_replicas"]) == (1, 3)
 
 
+async def load(url: str, clients: int) -> dict:
+    """`clients` chat requests at once on loopback: status counts and latency percentiles."""
+    import httpx
+
+    body = {"model": "teacher", "messages": [{"role": "user", "content": PROBLEMS[0]}]}
+    body |= {"max_tokens": 16, "temperature": 0}
+
+    async def one(client) -> tuple[int, float]:
+        start = time.perf_counter()
+        response = await client.post("/chat/completions", json=body)
+        return response.status_code, time.perf_counter() - start
+
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        results = await asyncio.gather(*(one(client) for _ in range(clients)))
+    latencies = sorted(seconds for status, seconds in results if status == 200)
+    return {
+        "status": dict(Counter(status for status, _ in results)),
+        "p50_s": round(float(np.percentile(latencies, 50)), 3),
+        "p99_s": round(float(np.percentile(latencies, 99)), 3),
+    }
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -103,15 +129,24 @@ def test_served_and_offline_greedy_evaluation_agree(tmp_path, tiny_model, ray_se
     offline = evaluate(validate(experiment(offline_dir, tiny_model)))
 
     port = free_port()
-    hosting = {"models": ["teacher"], "port": port}
+    # One replica that takes 2 requests at a time and queues 4 more: the load test's bound.
+    hosting = {"models": ["teacher"], "port": port, "max_ongoing_requests": 2}
+    hosting["max_queued_requests"] = 4
     cfg = validate(experiment(served_dir, tiny_model, student=tiny_model, serve=hosting))
     try:
         info = serve(cfg, blocking=False)
         assert info["url"] == f"http://127.0.0.1:{port}/v1"
         assert served_models(info["url"], cfg) == {"teacher"}
         online = evaluate(cfg, endpoint=info["url"])
+        under = asyncio.run(load(info["url"], clients=5))  # within 2 ongoing + 4 queued
+        over = asyncio.run(load(info["url"], clients=48))
     finally:
         ray_serve.shutdown()
+
+    assert under["status"] == {200: 5}, under
+    # Over the bound the server sheds load at once (503), and answers the rest.
+    assert set(over["status"]) == {200, 503} and over["status"][200] >= 6, over
+    print("load:", {"under": under, "over": over})
 
     assert "not served" in online["skipped"]["base"]  # the student is neither cached nor served
     rows = {}

@@ -18,6 +18,7 @@ import yaml
 from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig, load_config
 from w2sr.rundir import RunDir
+from w2sr.session import check_local_resources
 
 
 def _generate(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
@@ -102,6 +103,16 @@ STAGES: dict[str, tuple[Stage, str]] = {
         "are skipped",
     ),
 }
+# The config sections whose resources each command asks of Ray.
+RESOURCES = {
+    "generate": ("generation",),
+    "select": (),
+    "train": ("train",),
+    "grpo": ("grpo",),
+    "eval": ("eval",),
+    "serve": ("serve",),
+    "run": ("generation", "train", "grpo", "eval"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
+        if not (args.command == "eval" and args.endpoint):
+            check_local_resources(cfg, RESOURCES[args.command])
         RunDir(cfg.run_dir).write_text(
             yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), layout.CONFIG
         )

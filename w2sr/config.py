@@ -439,7 +439,10 @@ class ServeConfig(Strict):
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     engine: EngineConfig = Field(default_factory=EngineConfig)
     target_ongoing_requests: PositiveInt = 16  # per replica, what autoscaling aims for
-    max_ongoing_requests: PositiveInt = 64  # per replica; more wait in the proxy's queue
+    max_ongoing_requests: PositiveInt = 64  # per replica; more wait in the model's queue
+    # Requests a model's queue holds beyond its replicas' ongoing ones; more are answered 503
+    # at once, so an overloaded server sheds load instead of timing every client out.
+    max_queued_requests: PositiveInt = 256
     app_name: str = "w2sr"
 
 

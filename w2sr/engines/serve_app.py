@@ -32,6 +32,7 @@ def llm_config(cfg: ExperimentConfig, model: Model):
                 "target_ongoing_requests": sv.target_ongoing_requests,
             },
             "max_ongoing_requests": sv.max_ongoing_requests,
+            "max_queued_requests": sv.max_queued_requests,
         },
     )
 
