@@ -47,7 +47,9 @@ class StepLoop:
     ):
         self.worker, self.engine, self.learner = worker, engine, learner
         self.stage, self.steps, self.workers = stage, steps, workers
-        self.state = restore(engine) or {**start, "step": 0, "worker_seconds": 0.0}
+        fresh = {**start, "step": 0, "worker_seconds": 0.0}
+        restored = restore(engine)  # DeepSpeed's client state, with metadata of its own
+        self.state = {key: restored[key] for key in fresh} if restored else fresh
         self.resumed_from = self.state["step"]
         self.run_dir = RunDir(worker.cfg.run_dir)
         # Every earlier attempt's cost, the steps a killed one took after its last checkpoint too.
