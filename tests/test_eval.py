@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import datasets
 import httpx
 import pyarrow as pa
 import pytest
+from faults import kill_when
 
 from w2sr.config import PromptsConfig, validate
 from w2sr.data.benchmarks import OFFLINE_TASKS
 from w2sr.data.sources import load_benchmark, load_prompts
-from w2sr.engines import settings as engines
+from w2sr.evaluation import offline
 from w2sr.evaluation.endpoint import EndpointError, chat_completion
 from w2sr.evaluation.problems import load_problems
 from w2sr.evaluation.results import Task, benchmark_metrics, result_fingerprint, sample_rows
@@ -274,6 +278,7 @@ class FlakyServer:
 
         self.refuse: set[int] = set()
         self.requests = 0
+        self.delay = 0.0  # seconds per reply
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -294,6 +299,7 @@ class FlakyServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests += 1
+                time.sleep(server.delay)
                 if body["seed"] in server.refuse:
                     self._send(404, {"error": "gone"})
                 else:
@@ -336,6 +342,53 @@ def test_a_benchmark_that_loses_requests_keeps_its_replies_for_the_rerun(tmp_pat
     assert sorted(table.column("seed").to_pylist()) == sorted(seeds)
     assert run.list(*task.parts[:-1]) == [task.parts[-1]]  # the kept replies are gone
     assert summary["models"]["teacher"]["results"]["offline"]["backend"].startswith("endpoint")
+
+
+def test_a_killed_endpoint_evaluation_keeps_the_replies_it_got(tmp_path):
+    """SIGKILL mid-benchmark: the replies saved as they arrived are kept, and the rerun asks only
+    for the rest; every (problem, sample) is in the result once."""
+    data = {
+        "run_dir": str(tmp_path / "run"),
+        "teacher": "org/teacher",
+        "eval": {
+            "benchmarks": [{"name": "offline", "limit": 8}],
+            "samples": 2,
+            "endpoint": {"concurrency": 2},
+        },
+    }
+    config = tmp_path / "eval.yaml"
+    config.write_text(json.dumps(data))
+    cfg = validate(data)
+    run = RunDir(cfg.run_dir)
+    model = model_table(cfg)[0]["teacher"]
+    rows = load_problems(cfg, run)["offline"]
+    task = Task(
+        model, cfg.eval.benchmarks[0], rows, result_fingerprint(cfg, model, "offline", rows)
+    )
+    partial = Path(run.path(*task.parts).removesuffix(".parquet") + ".partial.json")
+    server = FlakyServer()
+    server.delay = 0.4
+    try:
+        cmd = [sys.executable, "-m", "w2sr.cli", "eval", str(config), "--endpoint", server.url]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 120
+            while not partial.exists() and time.time() < deadline:
+                assert proc.poll() is None, "the evaluation ended before it could be killed"
+                time.sleep(0.05)
+            proc.kill()
+        finally:
+            proc.wait()
+        kept = json.loads(partial.read_text())
+        assert 0 < len(kept) < 16 and not run.exists(*task.parts)
+        before, server.delay = server.requests, 0.0
+        evaluate(cfg, endpoint=server.url)
+    finally:
+        server.httpd.shutdown()
+    assert server.requests - before == 16 - len(kept)  # only what the killed attempt lacked
+    table = run.read_parquet(*task.parts)
+    keys = list(zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True))
+    assert len(keys) == len(set(keys)) == 16 and not partial.exists()
 
 
 # --- a real offline evaluation ---------------------------------------------------------------
@@ -418,8 +471,47 @@ def test_a_rerun_reuses_every_result_without_starting_an_engine(evaluated, monke
     def no_engine(*args, **kwargs):
         raise AssertionError("a cached result was recomputed")
 
-    monkeypatch.setattr(engines, "build_generator", no_engine)
+    monkeypatch.setattr(offline, "build_generator", no_engine)
     files = sorted(Path(cfg.run_dir, "eval").rglob("*.parquet"))
     stamps = [p.stat().st_mtime_ns for p in files]
     assert evaluate(cfg) == summary
     assert [p.stat().st_mtime_ns for p in files] == stamps
+
+
+@pytest.mark.slow
+def test_a_killed_engine_actor_is_replaced_and_no_sample_is_lost_or_repeated(
+    tmp_path, tiny_model, ray_session
+):
+    """SIGKILL of the vLLM engine actor once the first benchmark's result is written and the
+    second's samples are still coming: Ray Data replays the lost batches on a new actor."""
+    bench = write_jsonl(
+        tmp_path / "amc.jsonl", [{"question": q, "answer": str(i)} for i, q in enumerate(PROBLEMS)]
+    )
+    cfg = validate(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "teacher": tiny_model,
+            "eval": {
+                "benchmarks": [{"name": "offline", "limit": 2}, {"name": "amc23", "path": bench}],
+                "samples": 48,
+                "sampling": {"temperature": 1.0, "max_tokens": 200},
+                "engine": {"batch_size": 4, "max_model_len": 512},
+            },
+        }
+    )
+    results = Path(cfg.run_dir, "eval", "teacher")
+
+    def first_written() -> tuple | None:
+        names = sorted(p.name.split("-")[0] for p in results.glob("*.parquet"))
+        return tuple(names) if names else None
+
+    killed: list = []
+    watcher = kill_when(first_written, "vLLMEngineStageUDF", killed)
+    summary = evaluate(cfg)
+    watcher.join(timeout=1)
+    assert killed == [("offline",)], "the kill did not land between the two benchmarks"
+    for name, problems in (("offline", 2), ("amc23", len(PROBLEMS))):
+        table = result_table(cfg, summary, "teacher", name)
+        ids, samples = table["prompt_id"].to_pylist(), table["sample_index"].to_pylist()
+        keys = list(zip(ids, samples, strict=True))
+        assert len(keys) == len(set(keys)) == problems * 48, name

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from faults import kill_when
 
 from w2sr.config import validate
 from w2sr.grading import is_correct
@@ -131,6 +132,31 @@ def test_selection_splits_traces_into_the_three_training_sets(generated):
     assert summary["all"]["traces"] == every.num_rows
     assert summary["all"]["truncated"] == every["finish_reason"].to_pylist().count("length")
     assert summary["all"]["completion_tokens"]["max"] <= 24
+
+
+@pytest.mark.slow
+def test_a_killed_engine_actor_is_replaced_and_no_trace_is_lost_or_repeated(
+    tmp_path, tiny_model, ray_session
+):
+    """SIGKILL of the vLLM engine actor mid-generation: Ray Data starts another and replays
+    the lost batches; every (prompt, sample) is written once."""
+    data = experiment(tmp_path, tiny_model)
+    data["generation"] |= {"samples_per_prompt": 16, "prompts_per_shard": 1}
+    data["generation"]["sampling"]["max_tokens"] = 200
+    data["generation"]["engine"]["batch_size"] = 4
+    traces = tmp_path / "run" / "traces"
+    killed: list = []
+    watcher = kill_when(
+        lambda: len(list(traces.glob("shard-*.parquet"))), "vLLMEngineStageUDF", killed
+    )
+    generate(validate(data))
+    watcher.join(timeout=1)
+    assert killed and killed[0] < len(PROBLEMS), "the kill did not land mid-generation"
+    table = read_traces(RunDir(data["run_dir"]))
+    pairs = list(
+        zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True)
+    )
+    assert len(pairs) == len(set(pairs)) == len(PROBLEMS) * 16
 
 
 @pytest.mark.slow

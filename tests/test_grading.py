@@ -189,9 +189,9 @@ def test_grade_batch_matches_is_correct():
 def test_grade_batch_grades_each_distinct_answer_once(monkeypatch):
     calls = []
 
-    def counting(response, gold):
+    def counting(response, gold, policy):
         calls.append((response, gold))
-        return is_correct(response, gold)
+        return is_correct(response, gold, policy)
 
     monkeypatch.setitem(GRADERS, "math", counting)
     responses = ["so \\boxed{4}", "hence \\boxed{4}", "\\boxed{5}", "#### 4", "\\boxed{4}"]
@@ -231,3 +231,30 @@ def test_graders_by_name():
     assert GRADERS["math"] is is_correct
     with pytest.raises(KeyError):
         grade_batch(["\\boxed{1}"], ["1"], grader="nope")
+
+
+# Where the two grading policies agree and where they differ, on answers as models write them
+# (the first two are unboxed answers of a small instruct model to GSM8K problems).
+POLICY_CASES = [
+    # response, gold, strict, standard
+    ("So, the answer is 4.", "4", False, True),
+    ("Therefore, the final answer is 18. I hope it is correct.", "18", False, True),
+    ("The final answer is $\\frac{1}{2}$.", "0.5", False, True),
+    ("We find $x = 3$.", "3", False, True),
+    ("She pays 3 + 4 = 7 dollars in total", "7", False, True),
+    ("so \\[ 9 \\]", "9", False, True),
+    ("\\boxed{4}", "4", True, True),
+    ("\\boxed{5} (the answer is 4)", "4", False, False),  # an explicit answer wins in both
+    ("#### 12", "12", True, True),
+    ("<answer>7</answer> so the answer is 8", "7", True, True),
+    ("I cannot tell.", "4", False, False),
+    ("The answer is 5.", "4", False, False),
+]
+
+
+@pytest.mark.parametrize(("response", "gold", "strict", "standard"), POLICY_CASES)
+def test_the_grading_policies_agree_and_differ_as_documented(response, gold, strict, standard):
+    assert is_correct(response, gold, "strict") is strict
+    assert is_correct(response, gold, "standard") is standard
+    verdicts = grade_batch([response], [gold], policy="standard")
+    assert verdicts == [standard]

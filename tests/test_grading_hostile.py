@@ -7,11 +7,13 @@ characters and lone surrogates, unbalanced braces, LaTeX that expands without en
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from w2sr.grading import GRADERS, extract_answer, grade_batch, is_correct
+from w2sr.grading import GRADERS, POLICIES, extract_answer, grade_batch, is_correct
 
 MARKERS = ["\\boxed{", "\\fbox{", "#### ", "<answer>", "</answer>", "}", "{", "\\", "$"]
 
@@ -31,10 +33,11 @@ gold = st.one_of(st.sampled_from(["5", "1/2", "\\frac{1}{2}", "x^2", "A"]), digi
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(response=response, gold=gold)
 def test_hostile_responses_get_a_verdict(response, gold):
-    answer = extract_answer(response)
-    assert answer is None or isinstance(answer, str)
-    for name, grader in GRADERS.items():
-        assert isinstance(grader(response, gold), bool), name
+    for policy in POLICIES:
+        answer = extract_answer(response, policy)
+        assert answer is None or isinstance(answer, str)
+        for name, grader in GRADERS.items():
+            assert isinstance(grader(response, gold, policy), bool), (name, policy)
 
 
 @pytest.mark.parametrize(
@@ -50,11 +53,12 @@ def test_hostile_responses_get_a_verdict(response, gold):
         "\\boxed{10^{10^{10^{10^{10}}}}}",  # LaTeX whose value does not fit in memory
         "\\boxed{" + "\\frac{1}{" * 300 + "2" + "}" * 300 + "}",
         "\\boxed{\x00\x07\ud800\udfff}",  # NUL, BEL and lone surrogates
+        "$" * 100_000 + "\\(" * 50_000 + "answer is " * 10_000,  # the standard policy's forms
     ],
 )
 def test_each_hostile_case_gets_a_verdict(response):
-    for gold in ("5", "1", "2"):
-        assert isinstance(is_correct(response, gold), bool)
+    for gold, policy in itertools.product(("5", "1", "2"), POLICIES):
+        assert isinstance(is_correct(response, gold, policy), bool)
     assert len(grade_batch([response] * 3, ["5"] * 3)) == 3
 
 

@@ -464,6 +464,10 @@ class ExperimentConfig(Strict):
     trust_remote_code: bool = False
     template: str = "paper"
     grader: str = "math"
+    # Which final answers count (w2sr.grading.POLICIES): `strict` an explicit one (\boxed{},
+    # ####, <answer>); `standard` also what the standard evaluators read ("the answer is ...",
+    # the last LaTeX expression, else the last number).
+    grading_policy: Literal["strict", "standard"] = "strict"
     seed: int = 0
     ray: RayConfig = Field(default_factory=RayConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)

@@ -24,6 +24,9 @@ from fractions import Fraction
 
 logger = logging.getLogger(__name__)
 
+# Part of every fingerprint that grading decides (traces, rewards, results): raise it whenever a
+# change here can change a verdict.
+VERSION = "2"
 TIMEOUT_S = 5.0  # wall-clock limit for one math-verify check
 # A response is read from its end, where its final answer stands: a trace that loops for
 # megabytes costs no more than this much text per check.
@@ -55,14 +58,26 @@ def _clean(answer: str | None) -> str | None:
     return answer.removesuffix(".").rstrip() or None
 
 
-def extract_answer(text: str) -> str | None:
-    """The last `\\boxed{}`/`\\fbox{}`, else the last `<answer></answer>`, else the last `#### N`.
+def extract_answer(text: str, policy: str = "strict") -> str | None:
+    """The final answer a response gives, under a grading policy (POLICIES).
+
+    `strict`: the last `\\boxed{}`/`\\fbox{}`, else the last `<answer></answer>`, else the last
+    `#### N`. `standard` reads those first too, then what the standard evaluators accept: the
+    last "the (final) answer is ..." (Qwen2.5-Math's evaluation), else, as math-verify's default
+    extraction does, the last LaTeX expression, else the last number.
 
     An unbalanced (e.g. truncated) last box gives None, not an earlier box: the last box is the
     model's final answer, and an earlier one may be an answer it went on to revise. Only the last
     MAX_RESPONSE_CHARS characters are read, each in one pass.
     """
     text = text[-MAX_RESPONSE_CHARS:]
+    explicit = _explicit_answer(text)
+    if explicit is not None or policy == "strict":
+        return explicit
+    return _standard_answer(text)
+
+
+def _explicit_answer(text: str) -> str | None:
     if boxes := list(_BOX.finditer(text)):
         return _clean(_box_content(text, boxes[-1].end()))
     close = text.rfind("</answer>")
@@ -74,6 +89,42 @@ def extract_answer(text: str) -> str | None:
     if hashes >= 0:
         return _clean(text[hashes + 4 :].split("\n", 1)[0].lstrip(" \t"))
     return None
+
+
+_ANSWER_IS = re.compile(r"(?:final\s+)?answer\s+is\s*:?[ \t]*", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"\.(?:\s|$)|\n")
+_DOLLARS = re.compile(r"\$([^$]+)\$")
+_LAST_NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?")
+
+
+def _standard_answer(text: str) -> str | None:
+    if said := list(_ANSWER_IS.finditer(text)):
+        rest = text[said[-1].end() :]
+        end = _SENTENCE_END.search(rest)
+        answer = _clean((rest[: end.start()] if end else rest).strip().strip("$"))
+        if answer:
+            return answer
+    if (latex := _last_latex(text)) is not None:
+        return latex
+    if numbers := _LAST_NUMBER.findall(text):
+        return _clean(numbers[-1])
+    return None
+
+
+def _last_latex(text: str) -> str | None:
+    """The last `$...$`, `\\(...\\)` or `\\[...\\]`, each found in one pass."""
+    found = []  # (where it ends, its content)
+    if dollars := list(_DOLLARS.finditer(text)):
+        found.append((dollars[-1].end(), dollars[-1].group(1)))
+    for opener, closer in (("\\(", "\\)"), ("\\[", "\\]")):
+        close = text.rfind(closer)
+        start = text.rfind(opener, 0, close) if close >= 0 else -1
+        if start >= 0:
+            found.append((close, text[start + len(opener) : close]))
+    return _clean(max(found)[1]) if found else None
+
+
+POLICIES = ("strict", "standard")
 
 
 def _gold_answer(gold: str) -> str | None:
@@ -270,31 +321,33 @@ def _math_equal(pred: str, gold: str) -> bool:
     return _slow_equal(pred, gold)
 
 
-def is_correct(response: str, gold: str) -> bool:
+def is_correct(response: str, gold: str, policy: str = "strict") -> bool:
     """Whether the response's final answer equals the gold answer mathematically."""
-    pred, gold_answer = extract_answer(response), _gold_answer(gold)
+    pred, gold_answer = extract_answer(response, policy), _gold_answer(gold)
     return pred is not None and gold_answer is not None and _math_equal(pred, gold_answer)
 
 
-def exact_match(response: str, gold: str) -> bool:
+def exact_match(response: str, gold: str, policy: str = "strict") -> bool:
     """For synthetic tasks whose answers are symbols: the same string, up to outer whitespace."""
-    pred = extract_answer(response)
+    pred = extract_answer(response, policy)
     return pred is not None and pred == _gold_answer(gold)
 
 
-# Every grader depends on the response only through extract_answer(response): grade_batch
-# relies on this to grade each distinct (answer, gold) pair once.
-GRADERS: dict[str, Callable[[str, str], bool]] = {"math": is_correct, "exact": exact_match}
+# Every grader depends on the response only through extract_answer(response, policy):
+# grade_batch relies on this to grade each distinct (answer, gold) pair once.
+GRADERS: dict[str, Callable[..., bool]] = {"math": is_correct, "exact": exact_match}
 
 
-def grade_batch(responses: Sequence[str], golds: Sequence[str], grader: str = "math") -> list[bool]:
+def grade_batch(
+    responses: Sequence[str], golds: Sequence[str], grader: str = "math", policy: str = "strict"
+) -> list[bool]:
     """Grade pairs; samples of one prompt often share an answer, so each distinct pair runs once."""
     check = GRADERS[grader]
     verdicts: dict[tuple[str | None, str], bool] = {}
     out = []
     for response, gold in zip(responses, golds, strict=True):
-        key = (extract_answer(response), gold)
+        key = (extract_answer(response, policy), gold)
         if key not in verdicts:
-            verdicts[key] = check(response, gold)
+            verdicts[key] = check(response, gold, policy)
         out.append(verdicts[key])
     return out

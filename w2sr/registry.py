@@ -6,7 +6,6 @@ from the run dir once their stage has finished, and `eval.models` adds extras.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import struct
@@ -17,6 +16,7 @@ import numpy as np
 
 from w2sr import layout
 from w2sr.config import ExperimentConfig
+from w2sr.identity import model_identity
 from w2sr.models import resolve_model
 from w2sr.rundir import DONE, RunDir
 
@@ -57,13 +57,8 @@ def model_table(cfg: ExperimentConfig) -> tuple[dict[str, Model], dict[str, str]
 
 
 def _configured(label: str, spec: str) -> Model:
-    """A model named in the config: a local folder is known by its files, else by its spec."""
-    folder = Path(spec).expanduser()
-    if spec.startswith("builtin:") or not folder.is_dir():
-        return Model(label, spec, spec)
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    stamp = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return Model(label, spec, hashlib.sha256(json.dumps(stamp).encode()).hexdigest())
+    """A model named in the config, known by its content or resolved revision."""
+    return Model(label, spec, model_identity(spec))
 
 
 def model_path(model: Model) -> str:

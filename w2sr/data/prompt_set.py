@@ -12,6 +12,7 @@ from w2sr.config import ConfigError, ExperimentConfig
 from w2sr.data.prompts import load_tokenizer, render_prompts
 from w2sr.data.sources import load_prompts
 from w2sr.data.templates import TEMPLATES
+from w2sr.identity import model_identity, source_identity
 from w2sr.models import resolve_model
 from w2sr.rundir import RunDir
 from w2sr.schemas import PROMPT_SCHEMA, REJECTED_SCHEMA
@@ -20,10 +21,14 @@ log = logging.getLogger(__name__)
 
 
 def prompts_fingerprint(cfg: ExperimentConfig) -> str:
+    """The prompt set's config, the teacher's tokenizer (its folder's content) and the source's
+    content, where it is a local file or folder."""
     fields = cfg.fields("prompts", "template", "teacher")
     fields["max_model_len"] = cfg.generation.engine.max_model_len
     fields["prompts_per_shard"] = cfg.generation.prompts_per_shard
-    return layout.fingerprint(fields)
+    source = getattr(cfg.prompts.source, "path", None)
+    inputs = [model_identity(cfg.teacher)] + ([source_identity(source)] if source else [])
+    return layout.fingerprint(fields, *inputs)
 
 
 def prepare_prompts(cfg: ExperimentConfig, run: RunDir) -> tuple[pa.Table, str]:

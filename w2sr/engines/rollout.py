@@ -75,9 +75,11 @@ class RolloutEngine:
         """Replace the engine's weights in place; returns how many tensors were loaded."""
         return self._reloaded(self.llm.collective_rpc("w2sr_load_weights", args=(named_tensors,)))
 
-    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str):
+    def join_weight_group(
+        self, host: str, port: int, rank: int, world_size: int, backend: str, secret: str
+    ):
         self.llm.collective_rpc(
-            "w2sr_join_weight_group", args=(host, port, rank, world_size, backend)
+            "w2sr_join_weight_group", args=(host, port, rank, world_size, backend, secret)
         )
 
     def receive_weights(self, specs: list) -> int:

@@ -17,6 +17,8 @@ The engine side is `WeightSyncExtension`: vLLM imports it by its dotted path
 from __future__ import annotations
 
 import datetime
+import secrets
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,12 +35,14 @@ def transport(configured: str, *, use_gpu: bool, colocated: bool) -> str:
     return "collective" if use_gpu and not colocated else "object_store"
 
 
-def process_group(store, rank: int, world_size: int, backend: str):
+def process_group(store, rank: int, world_size: int, backend: str, secret: str):
     """A process group apart from torch.distributed's default one (which is the learner's, or
-    vLLM's own in an engine): only the transport's members take part in its collectives."""
+    vLLM's own in an engine): only the transport's members take part in its collectives. Its
+    keys in the store are named by a secret that reaches the engines through Ray alone, so a
+    stranger who finds the port cannot join the group or feed it tensors."""
     import torch.distributed as dist
 
-    store = dist.PrefixStore("w2sr-weights", store)
+    store = dist.PrefixStore(f"w2sr-weights-{secret}", store)
     if backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, world_size, GROUP_TIMEOUT)
     return dist.ProcessGroupNCCL(store, rank, world_size)
@@ -51,12 +55,12 @@ class WeightSyncExtension:
         return len(named_tensors)
 
     def w2sr_join_weight_group(
-        self, host: str, port: int, rank: int, world_size: int, backend: str
+        self, host: str, port: int, rank: int, world_size: int, backend: str, secret: str
     ) -> None:
         import torch.distributed as dist
 
         store = dist.TCPStore(host, port, world_size, is_master=False, timeout=GROUP_TIMEOUT)
-        self._w2sr_group = process_group(store, rank, world_size, backend)
+        self._w2sr_group = process_group(store, rank, world_size, backend, secret)
 
     def w2sr_receive_weights(self, specs: list[tuple[str, str, list[int]]]) -> int:
         """Load the tensors rank 0 broadcasts, in the order of `specs` (name, dtype, shape)."""
@@ -119,27 +123,37 @@ class CollectiveSender:
     one by one (`send`), and waits for every engine to have loaded them (`finish`).
     """
 
-    def __init__(self, actors: list, group, store):
-        self.actors, self.group, self.store = actors, group, store
+    def __init__(self, actors: list, group, store, listener):
+        self.actors, self.group, self.store, self.listener = actors, group, store, listener
         self.pending: list = []
 
     @classmethod
     def open(cls, actors: list, backend: str) -> CollectiveSender:
+        """The store listens where Ray does on this node (its node address), not on every
+        interface."""
         import ray
         import torch.distributed as dist
 
         host = ray.util.get_node_ip_address()
-        world = 1 + len(actors)
+        listener = socket.create_server((host, 0))
+        port = listener.getsockname()[1]
+        world, secret = 1 + len(actors), secrets.token_hex(16)
         store = dist.TCPStore(
-            host, 0, world, is_master=True, wait_for_workers=False, timeout=GROUP_TIMEOUT
+            host,
+            port,
+            world,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=GROUP_TIMEOUT,
+            master_listen_fd=listener.fileno(),
         )
         joined = [
-            actor.join_weight_group.remote(host, store.port, rank, world, backend)
+            actor.join_weight_group.remote(host, port, rank, world, backend, secret)
             for rank, actor in enumerate(actors, start=1)
         ]
-        group = process_group(store, 0, world, backend)  # returns once every engine has joined
+        group = process_group(store, 0, world, backend, secret)  # returns once all have joined
         ray.get(joined)
-        return cls(actors, group, store)
+        return cls(actors, group, store, listener)
 
     def start(self, specs: list[tuple[str, str, list[int]]]) -> CollectiveSender:
         self.pending = [actor.receive_weights.remote(specs) for actor in self.actors]

@@ -2,8 +2,8 @@
 models under their labels): requests go out with bounded concurrency, time-outs and retries.
 
 Prompts are the run's template messages; the server applies the model's chat template. A
-benchmark that loses requests keeps its replies in a `.partial.json` beside its result, and a
-rerun asks only for the rest.
+benchmark's replies are saved as they arrive in a `.partial.json` beside its result, so one that
+loses requests or is killed keeps them, and a rerun asks only for the rest.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import re
+import time
 
 from w2sr.config import ExperimentConfig
 from w2sr.data.templates import TEMPLATES
@@ -23,6 +24,7 @@ from w2sr.schemas import TOO_LONG
 log = logging.getLogger(__name__)
 
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+SAVE_EVERY_S = 2.0  # how often the replies so far are saved
 _TOO_LONG_MESSAGE = re.compile(r"maximum (?:context|model) length|longer than the maximum", re.I)
 
 
@@ -116,21 +118,26 @@ async def evaluate_endpoint(
                 "finish_reason": "length" if choice.get("finish_reason") == "length" else "stop",
             }
 
-        for task in todo:  # benchmark by benchmark, so a failure keeps the finished ones
-            # Replies of an attempt that lost some requests wait here for a rerun to complete.
+        async def one_benchmark(task: Task) -> None:
+            # Replies are saved as they arrive: an attempt that lost some requests, or was
+            # killed, leaves them here for a rerun, which asks only for the rest.
             partial = (*task.parts[:-1], task.parts[-1].removesuffix(".parquet") + ".partial.json")
             replies = run.read_json(*partial) if run.exists(*partial) else []
             have = {(r["prompt_id"], r["sample_index"]) for r in replies}
             samples = [
                 s for s in sample_rows(cfg, task) if (s["prompt_id"], s["sample_index"]) not in have
             ]
-            progress = [0, len(samples)]
+            progress, saved = [0, len(samples)], [time.monotonic()]
             log.info("%s on %s: %d requests", label, task.bench.name, len(samples))
-            results = await asyncio.gather(
-                *(complete(s, progress) for s in samples), return_exceptions=True
-            )
+
+            async def kept(sample: dict) -> None:
+                replies.append(await complete(sample, progress))
+                if time.monotonic() - saved[0] > SAVE_EVERY_S:
+                    run.write_json(replies, *partial)
+                    saved[0] = time.monotonic()
+
+            results = await asyncio.gather(*(kept(s) for s in samples), return_exceptions=True)
             failures = [r for r in results if isinstance(r, BaseException)]
-            replies += [r for r in results if not isinstance(r, BaseException)]
             if failures:
                 run.write_json(replies, *partial)
                 if not isinstance(failures[0], EndpointError):
@@ -142,5 +149,7 @@ async def evaluate_endpoint(
                 )
             rows = await asyncio.to_thread(list, map(score, replies))  # grading may take seconds
             write_result(cfg, run, task, rows, f"endpoint {api_base(endpoint)}")
-            if have:
-                run.delete(*partial)
+            run.delete(*partial)
+
+        for task in todo:  # benchmark by benchmark, so a failure keeps the finished ones
+            await one_benchmark(task)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from w2sr import layout, metrics
+from w2sr import grading, layout, metrics
 from w2sr.config import EvalBenchmark, ExperimentConfig
 from w2sr.engines.settings import sample_seed
 from w2sr.evaluation.problems import Problems
@@ -53,6 +53,8 @@ def result_fingerprint(cfg: ExperimentConfig, model: Model, name: str, problems:
         "seed": cfg.seed,
         "template": cfg.template,
         "grader": cfg.grader,
+        "grading_policy": cfg.grading_policy,
+        "grader_version": grading.VERSION,
         "max_model_len": ev.engine.max_model_len,
         "dtype": ev.engine.dtype,
     }
@@ -61,7 +63,7 @@ def result_fingerprint(cfg: ExperimentConfig, model: Model, name: str, problems:
 
 def scorer(cfg: ExperimentConfig, label: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """Shape one completion into an EVAL_SCHEMA row and grade it (runs in Ray or the driver)."""
-    grader = GRADERS[cfg.grader]
+    grader, policy = GRADERS[cfg.grader], cfg.grading_policy
 
     def score(row: dict[str, Any]) -> dict[str, Any]:
         response = row["response"]
@@ -69,8 +71,8 @@ def scorer(cfg: ExperimentConfig, label: str) -> Callable[[dict[str, Any]], dict
         return {
             **{name: row.get(name) for name in EVAL_SCHEMA.names},
             "model": label,
-            "extracted_answer": extract_answer(response) if generated else None,
-            "correct": generated and grader(response, row["answer"]),
+            "extracted_answer": extract_answer(response, policy) if generated else None,
+            "correct": generated and grader(response, row["answer"], policy),
         }
 
     return score
@@ -114,6 +116,8 @@ def write_result(cfg: ExperimentConfig, run: RunDir, task: Task, rows: list, bac
         "sampling": cfg.eval.sampling.model_dump(mode="json"),
         "template": cfg.template,
         "grader": cfg.grader,
+        "grading_policy": cfg.grading_policy,
+        "grader_version": grading.VERSION,
     }
     schema = EVAL_SCHEMA.with_metadata({"w2sr": json.dumps(meta)})
     run.write_parquet(pa.Table.from_pylist(rows, schema=schema), *task.parts)
@@ -180,6 +184,7 @@ def summary(
             "sampling": ev.sampling.model_dump(mode="json"),
             "template": cfg.template,
             "grader": cfg.grader,
+            "grading_policy": cfg.grading_policy,
             "max_model_len": ev.engine.max_model_len,
             "bootstrap_resamples": ev.bootstrap_resamples,
             "confidence": ev.confidence,

@@ -66,8 +66,9 @@ class Rollouts:
                 groups[i] = group
         texts = [o["text"] for group in groups for o in group]
         golds = [p["answer"] for p, group in zip(chosen, groups, strict=True) for _ in group]
-        correct = np.array(grade_batch(texts, golds, self.cfg.grader), dtype=bool)
-        answered = np.array([extract_answer(t) is not None for t in texts], dtype=bool)
+        policy = self.cfg.grading_policy
+        correct = np.array(grade_batch(texts, golds, self.cfg.grader, policy), dtype=bool)
+        answered = np.array([extract_answer(t, policy) is not None for t in texts], dtype=bool)
         rewards = np.where(correct, 1.0, np.where(answered, g.format_reward, 0.0))
         return RolloutBatch(
             prompt_ids=[p["prompt_token_ids"] for p in chosen for _ in range(g.group_size)],

@@ -135,7 +135,8 @@ def setup(results: RunResults) -> str:
     lines = [
         f"- Sampling: temperature {sampling['temperature']}, top-p {sampling['top_p']}, "
         f"max {sampling['max_tokens']} new tokens, {s['samples']} samples per problem; "
-        f"template `{s['template']}`, grader `{s['grader']}`.",
+        f"template `{s['template']}`, grader `{s['grader']}` under the "
+        f"`{s.get('grading_policy', 'strict')}` grading policy.",
         f"- Benchmarks: {', '.join(benches)}.",
     ]
     lines += [f"- {display_name(label)}: `{models[label]['spec']}`" for label in results.labels]

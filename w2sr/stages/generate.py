@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from w2sr import layout
+from w2sr import grading, layout
 from w2sr.config import EngineConfig, ExperimentConfig
 from w2sr.data.prompt_set import prepare_prompts
 from w2sr.engines import settings
@@ -36,9 +36,9 @@ def generate(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run the stage; returns its completion record (counts, accuracy, wall-clock)."""
     run = RunDir(cfg.run_dir)
     prompts, prompts_fingerprint = prepare_prompts(cfg, run)
-    fingerprint = layout.fingerprint(
-        cfg.fields("generation", "grader", "seed"), prompts_fingerprint
-    )
+    fields = cfg.fields("generation", "grader", "grading_policy", "seed")
+    fields["grader_version"] = grading.VERSION
+    fingerprint = layout.fingerprint(fields, prompts_fingerprint)  # the teacher's identity in it
     record = run.done(layout.TRACES, fingerprint)
     if record:
         log.info("traces are complete for this config; nothing to generate")
@@ -138,7 +138,7 @@ def _generate_shards(
 
 def _trace_row(cfg: ExperimentConfig):
     """The per-row postprocess: shape the engine output into a graded trace (runs in Ray)."""
-    grader = GRADERS[cfg.grader]
+    grader, policy = GRADERS[cfg.grader], cfg.grading_policy
     max_tokens = cfg.generation.sampling.max_tokens
     max_len = cfg.generation.engine.max_model_len
     teacher = cfg.teacher
@@ -155,8 +155,8 @@ def _trace_row(cfg: ExperimentConfig):
             "seed": row["seed"],
             "prompt": row["prompt"],
             "trace": trace,
-            "extracted_answer": extract_answer(trace),
-            "correct": grader(trace, row["answer"]),
+            "extracted_answer": extract_answer(trace, policy),
+            "correct": grader(trace, row["answer"], policy),
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "finish_reason": settings.finish_reason(

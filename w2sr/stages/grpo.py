@@ -33,11 +33,12 @@ import logging
 import time
 from typing import Any
 
-from w2sr import layout
+from w2sr import grading, layout
 from w2sr.config import ConfigError, ExperimentConfig
 from w2sr.data.prompt_set import prepare_prompts
 from w2sr.data.prompts import load_tokenizer, render_prompts
 from w2sr.data.templates import TEMPLATES
+from w2sr.identity import model_identity
 from w2sr.learner.fit import fit
 from w2sr.learner.grpo import worker_loop
 from w2sr.learner.trackers import check_trackers
@@ -57,9 +58,9 @@ def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
         raise ConfigError("grpo: not set; the RL baseline is trained only when asked for")
     run = RunDir(cfg.run_dir)
     table, prompts_fingerprint = prepare_prompts(cfg, run)
-    fingerprint = layout.fingerprint(
-        cfg.fields("grpo", "student", "template", "grader", "seed"), prompts_fingerprint
-    )
+    fields = cfg.fields("grpo", "student", "template", "grader", "grading_policy", "seed")
+    fields["grader_version"] = grading.VERSION
+    fingerprint = layout.fingerprint(fields, prompts_fingerprint, model_identity(cfg.student))
     record = run.done(layout.RL, fingerprint)
     if record:
         log.info("the GRPO student is trained for this config; nothing to do")

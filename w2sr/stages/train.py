@@ -23,6 +23,7 @@ from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig
 from w2sr.data.prompts import load_tokenizer
 from w2sr.data.templates import TEMPLATES
+from w2sr.identity import model_identity
 from w2sr.learner.batches import build_sft_set, total_steps
 from w2sr.learner.fit import fit
 from w2sr.learner.sft import worker_loop
@@ -49,6 +50,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     fingerprint = layout.fingerprint(
         cfg.fields("train", "student", "template", "seed"),
         run.read_json(layout.SFT, DONE)["fingerprint"],
+        model_identity(cfg.student),
     )
     record = run.done(stage, fingerprint)
     if record:

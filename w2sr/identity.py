@@ -1,0 +1,76 @@
+"""What a stage's inputs are, for fingerprints: files and folders by their content, hub ids by
+the revision they resolve to.
+
+A config string alone is not enough: new weights at the same path, or a prompts file edited in
+place, must not reuse traces and students made from the old ones. Hashes are cached by path,
+size and modification time, so a 15 GB model folder is read once, not at every command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from w2sr.models import cache_dir, resolve_model
+
+_CHUNK = 1 << 20
+
+
+def _digests_file() -> Path:
+    return cache_dir().parent / "digests.json"
+
+
+def _file_digest(path: Path, cache: dict) -> str:
+    stat = path.stat()
+    key = str(path.resolve())
+    stamp = [stat.st_size, stat.st_mtime_ns]
+    if key in cache and cache[key][:2] == stamp:
+        return cache[key][2]
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(_CHUNK):
+            digest.update(chunk)
+    cache[key] = [*stamp, digest.hexdigest()]
+    return cache[key][2]
+
+
+def content_digest(path: str | Path) -> str:
+    """sha256 over a file's bytes, or over a folder's files (relative names and contents)."""
+    root = Path(path).expanduser()
+    store = _digests_file()
+    try:
+        cache = json.loads(store.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    entries = [
+        (str(p.relative_to(root)) if p != root else "", _file_digest(p, cache)) for p in files
+    ]
+    cache = {key: entry for key, entry in cache.items() if os.path.exists(key)}  # no dead paths
+    store.parent.mkdir(parents=True, exist_ok=True)
+    tmp = store.with_name(f"{store.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(cache))
+    tmp.replace(store)
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def model_identity(spec: str) -> str:
+    """A local folder (a built-in one once built) by its content; a hub id by the revision the
+    local hub cache resolves it to, else by its name (with a network, the hub's latest)."""
+    path = resolve_model(spec)
+    if Path(path).is_dir():
+        return content_digest(path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return f"{spec}@{Path(snapshot_download(spec, local_files_only=True)).name}"
+    except Exception:  # not in the local hub cache, or not a hub id
+        return spec
+
+
+def source_identity(path: str) -> str:
+    """A local prompt file or dataset folder by its content; anything else by its name."""
+    local = Path(path).expanduser()
+    return content_digest(local) if "://" not in path and local.exists() else path
