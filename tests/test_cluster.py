@@ -514,7 +514,9 @@ def test_rayservice_hosts_students_with_serve_llm():
     apps = serve["applications"]
     assert apps and len({a["name"] for a in apps}) == len(apps)
     app = apps[0]
-    assert app["import_path"] == "ray.serve.llm:build_openai_app"
+    # The students' API is never unauthenticated: the app checks the key of the head's env.
+    assert app["import_path"] == "w2sr.engines.serve_app:build_app"
+    key_env = app["args"]["api_key_env"]
     configs = app["args"]["llm_configs"]
     assert configs
     cluster = spec["rayClusterConfig"]
@@ -537,6 +539,8 @@ def test_rayservice_hosts_students_with_serve_llm():
 
     # HTTP on the cluster network: the head exposes the serve port the Service forwards to.
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    (key,) = [e for e in head["env"] if e["name"] == key_env]
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "w2sr-api-key", "key": "api_key"}
     serve_ports = {p["containerPort"] for p in head["ports"] if p["name"] == "serve"}
     service_ports = spec["serveService"]["spec"]["ports"]
     assert spec["serveService"]["spec"].get("type", "ClusterIP") == "ClusterIP"

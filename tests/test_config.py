@@ -187,6 +187,19 @@ def test_more_cpus_than_a_local_session_has_fail_before_ray_starts(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"run_dir": "s3://AKIA123:secret@bucket/run"}, "run_dir"),
+        ({"train": {"mlflow_tracking_uri": "https://me:pw@mlflow.example"}}, "train.mlflow"),
+    ],
+)
+def test_credentials_in_a_config_are_refused(data, key):
+    with pytest.raises(ConfigError, match=f"{key}.*holds credentials"):
+        validate({**BASE, **data})
+    validate({**BASE, "run_dir": "s3://bucket/run"})  # the same store, keys from the environment
+
+
 def no_cluster() -> dict:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 

@@ -117,16 +117,6 @@ def rollout_batch(prompt_ids, completion_ids, advantages) -> RolloutBatch:
     return RolloutBatch(prompt_ids, completion_ids, advantages, [0.0] * n, *[[False] * n] * 3)
 
 
-def engine_weights(rollout_engine, names: list[str]) -> dict:
-    """Copies of a rollout engine's parameters by vLLM name (unfused ones match HF names)."""
-
-    def read(worker, names):
-        params = dict(worker.model_runner.get_model().named_parameters())
-        return {name: params[name].detach().to("cpu", copy=True) for name in names}
-
-    return rollout_engine.llm.collective_rpc(read, args=(names,))[0]
-
-
 @pytest.mark.parametrize("packed", [True, False])
 def test_rollout_rows_score_exactly_the_completion_tokens(packed):
     batch = rollout_batch(
@@ -405,6 +395,17 @@ def test_synced_engine_computes_with_the_learners_weights(killed_run, answerer, 
             "model.norm.weight",
             "model.layers.1.input_layernorm.weight",
         ]
+
+        def engine_weights(rollout_engine, names: list[str]) -> dict:
+            """Copies of the engine's parameters by vLLM name (unfused ones match HF names).
+            Local, so that Ray ships it by value to the actor."""
+
+            def read(worker, names):
+                params = dict(worker.model_runner.get_model().named_parameters())
+                return {name: params[name].detach().to("cpu", copy=True) for name in names}
+
+            return rollout_engine.llm.collective_rpc(read, args=(names,))[0]
+
         engine = ray.get(actor.__ray_call__.remote(engine_weights, names))
         for name in names:
             rows = learned[name].shape[0]  # vLLM pads the vocabulary

@@ -36,3 +36,31 @@ def test_a_stage_claim_keeps_what_earlier_attempts_spent(tmp_path):
     assert run.exists("traces", "shard-00000.parquet")
     assert run.begin("traces", "b") == 0.0  # another config starts afresh
     assert not run.exists("traces", "shard-00000.parquet")
+
+
+def test_a_second_submission_on_a_stage_stops_until_the_lease_lapses(tmp_path):
+    import socket
+    import subprocess
+    import time
+
+    import pytest
+
+    from w2sr.rundir import LEASE, LeaseHeld, RunDir
+
+    run = RunDir(str(tmp_path))
+    other = {"owner": "other-host:12:abcd", "heartbeat": time.time(), "ttl_s": 60.0}
+    run.write_json(other, "traces", LEASE)
+    with pytest.raises(LeaseHeld, match="being worked on by other-host:12:abcd"):
+        run.begin("traces", "a")
+    run.write_json({**other, "heartbeat": time.time() - 61}, "traces", LEASE)  # lapsed
+    run.begin("traces", "a")
+    assert run.read_json("traces", LEASE)["owner"].startswith(socket.gethostname())
+    run.mark_done("traces", "a")
+    assert not run.exists("traces", LEASE)
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process of this machine that is gone holds nothing
+    dead = {**other, "owner": f"{socket.gethostname()}:{gone.pid}:dead"}
+    run.write_json(dead, "students/all", LEASE)
+    run.begin("students/all", "b")
+    run.mark_done("students/all", "b")

@@ -13,10 +13,11 @@ import socket
 import time
 from collections import Counter
 
+import httpx
 import numpy as np
 import pytest
 
-from w2sr.config import validate
+from w2sr.config import ConfigError, validate
 from w2sr.engines import settings as engines
 from w2sr.engines.serve_app import llm_config
 from w2sr.evaluation.endpoint import served_models
@@ -25,6 +26,7 @@ from w2sr.stages.evaluate import evaluate
 from w2sr.stages.serve import hosted_models
 
 PROBLEMS = [f"What is {a} * {b}?" for a, b in [(2, 3), (4, 5), (6, 7), (8, 9), (3, 3)]]
+KEY = "test-key-0123456789"
 
 
 def experiment(tmp_path, model: str, **extra) -> dict:
@@ -91,8 +93,6 @@ def test_deployment_uses_the_engine_settings_and_scales_between_the_replica_boun
 
 async def load(url: str, clients: int) -> dict:
     """`clients` chat requests at once on loopback: status counts and latency percentiles."""
-    import httpx
-
     body = {"model": "teacher", "messages": [{"role": "user", "content": PROBLEMS[0]}]}
     body |= {"max_tokens": 16, "temperature": 0}
 
@@ -101,7 +101,8 @@ async def load(url: str, clients: int) -> dict:
         response = await client.post("/chat/completions", json=body)
         return response.status_code, time.perf_counter() - start
 
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(base_url=url, timeout=120, headers=headers) as client:
         results = await asyncio.gather(*(one(client) for _ in range(clients)))
     latencies = sorted(seconds for status, seconds in results if status == 200)
     return {
@@ -117,8 +118,42 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def test_serving_beyond_loopback_needs_an_api_key(tmp_path, tiny_model, monkeypatch):
+    from w2sr.stages.serve import serve
+
+    monkeypatch.delenv("W2SR_API_KEY", raising=False)
+    data = experiment(tmp_path, tiny_model, serve={"models": ["teacher"], "host": "0.0.0.0"})
+    with pytest.raises(ConfigError, match="serve.host: 0.0.0.0 would expose the API"):
+        serve(validate(data), blocking=False)
+
+
+def test_the_api_key_is_checked_on_every_request_and_required_on_a_cluster(monkeypatch):
+    import hashlib
+
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from w2sr.engines.serve_app import BearerKey, build_app
+
+    inner = Starlette(routes=[Route("/v1/models", lambda request: PlainTextResponse("ok"))])
+    app = BearerKey(inner, key_sha256=hashlib.sha256(KEY.encode()).hexdigest())
+
+    async def status(headers: dict) -> int:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return (await client.get("/v1/models", headers=headers)).status_code
+
+    assert asyncio.run(status({"Authorization": f"Bearer {KEY}"})) == 200
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}):
+        assert asyncio.run(status(headers)) == 401, headers
+    monkeypatch.delenv("W2SR_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="W2SR_API_KEY is not set"):
+        build_app({"llm_configs": [], "api_key_env": "W2SR_API_KEY"})
+
+
 @pytest.mark.slow
-def test_served_and_offline_greedy_evaluation_agree(tmp_path, tiny_model, ray_session):
+def test_served_and_offline_greedy_evaluation_agree(tmp_path, tiny_model, ray_session, monkeypatch):
     from ray import serve as ray_serve
 
     from w2sr.stages.serve import serve
@@ -128,6 +163,8 @@ def test_served_and_offline_greedy_evaluation_agree(tmp_path, tiny_model, ray_se
     served_dir.mkdir()
     offline = evaluate(validate(experiment(offline_dir, tiny_model)))
 
+    # The app answers only requests bearing the key; `w2sr eval --endpoint` sends it.
+    monkeypatch.setenv("W2SR_API_KEY", KEY)
     port = free_port()
     # One replica that takes 2 requests at a time and queues 4 more: the load test's bound.
     hosting = {"models": ["teacher"], "port": port, "max_ongoing_requests": 2}
@@ -138,11 +175,16 @@ def test_served_and_offline_greedy_evaluation_agree(tmp_path, tiny_model, ray_se
         assert info["url"] == f"http://127.0.0.1:{port}/v1"
         assert served_models(info["url"], cfg) == {"teacher"}
         online = evaluate(cfg, endpoint=info["url"])
+        refused = [
+            httpx.get(f"{info['url']}/models", headers=headers).status_code
+            for headers in ({}, {"Authorization": "Bearer wrong"})
+        ]
         under = asyncio.run(load(info["url"], clients=5))  # within 2 ongoing + 4 queued
         over = asyncio.run(load(info["url"], clients=48))
     finally:
         ray_serve.shutdown()
 
+    assert refused == [401, 401]
     assert under["status"] == {200: 5}, under
     # Over the bound the server sheds load at once (503), and answers the rest.
     assert set(over["status"]) == {200, 503} and over["status"][200] >= 6, over

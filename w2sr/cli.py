@@ -17,7 +17,7 @@ import yaml
 
 from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig, load_config
-from w2sr.rundir import RunDir
+from w2sr.rundir import LeaseHeld, RunDir
 from w2sr.session import check_local_resources
 
 
@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:  # raised before any work that could be lost
         print(f"w2sr: {error}", file=sys.stderr)
         return 2
+    except LeaseHeld as error:  # another submission is at work on the same stage
+        print(f"w2sr: {error}", file=sys.stderr)
+        return 3
     print(json.dumps(result, indent=2, default=str))
     return 0
 

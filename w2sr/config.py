@@ -435,7 +435,9 @@ class ServeConfig(Strict):
     """`w2sr serve`: models of the run behind one OpenAI-compatible app (Ray Serve LLM)."""
 
     models: list[str] | None = None  # labels to host; default: every trained student present
-    host: str = "127.0.0.1"  # Serve's HTTP proxy has no auth: widen only behind a gateway
+    # Serve's HTTP proxy has no auth: another host needs the API key that `api_key_env` names.
+    host: str = "127.0.0.1"
+    api_key_env: str = "W2SR_API_KEY"  # when this variable is set, requests must bear its key
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     engine: EngineConfig = Field(default_factory=EngineConfig)
     target_ongoing_requests: PositiveInt = 16  # per replica, what autoscaling aims for
@@ -484,6 +486,17 @@ class ExperimentConfig(Strict):
 
         if self.template not in TEMPLATES:
             raise ValueError(f"template: unknown {self.template!r}; one of {sorted(TEMPLATES)}")
+        uris = {"run_dir": self.run_dir}
+        for name in ("train", "grpo"):
+            if (section := getattr(self, name)) and section.mlflow_tracking_uri:
+                uris[f"{name}.mlflow_tracking_uri"] = section.mlflow_tracking_uri
+        for key, uri in uris.items():
+            if re.match(r"^[a-z][a-z0-9+.-]*://[^/@]*@", uri, re.IGNORECASE):
+                raise ValueError(
+                    f"{key}: holds credentials; give them through the environment instead "
+                    "(AWS_ACCESS_KEY_ID, MLFLOW_TRACKING_USERNAME, ...), never in a config, "
+                    "which is written to the run dir and sent to the trackers"
+                )
         if self.grader not in GRADERS:
             raise ValueError(f"grader: unknown {self.grader!r}; one of {sorted(GRADERS)}")
         for key, spec in [("teacher", self.teacher), ("student", self.student)] + [

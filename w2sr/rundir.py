@@ -11,7 +11,9 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import tempfile
+import threading
 import time
 import uuid
 from typing import Any
@@ -23,6 +25,9 @@ import pyarrow.parquet as pq
 DONE = "_DONE.json"  # a finished stage's record: its fingerprint and counts
 RUN = "_RUN.json"  # the fingerprint of the config a stage's unfinished work belongs to
 METRICS = "metrics.jsonl"  # a training stage's per-step records
+LEASE = "_LEASE.json"  # who is working on a stage now, and when they last said so
+LEASE_TTL_S = 60.0
+LEASE_SETTLE_S = 0.5
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +126,18 @@ class RunDir:
     # --- stage completion ---
 
     def begin(self, stage: str, fingerprint: str) -> float:
-        """Claim `stage` for this config; returns the worker-seconds that earlier attempts at it
-        spent, killed ones too. Unfinished work of another config (shards, checkpoints,
-        metrics) cannot be resumed or mixed in: it is deleted."""
+        """Claim `stage` for this config and this process (a lease, until `mark_done`); returns
+        the worker-seconds that earlier attempts at it spent, killed ones too. Unfinished work of
+        another config (shards, checkpoints, metrics) cannot be resumed or mixed in: it is
+        deleted."""
+        self._claim(stage)
         record = self.read_json(stage, RUN) if self.exists(stage, RUN) else {}
         if record.get("fingerprint", fingerprint) != fingerprint:
             log.warning("the config of %s changed since it was started; starting it afresh", stage)
-            self.delete(stage)
+            selector = pafs.FileSelector(self.path(stage), allow_not_found=True)
+            for info in self.fs.get_file_info(selector):
+                if info.base_name != LEASE:  # the claim of whoever starts it afresh
+                    self.delete(stage, info.base_name)
             record = {}
         spent = record.get("worker_seconds", 0.0)
         self.spent(stage, fingerprint, spent)
@@ -136,6 +146,47 @@ class RunDir:
     def spent(self, stage: str, fingerprint: str, worker_seconds: float) -> None:
         """Record what the stage has cost so far, so a killed attempt's work is still counted."""
         self.write_json({"fingerprint": fingerprint, "worker_seconds": worker_seconds}, stage, RUN)
+
+    def _claim(self, stage: str, ttl_s: float = LEASE_TTL_S) -> None:
+        """Hold `stage` for this process until `mark_done`: a second submission on the same run
+        dir (a retried RayJob, a job submitted twice) stops with a clear message instead of
+        interleaving its shards and checkpoints with ours. The lease is renewed every third of
+        `ttl_s`; one whose owner stops renewing (killed) lapses `ttl_s` later, or at once when
+        the owner was a process of this machine that is gone."""
+        held = self.read_json(stage, LEASE) if self.exists(stage, LEASE) else None
+        if held and not _lapsed(held):
+            age = time.time() - held["heartbeat"]
+            raise LeaseHeld(
+                f"{self.path(stage)} is being worked on by {held['owner']} (renewed {age:.0f}s "
+                f"ago); its lease lapses {held['ttl_s']:.0f}s after its last renewal"
+            )
+        key = (self.uri, stage)
+        if key in _RENEWING:  # this process's own earlier claim, of an attempt that failed
+            _RENEWING.pop(key).set()
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+        def renew() -> None:
+            record = {"owner": owner, "heartbeat": time.time(), "ttl_s": ttl_s}
+            self.write_json(record, stage, LEASE)
+
+        renew()
+        # Object stores have no create-if-absent: of two that wrote at once, the later stands.
+        time.sleep(LEASE_SETTLE_S)
+        if self.read_json(stage, LEASE)["owner"] != owner:
+            raise LeaseHeld(f"{self.path(stage)} was claimed by another submission just now")
+        stop = _RENEWING[key] = threading.Event()
+
+        def keep() -> None:
+            while not stop.wait(ttl_s / 3):
+                renew()
+
+        threading.Thread(target=keep, daemon=True, name=f"w2sr-lease-{stage}").start()
+
+    def _release(self, stage: str) -> None:
+        stop = _RENEWING.pop((self.uri, stage), None)
+        if stop is not None:
+            stop.set()
+            self.delete(stage, LEASE)
 
     def done(self, stage: str, fingerprint: str) -> dict[str, Any] | None:
         """The stage's completion record if it finished with this fingerprint, else None."""
@@ -146,6 +197,31 @@ class RunDir:
 
     def mark_done(self, stage: str, fingerprint: str, **facts: Any) -> None:
         self.write_json({"fingerprint": fingerprint, **facts}, stage, DONE)
+        self._release(stage)
+
+
+_RENEWING: dict[tuple[str, str], threading.Event] = {}  # this process's leases, by stage
+
+
+class LeaseHeld(RuntimeError):
+    """Another live submission is working on the stage."""
+
+
+def _lapsed(held: dict[str, Any]) -> bool:
+    if time.time() - held["heartbeat"] > held["ttl_s"]:
+        return True
+    host, pid, _ = held["owner"].rsplit(":", 2)
+    if host != socket.gethostname():
+        return False
+    if int(pid) == os.getpid():
+        return True  # this process's own, of an attempt that failed
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True  # a process of this machine that is gone (killed) holds nothing
+    except PermissionError:
+        return False
+    return False
 
 
 class MetricsLog:

@@ -2,10 +2,17 @@
 the engine settings of the offline stages (`w2sr.engines.settings`) from `serve.engine`.
 
 Replicas follow `serve.engine.replicas`: a fixed pool when min == max, else Serve's autoscaler
-keeps each replica near `target_ongoing_requests`.
+keeps each replica near `target_ongoing_requests`. Requests past a model's queue bound are
+answered 503 at once. Serve's HTTP proxy authenticates nobody, so when an API key is set (the
+variable `serve.api_key_env`) the app itself answers 401 to every request without it; the app
+holds only the key's hash.
 """
 
 from __future__ import annotations
+
+import hashlib
+import hmac
+import os
 
 from w2sr.config import ExperimentConfig
 from w2sr.engines import settings
@@ -39,6 +46,72 @@ def llm_config(cfg: ExperimentConfig, model: Model):
 
 def openai_app(cfg: ExperimentConfig, models: list[Model]):
     """The OpenAI-compatible app (`/v1/models`, `/v1/chat/completions`) over `models`."""
+    key = os.environ.get(cfg.serve.api_key_env)
+    return keyed_openai_app([llm_config(cfg, m) for m in models], key)
+
+
+def build_app(args: dict):
+    """A RayService's `import_path` (`w2sr.engines.serve_app:build_app`): Serve LLM's builder
+    arguments (`llm_configs`) plus `api_key_env` (default W2SR_API_KEY), the variable that holds
+    the API key on the head pod. There is no unauthenticated app on a cluster: without the key
+    the deployment fails."""
+    args = dict(args)
+    name = args.pop("api_key_env", "W2SR_API_KEY")
+    if not os.environ.get(name):
+        raise ValueError(f"{name} is not set: the students are served only behind an API key")
+    return keyed_openai_app(args.pop("llm_configs"), os.environ[name])
+
+
+class BearerKey:
+    """ASGI middleware: an HTTP request gets through only with `Authorization: Bearer <key>`."""
+
+    def __init__(self, app, key_sha256: str):
+        self.app, self.key_sha256 = app, key_sha256
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            digest = hashlib.sha256(given).hexdigest()
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(digest, self.key_sha256):
+                from starlette.responses import JSONResponse
+
+                error = {"message": "a valid API key is required", "type": "unauthorized"}
+                await JSONResponse({"error": error}, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def keyed_openai_app(llm_configs: list, key: str | None):
+    """Serve LLM's OpenAI app, behind `key` when one is given.
+
+    Serve LLM offers no hook for middleware, so with a key this assembles the app as its
+    `build_openai_app` does (ray 2.60, the version w2sr pins), on an ingress whose FastAPI app
+    checks the key first.
+    """
     from ray.serve.llm import build_openai_app
 
-    return build_openai_app({"llm_configs": [llm_config(cfg, m) for m in models]})
+    if not key:
+        return build_openai_app({"llm_configs": llm_configs})
+    from ray import serve
+    from ray.llm._internal.common.dict_utils import maybe_apply_llm_deployment_config_defaults
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.llm._internal.serve.core.ingress.builder import LLMServingArgs
+    from ray.llm._internal.serve.core.ingress.ingress import (
+        OpenAiIngress,
+        init,
+        make_fastapi_ingress,
+    )
+    from ray.llm._internal.serve.core.server.builder import build_llm_deployment
+
+    configs = LLMServingArgs.model_validate({"llm_configs": llm_configs}).llm_configs
+    fastapi_app = init()
+    fastapi_app.add_middleware(BearerKey, key_sha256=hashlib.sha256(key.encode()).hexdigest())
+    ingress = make_fastapi_ingress(OpenAiIngress, app=fastapi_app)
+    options = maybe_apply_llm_deployment_config_defaults(
+        OpenAiIngress.get_deployment_options(configs), {}
+    )
+    return serve.deployment(ingress, **options).bind(
+        llm_deployments={c.model_id: build_llm_deployment(c) for c in configs},
+        model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},
+        lora_paths={},
+    )

@@ -5,17 +5,19 @@
 Each model is served under its label (`w2sr`, `w2sr_p`, `base`, an `eval.models` extra, ...), so
 `/v1/models` lists the labels and `w2sr eval --endpoint URL` finds the same models it would
 evaluate offline. Serve's HTTP proxy does no authentication (Ray's token auth covers the
-cluster's own APIs, not the proxy), hence the default host 127.0.0.1.
+cluster's own APIs, not the proxy), hence the default host 127.0.0.1; any other host needs an
+API key (`serve.api_key_env`), which the app checks on every request.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
 from w2sr import layout
-from w2sr.config import ExperimentConfig
+from w2sr.config import ConfigError, ExperimentConfig
 from w2sr.engines.serve_app import openai_app
 from w2sr.registry import Model, model_table
 from w2sr.session import init_ray
@@ -48,8 +50,13 @@ def serve(cfg: ExperimentConfig, blocking: bool = True) -> dict[str, Any]:
     from ray import serve as ray_serve
 
     models = hosted_models(cfg)
-    init_ray(cfg)
     sv = cfg.serve
+    if sv.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(sv.api_key_env):
+        raise ConfigError(
+            f"serve.host: {sv.host} would expose the API beyond this machine without a key; "
+            f"set {sv.api_key_env} (requests then need `Authorization: Bearer <key>`)"
+        )
+    init_ray(cfg)
     # HTTP options are cluster-wide and fixed once Serve runs; a second app reuses the first's.
     ray_serve.start(http_options={"host": sv.host, "port": sv.port})
     ray_serve.run(openai_app(cfg, models), name=sv.app_name, route_prefix="/")
