@@ -59,9 +59,9 @@ def content_digest(path: str | Path) -> str:
 def model_identity(spec: str) -> str:
     """A local folder (a built-in one once built) by its content; a hub id by the revision the
     local hub cache resolves it to, else by its name (with a network, the hub's latest)."""
-    path = resolve_model(spec)
-    if Path(path).is_dir():
-        return content_digest(path)
+    local = Path(resolve_model(spec) if spec.startswith("builtin:") else spec).expanduser()
+    if local.is_dir():
+        return content_digest(local)
     try:
         from huggingface_hub import snapshot_download
 
