@@ -51,6 +51,8 @@ def rendered_prompts(model: str, rows: list[dict]) -> list[str]:
 
 def run_w2sr(model: str, data: Path, args, prompts: int) -> tuple[int, float]:
     """The real stage through its CLI, in its own process: (completion tokens, seconds)."""
+    from w2sr import lineage
+    from w2sr.config import validate
     from w2sr.layout import read_traces
     from w2sr.rundir import RunDir
 
@@ -75,7 +77,8 @@ def run_w2sr(model: str, data: Path, args, prompts: int) -> tuple[int, float]:
     cmd = [sys.executable, "-m", "w2sr.cli", "generate", str(path)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.time() - start
-    tokens = int(read_traces(RunDir(str(run_dir)))["completion_tokens"].to_numpy().sum())
+    traces = read_traces(RunDir(str(run_dir)), lineage.traces(validate(config)).folder)
+    tokens = int(traces["completion_tokens"].to_numpy().sum())
     return tokens, seconds
 
 

@@ -52,6 +52,7 @@ W2SR = ("w2sr-object_store", "w2sr-collective")
 
 
 def run_w2sr(work: Path, model: str, args, weight_sync: str) -> dict:
+    from w2sr import lineage
     from w2sr.config import validate
     from w2sr.stages.grpo import grpo
 
@@ -85,7 +86,7 @@ def run_w2sr(work: Path, model: str, args, weight_sync: str) -> dict:
     started = time.time()
     grpo(cfg)
     wall = time.time() - started
-    lines = (work / "w2sr" / "rl" / "metrics.jsonl").read_text().splitlines()
+    lines = (work / "w2sr" / lineage.rl(cfg).folder / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines][args.warmup :]
 
     def mean(key: str) -> float:

@@ -78,6 +78,7 @@ def steady_rate(times: list[float], tokens: list[int], warmup: int) -> float:
 def run_w2sr(work: Path, model: str, args, packing: bool) -> dict:
     import pyarrow as pa
 
+    from w2sr import lineage
     from w2sr.config import validate
     from w2sr.rundir import RunDir
     from w2sr.schemas import TRACE_SCHEMA
@@ -85,11 +86,6 @@ def run_w2sr(work: Path, model: str, args, packing: bool) -> dict:
 
     run_dir = work / f"w2sr-{'packed' if packing else 'padded'}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a finished stage would be skipped
-    run = RunDir(str(run_dir))
-    run.write_parquet(
-        pa.Table.from_pylist(traces(args.samples), schema=TRACE_SCHEMA), "sft", "all.parquet"
-    )
-    run.mark_done("sft", "bench")
     cfg = validate(
         {
             "run_dir": str(run_dir),
@@ -108,13 +104,15 @@ def run_w2sr(work: Path, model: str, args, packing: bool) -> dict:
             },
         }
     )
+    run, sets = RunDir(str(run_dir)), lineage.sft(cfg)
+    table = pa.Table.from_pylist(traces(args.samples), schema=TRACE_SCHEMA)
+    run.write_parquet(table, sets.folder, "all.parquet")
+    run.mark_done(sets.folder, sets.fingerprint)
     start = time.time()
     record = train(cfg)
     wall = time.time() - start
-    steps = [
-        json.loads(line)
-        for line in (run_dir / "students/all/metrics.jsonl").read_text().splitlines()
-    ]
+    stage = run_dir / lineage.student(cfg, "all").folder
+    steps = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     times, tokens = [r["time"] for r in steps], [r["tokens"] for r in steps]
     return {
         "tokens_per_second": steady_rate(times, tokens, args.warmup),

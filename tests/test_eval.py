@@ -17,6 +17,7 @@ import datasets
 import httpx
 import pyarrow as pa
 import pytest
+from artifacts import prepared_problems, trained_student
 from faults import kill_when
 
 from w2sr.config import PromptsConfig, validate
@@ -139,25 +140,23 @@ def test_unknown_and_duplicate_benchmarks_and_greedy_sampling_are_config_errors(
 # --- models and the result cache ------------------------------------------------------------
 
 
-def train(run_dir: str, variant: str, wall: float) -> None:
-    run = RunDir(run_dir)
-    run.write_text("{}", "students", variant, "model", "config.json")
-    run.write_json({"fingerprint": "f", "wall_seconds": wall}, "students", variant, "_DONE.json")
-
-
 def test_models_are_found_by_label_and_missing_ones_are_skipped_with_a_reason(tmp_path):
     data = {"run_dir": str(tmp_path / "run"), "teacher": "org/teacher", "student": "org/student"}
-    train(data["run_dir"], "all", 1.0)
+    folder = trained_student(validate(data), "all", wall_seconds=1.0)
     models, skipped = model_table(validate({**data, "eval": {"models": {"big": "org/big"}}}))
     assert sorted(models) == ["base", "big", "teacher", "w2sr"]
-    assert models["w2sr"].spec == str(tmp_path / "run" / "students" / "all" / "model")
+    assert models["w2sr"].spec == str(tmp_path / "run" / folder / "model")
     assert models["big"].spec == "org/big"
-    assert "not trained yet" in skipped["w2sr_p"] and "not trained yet" in skipped["rl"]
+    assert "not trained for this config" in skipped["w2sr_p"]
+    assert "no `grpo` section" in skipped["rl"]
+    # a student of another config (here: more steps) is not this config's
+    other, _ = model_table(validate({**data, "train": {"max_steps": 7}}))
+    assert "w2sr" not in other
 
 
 def test_result_fingerprint_follows_what_decides_the_result(tmp_path):
     data = {"run_dir": str(tmp_path / "run"), "teacher": "org/teacher", "student": "org/student"}
-    train(data["run_dir"], "all", 1.0)
+    trained_student(validate(data), "all", wall_seconds=1.0)
 
     def fingerprint(label: str = "teacher", **eval_cfg) -> str:
         cfg = validate(
@@ -178,16 +177,15 @@ def test_result_fingerprint_follows_what_decides_the_result(tmp_path):
     ]:
         assert fingerprint(**changed) != same, changed
     student = fingerprint("w2sr")
-    train(data["run_dir"], "all", 2.0)  # trained again: another checkpoint
+    trained_student(validate(data), "all", wall_seconds=2.0)  # trained again: another checkpoint
     assert fingerprint("w2sr") != student
 
 
 def test_benchmark_problems_that_are_training_prompts_are_left_out(tmp_path):
     offline, _ = load_benchmark("offline")
     run = RunDir(str(tmp_path / "run"))
-    training = [{"problem": "  " + offline[1]["problem"].upper() + " "}, {"problem": "other"}]
-    run.write_parquet(pa.Table.from_pylist(training), "prompts", "prompts.parquet")
     cfg = validate({"run_dir": run.uri, "teacher": "t", "eval": {"benchmarks": ["offline"]}})
+    prepared_problems(cfg, ["  " + offline[1]["problem"].upper() + " ", "other"])
     problems = load_problems(cfg, run)["offline"]
     assert problems.decontaminated == 1 and len(problems.rows) == 199
     assert offline[1]["prompt_id"] not in {r["prompt_id"] for r in problems.rows}
@@ -407,7 +405,6 @@ def evaluated(tmp_path_factory, tiny_model, tiny_student, ray_session):
     ]
     bench = write_jsonl(tmp / "amc.jsonl", rows)
     run = RunDir(str(tmp / "run"))
-    run.write_parquet(pa.Table.from_pylist([{"problem": "Seen?"}]), "prompts", "prompts.parquet")
     cfg = validate(
         {
             "run_dir": run.uri,
@@ -421,6 +418,7 @@ def evaluated(tmp_path_factory, tiny_model, tiny_student, ray_session):
             },
         }
     )
+    prepared_problems(cfg, ["Seen?"])
     return cfg, evaluate(cfg)
 
 

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from faults import kill_when
 
+from w2sr import layout, lineage
 from w2sr.config import validate
 from w2sr.grading import is_correct
-from w2sr.layout import read_traces
 from w2sr.rundir import RunDir
 from w2sr.schemas import TRACE_SCHEMA
 from w2sr.stages.generate import generate
@@ -67,6 +67,14 @@ def experiment(tmp: Path, model: str) -> dict:
     }
 
 
+def read_traces(cfg):
+    return layout.read_traces(RunDir(cfg.run_dir), lineage.traces(cfg).folder)
+
+
+def traces_dir(cfg) -> Path:
+    return Path(cfg.run_dir, lineage.traces(cfg).folder)
+
+
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory, tiny_model, ray_session):
     data = experiment(tmp_path_factory.mktemp("gen"), tiny_model)
@@ -77,7 +85,7 @@ def generated(tmp_path_factory, tiny_model, ray_session):
 def test_traces_have_the_schema_and_one_row_per_prompt_and_sample(generated):
     cfg, record = generated
     run = RunDir(cfg.run_dir)
-    traces = read_traces(run)
+    traces = read_traces(cfg)
     assert traces.schema == TRACE_SCHEMA
     assert traces.num_rows == len(PROBLEMS) * SAMPLES == record["traces"]
     pairs = set(
@@ -85,12 +93,13 @@ def test_traces_have_the_schema_and_one_row_per_prompt_and_sample(generated):
     )
     assert pairs == {(f"p{i}", k) for i in range(len(PROBLEMS)) for k in range(SAMPLES)}
     assert len(set(traces["seed"].to_pylist())) == traces.num_rows
-    assert run.list("traces", suffix=".parquet") == [f"shard-{i:05d}.parquet" for i in range(3)]
+    shards = run.list(lineage.traces(cfg).folder, suffix=".parquet")
+    assert shards == [f"shard-{i:05d}.parquet" for i in range(3)]
 
 
 def test_every_trace_is_graded_and_counted(generated):
     cfg, _ = generated
-    for row in read_traces(RunDir(cfg.run_dir)).to_pylist():
+    for row in read_traces(cfg).to_pylist():
         assert row["correct"] == is_correct(row["trace"], row["answer"])
         assert row["teacher"] == cfg.teacher
         assert row["prompt"].endswith("<|im_start|>assistant\n")
@@ -103,9 +112,12 @@ def test_every_trace_is_graded_and_counted(generated):
 
 def test_malformed_and_too_long_prompts_are_set_aside_with_reasons(generated):
     cfg, _ = generated
-    rejected = RunDir(cfg.run_dir).read_parquet("prompts", "rejected.parquet").to_pylist()
+    run = RunDir(cfg.run_dir)
+    source = run.read_parquet(lineage.problems(cfg).folder, "rejected.parquet").to_pylist()
+    too_long = run.read_parquet(lineage.prompts(cfg).folder, "rejected.parquet").to_pylist()
+    rejected = source + too_long
     reasons = {row["prompt_id"]: row["reason"] for row in rejected}
-    assert len(rejected) == 4
+    assert len(source) == 3 and [r["prompt_id"] for r in too_long] == ["too-long"]
     assert "answer" in reasons["no-answer"]
     assert "problem" in reasons["empty"]
     assert "max_model_len" in reasons["too-long"]
@@ -114,9 +126,9 @@ def test_malformed_and_too_long_prompts_are_set_aside_with_reasons(generated):
 
 def test_rerun_with_the_same_config_does_nothing(generated):
     cfg, record = generated
-    before = {p.name: p.stat().st_mtime_ns for p in Path(cfg.run_dir, "traces").glob("*.parquet")}
+    before = {p.name: p.stat().st_mtime_ns for p in traces_dir(cfg).glob("*.parquet")}
     assert generate(cfg) == record
-    after = {p.name: p.stat().st_mtime_ns for p in Path(cfg.run_dir, "traces").glob("*.parquet")}
+    after = {p.name: p.stat().st_mtime_ns for p in traces_dir(cfg).glob("*.parquet")}
     assert before == after
 
 
@@ -124,9 +136,10 @@ def test_selection_splits_traces_into_the_three_training_sets(generated):
     cfg, _ = generated
     summary = select(cfg)
     run = RunDir(cfg.run_dir)
-    every = run.read_parquet("sft", "all.parquet")
-    right = run.read_parquet("sft", "correct.parquet")
-    wrong = run.read_parquet("sft", "incorrect.parquet")
+    sets = lineage.sft(cfg).folder
+    every = run.read_parquet(sets, "all.parquet")
+    right = run.read_parquet(sets, "correct.parquet")
+    wrong = run.read_parquet(sets, "incorrect.parquet")
     assert every.num_rows == right.num_rows + wrong.num_rows == len(PROBLEMS) * SAMPLES
     assert all(right["correct"].to_pylist()) and not any(wrong["correct"].to_pylist())
     assert summary["all"]["traces"] == every.num_rows
@@ -144,15 +157,16 @@ def test_a_killed_engine_actor_is_replaced_and_no_trace_is_lost_or_repeated(
     data["generation"] |= {"samples_per_prompt": 16, "prompts_per_shard": 1}
     data["generation"]["sampling"]["max_tokens"] = 200
     data["generation"]["engine"]["batch_size"] = 4
-    traces = tmp_path / "run" / "traces"
+    cfg = validate(data)
+    traces = traces_dir(cfg)
     killed: list = []
     watcher = kill_when(
         lambda: len(list(traces.glob("shard-*.parquet"))), "vLLMEngineStageUDF", killed
     )
-    generate(validate(data))
+    generate(cfg)
     watcher.join(timeout=1)
     assert killed and killed[0] < len(PROBLEMS), "the kill did not land mid-generation"
-    table = read_traces(RunDir(data["run_dir"]))
+    table = read_traces(cfg)
     pairs = list(
         zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True)
     )
@@ -166,7 +180,7 @@ def test_a_killed_run_resumes_without_losing_or_repeating_traces(tmp_path, tiny_
     data["generation"]["engine"]["batch_size"] = 1
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(data))
-    traces = tmp_path / "run" / "traces"
+    traces = traces_dir(validate(data))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "w2sr.cli", "generate", str(config)]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
@@ -188,7 +202,7 @@ def test_a_killed_run_resumes_without_losing_or_repeating_traces(tmp_path, tiny_
     survivors = {p.name: pq.read_table(p) for p in written[:1]}
 
     generate(validate(data))
-    table = read_traces(RunDir(data["run_dir"]))
+    table = read_traces(validate(data))
     pairs = list(
         zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True)
     )

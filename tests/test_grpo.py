@@ -79,8 +79,14 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+def rl_dir(run_dir: Path) -> Path:
+    """The one GRPO folder of a run that trained one config."""
+    (folder,) = (run_dir / "rl").iterdir()
+    return folder
+
+
 def metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "rl" / "metrics.jsonl"
+    path = rl_dir(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -250,12 +256,15 @@ def _kill_a_worker_once_checkpointed(run_dir: Path, step: int, killed: list, tim
     the controller is lost with the worker)."""
     import psutil
 
-    metrics_path = run_dir / "rl" / "metrics.jsonl"
     deadline = time.time() + timeout
     while time.time() < deadline:
-        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+        lines = [
+            line
+            for path in run_dir.glob("rl/*/metrics.jsonl")
+            for line in path.read_text().splitlines()
+        ]
         logged = any(json.loads(line)["step"] >= step for line in lines if line.endswith("}"))
-        snapshots = list((run_dir / "rl" / "ray").glob("*/checkpoint_manager_snapshot.json"))
+        snapshots = list(run_dir.glob("rl/*/ray/*/checkpoint_manager_snapshot.json"))
         if logged and any("checkpoint-" in path.read_text() for path in snapshots):
             for proc in psutil.Process().children(recursive=True):
                 if "RayTrainWorker" in " ".join(proc.cmdline()):
@@ -374,7 +383,7 @@ def test_synced_engine_computes_with_the_learners_weights(killed_run, answerer, 
     from w2sr.engines.weight_sync import CollectiveSender, ObjectStoreSender
 
     run_dir, _, cfg = killed_run
-    exported = run_dir / "rl" / "model"
+    exported = rl_dir(run_dir) / "model"
     learned = load_file(exported / "model.safetensors")
     base = load_file(Path(answerer) / "model.safetensors")
     assert not torch.equal(learned["model.norm.weight"], base["model.norm.weight"])
@@ -452,6 +461,6 @@ def test_separate_engines_train_and_count_as_workers(ray_session, answerer, tmp_
     )
     record = grpo(cfg)
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
-    assert (tmp_path / "run" / "rl" / "model" / "model.safetensors").exists()
+    assert (rl_dir(tmp_path / "run") / "model" / "model.safetensors").exists()
     # one learner worker + one engine: more worker-seconds than the stage's wall-clock
     assert record["wall_seconds"] < record["worker_seconds"] <= 2 * record["wall_seconds"]

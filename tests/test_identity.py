@@ -7,8 +7,8 @@ import json
 import os
 
 from w2sr.config import validate
-from w2sr.data.prompt_set import prompts_fingerprint
 from w2sr.identity import content_digest, model_identity
+from w2sr.lineage import prompts
 
 
 def test_a_folder_is_known_by_its_content_not_its_timestamps(tmp_path, monkeypatch):
@@ -42,7 +42,7 @@ def test_a_prompts_file_edited_in_place_changes_the_prompt_set(tmp_path, monkeyp
     cfg = validate(
         {"run_dir": str(tmp_path / "run"), "teacher": "org/t", "prompts": {"source": source}}
     )
-    before = prompts_fingerprint(cfg)
-    assert prompts_fingerprint(cfg) == before
+    before = prompts(cfg).fingerprint
+    assert prompts(cfg).fingerprint == before
     path.write_text(json.dumps({"problem": "1+2", "answer": "3"}) + "\n")
-    assert prompts_fingerprint(cfg) != before
+    assert prompts(cfg).fingerprint != before

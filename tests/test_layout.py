@@ -34,8 +34,9 @@ def test_a_stage_claim_keeps_what_earlier_attempts_spent(tmp_path):
     run.spent("traces", "a", 12.5)  # then the attempt is killed
     assert run.begin("traces", "a") == 12.5  # the rerun counts it
     assert run.exists("traces", "shard-00000.parquet")
-    assert run.begin("traces", "b") == 0.0  # another config starts afresh
-    assert not run.exists("traces", "shard-00000.parquet")
+    with pytest.raises(RuntimeError, match="holds work of fingerprint a, not b"):
+        run.begin("traces", "b")  # a folder is one fingerprint's; another's is never mixed in
+    assert run.exists("traces", "shard-00000.parquet")
 
 
 def test_a_second_submission_on_a_stage_stops_until_the_lease_lapses(tmp_path):

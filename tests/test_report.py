@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from w2sr import lineage
 from w2sr.config import validate
 from w2sr.evaluation.problems import load_problems
 from w2sr.evaluation.results import Task, result_fingerprint, write_result
@@ -50,9 +51,9 @@ def _offline_datasets(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
 
 
-def done(run: RunDir, hours: float, *parts: str) -> None:
-    record = {"fingerprint": "f", "wall_seconds": 1.0, "worker_seconds": hours * 3600}
-    run.write_json(record, *parts, "_DONE.json")
+def done(run: RunDir, hours: float, artifact: lineage.Artifact) -> None:
+    facts = {"wall_seconds": 1.0, "worker_seconds": hours * 3600}
+    run.mark_done(artifact.folder, artifact.fingerprint, **facts)
 
 
 def build_run(run_dir: Path, teacher_parameters: int, labels=tuple(SOLVED)) -> str:
@@ -66,16 +67,6 @@ def build_run(run_dir: Path, teacher_parameters: int, labels=tuple(SOLVED)) -> s
     bench = inputs / "amc.jsonl"
     bench.write_text("".join(lines))
     run = RunDir(str(run_dir))
-    done(run, HOURS["traces"], "traces")
-    traces = [{"trace": "Wait, let me verify. Case 1: x. \\boxed{1}"}] * 3
-    run.write_parquet(pa.Table.from_pylist(traces), "traces", "shard-00000.parquet")
-    for label, variant in (("w2sr", "all"), ("w2sr_p", "correct"), ("w2sr_n", "incorrect")):
-        if label in labels:
-            run.write_text("{}", "students", variant, "model", "config.json")
-            done(run, HOURS[variant], "students", variant)
-    if "rl" in labels:
-        run.write_text("{}", "rl", "model", "config.json")
-        done(run, HOURS["rl"], "rl")
     benchmarks = [{"name": "amc23", "path": str(bench)}, {"name": "offline", "limit": PROBLEMS}]
     cfg = validate(
         {
@@ -83,8 +74,23 @@ def build_run(run_dir: Path, teacher_parameters: int, labels=tuple(SOLVED)) -> s
             "teacher": str(teacher),
             "student": "org/base-student",
             "eval": {"benchmarks": benchmarks, "samples": SAMPLES, "bootstrap_resamples": 500},
+            "grpo": {} if "rl" in labels else None,
         }
     )
+    traces = lineage.traces(cfg)
+    done(run, HOURS["traces"], traces)
+    rows = [{"trace": "Wait, let me verify. Case 1: x. \\boxed{1}"}] * 3
+    run.write_parquet(pa.Table.from_pylist(rows), traces.folder, "shard-00000.parquet")
+    trained = lineage.trained(cfg)
+    for label, variant in (
+        ("w2sr", "all"),
+        ("w2sr_p", "correct"),
+        ("w2sr_n", "incorrect"),
+        ("rl", "rl"),
+    ):
+        if label in labels:
+            run.write_text("{}", trained[label].folder, "model", "config.json")
+            done(run, HOURS[variant], trained[label])
     models, _ = model_table(cfg)
     problems = load_problems(cfg, run)
     for label in labels:
@@ -199,7 +205,7 @@ def test_without_rl_there_is_no_rgr_and_no_rl_cost(tmp_path):
     text = Path(result["report"]).read_text()
     assert "RGR is not reported: no result for RL (GRPO)" in text
     assert "RGR W2SR" not in text and "undefined" not in text.split("###")[1]
-    assert "RL (GRPO): not evaluated (rl/_DONE.json not found" in text
+    assert "RL (GRPO): not evaluated (no `grpo` section in the config)" in text
 
 
 def test_a_sweep_of_teachers_plots_accuracy_against_teacher_scale(tmp_path):

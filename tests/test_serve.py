@@ -16,6 +16,7 @@ from collections import Counter
 import httpx
 import numpy as np
 import pytest
+from artifacts import trained_student
 
 from w2sr.config import ConfigError, validate
 from w2sr.engines import settings as engines
@@ -45,28 +46,29 @@ def experiment(tmp_path, model: str, **extra) -> dict:
     }
 
 
-def trained(run_dir: str, variant: str, model: str) -> None:
+def trained(data: dict, variant: str, model: str) -> str:
     """A student as the SFT stage leaves it: a model folder and its completion record."""
-    run = RunDir(run_dir)
-    run.write_json({"fingerprint": "x", "wall_seconds": 1.0}, "students", variant, "_DONE.json")
-    config = RunDir(model).read_text("config.json")
-    run.write_text(config, "students", variant, "model", "config.json")
+    folder = trained_student(validate(data), variant, wall_seconds=1.0)
+    RunDir(data["run_dir"]).write_text(
+        RunDir(model).read_text("config.json"), folder, "model", "config.json"
+    )
+    return folder
 
 
 def test_default_hosts_every_trained_student_present(tmp_path, tiny_model):
-    data = experiment(tmp_path, tiny_model)
-    trained(data["run_dir"], "all", tiny_model)
-    trained(data["run_dir"], "incorrect", tiny_model)
+    data = experiment(tmp_path, tiny_model, student=tiny_model)
+    folder = trained(data, "all", tiny_model)
+    trained(data, "incorrect", tiny_model)
     models = hosted_models(validate(data))
     assert [m.label for m in models] == ["w2sr", "w2sr_n"]
-    assert models[0].spec == RunDir(data["run_dir"]).path("students", "all", "model")
+    assert models[0].spec == RunDir(data["run_dir"]).path(folder, "model")
 
 
 def test_a_missing_or_unknown_model_fails_before_ray_starts(tmp_path, tiny_model):
-    data = experiment(tmp_path, tiny_model)
+    data = experiment(tmp_path, tiny_model, student=tiny_model)
     with pytest.raises(ValueError, match="no trained student"):
         hosted_models(validate(data))
-    with pytest.raises(ValueError, match="w2sr_p.*not trained yet"):
+    with pytest.raises(ValueError, match="w2sr_p.*not trained for this config yet"):
         hosted_models(validate({**data, "serve": {"models": ["w2sr_p"]}}))
     with pytest.raises(ValueError, match="nope.*not a label"):
         hosted_models(validate({**data, "serve": {"models": ["teacher", "nope"]}}))

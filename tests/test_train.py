@@ -25,6 +25,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from w2sr import layout, lineage
 from w2sr.config import ConfigError, validate
 from w2sr.data.templates import TEMPLATES
 from w2sr.learner.attention import attention as attention_for
@@ -91,10 +92,18 @@ def trace_rows(n: int = 64, seed: int = 0) -> list[dict]:
     return rows
 
 
-def write_sft_set(run_dir: Path, rows: list[dict], variant: str = "all") -> None:
-    run = RunDir(str(run_dir))
-    run.write_parquet(pa.Table.from_pylist(rows, schema=TRACE_SCHEMA), "sft", f"{variant}.parquet")
-    run.mark_done("sft", "test-traces")
+def write_sft_set(cfg, rows: list[dict], variant: str = "all") -> None:
+    """A training set where the config's lineage looks for it, as `w2sr select` leaves it."""
+    run, sets = RunDir(cfg.run_dir), lineage.sft(cfg)
+    table = pa.Table.from_pylist(rows, schema=TRACE_SCHEMA)
+    run.write_parquet(table, sets.folder, layout.sft_set(variant))
+    run.mark_done(sets.folder, sets.fingerprint)
+
+
+def stage_dir(run_dir: Path, variant: str = "all") -> Path:
+    """The one student folder of a run that trained one config."""
+    (folder,) = (run_dir / "students" / variant).iterdir()
+    return folder
 
 
 def config(run_dir: Path, student: str | None, **train):
@@ -122,7 +131,7 @@ def tokenizer_of(path: str):
 
 
 def metrics(run_dir: Path, variant: str = "all") -> list[dict]:
-    path = run_dir / "students" / variant / "metrics.jsonl"
+    path = stage_dir(run_dir, variant) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -298,9 +307,10 @@ def test_config_errors_come_before_any_ray_work(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
 def test_a_tracker_that_is_not_installed_fails_before_ray_work(tmp_path):
-    write_sft_set(tmp_path, trace_rows(8))
+    cfg = config(tmp_path, "s", wandb_project="w2sr")
+    write_sft_set(cfg, trace_rows(8))
     with pytest.raises(RuntimeError, match="train.wandb_project is set but wandb"):
-        train(config(tmp_path, "s", wandb_project="w2sr"))
+        train(cfg)
 
 
 def test_run_dir_locations_are_what_other_processes_open(tmp_path):
@@ -343,10 +353,11 @@ def padded_run(ray_session, tiny_student, tmp_path_factory) -> tuple[Path, dict]
     """ZeRO-2 with the optimizer offloaded to the CPU, padded micro-batches, gradient
     checkpointing, bf16."""
     run_dir = tmp_path_factory.mktemp("padded")
-    write_sft_set(run_dir, trace_rows())
     padded = {"packing": False, "gradient_checkpointing": True, "offload_optimizer": True}
     padded["mlflow_tracking_uri"] = f"file://{run_dir}-mlruns"
-    record = train(config(run_dir, tiny_student, zero_stage=2, **padded))
+    cfg = config(run_dir, tiny_student, zero_stage=2, **padded)
+    write_sft_set(cfg, trace_rows())
+    record = train(cfg)
     return run_dir, record
 
 
@@ -383,15 +394,16 @@ def killed_run(ray_session, tiny_student, tmp_path_factory) -> tuple[Path, dict,
     """ZeRO-3, packed, bf16; a worker is killed after a checkpoint and Ray Train restarts the
     group. Returns the step of the checkpoint registered at the kill (or a later one)."""
     run_dir = tmp_path_factory.mktemp("killed")
-    write_sft_set(run_dir, trace_rows())
+    cfg = config(run_dir, tiny_student, **KILLED)
+    write_sft_set(cfg, trace_rows())
     killed: list[int] = []
     watcher = threading.Thread(
         target=_kill_a_worker_after_a_checkpoint,
-        args=(run_dir / "students" / "all", killed),
+        args=(run_dir / lineage.student(cfg, "all").folder, killed),
         daemon=True,
     )
     watcher.start()
-    record = train(config(run_dir, tiny_student, **KILLED))
+    record = train(cfg)
     watcher.join(timeout=1)
     assert killed, "the run ended before a worker could be killed"
     return run_dir, record, killed[0]
@@ -420,7 +432,7 @@ def test_the_killed_attempt_is_counted_in_the_cost(killed_run):
     """Worker-seconds cover the killed attempt up to its last step, past its last checkpoint:
     the replayed steps were paid for twice."""
     run_dir, record, _ = killed_run
-    spent_at_kill = float((run_dir / "students" / "all" / "spent-at-kill").read_text())
+    spent_at_kill = float((stage_dir(run_dir) / "spent-at-kill").read_text())
     resumed = [r for r in metrics(run_dir) if r["resumed_from"]]
     resumed_seconds = 2 * (resumed[-1]["time"] - resumed[0]["time"])  # two workers
     assert record["worker_seconds"] > spent_at_kill + resumed_seconds
@@ -486,18 +498,18 @@ def test_stage_records_cost_and_is_skipped_when_done(killed_run, tiny_student):
     assert record["tokens_per_second"] == pytest.approx(
         record["tokens"] / sum(r["step_seconds"] for r in steps)
     )
-    assert record["model"] == str(run_dir / "students" / "all" / "model")
-    size = (run_dir / "students" / "all" / "metrics.jsonl").stat().st_size
+    assert record["model"] == str(stage_dir(run_dir) / "model")
+    size = (stage_dir(run_dir) / "metrics.jsonl").stat().st_size
     started = time.time()
     again = train(config(run_dir, tiny_student, **KILLED))
     assert again == record and time.time() - started < 5
-    assert (run_dir / "students" / "all" / "metrics.jsonl").stat().st_size == size
+    assert (stage_dir(run_dir) / "metrics.jsonl").stat().st_size == size
 
 
 def test_export_is_a_standard_hugging_face_folder(killed_run, tiny_student):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    model_dir = killed_run[0] / "students" / "all" / "model"
+    model_dir = stage_dir(killed_run[0]) / "model"
     assert {"config.json", "model.safetensors", "generation_config.json"} <= {
         p.name for p in model_dir.iterdir()
     }
@@ -539,7 +551,7 @@ def test_export_loads_in_vllm_and_generates(killed_run, tmp_path):
     """vLLM serves the folder as it is, and scores the prompt as transformers does."""
     from transformers import AutoModelForCausalLM
 
-    model_dir = killed_run[0] / "students" / "all" / "model"
+    model_dir = stage_dir(killed_run[0]) / "model"
     tokenizer = tokenizer_of(str(model_dir))
     data = build_sft_set(tokenizer, TEMPLATES["paper"], pa.Table.from_pylist(trace_rows(1)), 4096)
     ids = data.ids(0).tolist()
@@ -567,7 +579,7 @@ def test_a_rerun_resumes_from_the_last_checkpoint(killed_run, tiny_student):
     """As after a killed driver: the same config finds its Ray Train run and its checkpoint, has
     no step left to train, and exports the same weights again."""
     run_dir, record, _ = killed_run
-    stage = run_dir / "students" / "all"
+    stage = stage_dir(run_dir)
     weights = sha256(stage / "model" / "model.safetensors")
     logged = metrics(run_dir)
     (stage / "_DONE.json").unlink()

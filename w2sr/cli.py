@@ -16,7 +16,7 @@ from collections.abc import Callable
 import yaml
 
 from w2sr import layout
-from w2sr.config import ConfigError, ExperimentConfig, load_config
+from w2sr.config import ConfigError, ExperimentConfig, load_config, validate
 from w2sr.rundir import LeaseHeld, RunDir
 from w2sr.session import check_local_resources
 
@@ -142,7 +142,46 @@ def build_parser() -> argparse.ArgumentParser:
         description="write report.md and figures (RGR table) for a run, or a sweep of runs",
     )
     report.add_argument("run_dir", help="a run directory, or a folder of runs (one per teacher)")
+    gc = commands.add_parser(
+        "gc",
+        help="list (and with --delete remove) what no kept config refers to",
+        description="List the stage folders, evaluation results and stale temporary files that "
+        "neither the run dir's config.yaml nor a --keep config refers to; remove them with "
+        "--delete.",
+    )
+    gc.add_argument("run_dir", help="a run directory")
+    gc.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        metavar="CONFIG",
+        help="a config whose artifacts stay (repeatable)",
+    )
+    gc.add_argument("--delete", action="store_true", help="remove what is listed")
     return parser
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from w2sr.gc import collect, find_garbage
+
+    run = RunDir(args.run_dir)
+    configs = [load_config(path) for path in args.keep]
+    if run.exists(layout.CONFIG):
+        configs.append(validate(yaml.safe_load(run.read_text(layout.CONFIG))))
+    configs = [cfg.model_copy(update={"run_dir": args.run_dir}) for cfg in configs]
+    if not configs:
+        raise ConfigError(
+            f"{args.run_dir} has no {layout.CONFIG}; name the configs to keep with --keep"
+        )
+    garbage = find_garbage(run, configs)
+    for item in garbage:
+        print(f"{item.state:10} {item.size:>14,d}  {item.path}")
+    total = sum(item.size for item in garbage)
+    verb = "removed" if args.delete else "would be removed (pass --delete)"
+    print(f"{len(garbage)} items, {total:,d} bytes {verb}")
+    if args.delete:
+        collect(run, garbage)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report(args.run_dir), indent=2, default=str))
         return 0
     try:
+        if args.command == "gc":
+            return _gc(args)
         cfg = load_config(args.config, args.overrides)
         if not (args.command == "eval" and args.endpoint):
             check_local_resources(cfg, RESOURCES[args.command])

@@ -22,37 +22,56 @@ def _digests_file() -> Path:
     return cache_dir().parent / "digests.json"
 
 
-def _file_digest(path: Path, cache: dict) -> str:
+_loaded: dict[Path, dict[str, list]] = {}  # this process's copy of each digests file
+
+
+def _digests() -> dict[str, list]:
+    """Read the digests file once per process; drop the entries of paths that are gone."""
+    store = _digests_file()
+    if store not in _loaded:
+        try:
+            entries = json.loads(store.read_text())
+        except (OSError, ValueError):
+            entries = {}
+        _loaded[store] = {key: entry for key, entry in entries.items() if os.path.exists(key)}
+    return _loaded[store]
+
+
+def _save(cache: dict[str, list]) -> None:
+    store = _digests_file()
+    store.parent.mkdir(parents=True, exist_ok=True)
+    tmp = store.with_name(f"{store.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(cache))
+    tmp.replace(store)
+
+
+def _file_digest(path: Path, cache: dict) -> tuple[str, bool]:
+    """The file's sha256, and whether it had to be computed."""
     stat = path.stat()
     key = str(path.resolve())
     stamp = [stat.st_size, stat.st_mtime_ns]
     if key in cache and cache[key][:2] == stamp:
-        return cache[key][2]
+        return cache[key][2], False
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         while chunk := stream.read(_CHUNK):
             digest.update(chunk)
     cache[key] = [*stamp, digest.hexdigest()]
-    return cache[key][2]
+    return cache[key][2], True
 
 
 def content_digest(path: str | Path) -> str:
     """sha256 over a file's bytes, or over a folder's files (relative names and contents)."""
     root = Path(path).expanduser()
-    store = _digests_file()
-    try:
-        cache = json.loads(store.read_text())
-    except (OSError, ValueError):
-        cache = {}
+    cache = _digests()
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    entries = [
-        (str(p.relative_to(root)) if p != root else "", _file_digest(p, cache)) for p in files
-    ]
-    cache = {key: entry for key, entry in cache.items() if os.path.exists(key)}  # no dead paths
-    store.parent.mkdir(parents=True, exist_ok=True)
-    tmp = store.with_name(f"{store.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(cache))
-    tmp.replace(store)
+    entries, computed = [], False
+    for file in files:
+        digest, fresh = _file_digest(file, cache)
+        entries.append((str(file.relative_to(root)) if file != root else "", digest))
+        computed |= fresh
+    if computed:
+        _save(cache)
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 

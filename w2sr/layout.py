@@ -1,24 +1,28 @@
 """The run directory's layout: every artifact's path, named once, and the fingerprint recipe.
 
 Stages exchange artifacts, not objects: each stage reads what earlier stages wrote through the
-names below and never imports another stage.
+names below and never imports another stage. Every stage writes into a folder named by its
+fingerprint (`w2sr.lineage` computes them from a config), so artifacts of different configs live
+side by side and nothing finished is replaced; `w2sr gc` removes what no config refers to.
 
-    config.yaml                     the resolved config of the latest command
-    prompts/prompts.parquet         the validated prompt set, rendered for the teacher
-    prompts/rejected.parquet        rows set aside, with the reason
-    traces/shard-NNNNN.parquet      graded teacher traces, one file per prompt shard
-    sft/{all,correct,incorrect}.parquet, sft/summary.json
-                                    the W2SR, W2SR-P and W2SR-N training sets
-    students/{variant}/model        the fine-tuned students (HF folders), with metrics.jsonl
-                                    and Ray Train checkpoints under ray/
-    rl/model                        the GRPO student, likewise
-    eval/{label}/{benchmark}-{fingerprint}.parquet
-                                    one model on one benchmark, k graded samples per problem;
-                                    files of other settings stay as a cache
-    eval/summary.json               written last by `w2sr eval`
-    report/report.md, report/*.png  `w2sr report`
-    <stage>/_DONE.json              written last: the stage's fingerprint and counts
-    <stage>/_RUN.json               the fingerprint the stage's unfinished work belongs to
+    config.yaml                         the resolved config of the latest command
+    problems/<fp>/problems.parquet      the validated problem set
+    problems/<fp>/rejected.parquet      source rows set aside, with the reason
+    prompts/<fp>/prompts.parquet        the problems rendered for the teacher, in shards
+    prompts/<fp>/rejected.parquet       problems whose prompt leaves no room to answer
+    traces/<fp>/shard-NNNNN.parquet     graded teacher traces, one file per prompt shard
+    sft/<fp>/{all,correct,incorrect}.parquet, sft/<fp>/summary.json
+                                        the W2SR, W2SR-P and W2SR-N training sets
+    students/{variant}/<fp>/model       a fine-tuned student (HF folder), with metrics.jsonl
+                                        and Ray Train checkpoints under ray/
+    rl/<fp>/model                       the GRPO student, likewise
+    eval/{label}/{benchmark}-{fp}.parquet
+                                        one model on one benchmark, k graded samples per problem
+    eval/summary.json                   written last by `w2sr eval`
+    report/report.md, report/*.png      `w2sr report`
+    <stage folder>/_DONE.json           written last: the stage's fingerprint and counts
+    <stage folder>/_RUN.json            what the stage's attempts have cost so far
+    <stage folder>/_LEASE.json          who works on the stage now
 """
 
 from __future__ import annotations
@@ -36,13 +40,18 @@ from w2sr.schemas import TRACE_SCHEMA
 
 CONFIG = "config.yaml"
 
+PROBLEMS = "problems"
 PROMPTS = "prompts"
-PROMPT_SET = (PROMPTS, "prompts.parquet")
-REJECTED = (PROMPTS, "rejected.parquet")
 TRACES = "traces"
 SFT = "sft"
-SFT_SUMMARY = (SFT, "summary.json")
+STUDENTS = "students"
 RL = "rl"
+STAGE_ROOTS = (PROBLEMS, PROMPTS, TRACES, SFT, STUDENTS, RL)  # where fingerprinted folders live
+
+PROBLEM_SET = "problems.parquet"
+PROMPT_SET = "prompts.parquet"
+REJECTED = "rejected.parquet"
+SFT_SUMMARY = "summary.json"
 MODEL = "model"  # the Hugging Face folder a training stage exports
 CHECKPOINTS = "ray"  # a training stage's Ray Train storage
 EVAL = "eval"
@@ -50,17 +59,37 @@ EVAL_SUMMARY = (EVAL, "summary.json")
 REPORT = "report"
 
 
-def trace_shard(shard: int) -> tuple[str, str]:
-    return (TRACES, f"shard-{shard:05d}.parquet")
+def problems(fingerprint: str) -> str:
+    return f"{PROBLEMS}/{fingerprint}"
 
 
-def sft_set(variant: str) -> tuple[str, str]:
-    return (SFT, f"{variant}.parquet")
+def prompts(fingerprint: str) -> str:
+    return f"{PROMPTS}/{fingerprint}"
 
 
-def student(variant: str) -> str:
-    """The stage folder of the student trained on one SFT set."""
-    return f"students/{variant}"
+def traces(fingerprint: str) -> str:
+    return f"{TRACES}/{fingerprint}"
+
+
+def sft(fingerprint: str) -> str:
+    return f"{SFT}/{fingerprint}"
+
+
+def student(variant: str, fingerprint: str) -> str:
+    """The folder of the student trained on one SFT set."""
+    return f"{STUDENTS}/{variant}/{fingerprint}"
+
+
+def rl(fingerprint: str) -> str:
+    return f"{RL}/{fingerprint}"
+
+
+def trace_shard(shard: int) -> str:
+    return f"shard-{shard:05d}.parquet"
+
+
+def sft_set(variant: str) -> str:
+    return f"{variant}.parquet"
 
 
 def eval_result(label: str, benchmark: str, fingerprint: str) -> tuple[str, str, str]:
@@ -98,11 +127,6 @@ DISPLAY_NAMES = {
 RUN_LABELS = tuple(DISPLAY_NAMES)
 
 
-def trained_stages() -> dict[str, str]:
-    """The stage folder that produces each trained model, by label."""
-    return {**{v.label: student(v.name) for v in VARIANTS}, "rl": RL}
-
-
 # --- fingerprints ----------------------------------------------------------------------------
 
 
@@ -136,9 +160,9 @@ def check_keys(what: str, found: list[tuple], expected: set[tuple]) -> None:
         raise RuntimeError(f"{what}: keys {'; '.join(parts)}")
 
 
-def read_traces(run: RunDir) -> pa.Table:
-    """Every graded trace the generate stage has written so far, shard by shard."""
-    names = run.list(TRACES, suffix=".parquet")
+def read_traces(run: RunDir, folder: str) -> pa.Table:
+    """Every graded trace a generate stage has written to `folder` so far, shard by shard."""
+    names = run.list(folder, suffix=".parquet")
     if not names:
         return TRACE_SCHEMA.empty_table()
-    return pa.concat_tables([run.read_parquet(TRACES, name) for name in names])
+    return pa.concat_tables([run.read_parquet(folder, name) for name in names])

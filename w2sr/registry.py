@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from w2sr import layout
+from w2sr import layout, lineage
 from w2sr.config import ExperimentConfig
 from w2sr.identity import model_identity
 from w2sr.models import resolve_model
@@ -39,14 +39,19 @@ def model_table(cfg: ExperimentConfig) -> tuple[dict[str, Model], dict[str, str]
     if cfg.student:
         models["base"] = _configured("base", cfg.student)
     else:
-        skipped["base"] = "no `student` in the config"
-    for label, stage in layout.trained_stages().items():
-        if not run.exists(stage, DONE):
-            skipped[label] = f"{stage}/{DONE} not found (not trained yet)"
+        for label in ["base", *layout.STUDENT_LABELS, "rl"]:
+            skipped[label] = "no `student` in the config"
+    trained = lineage.trained(cfg)
+    if cfg.student and "rl" not in trained:
+        skipped["rl"] = "no `grpo` section in the config"
+    for label, artifact in trained.items():
+        stage = artifact.folder
+        done = run.done(stage, artifact.fingerprint)
+        if done is None:
+            skipped[label] = f"{stage}/{DONE} not found (not trained for this config yet)"
         elif not run.exists(stage, layout.MODEL, "config.json"):
             skipped[label] = f"{stage}/{layout.MODEL} has no config.json"
         else:
-            done = run.read_json(stage, DONE)
             spec = run.location(stage, layout.MODEL)
             models[label] = Model(label, spec, json.dumps(done, sort_keys=True), done)
     for label, spec in cfg.eval.models.items():

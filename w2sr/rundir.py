@@ -100,6 +100,15 @@ class RunDir:
     def read_json(self, *parts: str) -> Any:
         return json.loads(self.read_text(*parts))
 
+    def size(self, *parts: str) -> int:
+        """Bytes in a file, or in every file under a folder."""
+        info = self.fs.get_file_info(self.path(*parts))
+        if info.type == pafs.FileType.File:
+            return info.size
+        selector = pafs.FileSelector(self.path(*parts), recursive=True, allow_not_found=True)
+        found = self.fs.get_file_info(selector)
+        return sum(i.size for i in found if i.type == pafs.FileType.File)
+
     def delete(self, *parts: str) -> None:
         target = self.path(*parts)
         info = self.fs.get_file_info(target)
@@ -110,35 +119,39 @@ class RunDir:
 
     @contextlib.contextmanager
     def staged_folder(self, *parts: str):
-        """A local folder to write into, published at `parts` in one move at the end."""
+        """A local folder to write into, published at `parts` when the block ends.
+
+        On a local disk the folder is renamed into place; object stores cannot move a folder, so
+        there its files are copied to `parts`. Either way a reader trusts the folder only once
+        the stage's done record, written after, names it: a publication cut short is redone by
+        the next attempt and hides nothing finished, because a stage folder belongs to one
+        fingerprint."""
         final = self.path(*parts)
-        staged = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
         if isinstance(self.fs, pafs.LocalFileSystem):
+            staged = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
             yield staged
-        else:
-            with tempfile.TemporaryDirectory(prefix="w2sr-export-") as local:
-                yield local
-                self.fs.create_dir(staged, recursive=True)
-                pafs.copy_files(local, staged, destination_filesystem=self.fs)
-        self.delete(*parts)
-        self.fs.move(staged, final)
+            self.delete(*parts)  # an earlier attempt's, cut short before its done record
+            self.fs.move(staged, final)
+            return
+        with tempfile.TemporaryDirectory(prefix="w2sr-export-") as local:
+            yield local
+            self.delete(*parts)
+            self.fs.create_dir(final, recursive=True)
+            pafs.copy_files(local, final, destination_filesystem=self.fs)
 
     # --- stage completion ---
 
     def begin(self, stage: str, fingerprint: str) -> float:
-        """Claim `stage` for this config and this process (a lease, until `mark_done`); returns
-        the worker-seconds that earlier attempts at it spent, killed ones too. Unfinished work of
-        another config (shards, checkpoints, metrics) cannot be resumed or mixed in: it is
-        deleted."""
+        """Claim `stage` for this process (a lease, until `mark_done`); returns the worker-seconds
+        that earlier attempts at it spent, killed ones too. A stage folder holds the work of one
+        fingerprint only (`w2sr.lineage`), so what an earlier attempt left is ours to resume."""
         self._claim(stage)
         record = self.read_json(stage, RUN) if self.exists(stage, RUN) else {}
         if record.get("fingerprint", fingerprint) != fingerprint:
-            log.warning("the config of %s changed since it was started; starting it afresh", stage)
-            selector = pafs.FileSelector(self.path(stage), allow_not_found=True)
-            for info in self.fs.get_file_info(selector):
-                if info.base_name != LEASE:  # the claim of whoever starts it afresh
-                    self.delete(stage, info.base_name)
-            record = {}
+            raise RuntimeError(
+                f"{self.path(stage)} holds work of fingerprint {record['fingerprint']}, not "
+                f"{fingerprint}: a stage folder must be named by its fingerprint"
+            )
         spent = record.get("worker_seconds", 0.0)
         self.spent(stage, fingerprint, spent)
         return spent
@@ -154,7 +167,7 @@ class RunDir:
         `ttl_s`; one whose owner stops renewing (killed) lapses `ttl_s` later, or at once when
         the owner was a process of this machine that is gone."""
         held = self.read_json(stage, LEASE) if self.exists(stage, LEASE) else None
-        if held and not _lapsed(held):
+        if held and not lapsed(held):
             age = time.time() - held["heartbeat"]
             raise LeaseHeld(
                 f"{self.path(stage)} is being worked on by {held['owner']} (renewed {age:.0f}s "
@@ -162,7 +175,7 @@ class RunDir:
             )
         key = (self.uri, stage)
         if key in _RENEWING:  # this process's own earlier claim, of an attempt that failed
-            _RENEWING.pop(key).set()
+            _stop(_RENEWING.pop(key))
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
         def renew() -> None:
@@ -174,18 +187,20 @@ class RunDir:
         time.sleep(LEASE_SETTLE_S)
         if self.read_json(stage, LEASE)["owner"] != owner:
             raise LeaseHeld(f"{self.path(stage)} was claimed by another submission just now")
-        stop = _RENEWING[key] = threading.Event()
+        stop = threading.Event()
 
         def keep() -> None:
             while not stop.wait(ttl_s / 3):
                 renew()
 
-        threading.Thread(target=keep, daemon=True, name=f"w2sr-lease-{stage}").start()
+        thread = threading.Thread(target=keep, daemon=True, name=f"w2sr-lease-{stage}")
+        _RENEWING[key] = (stop, thread)
+        thread.start()
 
     def _release(self, stage: str) -> None:
-        stop = _RENEWING.pop((self.uri, stage), None)
-        if stop is not None:
-            stop.set()
+        held = _RENEWING.pop((self.uri, stage), None)
+        if held is not None:
+            _stop(held)
             self.delete(stage, LEASE)
 
     def done(self, stage: str, fingerprint: str) -> dict[str, Any] | None:
@@ -200,14 +215,22 @@ class RunDir:
         self._release(stage)
 
 
-_RENEWING: dict[tuple[str, str], threading.Event] = {}  # this process's leases, by stage
+# This process's leases by (run dir, stage): the event that stops the renewals, and their thread.
+_RENEWING: dict[tuple[str, str], tuple[threading.Event, threading.Thread]] = {}
+
+
+def _stop(held: tuple[threading.Event, threading.Thread]) -> None:
+    """Stop renewing, and wait for a renewal under way, so it cannot rewrite a deleted lease."""
+    stop, thread = held
+    stop.set()
+    thread.join()
 
 
 class LeaseHeld(RuntimeError):
     """Another live submission is working on the stage."""
 
 
-def _lapsed(held: dict[str, Any]) -> bool:
+def lapsed(held: dict[str, Any]) -> bool:
     if time.time() - held["heartbeat"] > held["ttl_s"]:
         return True
     host, pid, _ = held["owner"].rsplit(":", 2)

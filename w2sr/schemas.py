@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+PROBLEM_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("problem", pa.string()),
+        ("answer", pa.string()),
+    ]
+)
 PROMPT_SCHEMA = pa.schema(
     [
         ("prompt_id", pa.string()),

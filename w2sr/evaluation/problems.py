@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass
 
-from w2sr import layout
+from w2sr import layout, lineage
 from w2sr.config import ExperimentConfig
 from w2sr.data.sources import load_benchmark
 from w2sr.rundir import RunDir
@@ -32,7 +32,7 @@ class Problems:
 
 def load_problems(cfg: ExperimentConfig, run: RunDir) -> dict[str, Problems]:
     """Each benchmark's problems, minus the run's training prompts, then cut to `limit`."""
-    training = _training_problems(run) if cfg.eval.decontaminate else set()
+    training = _training_problems(cfg, run) if cfg.eval.decontaminate else set()
     out = {}
     for bench in cfg.eval.benchmarks:
         rows, rejected = load_benchmark(bench.name, bench.path, bench.split)
@@ -55,8 +55,10 @@ def _normal(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-def _training_problems(run: RunDir) -> set[str]:
-    if not run.exists(*layout.PROMPT_SET):
+def _training_problems(cfg: ExperimentConfig, run: RunDir) -> set[str]:
+    """The config's training problems, once a stage has prepared them."""
+    artifact = lineage.problems(cfg)
+    if not run.done(artifact.folder, artifact.fingerprint):
         return set()
-    problems = run.read_parquet(*layout.PROMPT_SET).column("problem").to_pylist()
-    return {_normal(p) for p in problems}
+    problems = run.read_parquet(artifact.folder, layout.PROBLEM_SET).column("problem")
+    return {_normal(p) for p in problems.to_pylist()}

@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from w2sr import grading, layout, metrics
+from w2sr import grading, layout, lineage, metrics
 from w2sr.config import EvalBenchmark, ExperimentConfig
 from w2sr.engines.settings import sample_seed
-from w2sr.evaluation.problems import Problems
+from w2sr.evaluation.problems import Problems, load_problems
 from w2sr.grading import GRADERS, extract_answer
-from w2sr.registry import Model, parameter_count
+from w2sr.registry import Model, model_table, parameter_count
 from w2sr.rundir import RunDir
 from w2sr.schemas import EVAL_SCHEMA, TOO_LONG
 
@@ -41,6 +41,21 @@ class Task:
     @property
     def parts(self) -> tuple[str, str, str]:
         return layout.eval_result(self.model.label, self.bench.name, self.fingerprint)
+
+
+def plan_tasks(
+    cfg: ExperimentConfig, run: RunDir
+) -> tuple[list[Task], dict[str, Problems], dict[str, str]]:
+    """Every (model, benchmark) result the config asks for, each benchmark's problems, and the
+    models left out with the reason."""
+    models, skipped = model_table(cfg)
+    problems = load_problems(cfg, run)
+    tasks = []
+    for model in models.values():
+        for bench in cfg.eval.benchmarks:
+            rows = problems[bench.name]
+            tasks.append(Task(model, bench, rows, result_fingerprint(cfg, model, bench.name, rows)))
+    return tasks, problems, skipped
 
 
 def result_fingerprint(cfg: ExperimentConfig, model: Model, name: str, problems: Problems) -> str:
@@ -200,6 +215,7 @@ def summary(
         },
         "models": {},
         "skipped": skipped,
+        "traces": lineage.traces(cfg).folder,  # the teacher's traces the students learned from
     }
     for task in done:
         model = task.model

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from w2sr import layout
 from w2sr.config import GRPOConfig
 from w2sr.learner.batches import RolloutBatch, assistant_end, micro_batch_plan, rollout_rows
 from w2sr.learner.engine import build_engine
@@ -75,7 +74,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         engine,
         g,
         run_name=config["name"],
-        stage=layout.RL,
+        stage=config["stage"],
         steps=g.steps,
         workers=world + separate,
         start={},

@@ -118,7 +118,8 @@ def costs(results: RunResults) -> dict[str, dict[str, float]]:
     """Worker-seconds spent to obtain each trained model: the teacher's traces (shared by the
     three W2SR variants) plus its SFT; RL's training (its rollouts included)."""
     run, models = results.run, results.summary["models"]
-    traces = run.read_json(layout.TRACES, DONE) if run.exists(layout.TRACES, DONE) else {}
+    folder = results.summary.get("traces")
+    traces = run.read_json(folder, DONE) if folder and run.exists(folder, DONE) else {}
     out = {}
     for label in [*STUDENT_LABELS, "rl"]:
         done = (models.get(label) or {}).get("done") or {}
@@ -145,7 +146,8 @@ def behaviors(results: RunResults) -> dict[str, dict[str, Any]]:
             table = table.filter(pc.not_equal(table["finish_reason"], TOO_LONG))
             responses += table.column("response").to_pylist()
         out[display_name(label)] = {"traces": len(responses), **summarize_behaviors(responses)}
-    traces = layout.read_traces(results.run).column("trace").to_pylist()
+    folder = results.summary.get("traces")
+    traces = layout.read_traces(results.run, folder).column("trace").to_pylist() if folder else []
     if traces:
         out["Teacher (training traces)"] = {"traces": len(traces), **summarize_behaviors(traces)}
     return out

@@ -21,9 +21,7 @@ from w2sr import layout
 from w2sr.config import ExperimentConfig
 from w2sr.evaluation.endpoint import evaluate_endpoint, served_models
 from w2sr.evaluation.offline import evaluate_offline
-from w2sr.evaluation.problems import load_problems
-from w2sr.evaluation.results import Task, result_fingerprint, summary
-from w2sr.registry import model_table
+from w2sr.evaluation.results import Task, plan_tasks, summary
 from w2sr.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -36,13 +34,7 @@ def evaluate(cfg: ExperimentConfig, endpoint: str | None = None) -> dict[str, An
     label it does not serve is skipped; results already on disk are used whatever made them.
     """
     run = RunDir(cfg.run_dir)
-    models, skipped = model_table(cfg)
-    problems = load_problems(cfg, run)
-    tasks = []
-    for model in models.values():
-        for bench in cfg.eval.benchmarks:
-            rows = problems[bench.name]
-            tasks.append(Task(model, bench, rows, result_fingerprint(cfg, model, bench.name, rows)))
+    tasks, problems, skipped = plan_tasks(cfg, run)
     missing: dict[str, list[Task]] = defaultdict(list)
     for task in tasks:
         if not run.exists(*task.parts):

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from w2sr import grading, layout
+from w2sr import layout, lineage
 from w2sr.config import EngineConfig, ExperimentConfig
 from w2sr.data.prompt_set import prepare_prompts
 from w2sr.engines import settings
@@ -35,20 +35,19 @@ log = logging.getLogger(__name__)
 def generate(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run the stage; returns its completion record (counts, accuracy, wall-clock)."""
     run = RunDir(cfg.run_dir)
-    prompts, prompts_fingerprint = prepare_prompts(cfg, run)
-    fields = cfg.fields("generation", "grader", "grading_policy", "seed")
-    fields["grader_version"] = grading.VERSION
-    fingerprint = layout.fingerprint(fields, prompts_fingerprint)  # the teacher's identity in it
-    record = run.done(layout.TRACES, fingerprint)
+    prompts = prepare_prompts(cfg, run)
+    artifact = lineage.traces(cfg)
+    folder, fingerprint = artifact.folder, artifact.fingerprint
+    record = run.done(folder, fingerprint)
     if record:
         log.info("traces are complete for this config; nothing to generate")
         return record
-    prior_seconds = run.begin(layout.TRACES, fingerprint)
+    prior_seconds = run.begin(folder, fingerprint)
     devices = _devices(cfg.generation.engine)
 
     shards = sorted(set(prompts.column("shard").to_pylist()))
-    finished = set(run.list(layout.TRACES, suffix=".parquet"))
-    missing = [s for s in shards if layout.trace_shard(s)[-1] not in finished]
+    finished = set(run.list(folder, suffix=".parquet"))
+    missing = [s for s in shards if layout.trace_shard(s) not in finished]
     log.info("%d of %d shards to generate", len(missing), len(shards))
     start = time.time()
 
@@ -57,17 +56,17 @@ def generate(cfg: ExperimentConfig) -> dict[str, Any]:
 
     if missing:
         _generate_shards(
-            cfg, run, prompts, missing, lambda: run.spent(layout.TRACES, fingerprint, spent())
+            cfg, run, folder, prompts, missing, lambda: run.spent(folder, fingerprint, spent())
         )
     wall = time.time() - start
 
-    traces = layout.read_traces(run)
-    present = len(run.list(layout.TRACES, suffix=".parquet"))
+    traces = layout.read_traces(run, folder)
+    present = len(run.list(folder, suffix=".parquet"))
     if present != len(shards):
         raise RuntimeError(f"{present} of {len(shards)} trace shards present after generation")
     samples = range(cfg.generation.samples_per_prompt)
     layout.check_keys(
-        f"traces in {run.path(layout.TRACES)}",
+        f"traces in {run.path(folder)}",
         list(zip(traces["prompt_id"].to_pylist(), traces["sample_index"].to_pylist(), strict=True)),
         {(p, k) for p in prompts["prompt_id"].to_pylist() for k in samples},
     )
@@ -80,12 +79,17 @@ def generate(cfg: ExperimentConfig) -> dict[str, Any]:
         "wall_seconds": round(wall, 2),  # this attempt's
         "worker_seconds": round(spent(), 2),  # every attempt's, killed ones too
     }
-    run.mark_done(layout.TRACES, fingerprint, **facts)
-    return run.read_json(layout.TRACES, DONE)
+    run.mark_done(folder, fingerprint, **facts)
+    return run.read_json(folder, DONE)
 
 
 def _generate_shards(
-    cfg: ExperimentConfig, run: RunDir, prompts: pa.Table, missing: list[int], record_cost
+    cfg: ExperimentConfig,
+    run: RunDir,
+    folder: str,
+    prompts: pa.Table,
+    missing: list[int],
+    record_cost,
 ) -> None:
     init_ray(cfg)
     gen = cfg.generation
@@ -122,8 +126,8 @@ def _generate_shards(
     def write_shard(shard: int, rows: list[dict]) -> None:
         rows.sort(key=lambda r: (r["prompt_id"], r["sample_index"]))
         table = pa.Table.from_pylist(rows, schema=TRACE_SCHEMA)
-        run.write_parquet(table, *layout.trace_shard(shard))
-        log.info("wrote %s (%d traces)", "/".join(layout.trace_shard(shard)), len(rows))
+        run.write_parquet(table, folder, layout.trace_shard(shard))
+        log.info("wrote %s/%s (%d traces)", folder, layout.trace_shard(shard), len(rows))
         record_cost()
 
     generate_groups(

@@ -7,7 +7,7 @@ One Ray Train worker group (DeepSpeed ZeRO) is the learner and lives for the who
 in-process by Ray actors (`w2sr.learner.rollouts`). Each step:
 
 1. rollout: rank 0 has the engines sample `group_size` completions for each of the step's
-   `prompts_per_step` prompts (the run's prompt set, rendered with the student's chat template),
+   `prompts_per_step` prompts (the run's problems, rendered with the student's chat template),
    grades them (1 correct; `format_reward` for a readable wrong answer; else 0) and normalises
    rewards within each group into advantages;
 2. learner: every rank takes its share of the samples and takes `mini_batches` optimizer
@@ -21,10 +21,11 @@ in-process by Ray actors (`w2sr.learner.rollouts`). Each step:
 Colocated on GPUs, each engine shares its learner worker's device and sleeps (weights to host
 memory, KV cache freed) from the end of its rollout until the next sync.
 
-Artifacts: `rl/metrics.jsonl` (one record per step: reward, accuracy, KL, entropy, response
-length, clip fraction, and the step's seconds split into rollout, learner and sync), `rl/model/`
-(label `rl` for evaluation), `rl/ray/` (checkpoints; a rerun of the same config resumes from the
-last one) and `rl/_DONE.json` (fingerprint, steps, final reward, wall and worker seconds).
+Artifacts, in `rl/<fingerprint>/` (`w2sr.lineage`): `metrics.jsonl` (one record per step:
+reward, accuracy, KL, entropy, response length, clip fraction, and the step's seconds split into
+rollout, learner and sync), `model/` (label `rl` for evaluation), `ray/` (checkpoints; a rerun of
+the same config resumes from the last one) and `_DONE.json` (fingerprint, steps, final reward,
+wall and worker seconds).
 """
 
 from __future__ import annotations
@@ -33,12 +34,11 @@ import logging
 import time
 from typing import Any
 
-from w2sr import grading, layout
+from w2sr import layout, lineage
 from w2sr.config import ConfigError, ExperimentConfig
-from w2sr.data.prompt_set import prepare_prompts
+from w2sr.data.prompt_set import prepare_problems
 from w2sr.data.prompts import load_tokenizer, render_prompts
 from w2sr.data.templates import TEMPLATES
-from w2sr.identity import model_identity
 from w2sr.learner.fit import fit
 from w2sr.learner.grpo import worker_loop
 from w2sr.learner.trackers import check_trackers
@@ -57,23 +57,21 @@ def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
     if g is None:
         raise ConfigError("grpo: not set; the RL baseline is trained only when asked for")
     run = RunDir(cfg.run_dir)
-    table, prompts_fingerprint = prepare_prompts(cfg, run)
-    fields = cfg.fields("grpo", "student", "template", "grader", "grading_policy", "seed")
-    fields["grader_version"] = grading.VERSION
-    fingerprint = layout.fingerprint(fields, prompts_fingerprint, model_identity(cfg.student))
-    record = run.done(layout.RL, fingerprint)
+    table = prepare_problems(cfg, run)
+    artifact = lineage.rl(cfg)
+    stage, fingerprint = artifact.folder, artifact.fingerprint
+    record = run.done(stage, fingerprint)
     if record:
         log.info("the GRPO student is trained for this config; nothing to do")
         return record
     check_trackers(g, "grpo")
     start = time.time()
-    run.begin(layout.RL, fingerprint)
+    run.begin(stage, fingerprint)
     model_path = resolve_model(cfg.student)
     # The student is the policy: its own chat template, not the teacher's rendering.
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    rows = [{k: row[k] for k in ("prompt_id", "problem", "answer")} for row in table.to_pylist()]
     rendered, too_long = render_prompts(
-        tokenizer, TEMPLATES[cfg.template], rows, g.engine.max_model_len
+        tokenizer, TEMPLATES[cfg.template], table.to_pylist(), g.engine.max_model_len
     )
     if too_long:
         log.warning(
@@ -95,13 +93,13 @@ def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
     init_ray(cfg)
     import ray
 
-    loop_config = {"prompts": ray.put(prompts), "model": model_path}
+    loop_config = {"prompts": ray.put(prompts), "model": model_path, "stage": stage}
     resources = {"CPU": g.cpus_per_worker}
     name = f"grpo-{fingerprint}"
-    metrics = fit(worker_loop, cfg, run, layout.RL, name, g, loop_config, resources).metrics
+    metrics = fit(worker_loop, cfg, run, stage, name, g, loop_config, resources).metrics
     facts = {
         "student": cfg.student,
-        "model": run.location(layout.RL, layout.MODEL),
+        "model": run.location(stage, layout.MODEL),
         "prompts": len(prompts),
         "steps": metrics["step"],
         "samples_seen": metrics["samples_seen"],
@@ -111,6 +109,6 @@ def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
         "wall_seconds": round(time.time() - start, 2),
         "worker_seconds": round(metrics["worker_seconds"], 2),
     }
-    run.mark_done(layout.RL, fingerprint, **facts)
+    run.mark_done(stage, fingerprint, **facts)
     log.info("GRPO student trained: %s", facts)
-    return run.read_json(layout.RL, DONE)
+    return run.read_json(stage, DONE)

@@ -13,9 +13,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from w2sr import layout
+from w2sr import layout, lineage
 from w2sr.config import ExperimentConfig
-from w2sr.rundir import DONE, RunDir
+from w2sr.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +53,23 @@ def summarize(traces: pa.Table) -> dict[str, Any]:
 
 def select(cfg: ExperimentConfig) -> dict[str, Any]:
     run = RunDir(cfg.run_dir)
-    if not run.exists(layout.TRACES, DONE):
-        raise RuntimeError(f"no complete traces in {cfg.run_dir}; run `w2sr generate` first")
-    fingerprint = layout.fingerprint({}, run.read_json(layout.TRACES, DONE)["fingerprint"])
-    if run.done(layout.SFT, fingerprint):
-        return run.read_json(*layout.SFT_SUMMARY)
-    traces = layout.read_traces(run)
+    traces = lineage.traces(cfg)
+    if not run.done(traces.folder, traces.fingerprint):
+        raise RuntimeError(
+            f"no complete traces for this config in {cfg.run_dir}; run `w2sr generate` first"
+        )
+    artifact = lineage.sft(cfg)
+    folder, fingerprint = artifact.folder, artifact.fingerprint
+    if run.done(folder, fingerprint):
+        return run.read_json(folder, layout.SFT_SUMMARY)
+    table = layout.read_traces(run, traces.folder)
     summary = {}
     for variant in layout.VARIANTS:
-        subset = select_variant(traces, variant)
-        run.write_parquet(subset, *layout.sft_set(variant.name))
+        subset = select_variant(table, variant)
+        run.write_parquet(subset, folder, layout.sft_set(variant.name))
         summary[variant.name] = summarize(subset)
-    run.write_json(summary, *layout.SFT_SUMMARY)
-    run.mark_done(layout.SFT, fingerprint)
+    run.write_json(summary, folder, layout.SFT_SUMMARY)
+    run.mark_done(folder, fingerprint, traces=traces.folder)
     log.info(
         "training sets: all %d, correct %d, incorrect %d (teacher accuracy %s)",
         summary["all"]["traces"],

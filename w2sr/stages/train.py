@@ -4,12 +4,12 @@
 
 The driver tokenizes the set once (`w2sr.learner.batches`) and hands it to the workers through
 the object store; each worker runs DeepSpeed over its share of every global batch
-(`w2sr.learner.sft`). Per-step metrics go to stdout and to `students/{variant}/metrics.jsonl`
-(and MLflow / W&B when configured); checkpoints go through Ray Train under
-`students/{variant}/ray/`, so a failed worker (within `max_failures`) or a rerun of the same
-config resumes at the last checkpoint's step and data position, with its optimizer and
-schedule. The result is a Hugging Face folder, `students/{variant}/model`; `_DONE.json` beside
-it holds the fingerprint, steps, final loss, truncated samples and cost.
+(`w2sr.learner.sft`). The stage folder is `students/{variant}/<fingerprint>` (`w2sr.lineage`).
+Per-step metrics go to stdout and to its `metrics.jsonl` (and MLflow / W&B when configured);
+checkpoints go through Ray Train under its `ray/`, so a failed worker (within `max_failures`) or
+a rerun of the same config resumes at the last checkpoint's step and data position, with its
+optimizer and schedule. The result is a Hugging Face folder, `model/`; `_DONE.json` beside it
+holds the fingerprint, steps, final loss, truncated samples and cost.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ import logging
 import time
 from typing import Any
 
-from w2sr import layout
+from w2sr import layout, lineage
 from w2sr.config import ConfigError, ExperimentConfig
 from w2sr.data.prompts import load_tokenizer
 from w2sr.data.templates import TEMPLATES
-from w2sr.identity import model_identity
 from w2sr.learner.batches import build_sft_set, total_steps
 from w2sr.learner.fit import fit
 from w2sr.learner.sft import worker_loop
@@ -44,14 +43,13 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         )
     run = RunDir(cfg.run_dir)
     tcfg, variant = cfg.train, cfg.train.variant
-    stage = layout.student(variant)
-    if not run.exists(layout.SFT, DONE):
-        raise RuntimeError(f"no training sets in {cfg.run_dir}; run `w2sr select` first")
-    fingerprint = layout.fingerprint(
-        cfg.fields("train", "student", "template", "seed"),
-        run.read_json(layout.SFT, DONE)["fingerprint"],
-        model_identity(cfg.student),
-    )
+    sets = lineage.sft(cfg)
+    if not run.done(sets.folder, sets.fingerprint):
+        raise RuntimeError(
+            f"no training sets for this config in {cfg.run_dir}; run `w2sr select` first"
+        )
+    artifact = lineage.student(cfg, variant)
+    stage, fingerprint = artifact.folder, artifact.fingerprint
     record = run.done(stage, fingerprint)
     if record:
         log.info("student %s is trained for this config; nothing to do", variant)
@@ -62,7 +60,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
     model_path = resolve_model(cfg.student)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    traces = run.read_parquet(*layout.sft_set(variant))
+    traces = run.read_parquet(sets.folder, layout.sft_set(variant))
     data = build_sft_set(tokenizer, TEMPLATES[cfg.template], traces, tcfg.cutoff_len)
     if not len(data):
         raise RuntimeError(f"the {variant} set has no trainable sample ({traces.num_rows} rows)")
@@ -101,6 +99,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         "variant": variant,
         "student": cfg.student,
         "model": run.location(stage, layout.MODEL),
+        "training_set": sets.folder,
         "samples": len(data),
         "truncated": data.truncated,
         "dropped": data.dropped,

@@ -1,0 +1,25 @@
+"""Stage outputs written by hand, at the folders a config's lineage names, for the tests of the
+stages that read them."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from w2sr import layout, lineage
+from w2sr.config import ExperimentConfig
+from w2sr.rundir import RunDir
+
+
+def trained_student(cfg: ExperimentConfig, variant: str, **facts) -> str:
+    """A finished SFT stage with an (empty) exported model; returns its folder."""
+    run, artifact = RunDir(cfg.run_dir), lineage.student(cfg, variant)
+    run.write_text("{}", artifact.folder, layout.MODEL, "config.json")
+    run.mark_done(artifact.folder, artifact.fingerprint, **facts)
+    return artifact.folder
+
+
+def prepared_problems(cfg: ExperimentConfig, problems: list[str]) -> None:
+    run, artifact = RunDir(cfg.run_dir), lineage.problems(cfg)
+    rows = [{"prompt_id": str(i), "problem": p, "answer": "0"} for i, p in enumerate(problems)]
+    run.write_parquet(pa.Table.from_pylist(rows), artifact.folder, layout.PROBLEM_SET)
+    run.mark_done(artifact.folder, artifact.fingerprint)
