@@ -168,9 +168,10 @@ def test_fingerprints_ignore_how_a_stage_runs():
         ("train", "train.num_workers=16", "train.num_workers: needs 16 CPUs"),
         ("generate", "generation.engine.replicas={min: 3, max: 9}", "replicas.min: needs 6 CPUs"),
         ("run", "grpo.placement=separate", "grpo.num_workers: needs 10 CPUs"),
+        ("train", "use_gpu=true", "train.num_workers: needs 2 GPUs at once"),
     ],
 )
-def test_more_cpus_than_a_local_session_has_fail_before_ray_starts(
+def test_more_cpus_or_gpus_than_a_local_session_has_fail_before_ray_starts(
     tmp_path, command, override, key
 ):
     data = {**BASE, "run_dir": str(tmp_path / "run"), "ray": {"num_cpus": 5}}
@@ -183,7 +184,7 @@ def test_more_cpus_than_a_local_session_has_fail_before_ray_starts(
     cmd = [sys.executable, "-m", "w2sr.cli", command, str(write(tmp_path, data)), override]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=no_cluster())
     assert done.returncode == 2, done.stderr
-    assert "the local Ray session has 5 CPUs" in done.stderr and key in done.stderr
+    assert "the local Ray session is too small" in done.stderr and key in done.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -48,7 +48,8 @@ def _grpo(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
 def _eval(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
     from w2sr.stages.evaluate import evaluate
 
-    return evaluate(cfg, endpoint=args.endpoint)
+    labels = tuple(args.models.split(",")) if args.models else None
+    return evaluate(cfg, endpoint=args.endpoint, labels=labels)
 
 
 def _serve(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
@@ -65,24 +66,36 @@ def _serve(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
     return serve(cfg, blocking=not args.detach)
 
 
+RECIPE = ("generate", "select", "train", "grpo", "eval", "report")
+
+
 def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
     """The recipe end to end: traces, the three training sets, a student on each non-empty set,
     the GRPO baseline when the config has a `grpo` section (at scale it costs far more than the
     rest together, so it is asked for, not implied), then every model on the benchmarks and the
-    report."""
+    report. `--from STAGE` starts the recipe there, `--only STAGE` runs that stage alone (what it
+    reads must be complete)."""
     from w2sr.stages.evaluate import evaluate
     from w2sr.stages.report import report
 
-    done = {"generate": _generate(cfg, args), "select": _select(cfg, args)}
-    if cfg.student:
+    first = RECIPE.index(args.only or args.start or RECIPE[0])
+    wanted = {args.only} if args.only else set(RECIPE[first:])
+    done: dict = {}
+    if "generate" in wanted:
+        done["generate"] = _generate(cfg, args)
+    if wanted & {"select", "train"}:
+        done["select"] = _select(cfg, args)  # also what train needs: the sets' sizes
+    if cfg.student and "train" in wanted:
         for variant, summary in done["select"].items():
             if summary["traces"]:
                 train = cfg.train.model_copy(update={"variant": variant})
                 done[f"train {variant}"] = _train(cfg.model_copy(update={"train": train}), args)
-        if cfg.grpo is not None:
-            done["grpo"] = _grpo(cfg, args)
-    done["eval"] = evaluate(cfg)
-    done["report"] = report(cfg.run_dir)
+    if cfg.student and cfg.grpo is not None and "grpo" in wanted:
+        done["grpo"] = _grpo(cfg, args)
+    if "eval" in wanted:
+        done["eval"] = evaluate(cfg)
+    if "report" in wanted:
+        done["report"] = report(cfg.run_dir)
     return done
 
 
@@ -132,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--endpoint", metavar="URL", help="an OpenAI-compatible server hosting the models"
             )
+            sub.add_argument(
+                "--models",
+                metavar="LABEL,...",
+                help="evaluate only these models (the summary is printed, not written)",
+            )
+        if name == "run":
+            where = sub.add_mutually_exclusive_group()
+            where.add_argument("--from", dest="start", choices=RECIPE, help="start the recipe here")
+            where.add_argument("--only", choices=RECIPE, help="run this stage alone")
         if name == "serve":
             sub.add_argument(
                 "--detach", action="store_true", help="leave the app running and return"
@@ -158,7 +180,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="a config whose artifacts stay (repeatable)",
     )
     gc.add_argument("--delete", action="store_true", help="remove what is listed")
+    sweep = commands.add_parser(
+        "sweep",
+        help="run a study: teachers x students x training sets x seeds, each stage once",
+        description="Plan a sweep as a graph of stages shared by its cells and run what is "
+        "missing on one Ray cluster, then write the sweep report.",
+    )
+    sweep.add_argument("config", help="sweep YAML (see jobs/demo-sweep.yaml)")
+    sweep.add_argument(
+        "--plan", action="store_true", help="print the stage graph and what is complete; no Ray"
+    )
     return parser
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from w2sr.sweep.config import load_sweep
+    from w2sr.sweep.job import describe_plan, sweep
+
+    cfg = load_sweep(args.config)
+    if args.plan:
+        print(json.dumps(describe_plan(cfg), indent=2))
+        return 0
+    result = sweep(cfg)
+    print(json.dumps(result, indent=2, default=str))
+    return 1 if result["failed"] or result["blocked"] else 0
 
 
 def _gc(args: argparse.Namespace) -> int:
@@ -198,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "gc":
             return _gc(args)
+        if args.command == "sweep":
+            return _sweep(args)
         cfg = load_config(args.config, args.overrides)
         if not (args.command == "eval" and args.endpoint):
             check_local_resources(cfg, RESOURCES[args.command])

@@ -164,6 +164,7 @@ class EngineConfig(Strict):
             "gpu_memory_utilization",
             "cpu_kv_cache_gib",
             "cpus_per_replica",
+            "max_restarts",
         }
     )
 
@@ -178,6 +179,9 @@ class EngineConfig(Strict):
     gpu_memory_utilization: Fraction = 0.3
     cpu_kv_cache_gib: PositiveInt = 1
     cpus_per_replica: PositiveInt = 1
+    # Times a generation or evaluation pipeline restarts a crashed engine replica before the
+    # stage fails (Ray Data's default is without end: an engine that always crashes would hang).
+    max_restarts: Annotated[int, Field(ge=0)] = 4
 
 
 class SamplingConfig(Strict):
@@ -556,7 +560,7 @@ def model_spec_problem(spec: str) -> str | None:
     return None
 
 
-def _format_errors(error: ValidationError) -> str:
+def format_errors(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         parts = [str(p) for p in item["loc"]]
@@ -574,7 +578,7 @@ def validate(data: dict[str, Any]) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_format_errors(error)) from None
+        raise ConfigError(format_errors(error)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:

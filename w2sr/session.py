@@ -25,12 +25,11 @@ def init_ray(cfg: ExperimentConfig) -> None:
         ray.init(num_cpus=cfg.ray.num_cpus, runtime_env=env, include_dashboard=False)
 
 
-def check_local_resources(cfg: ExperimentConfig, sections: tuple[str, ...]) -> None:
-    """A local session has a fixed number of CPUs: a stage that asks for more than it will ever
-    have would wait forever, so it fails here, before Ray starts, naming the key."""
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        return  # a cluster's size is the cluster's to say (an autoscaler can grow it)
-    have = cfg.ray.num_cpus or os.cpu_count() or 1
+def resource_asks(cfg: ExperimentConfig, sections: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """What each named section asks of Ray at once (CPUs, GPUs), by the config key that sets it:
+    an engine pool at its minimum size, a learner's whole worker group (and, placed apart, its
+    rollout engines)."""
+    gpu = 1.0 if cfg.use_gpu else 0.0
     asks = {}
     for name in sections:
         section = getattr(cfg, name)
@@ -38,17 +37,55 @@ def check_local_resources(cfg: ExperimentConfig, sections: tuple[str, ...]) -> N
             continue
         if name in ("generation", "eval", "serve"):
             e = section.engine
-            per_replica = e.cpus_per_replica * e.tensor_parallel_size * e.pipeline_parallel_size
-            asks[f"{name}.engine.replicas.min"] = e.replicas.min * per_replica
+            ranks = e.replicas.min * e.tensor_parallel_size * e.pipeline_parallel_size
+            asks[f"{name}.engine.replicas.min"] = {
+                "CPU": ranks * e.cpus_per_replica,
+                "GPU": ranks * gpu,
+            }
         elif name == "train":
-            asks["train.num_workers"] = section.num_workers
+            asks["train.num_workers"] = {
+                "CPU": section.num_workers,
+                "GPU": section.num_workers * gpu,
+            }
         elif name == "grpo":
-            engines = section.engine.replicas.max * section.engine.cpus_per_replica
-            separate = engines if section.placement == "separate" else 0
-            asks["grpo.num_workers"] = section.num_workers * section.cpus_per_worker + separate
-    over = {key: cpus for key, cpus in asks.items() if cpus > have}
-    if over:
-        lines = [f"  {key}: needs {cpus} CPUs at once" for key, cpus in over.items()]
+            e = section.engine
+            separate = e.replicas.max if section.placement == "separate" else 0
+            asks["grpo.num_workers"] = {
+                "CPU": section.num_workers * section.cpus_per_worker
+                + separate * e.cpus_per_replica,
+                "GPU": (section.num_workers + separate) * gpu,
+            }
+    return asks
+
+
+def resource_request(cfg: ExperimentConfig, sections: tuple[str, ...]) -> dict[str, float]:
+    """The most a command asks of Ray at once: its sections run one after another."""
+    asks = resource_asks(cfg, sections).values()
+    return {kind: max((ask[kind] for ask in asks), default=0.0) for kind in ("CPU", "GPU")}
+
+
+def check_local_resources(cfg: ExperimentConfig, sections: tuple[str, ...]) -> None:
+    """A local session has a fixed number of CPUs and GPUs: a stage that asks for more than it
+    will ever have would wait forever, so it fails here, before Ray starts, naming the key."""
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return  # a cluster's size is the cluster's to say (an autoscaler can grow it)
+    have = {
+        "CPU": cfg.ray.num_cpus or os.cpu_count() or 1,
+        "GPU": _local_gpus() if cfg.use_gpu else 0,
+    }
+    lines = [
+        f"  {key}: needs {ask[kind]:g} {kind}s at once, the local session has {have[kind]:g}"
+        for key, ask in resource_asks(cfg, sections).items()
+        for kind in ("CPU", "GPU")
+        if ask[kind] > have[kind]
+    ]
+    if lines:
         raise ConfigError(
-            f"the local Ray session has {have} CPUs (ray.num_cpus):\n" + "\n".join(lines)
+            "the local Ray session is too small (ray.num_cpus; use_gpu):\n" + "\n".join(lines)
         )
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()

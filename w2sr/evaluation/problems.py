@@ -11,8 +11,8 @@ import json
 import logging
 from dataclasses import dataclass
 
-from w2sr import layout, lineage
 from w2sr.config import ExperimentConfig
+from w2sr.data.prompt_set import prepare_problems
 from w2sr.data.sources import load_benchmark
 from w2sr.rundir import RunDir
 
@@ -56,9 +56,7 @@ def _normal(text: str) -> str:
 
 
 def _training_problems(cfg: ExperimentConfig, run: RunDir) -> set[str]:
-    """The config's training problems, once a stage has prepared them."""
-    artifact = lineage.problems(cfg)
-    if not run.done(artifact.folder, artifact.fingerprint):
-        return set()
-    problems = run.read_parquet(artifact.folder, layout.PROBLEM_SET).column("problem")
+    """The config's training problems (prepared here if no stage has yet), so a model is
+    evaluated on the same problems whether it is evaluated before or after generation."""
+    problems = prepare_problems(cfg, run).column("problem")
     return {_normal(p) for p in problems.to_pylist()}

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from w2sr import grading, layout, lineage, metrics
-from w2sr.config import EvalBenchmark, ExperimentConfig
+from w2sr.config import ConfigError, EvalBenchmark, ExperimentConfig
 from w2sr.engines.settings import sample_seed
 from w2sr.evaluation.problems import Problems, load_problems
 from w2sr.grading import GRADERS, extract_answer
@@ -44,11 +44,17 @@ class Task:
 
 
 def plan_tasks(
-    cfg: ExperimentConfig, run: RunDir
+    cfg: ExperimentConfig, run: RunDir, labels: tuple[str, ...] | None = None
 ) -> tuple[list[Task], dict[str, Problems], dict[str, str]]:
-    """Every (model, benchmark) result the config asks for, each benchmark's problems, and the
-    models left out with the reason."""
+    """Every (model, benchmark) result the config asks for (of the `labels` models only, when
+    given), each benchmark's problems, and the models left out with the reason."""
     models, skipped = model_table(cfg)
+    if labels is not None:
+        unknown = sorted(set(labels) - set(models) - set(skipped))
+        if unknown:
+            raise ConfigError(f"--models: {unknown} are not models of this run ({sorted(models)})")
+        models = {label: m for label, m in models.items() if label in labels}
+        skipped = {label: why for label, why in skipped.items() if label in labels}
     problems = load_problems(cfg, run)
     tasks = []
     for model in models.values():

@@ -16,7 +16,7 @@ from w2sr.rundir import RunDir
 FIGURE2 = ("teacher", "base", "w2sr", "w2sr_p")
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,8 +25,8 @@ def _pyplot():
     return plt
 
 
-def _save(run: RunDir, fig, name: str) -> str:
-    plt = _pyplot()
+def save_figure(run: RunDir, fig, name: str) -> str:
+    plt = pyplot()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
     plt.close(fig)
@@ -45,7 +45,7 @@ def figure_bars(results: RunResults) -> str | None:
     labels = [label for label in FIGURE2 if label in results.pass1]
     if len(labels) < 2:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     columns = [c for c in [*results.benches, AVG] if all(c in results.pass1[x] for x in labels)]
     width = 0.8 / len(labels)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(columns) + 1), 3.6))
@@ -59,7 +59,7 @@ def figure_bars(results: RunResults) -> str | None:
     ax.set_ylabel("Pass@1 (%)")
     ax.set_title("Weak teacher, strong student: W2SR and W2SR-P")
     ax.legend(frameon=False, ncols=len(labels), loc="upper center", bbox_to_anchor=(0.5, -0.12))
-    return _save(results.run, fig, "figure2_bars.png")
+    return save_figure(results.run, fig, "figure2_bars.png")
 
 
 def _log_ticks(ax, values: list[float], text) -> None:
@@ -67,7 +67,7 @@ def _log_ticks(ax, values: list[float], text) -> None:
     ax.set_xscale("log")
     ticks = sorted(set(values))
     ax.set_xticks(ticks, [text(v) for v in ticks])
-    ax.xaxis.set_minor_formatter(_pyplot().NullFormatter())
+    ax.xaxis.set_minor_formatter(pyplot().NullFormatter())
 
 
 def figure_cost(results: RunResults, spent: dict[str, dict[str, float]]) -> str | None:
@@ -75,7 +75,7 @@ def figure_cost(results: RunResults, spent: dict[str, dict[str, float]]) -> str 
     points = [label for label in spent if AVG in results.pass1.get(label, {})]
     if not points:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
     hours = {label: spent[label]["total"] / 3600 for label in points}
     for marker, label in zip("osD^", points, strict=False):
@@ -91,7 +91,7 @@ def figure_cost(results: RunResults, spent: dict[str, dict[str, float]]) -> str 
     ax.set_ylabel("Avg pass@1 (%)")
     ax.set_title("Accuracy against training cost")
     ax.legend(frameon=False, fontsize=8)
-    return _save(results.run, fig, "figure5_cost.png")
+    return save_figure(results.run, fig, "figure5_cost.png")
 
 
 def _scaled(runs: dict[str, RunResults]) -> list[tuple[int, RunResults]]:
@@ -119,7 +119,7 @@ def figure_scale(root: RunDir, runs: dict[str, RunResults]) -> str | None:
     known = _scaled(runs)
     if not known:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for label in ("teacher", *STUDENT_LABELS):
         _against_scale(ax, known, label, AVG)
@@ -132,7 +132,7 @@ def figure_scale(root: RunDir, runs: dict[str, RunResults]) -> str | None:
     ax.set_ylabel("Avg pass@1 (%)")
     ax.set_title("Accuracy against teacher scale")
     ax.legend(frameon=False, fontsize=8)
-    return _save(root, fig, "figure3_teacher_scale.png")
+    return save_figure(root, fig, "figure3_teacher_scale.png")
 
 
 def figure_scale_benchmarks(root: RunDir, runs: dict[str, RunResults]) -> str | None:
@@ -140,7 +140,7 @@ def figure_scale_benchmarks(root: RunDir, runs: dict[str, RunResults]) -> str | 
     known = _scaled(runs)
     if not known:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     benches = sorted({b for _, r in known for b in r.benches})
     fig, axes = plt.subplots(1, len(benches), figsize=(3.2 * len(benches), 3.2), squeeze=False)
     for ax, bench in zip(axes[0], benches, strict=True):
@@ -152,4 +152,4 @@ def figure_scale_benchmarks(root: RunDir, runs: dict[str, RunResults]) -> str | 
     axes[0][0].set_ylabel("Pass@1 (%)")
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, frameon=False, ncols=3, loc="upper center", bbox_to_anchor=(0.5, 0))
-    return _save(root, fig, "figure4_teacher_scale_benchmarks.png")
+    return save_figure(root, fig, "figure4_teacher_scale_benchmarks.png")

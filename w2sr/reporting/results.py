@@ -59,8 +59,10 @@ class RunResults:
         return self.summary["settings"]
 
 
-def load_results(run: RunDir) -> RunResults:
-    summary = run.read_json(*layout.EVAL_SUMMARY)
+def load_results(run: RunDir, summary: dict[str, Any] | None = None) -> RunResults:
+    """A run's results from its eval/summary.json, or from `summary` (a sweep's group), whose
+    result files are in `run`."""
+    summary = summary or run.read_json(*layout.EVAL_SUMMARY)
     models = summary["models"]
     order = [label for label in DISPLAY_NAMES if label in models]
     labels = order + sorted(set(models) - set(order))

@@ -27,14 +27,17 @@ from w2sr.rundir import RunDir
 log = logging.getLogger(__name__)
 
 
-def evaluate(cfg: ExperimentConfig, endpoint: str | None = None) -> dict[str, Any]:
-    """Evaluate what is missing, then write and return eval/summary.json.
+def evaluate(
+    cfg: ExperimentConfig, endpoint: str | None = None, labels: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """Evaluate what is missing, then write and return eval/summary.json; with `labels`, only
+    those models, and the summary of them is returned, not written.
 
     With `endpoint`, missing results come from that server (models addressed by label) and a
     label it does not serve is skipped; results already on disk are used whatever made them.
     """
     run = RunDir(cfg.run_dir)
-    tasks, problems, skipped = plan_tasks(cfg, run)
+    tasks, problems, skipped = plan_tasks(cfg, run, labels)
     missing: dict[str, list[Task]] = defaultdict(list)
     for task in tasks:
         if not run.exists(*task.parts):
@@ -56,5 +59,6 @@ def evaluate(cfg: ExperimentConfig, endpoint: str | None = None) -> dict[str, An
         log.info("%s evaluated in %.1fs", label, time.time() - start)
     done = [task for task in tasks if run.exists(*task.parts)]
     result = summary(cfg, run, problems, done, skipped)
-    run.write_json(result, *layout.EVAL_SUMMARY)
+    if labels is None:  # the run's summary covers every model; a partial one is only returned
+        run.write_json(result, *layout.EVAL_SUMMARY)
     return result

@@ -1,0 +1,1 @@
+"""Sweeps: many teachers x students x training sets x seeds as one job (`w2sr sweep`)."""

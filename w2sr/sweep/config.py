@@ -1,0 +1,87 @@
+"""The sweep config: a base experiment and the axes of the study.
+
+    base: demo.yaml              # an experiment config (relative to this file) or a mapping
+    run_dir: runs/demo-sweep     # every cell's artifacts, shared where cells share a stage
+    teachers:
+      - {label: small, model: builtin:demo-teacher, kind: reasoner, scale: 0.4}
+    students:
+      - {label: student, model: builtin:demo-student}
+    variants: [all, correct, incorrect]
+    seeds: [0]                   # SFT (and GRPO) seeds; the traces are shared across them
+
+A cell is one (teacher, student, variant, seed): one SFT and its evaluation. Every cell's
+experiment config is built and validated when the sweep is loaded, so a bad key fails before Ray
+starts and names the cell.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from w2sr.config import ConfigError, PositiveInt, Strict, format_errors
+from w2sr.layout import VARIANT_NAMES
+
+Label = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=48)]
+
+
+class TeacherAxis(Strict):
+    label: Label
+    model: str
+    kind: Literal["reasoner", "non_reasoner"] = "reasoner"
+    # Parameters in billions, for the scale figures; counted from the weights when absent.
+    scale: Annotated[float, Field(gt=0)] | None = None
+
+
+class StudentAxis(Strict):
+    label: Label
+    model: str
+
+
+class SweepConfig(Strict):
+    base: dict[str, Any]
+    run_dir: str
+    teachers: Annotated[list[TeacherAxis], Field(min_length=1)]
+    students: Annotated[list[StudentAxis], Field(min_length=1)]
+    variants: Annotated[list[Literal[VARIANT_NAMES]], Field(min_length=1)] = list(VARIANT_NAMES)
+    seeds: Annotated[list[int], Field(min_length=1)] = [0]
+    # Stages that run at once; on a local session also bounded by its CPUs.
+    max_concurrent_stages: PositiveInt = 4
+
+    @field_validator("teachers", "students")
+    @classmethod
+    def _unique_labels(cls, axis: list) -> list:
+        labels = [entry.label for entry in axis]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"labels must be unique, got {labels}")
+        return axis
+
+    @field_validator("variants", "seeds")
+    @classmethod
+    def _unique(cls, values: list) -> list:
+        if len(set(values)) != len(values):
+            raise ValueError(f"values must be unique, got {values}")
+        return values
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read sweep config {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"sweep config {path} must be a mapping at the top level")
+    if isinstance(data.get("base"), str):
+        base = path.parent / data["base"]
+        try:
+            data["base"] = yaml.safe_load(base.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"base: cannot read {base}: {error}") from None
+    try:
+        return SweepConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_errors(error).replace("invalid config", "invalid sweep")) from None

@@ -1,0 +1,152 @@
+"""`w2sr sweep CONFIG`: the study as one job.
+
+    w2sr sweep jobs/demo-sweep.yaml --plan     # the stage graph and what is complete; no Ray
+    w2sr sweep jobs/demo-sweep.yaml            # run what is missing, then the sweep report
+
+Artifacts (in the sweep's run dir, beside the stages' own):
+
+    sweep/sweep.yaml                    the sweep config, as run
+    sweep/logs/<stage>.log              each stage's output
+    sweep/groups/<teacher>.<student>.s<seed>/summary.json
+                                        the evaluation summary of one (teacher, student, seed)
+    sweep/summary.json                  every stage's and cell's state, failures with their error
+    report/report.md, report/*.png      the sweep report (`w2sr.sweep.report`)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import yaml
+
+from w2sr.evaluation.results import plan_tasks, summary
+from w2sr.reporting.results import load_results
+from w2sr.rundir import RunDir
+from w2sr.session import check_local_resources
+from w2sr.sweep.config import SweepConfig
+from w2sr.sweep.plan import RESOURCES, Cell, Node, is_complete, plan, skip_reason
+from w2sr.sweep.report import cell_rows, group_name, write_report
+from w2sr.sweep.runner import Outcome, run_graph
+
+log = logging.getLogger(__name__)
+
+
+def describe_plan(sweep: SweepConfig) -> dict[str, Any]:
+    """The stage graph: each stage, the cells that share it and whether it is complete."""
+    cells, nodes = plan(sweep)
+    run = RunDir(sweep.run_dir)
+    complete: set[str] = set()
+    skipped: set[str] = set()
+    stages = []
+    for key, node in nodes.items():
+        state = "to run"
+        if any(n in skipped for n in node.needs):
+            skipped.add(key)
+            state = "skipped: what it needs was skipped"
+        elif all(n in complete for n in node.needs):
+            if is_complete(node, run):
+                complete.add(key)
+                state = "complete"
+            elif reason := skip_reason(node, run):
+                skipped.add(key)
+                state = f"skipped: {reason}"
+        stages.append({"stage": key, "command": node.command, "state": state,
+                       "needs": list(node.needs), "cells": node.cells})  # fmt: skip
+    return {
+        "cells": [cell.name for cell in cells],
+        "stages": stages,
+        "complete": len(complete),
+        "skipped": len(skipped),
+        "to_run": len(nodes) - len(complete) - len(skipped),
+    }
+
+
+def sweep(cfg: SweepConfig) -> dict[str, Any]:
+    """Run every missing stage, then summarise each (teacher, student, seed) and report."""
+    cells, nodes = plan(cfg)
+    if not (cells[0].config.ray.address or os.environ.get("RAY_ADDRESS")):
+        for node in nodes.values():  # a local session cannot grow: fail before Ray starts
+            check_local_resources(node.config, RESOURCES[node.command])
+    run = RunDir(cfg.run_dir)
+    run.write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "sweep", "sweep.yaml"
+    )
+    started = time.time()
+    outcomes = run_graph(nodes, run, cfg.max_concurrent_stages)
+    wall = time.time() - started
+    groups = {}
+    for name, members in _groups(cells).items():
+        found = _summarise(run, members)
+        if found is not None:
+            run.write_json(found, "sweep", "groups", name, "summary.json")
+            groups[name] = load_results(run, found)
+    failures = [
+        {"stage": key, "command": nodes[key].command, "cells": nodes[key].cells, "error": o.error}
+        for key, o in outcomes.items()
+        if o.state == "failed"
+    ]
+    facts = _facts(cells, outcomes, wall)
+    record = {
+        "facts": facts,
+        "stages": {key: {"command": nodes[key].command, **vars(o)} for key, o in outcomes.items()},
+        "cells": {cell.name: _cell_state(cell, nodes, outcomes) for cell in cells},
+        "failures": failures,
+    }
+    run.write_json(record, "sweep", "summary.json")
+    written = write_report(run, cell_rows(cells, groups), facts, failures)
+    return {**facts, "cells": record["cells"], "report": written["report"]}
+
+
+def _groups(cells: list[Cell]) -> dict[str, list[Cell]]:
+    out: dict[str, list[Cell]] = {}
+    for cell in cells:
+        out.setdefault(group_name(cell), []).append(cell)
+    return out
+
+
+def _summarise(run: RunDir, members: list[Cell]) -> dict[str, Any] | None:
+    """One group's evaluation summary, of the models its cells compare; None when none has a
+    result yet."""
+    config = members[0].config
+    labels = tuple(dict.fromkeys(label for cell in members for label in cell.labels))
+    tasks, problems, skipped = plan_tasks(config, run, labels=labels)
+    done = [task for task in tasks if run.exists(*task.parts)]
+    if not done:
+        return None
+    skipped = {label: why for label, why in skipped.items() if label in labels}
+    return summary(config, run, problems, done, skipped)
+
+
+def _cell_state(cell: Cell, nodes: dict[str, Node], outcomes: dict[str, Outcome]) -> str:
+    mine = [key for key, node in nodes.items() if cell.name in node.cells]
+    states = {outcomes[key].state for key in mine if key in outcomes}
+    if "failed" in states or "blocked" in states:
+        return "failed"
+    if "skipped" in states:
+        return "skipped"
+    return "complete" if len(states) and states <= {"complete", "done"} else "incomplete"
+
+
+def _facts(cells: list[Cell], outcomes: dict[str, Outcome], wall: float) -> dict[str, Any]:
+    spans = [(o.started, o.ended) for o in outcomes.values() if o.started and o.ended]
+    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    at_once = most = 0
+    for _, step in edges:
+        at_once += step
+        most = max(most, at_once)
+    states = [o.state for o in outcomes.values()]
+    return {
+        "cells": len(cells),
+        "stages": len(outcomes),
+        "ran": states.count("done") + states.count("failed"),
+        "complete": states.count("complete"),
+        "failed": states.count("failed"),
+        "blocked": states.count("blocked"),
+        "wall_seconds": round(wall, 1),
+        "stage_seconds": round(sum(e - s for s, e in spans), 1),
+        "parallelism": sum(e - s for s, e in spans) / wall if wall > 0 and spans else 0.0,
+        "max_concurrent": most,
+    }

@@ -1,0 +1,150 @@
+"""A sweep as a graph of stages, each run once however many cells need it.
+
+Cells share a run dir and every stage's folder is named by its fingerprint (`w2sr.lineage`), so
+two cells need the same stage exactly when their configs give it the same folder: each
+(teacher, prompt set) generates its traces once, each (student, seed) trains one GRPO baseline,
+each model is evaluated once per benchmark. Nothing here starts Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from w2sr import layout, lineage
+from w2sr.config import ConfigError, ExperimentConfig, validate
+from w2sr.evaluation.results import plan_tasks
+from w2sr.registry import model_table
+from w2sr.rundir import RunDir
+from w2sr.sweep.config import StudentAxis, SweepConfig, TeacherAxis
+
+# The config sections whose resources each command asks of Ray.
+RESOURCES = {
+    "generate": ("generation",),
+    "select": (),
+    "train": ("train",),
+    "grpo": ("grpo",),
+    "eval": ("eval",),
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (teacher, student, variant, seed): an SFT and the evaluation that scores it."""
+
+    teacher: TeacherAxis
+    student: StudentAxis
+    variant: str
+    seed: int
+    config: ExperimentConfig
+
+    @property
+    def name(self) -> str:
+        return f"{self.teacher.label}.{self.student.label}.{self.variant}.s{self.seed}"
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The models its report row compares: teacher, base, its student, RL when asked for."""
+        student = next(v.label for v in layout.VARIANTS if v.name == self.variant)
+        rl = ("rl",) if self.config.grpo is not None else ()
+        return ("teacher", "base", student, *rl)
+
+
+@dataclass
+class Node:
+    """One command of the sweep: a stage that makes `key` (its folder), or the evaluation of one
+    model (`key` names the model)."""
+
+    key: str
+    command: str  # generate, select, train, grpo or eval
+    config: ExperimentConfig
+    needs: tuple[str, ...] = ()
+    label: str | None = None  # eval: the model's label in `config`
+    cells: list[str] = field(default_factory=list)
+
+
+def cells(sweep: SweepConfig) -> list[Cell]:
+    """Every cell's experiment config, validated; an error names the cell and the key."""
+    out = []
+    for teacher in sweep.teachers:
+        for student in sweep.students:
+            for seed in sweep.seeds:
+                for variant in sweep.variants:
+                    data = copy.deepcopy(sweep.base)
+                    data |= {"run_dir": sweep.run_dir, "teacher": teacher.model}
+                    data["student"] = student.model
+                    data["train"] = {**(data.get("train") or {}), "variant": variant, "seed": seed}
+                    if data.get("grpo") is not None:
+                        data["grpo"] = {**data["grpo"], "seed": seed}
+                    name = f"{teacher.label}.{student.label}.{variant}.s{seed}"
+                    try:
+                        config = validate(data)
+                    except ConfigError as error:
+                        raise ConfigError(f"cell {name}: {error}") from None
+                    out.append(Cell(teacher, student, variant, seed, config))
+    return out
+
+
+def plan(sweep: SweepConfig) -> tuple[list[Cell], dict[str, Node]]:
+    """The cells and the stage graph, nodes in an order that respects `needs`."""
+    all_cells = cells(sweep)
+    nodes: dict[str, Node] = {}
+
+    def add(node: Node, cell: Cell) -> str:
+        node = nodes.setdefault(node.key, node)
+        node.cells.append(cell.name)
+        return node.key
+
+    for cell in all_cells:
+        cfg = cell.config
+        traces = add(Node(lineage.traces(cfg).folder, "generate", cfg), cell)
+        sets = add(Node(lineage.sft(cfg).folder, "select", cfg, (traces,)), cell)
+        student = add(Node(lineage.student(cfg, cell.variant).folder, "train", cfg, (sets,)), cell)
+        trained = {cell.labels[2]: student}
+        if cfg.grpo is not None:
+            trained["rl"] = add(Node(lineage.rl(cfg).folder, "grpo", cfg), cell)
+        evals = {
+            "teacher": f"eval/teacher/{cell.teacher.label}",
+            "base": f"eval/base/{cell.student.label}",
+        }
+        evals |= {label: f"eval/{label}/{folder}" for label, folder in trained.items()}
+        for label, key in evals.items():
+            needs = (trained[label],) if label in trained else ()
+            add(Node(key, "eval", cfg, needs, label), cell)
+    return all_cells, nodes
+
+
+def is_complete(node: Node, run: RunDir) -> bool:
+    """A stage whose done record matches, or a model with every benchmark result present."""
+    cfg = node.config
+    if node.command != "eval":
+        artifact = _artifact(node)
+        return run.done(artifact.folder, artifact.fingerprint) is not None
+    models, _ = model_table(cfg)
+    if node.label not in models:
+        return False
+    tasks, _, _ = plan_tasks(cfg, run, labels=(node.label,))
+    return all(run.exists(*task.parts) for task in tasks)
+
+
+def skip_reason(node: Node, run: RunDir) -> str | None:
+    """Why a node whose needs are done has nothing to do: an SFT set without a trace (a teacher
+    that never answers right leaves W2SR-P nothing to learn from)."""
+    if node.command != "train":
+        return None
+    variant = node.config.train.variant
+    sets = lineage.sft(node.config).folder
+    if run.read_json(sets, layout.SFT_SUMMARY)[variant]["traces"]:
+        return None
+    return f"the {variant} training set is empty"
+
+
+def _artifact(node: Node) -> lineage.Artifact:
+    cfg = node.config
+    if node.command == "generate":
+        return lineage.traces(cfg)
+    if node.command == "select":
+        return lineage.sft(cfg)
+    if node.command == "train":
+        return lineage.student(cfg, cfg.train.variant)
+    return lineage.rl(cfg)

@@ -1,0 +1,151 @@
+"""Running a sweep's graph: each stage a `w2sr` command of its own on one Ray cluster, as many at
+once as the cap and the cluster allow.
+
+A stage runs in its own process so that a crash fails that stage alone: the cells that need it
+are reported blocked, every other cell finishes. Each command joins the same cluster (the one
+`ray job submit` runs in, `ray.address`, or a local one this process starts) and asks it for its
+own engines and workers, so an autoscaling cluster grows to the queued work. On a local session,
+whose size is fixed, a stage starts only when the CPUs it asks for are free. A stage whose lease
+another submission holds (exit status 3) is retried once that one is done with it; a rerun of a
+killed sweep skips every complete stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from w2sr.rundir import RunDir
+from w2sr.session import resource_request
+from w2sr.sweep.plan import RESOURCES, Node, is_complete, skip_reason
+
+log = logging.getLogger(__name__)
+
+LOGS = ("sweep", "logs")
+LEASE_RETRY_S = 10.0
+POLL_S = 0.5
+
+
+@dataclass
+class Outcome:
+    """What became of one node."""
+
+    state: str  # complete (before this sweep), done, failed, blocked (a need failed), skipped
+    seconds: float = 0.0
+    started: float | None = None
+    ended: float | None = None
+    error: str | None = None
+
+
+def run_graph(nodes: dict[str, Node], run: RunDir, max_concurrent: int) -> dict[str, Outcome]:
+    """Run every incomplete node once its needs are done; returns each node's outcome."""
+    outcomes: dict[str, Outcome] = {}
+    for key, node in nodes.items():  # in an order that respects `needs`
+        if all(n in outcomes for n in node.needs) and is_complete(node, run):
+            outcomes[key] = Outcome("complete")
+    pending = [key for key in nodes if key not in outcomes]
+    log.info("%d of %d stages to run", len(pending), len(nodes))
+    if not pending:
+        return outcomes
+    address, capacity = _cluster(nodes)
+    running: dict[str, tuple[subprocess.Popen, Path, float]] = {}
+    retry_at: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="w2sr-sweep-") as scratch:
+        while pending or running:
+            for key in list(pending):
+                node = nodes[key]
+                states = [outcomes.get(n) for n in node.needs]
+                if any(o and o.state in ("failed", "blocked") for o in states):
+                    failed = [n for n, o in zip(node.needs, states, strict=True) if o]
+                    outcomes[key] = Outcome("blocked", error=f"needs {', '.join(failed)}")
+                    pending.remove(key)
+                    continue
+                if any(o and o.state == "skipped" for o in states):
+                    outcomes[key] = Outcome("skipped", error="what it needs was skipped")
+                    pending.remove(key)
+                    continue
+                ready = all(o and o.state in ("complete", "done") for o in states)
+                if not ready or retry_at.get(key, 0) > time.time():
+                    continue
+                reason = skip_reason(node, run)
+                if reason:
+                    outcomes[key] = Outcome("skipped", error=reason)
+                    pending.remove(key)
+                    continue
+                if len(running) >= max_concurrent or not _fits(node, running, nodes, capacity):
+                    continue
+                running[key] = (*_launch(node, Path(scratch), address), time.time())
+                pending.remove(key)
+                log.info("started %s %s", node.command, key)
+            for key, (proc, log_path, started) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[key]
+                ended = time.time()
+                text = log_path.read_text(errors="replace")
+                run.write_text(text, *LOGS, _slug(key) + ".log")
+                if proc.returncode == 0:
+                    outcomes[key] = Outcome("done", ended - started, started, ended)
+                    log.info("finished %s in %.0fs", key, ended - started)
+                elif proc.returncode == 3:  # another submission holds the stage: wait for it
+                    retry_at[key] = ended + LEASE_RETRY_S
+                    pending.append(key)
+                    log.info("%s is held by another submission; retrying", key)
+                else:
+                    error = "\n".join(text.strip().splitlines()[-15:])
+                    outcomes[key] = Outcome("failed", ended - started, started, ended, error)
+                    log.error("%s failed (exit %d):\n%s", key, proc.returncode, error)
+            time.sleep(POLL_S)
+    return outcomes
+
+
+def _launch(node: Node, scratch: Path, address: str | None) -> tuple[subprocess.Popen, Path]:
+    slug = _slug(node.key)
+    config = scratch / f"{slug}.yaml"
+    config.write_text(yaml.safe_dump(node.config.model_dump(mode="json"), sort_keys=False))
+    log_path = scratch / f"{slug}.log"
+    cmd = [sys.executable, "-m", "w2sr.cli", node.command, str(config)]
+    if node.label:
+        cmd += ["--models", node.label]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if address:
+        env["RAY_ADDRESS"] = address
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return proc, log_path
+
+
+def _cluster(nodes: dict[str, Node]) -> tuple[str | None, float | None]:
+    """The address the stages join, and the CPUs of a session of fixed size (None: a cluster,
+    whose autoscaler decides). Without a configured cluster, a local one is started here."""
+    cfg = next(iter(nodes.values())).config
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        return address, None
+    import ray
+
+    context = ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+    return context.address_info["gcs_address"], float(ray.cluster_resources().get("CPU", 0))
+
+
+def _fits(node: Node, running: dict, nodes: dict[str, Node], capacity: float | None) -> bool:
+    if capacity is None:
+        return True
+    busy = sum(_cpus(nodes[key]) for key in running)
+    return busy + _cpus(node) <= capacity or not running  # alone, it was checked to fit
+
+
+def _cpus(node: Node) -> float:
+    return resource_request(node.config, RESOURCES[node.command]).get("CPU", 0.0)
+
+
+def _slug(key: str) -> str:
+    return key.replace("/", "_")
