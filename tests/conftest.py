@@ -54,3 +54,56 @@ def tiny_student(tmp_path_factory) -> str:
 
     path = tmp_path_factory.mktemp("models") / "student"
     return str(build_tiny_model(path, hidden_size=128, num_layers=3, num_heads=2, seed=1))
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A real S3 API on 127.0.0.1 (the dev extra's `moto_server`) with a fresh bucket; yields
+    its `s3://` URI. The endpoint and test credentials are set in this process's environment,
+    so pyarrow and the processes the tests start use that server and nothing else."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import pyarrow.fs as pafs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "moto_server did not start"
+                time.sleep(0.2)
+        fs, _ = pafs.FileSystem.from_uri("s3://w2sr-tests?allow_bucket_creation=true")
+        fs.create_dir("w2sr-tests")
+        yield "s3://w2sr-tests"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

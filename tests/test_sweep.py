@@ -1,10 +1,11 @@
 """`w2sr sweep`: the plan, and a small study run as users run it.
 
-The end-to-end test runs two teachers x one student x three training sets on tiny models: first
-with `w2sr sweep` on a local Ray it starts, SIGKILLed with its stages once a student is trained;
-then resumed through `ray job submit` to a local head with token authentication, which must
-redo nothing that finished; then with a third, broken teacher added, whose cells fail while the
-others stay complete and reported.
+The end-to-end test runs a small study on tiny models with its run dir on a real S3 API server on
+127.0.0.1: first `w2sr sweep` on a local Ray it starts, SIGKILLed with its stages once the
+teacher's traces are complete; then resumed through `ray job submit` to a local head with token
+authentication, which must redo nothing that finished; then with a broken teacher added, whose
+cells fail while the others stay complete and reported. (Sharing across teachers and seeds is
+the plan's test.)
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import yaml
 
 from w2sr import lineage
 from w2sr.cli import main
 from w2sr.config import ConfigError
+from w2sr.rundir import RunDir
 from w2sr.sweep.config import SweepConfig, load_sweep
 from w2sr.sweep.plan import plan
 
@@ -64,17 +67,18 @@ def base(tmp: Path) -> dict:
     }
 
 
-def sweep_file(tmp: Path, teachers: list[dict], student: str) -> Path:
+def sweep_file(tmp: Path, run_dir: str, teachers: list[dict], student: str) -> Path:
     """`job/sweep.yaml` and its `job/base.yaml`: the folder a job submission uploads."""
     (tmp / "job").mkdir(exist_ok=True)
     path = tmp / "job" / "sweep.yaml"
     (tmp / "job" / "base.yaml").write_text(yaml.safe_dump(base(tmp)))
     sweep = {
         "base": "base.yaml",
-        "run_dir": str(tmp / "study"),
+        "run_dir": run_dir,
         "teachers": teachers,
         "students": [{"label": "student", "model": student}],
-        "max_concurrent_stages": 3,
+        "variants": ["all", "correct"],
+        "max_concurrent_stages": 2,
     }
     path.write_text(yaml.safe_dump(sweep))
     return path
@@ -137,32 +141,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory, tiny_model, tiny_student):
-    """The sweep killed midway, then resumed through `ray job submit` to a token-authenticated
-    local head; returns (folder, what the kill left, the job's logs)."""
-    tmp = tmp_path_factory.mktemp("sweep")
-    other = tmp / "teacher-b"  # a second teacher: the tiny model with other weights
-    from w2sr.models import build_tiny_model
+def _done_records(run: RunDir) -> dict[str, tuple]:
+    """Every stage's done record on the store, with its modification time."""
+    selector = pafs.FileSelector(run.path(), recursive=True)
+    prefix = run.path() + "/"
+    return {
+        info.path[len(prefix) :]: (info.mtime, run.read_text(info.path[len(prefix) :]))
+        for info in run.fs.get_file_info(selector)
+        if info.base_name == "_DONE.json"
+    }
 
-    build_tiny_model(other, seed=7)
-    teachers = [{"label": "a", "model": tiny_model}, {"label": "b", "model": str(other)}]
-    path = sweep_file(tmp, teachers, tiny_student)
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tiny_model, tiny_student, s3_bucket):
+    """A sweep with its run dir on the loopback S3 server, SIGKILLed with its stages once the
+    teacher's traces are complete, then resumed through `ray job submit` to a local head with
+    token authentication. Returns (folder, run dir, the done records the kill left, the job)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    run = RunDir(f"{s3_bucket}/study")
+    path = sweep_file(tmp, run.uri, [{"label": "a", "model": tiny_model}], tiny_student)
+    _, nodes = plan(load_sweep(path))
+    traces = next(node.key for node in nodes.values() if node.command == "generate")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "w2sr.cli", "sweep", str(path)],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    study_dir = tmp / "study"
     try:
         deadline = time.time() + 600
-        while not list(study_dir.glob("students/*/*/_DONE.json")):
-            assert proc.poll() is None and time.time() < deadline, "no student before the kill"
+        while not run.exists(traces, "_DONE.json"):
+            assert proc.poll() is None and time.time() < deadline, "no traces before the kill"
             time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    finished = {p: p.stat().st_mtime_ns for p in study_dir.glob("*/**/_DONE.json")}
+    finished = _done_records(run)
 
     port, dashboard = _free_port(), _free_port()
     ray_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
@@ -186,7 +199,7 @@ def study(tmp_path_factory, tiny_model, tiny_student):
              sys.executable, "-m", "w2sr.cli", "sweep", "sweep.yaml"],
             env=ray_env, capture_output=True, text=True, timeout=1200,
         )  # fmt: skip
-        without_token = subprocess.run(
+        wrong_token = subprocess.run(
             [ray, "job", "list", f"--address={address}"],
             env={**ray_env, "RAY_AUTH_TOKEN": "not-the-token"},
             capture_output=True, text=True, timeout=120,
@@ -194,74 +207,83 @@ def study(tmp_path_factory, tiny_model, tiny_student):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
-    return tmp, finished, submit, without_token
+    return tmp, run, finished, submit, wrong_token
 
 
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_through_ray_job_submit_and_redoes_nothing(study):
-    tmp, finished, submit, without_token = study
+    tmp, run, finished, submit, wrong_token = study
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in (submit.stdout + submit.stderr).lower()
-    assert without_token.returncode != 0  # the head refuses a client without the token
-    record = json.loads((tmp / "study" / "sweep" / "summary.json").read_text())
+    assert wrong_token.returncode != 0  # the head refuses a client with another token
+    record = run.read_json("sweep", "summary.json")
     assert record["failures"] == []
-    # A random teacher writes no correct trace: the W2SR-P cells have an empty set, skipped.
-    for cell, state in record["cells"].items():
-        assert state == ("skipped" if ".correct." in cell else "complete"), (cell, state)
+    # A random teacher writes no correct trace: the W2SR-P cell has an empty set and is skipped.
+    assert record["cells"] == {"a.student.all.s0": "complete", "a.student.correct.s0": "skipped"}
     stages = record["stages"]
-    for path, mtime in finished.items():  # what finished before the kill was not redone
-        assert path.stat().st_mtime_ns == mtime, path
-        folder = str(path.parent.relative_to(tmp / "study"))
+    now = _done_records(run)
+    for path, before in finished.items():  # what finished before the kill was not redone
+        assert now[path] == before, path
+        folder = path.rsplit("/", 1)[0]
         if folder in stages:
             assert stages[folder]["state"] == "complete", folder
     assert any(s["state"] == "done" for s in stages.values())  # the rest ran in the job
-    assert len(list((tmp / "study" / "traces").iterdir())) == 2  # each teacher's traces once
+    assert len(run.list("traces")) == 1  # the teacher's traces once, for both cells
     skipped = [k for k, s in stages.items() if s["state"] == "skipped"]
-    assert skipped and all(k.startswith(("students/correct/", "eval/w2sr_p/")) for k in skipped)
+    assert sorted(k.split("/")[:2] for k in skipped) == [
+        ["eval", "w2sr_p"],
+        ["students", "correct"],
+    ]
+    report = run.read_text("report", "report.md")
+    assert "| a | reasoner |" in report and "| W2SR |" in report
+    assert run.list("sweep", "groups", "a.student.s0") == ["summary.json"]
 
 
 @pytest.mark.slow
 def test_a_failing_teacher_fails_only_its_cells(study, tiny_model, tiny_student):
-    tmp, _, _, _ = study
+    tmp, run, _, _, _ = study
     broken = tmp / "teacher-broken"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
-    other = tmp / "teacher-b"
-    teachers = [{"label": "a", "model": tiny_model}, {"label": "b", "model": str(other)},
+    teachers = [{"label": "a", "model": tiny_model},
                 {"label": "broken", "model": str(broken), "kind": "non_reasoner"}]  # fmt: skip
-    path = sweep_file(tmp, teachers, tiny_student)
+    path = sweep_file(tmp, run.uri, teachers, tiny_student)
     done = subprocess.run([sys.executable, "-m", "w2sr.cli", "sweep", str(path)],
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     assert done.returncode == 1, done.stderr[-3000:]
-    record = json.loads((tmp / "study" / "sweep" / "summary.json").read_text())
-    cells = record["cells"]
-    assert {c for c, state in cells.items() if state == "failed"} == {
-        f"broken.student.{v}.s0" for v in ("all", "correct", "incorrect")
+    record = run.read_json("sweep", "summary.json")
+    assert record["cells"] == {
+        "a.student.all.s0": "complete",
+        "a.student.correct.s0": "skipped",
+        "broken.student.all.s0": "failed",
+        "broken.student.correct.s0": "failed",
     }
-    assert all(state in ("complete", "skipped") for c, state in cells.items() if "broken" not in c)
-    (failure,) = record["failures"]
-    assert failure["command"] == "generate" and failure["error"]
-    report = (tmp / "study" / "report" / "report.md").read_text()
+    failed = {f["command"]: f for f in record["failures"]}
+    assert set(failed) == {"generate", "eval"}  # its traces, and the teacher's own evaluation
+    assert all(f["error"] for f in failed.values())
+    assert sorted(failed["generate"]["cells"]) == [
+        "broken.student.all.s0",
+        "broken.student.correct.s0",
+    ]
+    ran = [k for k, s in record["stages"].items() if s["state"] in ("done", "failed")]
+    assert sorted(ran) == sorted(f["stage"] for f in record["failures"])  # nothing else redone
+    report = run.read_text("report", "report.md")
     assert "## Failures" in report and "broken.student.all.s0" in report
-    for teacher in ("a", "b"):
-        assert f"| {teacher} | reasoner |" in report
-    ran = [s for s in record["stages"].values() if s["state"] in ("done", "failed")]
-    assert len(ran) == 1  # only the broken teacher's generation was tried again
+    assert "| a | reasoner |" in report and "| broken | non_reasoner |" in report
 
 
 @pytest.mark.slow
 def test_the_plan_says_what_is_complete_without_starting_ray(study, capsys):
-    tmp, _, _, _ = study  # after the failing teacher's sweep: its config is in job/sweep.yaml
+    tmp, _, _, _, _ = study  # after the failing teacher's sweep: its config is in job/sweep.yaml
     started = time.time()
     assert main(["sweep", str(tmp / "job" / "sweep.yaml"), "--plan"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert time.time() - started < 60
-    broken = {f"broken.student.{v}.s0" for v in ("all", "correct", "incorrect")}
+    broken = {"broken.student.all.s0", "broken.student.correct.s0"}
     to_run = [s for s in listed["stages"] if s["state"] == "to run"]
     assert to_run and all(set(s["cells"]) <= broken for s in to_run)
-    assert listed["to_run"] == len(to_run) and listed["complete"] == len(listed["stages"]) - len(
-        to_run
-    )
+    assert listed["to_run"] == len(to_run)
+    assert listed["complete"] + listed["skipped"] + len(to_run) == len(listed["stages"])
     import ray
 
     assert not ray.is_initialized()

@@ -39,7 +39,7 @@ from w2sr.learner.batches import (
     total_steps,
 )
 from w2sr.learner.engine import param_groups, token_loss
-from w2sr.rundir import MetricsLog, RunDir
+from w2sr.rundir import RunDir
 from w2sr.schemas import TRACE_SCHEMA
 from w2sr.stages.train import train
 
@@ -319,30 +319,6 @@ def test_run_dir_locations_are_what_other_processes_open(tmp_path):
     assert RunDir(str(tmp_path)).location("students", "all", "model") == model
     assert RunDir(f"file://{tmp_path}").location("students", "all", "model") == model
     assert RunDir("mock:///bucket/run/").location("rl", "model") == "mock:///bucket/run/rl/model"
-
-
-def test_metrics_and_model_reach_stores_that_cannot_append(tmp_path):
-    """On object stores metrics.jsonl is rewritten whole (a new attempt keeps the old lines) and
-    the model folder appears in one move once complete."""
-    run = RunDir("mock:///bucket/run")
-    record = {"step": 1, "loss": 2.0, "lr": 1e-5, "grad_norm": 1.0}
-    record |= {"tokens_per_second": 10.0, "samples_seen": 8}
-    first = MetricsLog(run, "students/all", flush_seconds=3600)
-    first.write(record)
-    assert not run.exists("students/all", "metrics.jsonl")  # not before a flush
-    first.write({**record, "step": 2})
-    first.flush()
-    second = MetricsLog(run, "students/all")
-    second.write({**record, "step": 3})
-    second.flush()
-    lines = run.read_text("students/all", "metrics.jsonl").splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
-
-    with run.staged_folder("students", "all", "model") as out:
-        Path(out, "config.json").write_text("{}")
-        assert not run.exists("students", "all", "model")
-    assert run.read_text("students", "all", "model", "config.json") == "{}"
-    assert run.list("students", "all") == ["metrics.jsonl", "model"]
 
 
 # --- training --------------------------------------------------------------------------------

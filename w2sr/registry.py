@@ -6,18 +6,22 @@ from the run dir once their stage has finished, and `eval.models` adds extras.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from w2sr import layout, lineage
 from w2sr.config import ExperimentConfig
 from w2sr.identity import model_identity
-from w2sr.models import resolve_model
+from w2sr.models import cache_dir, resolve_model
 from w2sr.rundir import DONE, RunDir
 
 log = logging.getLogger(__name__)
@@ -67,9 +71,27 @@ def _configured(label: str, spec: str) -> Model:
 
 
 def model_path(model: Model) -> str:
-    """What transformers and vLLM open: a trained model's run-dir location as it is, else the
-    resolved spec."""
+    """What vLLM opens: a trained model's run-dir location as it is (an object-store URI is
+    downloaded by each node's engine), else the resolved spec."""
     return model.spec if "://" in model.spec else resolve_model(model.spec)
+
+
+def local_model(model: Model) -> str:
+    """A folder on this machine with the model's files, for what reads them in this process (a
+    tokenizer): a model in object storage is copied once into the cache, under a name made from
+    its identity, so new weights at the same URI are copied again."""
+    if "://" not in model.spec:
+        return resolve_model(model.spec)
+    key = hashlib.sha256(model.identity.encode()).hexdigest()[:16]
+    target = cache_dir().parent / "artifacts" / key
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=target.parent))
+        fs, path = pafs.FileSystem.from_uri(model.spec)
+        pafs.copy_files(path, str(staged), source_filesystem=fs)
+        shutil.rmtree(target, ignore_errors=True)
+        staged.rename(target)
+    return str(target)
 
 
 def parameter_count(spec: str) -> int | None:

@@ -87,12 +87,15 @@ class RunDir:
 
         self._atomic(parts, write)
 
+    def read_bytes(self, *parts: str) -> bytes:
+        with self.fs.open_input_stream(self.path(*parts)) as stream:
+            return stream.read()
+
     def write_text(self, text: str, *parts: str) -> None:
         self.write_bytes(text.encode(), *parts)
 
     def read_text(self, *parts: str) -> str:
-        with self.fs.open_input_stream(self.path(*parts)) as stream:
-            return stream.read().decode()
+        return self.read_bytes(*parts).decode()
 
     def write_json(self, obj: Any, *parts: str) -> None:
         self.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", *parts)

@@ -15,7 +15,7 @@ from w2sr.data.templates import TEMPLATES
 from w2sr.engines import settings
 from w2sr.engines.generator import build_generator, generate_groups
 from w2sr.evaluation.results import Task, sample_rows, scorer, write_result
-from w2sr.registry import model_path
+from w2sr.registry import local_model, model_path
 from w2sr.rundir import RunDir
 from w2sr.schemas import TOO_LONG
 from w2sr.session import init_ray
@@ -28,7 +28,7 @@ def evaluate_offline(cfg: ExperimentConfig, run: RunDir, todo: list[Task]) -> No
     init_ray(cfg)
     model = todo[0].model
     path = model_path(model)
-    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(local_model(model), cfg.trust_remote_code)
     template, max_len = TEMPLATES[cfg.template], cfg.eval.engine.max_model_len
     score = scorer(cfg, model.label)
     requests: list[dict[str, Any]] = []
