@@ -1,7 +1,7 @@
 """The KubeRay manifests in cluster/ against the real CRD schemas, checked as strictly as kubectl.
 
-The CRDs (RayCluster, RayJob, RayService as KubeRay publishes them) live in `shared/kuberay-crds/`
-beside the repository. kubectl validates fields strictly: a key the schema does not declare is an
+The CRDs (RayCluster, RayJob, RayService as KubeRay publishes them) are vendored, gzipped, in
+`cluster/crds/`. kubectl validates fields strictly: a key the schema does not declare is an
 error, so every object schema that lists `properties` is closed here unless it carries
 `x-kubernetes-preserve-unknown-fields`; `x-kubernetes-int-or-string` accepts an int or a string,
 `x-kubernetes-list-type: map|set` rejects duplicate entries, and int32/int64 formats are range
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gzip
 import json
 import re
 import shlex
@@ -31,7 +32,7 @@ from w2sr.layout import RUN_LABELS
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
-CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "kuberay-crds"
+CRD_DIR = CLUSTER / "crds"
 LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 PRESERVE = "x-kubernetes-preserve-unknown-fields"
@@ -40,11 +41,6 @@ RAY_KINDS = {"RayCluster", "RayJob", "RayService"}
 # KubeRay's own limits (utils/constant.go): the cluster name plus generated suffixes stay <= 63.
 MAX_NAME = {"RayCluster": 53, "RayJob": 47, "RayService": 47}
 MIN_TOKEN_AUTH_RAY = (2, 52, 0)
-
-needs_crds = pytest.mark.skipif(
-    not CRD_DIR.is_dir(),
-    reason=f"KubeRay CRDs not found: expected {CRD_DIR} (shared/kuberay-crds beside the repo)",
-)
 
 
 # --- manifests -------------------------------------------------------------------------------
@@ -185,10 +181,10 @@ KubeValidator = jsonschema.validators.extend(
 
 @functools.cache
 def crds() -> dict[tuple[str, str], dict[str, Any]]:
-    """(group, kind) -> CRD, from every CRD file in the shared folder."""
+    """(group, kind) -> CRD, from the CRDs vendored in cluster/crds."""
     found = {}
-    for path in sorted(CRD_DIR.glob("*.yaml")):
-        with path.open() as f:
+    for path in sorted(CRD_DIR.glob("*.yaml.gz")):
+        with gzip.open(path, "rt") as f:
             crd = yaml.load(f, Loader=LOADER)
         if crd and crd.get("kind") == "CustomResourceDefinition":
             found[(crd["spec"]["group"], crd["spec"]["names"]["kind"])] = crd
@@ -226,7 +222,6 @@ def test_cluster_folder_has_the_three_kinds():
     assert set(kinds) >= RAY_KINDS, kinds
 
 
-@needs_crds
 @pytest.mark.parametrize(("name", "doc"), MANIFESTS, ids=IDS)
 def test_manifest_matches_crd_schema(name, doc):
     assert doc.get("kind") in RAY_KINDS, f"{name}: {doc.get('kind')} has no KubeRay CRD to check"
@@ -245,7 +240,6 @@ def test_metadata_name_is_valid(name, doc):
         assert all(isinstance(v, str) for v in meta.get(field, {}).values()), (name, field)
 
 
-@needs_crds
 def test_validator_rejects_unknown_fields_and_wrong_types():
     """The checker can fail: typos, misplaced keys, wrong types and duplicates are all caught."""
     (good,) = _of_kind("RayCluster")
@@ -475,9 +469,10 @@ def test_raycluster_has_generation_training_and_cpu_groups():
 # --- RayJob ----------------------------------------------------------------------------------
 
 
-def test_rayjob_runs_a_valid_w2sr_config():
+def test_rayjob_runs_a_valid_w2sr_sweep():
     from w2sr.cli import build_parser
-    from w2sr.config import load_config
+    from w2sr.sweep.config import load_sweep
+    from w2sr.sweep.plan import cells
 
     (job,) = _of_kind("RayJob")
     spec = job["spec"]
@@ -486,15 +481,16 @@ def test_rayjob_runs_a_valid_w2sr_config():
     assert "clusterSelector" not in spec or "rayClusterSpec" not in spec
 
     argv = shlex.split(spec["entrypoint"])
-    assert argv[:2] == ["w2sr", "run"], argv
+    assert argv[:2] == ["w2sr", "sweep"], argv
     args = build_parser().parse_args(argv[1:])
     assert args.config.startswith("jobs/"), args.config
     assert (REPO / args.config).is_file(), f"{args.config} is not in the repository"
-    cfg = load_config(REPO / args.config, args.overrides)  # raises naming the bad key
-    assert cfg.use_gpu, "the RayJob's cluster has GPU workers for vLLM"
-    assert cfg.run_dir.startswith(("/mnt/shared/", "s3://", "gs://")), (
-        f"run_dir {cfg.run_dir} would vanish with the cluster"
+    sweep = load_sweep(REPO / args.config)  # raises naming the bad key
+    assert sweep.run_dir.startswith(("/mnt/shared/", "s3://", "gs://")), (
+        f"run_dir {sweep.run_dir} would vanish with the cluster"
     )
+    for cell in cells(sweep):
+        assert cell.config.use_gpu, f"{cell.name}: the RayJob's cluster has GPU workers for vLLM"
 
     # The relative config path resolves in the working dir, which is where the image keeps jobs/.
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
@@ -502,6 +498,80 @@ def test_rayjob_runs_a_valid_w2sr_config():
     workdir = re.findall(r"^WORKDIR\s+(\S+)", dockerfile(), flags=re.M)[-1]
     assert runtime_env.get("working_dir") == workdir
     assert re.search(r"^COPY\b.*\bjobs/", dockerfile(), flags=re.M)
+
+
+def _job_configs() -> list[tuple[str, Any]]:
+    """Every experiment of every job file: a sweep's cells, or the experiment itself."""
+    from w2sr.config import load_config
+    from w2sr.sweep.config import load_sweep
+    from w2sr.sweep.plan import cells
+
+    found = []
+    for path in sorted((REPO / "jobs").glob("*.yaml")):
+        if "teachers" in (yaml.safe_load(path.read_text()) or {}):
+            found += [(f"{path.name}:{c.name}", c.config) for c in cells(load_sweep(path))]
+        else:
+            found.append((path.name, load_config(path)))
+    return found
+
+
+def _pods(spec: dict[str, Any]) -> list[dict[str, float]]:
+    """CPUs and GPUs of each pod a cluster can grow to, worker groups at their maximum."""
+    out = []
+    for name, group in groups(spec):
+        if name == "head":
+            continue
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        pod = {"CPU": float(limits["cpu"]), "GPU": float(limits.get("nvidia.com/gpu", 0))}
+        out += [pod] * group["maxReplicas"]
+    return out
+
+
+def _fits(bundles: list[dict[str, float]], pods: list[dict[str, float]]) -> bool:
+    """Whether the bundles can be placed on the pods at once (first fit, largest first)."""
+    free = [dict(p) for p in pods]
+    for bundle in sorted(bundles, key=lambda b: (-b["GPU"], -b["CPU"])):
+        pod = next((p for p in free if all(p[k] >= bundle[k] for k in bundle)), None)
+        if pod is None:
+            return False
+        for k in bundle:
+            pod[k] -= bundle[k]
+    return True
+
+
+def _stage_bundles(cfg) -> dict[str, list[dict[str, float]]]:
+    """What each stage of an experiment asks Ray for at once: an engine replica is one bundle
+    (its ranks on one pod, as vLLM needs them), a learner worker another."""
+    out = {}
+    for key in ("generation", "eval"):
+        e = getattr(cfg, key).engine
+        ranks = e.tensor_parallel_size * e.pipeline_parallel_size
+        replica = {"CPU": e.cpus_per_replica * ranks, "GPU": float(ranks)}
+        out[f"{key}.engine"] = [replica] * e.replicas.min
+    if cfg.student:
+        out["train"] = [{"CPU": 1.0, "GPU": 1.0}] * cfg.train.num_workers
+    if cfg.student and cfg.grpo is not None:
+        g = cfg.grpo
+        separate = g.engine.replicas.max if g.placement == "separate" else 0
+        out["grpo"] = [{"CPU": float(g.cpus_per_worker), "GPU": 1.0}] * (g.num_workers + separate)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
+def test_every_gpu_job_fits_the_cluster_worker_groups(kind):
+    """Each stage of each GPU job (every cell of a sweep) fits the worker groups at their
+    maximum size: a request that no pod shape can hold would wait for ever."""
+    (doc,) = _of_kind(kind)
+    pods = _pods(cluster_spec(doc))
+    checked = 0
+    for name, cfg in _job_configs():
+        if not cfg.use_gpu:
+            continue
+        for stage, bundles in _stage_bundles(cfg).items():
+            assert _fits(bundles, pods), f"{name}: {stage} asks {bundles}, the {kind} has {pods}"
+            checked += 1
+    assert checked, "no GPU job under jobs/"
+    assert not _fits([{"CPU": 1.0, "GPU": 16.0}], pods)  # the check can fail
 
 
 # --- RayService ------------------------------------------------------------------------------

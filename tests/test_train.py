@@ -564,3 +564,26 @@ def test_a_rerun_resumes_from_the_last_checkpoint(killed_run, tiny_student):
     assert metrics(run_dir) == logged  # no step trained again
     assert again["steps"] == STEPS and again["final_loss"] == record["final_loss"]
     assert sha256(stage / "model" / "model.safetensors") == weights
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_training():
+    """torch's extension lock outlives a process killed while it builds DeepSpeed's CPU ops; a
+    later training must go past it instead of waiting for ever."""
+    code = """
+import os, sys
+from pathlib import Path
+from torch.utils.cpp_extension import _get_build_directory
+from deepspeed.accelerator import get_accelerator
+from w2sr.learner.engine import load_cpu_ops
+builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+lock = Path(_get_build_directory(builder.name, verbose=False)) / "lock"
+lock.parent.mkdir(parents=True, exist_ok=True)
+lock.touch()  # as a process killed mid-build leaves it
+load_cpu_ops(offload_optimizer=False)
+print("loaded", lock.exists())
+"""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("loaded False")

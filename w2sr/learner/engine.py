@@ -5,6 +5,7 @@ Every function that touches the engine is collective: all ranks call it, in the 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from w2sr.config import LearnerConfig
@@ -58,6 +59,36 @@ def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
+def load_cpu_ops(offload_optimizer: bool) -> None:
+    """Load DeepSpeed's CPU ops before DeepSpeed asks for them.
+
+    Every process that loads one runs torch's extension build, under a lock file that outlives a
+    process killed while holding it: from then on every training on the machine would wait for
+    it forever. Here the loads happen under an OS lock (released when its holder dies); while it
+    is held no live w2sr process is building, so a torch lock found then is stale and removed.
+    DeepSpeed keeps a loaded op for the process, so its own later loads build nothing.
+    """
+    import fcntl
+
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops import __compatible_ops__
+    from torch.utils.cpp_extension import _get_build_directory
+
+    names = ["ShareMemCommBuilder"] + (["CPUAdamBuilder"] if offload_optimizer else [])
+    builders = [get_accelerator().create_op_builder(name) for name in names]
+    builders = [b for b in builders if b is not None and __compatible_ops__.get(b.NAME, False)]
+    if not builders:
+        return
+    folder = Path(_get_build_directory(builders[0].name, verbose=False)).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "w2sr-build.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for builder in builders:
+            stale = Path(_get_build_directory(builder.name, verbose=False)) / "lock"
+            stale.unlink(missing_ok=True)
+            builder.load()
+
+
 def build_engine(
     model_path: str,
     train: LearnerConfig,
@@ -83,6 +114,8 @@ def build_engine(
         import ray.train.torch
 
         torch.cuda.set_device(ray.train.torch.get_device())
+    else:
+        load_cpu_ops(train.offload_optimizer)
     # Join the process group Ray Train made, before zero.Init sizes its partitions by it.
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
     config = deepspeed_config(train, use_gpu)

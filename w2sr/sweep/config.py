@@ -9,6 +9,9 @@
     variants: [all, correct, incorrect]
     seeds: [0]                   # SFT (and GRPO) seeds; the traces are shared across them
 
+A teacher or student entry may carry `overrides` (dotted keys, as on the command line) for its
+cells: a 32B teacher's engine spans two GPUs, a 14B student trains on more workers.
+
 A cell is one (teacher, student, variant, seed): one SFT and its evaluation. Every cell's
 experiment config is built and validated when the sweep is loaded, so a bad key fails before Ray
 starts and names the cell.
@@ -34,11 +37,15 @@ class TeacherAxis(Strict):
     kind: Literal["reasoner", "non_reasoner"] = "reasoner"
     # Parameters in billions, for the scale figures; counted from the weights when absent.
     scale: Annotated[float, Field(gt=0)] | None = None
+    # Dotted keys set in this teacher's cells, e.g. a larger model's engine layout:
+    # {generation.engine.tensor_parallel_size: 2}.
+    overrides: dict[str, Any] = {}
 
 
 class StudentAxis(Strict):
     label: Label
     model: str
+    overrides: dict[str, Any] = {}  # dotted keys set in this student's cells
 
 
 class SweepConfig(Strict):

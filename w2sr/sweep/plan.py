@@ -12,7 +12,7 @@ import copy
 from dataclasses import dataclass, field
 
 from w2sr import layout, lineage
-from w2sr.config import ConfigError, ExperimentConfig, validate
+from w2sr.config import ConfigError, ExperimentConfig, apply_override, validate
 from w2sr.evaluation.results import plan_tasks
 from w2sr.registry import model_table
 from w2sr.rundir import RunDir
@@ -71,6 +71,8 @@ def cells(sweep: SweepConfig) -> list[Cell]:
             for seed in sweep.seeds:
                 for variant in sweep.variants:
                     data = copy.deepcopy(sweep.base)
+                    for key, value in {**teacher.overrides, **student.overrides}.items():
+                        apply_override(data, key.split("."), copy.deepcopy(value))
                     data |= {"run_dir": sweep.run_dir, "teacher": teacher.model}
                     data["student"] = student.model
                     data["train"] = {**(data.get("train") or {}), "variant": variant, "seed": seed}
