@@ -209,3 +209,17 @@ def test_a_killed_run_resumes_without_losing_or_repeating_traces(tmp_path, tiny_
     assert len(pairs) == len(set(pairs)) == len(PROBLEMS) * SAMPLES
     for name, before in survivors.items():
         assert pq.read_table(traces / name).equals(before), f"{name} was rewritten"
+
+
+def test_run_only_one_stage_runs_that_stage_alone(generated, tmp_path, capsys):
+    from w2sr.cli import main
+
+    cfg, _ = generated
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["run", str(path), "--only", "select"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert list(done) == ["select"] and done["select"]["all"]["traces"] == len(PROBLEMS) * SAMPLES
+    assert not Path(cfg.run_dir, "eval").exists()  # nothing after it ran
+    with pytest.raises(SystemExit):
+        main(["run", str(path), "--only", "select", "--from", "eval"])  # one or the other

@@ -40,7 +40,8 @@ def base(tmp: Path) -> dict:
             for i in range(6)
         )  # fmt: skip
     )
-    engine = {"batch_size": 16, "max_model_len": 256}
+    # One restart: an engine that cannot load (the broken teacher's) fails its stage quickly.
+    engine = {"batch_size": 16, "max_model_len": 256, "max_restarts": 1}
     return {
         "prompts": {"source": {"type": "file", "path": str(problems)}},
         "generation": {
@@ -163,14 +164,17 @@ def study(tmp_path_factory, tiny_model, tiny_student, s3_bucket):
     _, nodes = plan(load_sweep(path))
     traces = next(node.key for node in nodes.values() if node.command == "generate")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "w2sr.cli", "sweep", str(path)],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    output = tmp / "killed-sweep.log"
+    with open(output, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "w2sr.cli", "sweep", str(path)],
+            env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         deadline = time.time() + 600
         while not run.exists(traces, "_DONE.json"):
-            assert proc.poll() is None and time.time() < deadline, "no traces before the kill"
+            alive = proc.poll() is None and time.time() < deadline
+            assert alive, "no traces before the kill:\n" + output.read_text()[-3000:]
             time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:

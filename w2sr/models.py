@@ -128,6 +128,7 @@ def convert_smollm2(out_dir: str | Path) -> Path:
 
 BUILTINS: dict[str, Callable[[Path], Path]] = {
     "khop-teacher": world.build_teacher,
+    "khop-direct": world.build_direct_teacher,
     "khop-student": world.build_student,
     "tiny-random": build_tiny_model,
     "smollm2-135m-instruct": convert_smollm2,

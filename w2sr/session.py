@@ -22,7 +22,10 @@ def init_ray(cfg: ExperimentConfig) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, runtime_env=env, include_dashboard=False)
+        # "local": a new session even where `ray start` left a cluster this machine would join
+        ray.init(
+            address="local", num_cpus=cfg.ray.num_cpus, runtime_env=env, include_dashboard=False
+        )
 
 
 def resource_asks(cfg: ExperimentConfig, sections: tuple[str, ...]) -> dict[str, dict[str, float]]:

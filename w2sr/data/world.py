@@ -202,6 +202,23 @@ def build_teacher(out_dir: str | Path, world: World | None = None) -> Path:
     return _save(model, tokenizer, Path(out_dir))
 
 
+def build_direct_teacher(out_dir: str | Path, world: World | None = None) -> Path:
+    """A larger non-reasoner (the student's size): it memorised the direct answer of every
+    non-held-out question of 1 to 5 hops, so it answers the training prompts well and writes no
+    reasoning a student could learn from; held out, it guesses."""
+    world = world or World()
+    tokenizer = build_tokenizer(world)
+    model = _new_model(tokenizer, hidden=128, layers=3, heads=2, seed=world.seed + 2)
+    pairs = [
+        (question(x, k) + " :", f"#### s{world.apply(x, k)} <eos>")
+        for k in range(1, max(world.hops) + 1)
+        for x in range(world.num_symbols)
+        if (x, k) not in world.heldout
+    ]
+    pretrain(model, tokenizer, pairs, steps=400, lr=1e-3, seed=world.seed)
+    return _save(model, tokenizer, Path(out_dir))
+
+
 def build_student(out_dir: str | Path, world: World | None = None) -> Path:
     """The strong base: every fact, and direct answers to 1- and 2-hop questions only."""
     world = world or World()

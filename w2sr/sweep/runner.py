@@ -132,7 +132,7 @@ def _cluster(nodes: dict[str, Node]) -> tuple[str | None, float | None]:
         return address, None
     import ray
 
-    context = ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+    context = ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
     return context.address_info["gcs_address"], float(ray.cluster_resources().get("CPU", 0))
 
 
