@@ -31,6 +31,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a new session, whatever `ray start` cluster this machine knows
             num_cpus=8,
             include_dashboard=False,
             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}},

@@ -18,7 +18,7 @@ import yaml
 from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig, load_config, validate
 from w2sr.rundir import LeaseHeld, RunDir
-from w2sr.session import check_local_resources
+from w2sr.session import RESOURCES, check_local_resources
 
 
 def _generate(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
@@ -115,16 +115,6 @@ STAGES: dict[str, tuple[Stage, str]] = {
         "generate, select, train, grpo (with a grpo section), eval and report; complete stages "
         "are skipped",
     ),
-}
-# The config sections whose resources each command asks of Ray.
-RESOURCES = {
-    "generate": ("generation",),
-    "select": (),
-    "train": ("train",),
-    "grpo": ("grpo",),
-    "eval": ("eval",),
-    "serve": ("serve",),
-    "run": ("generation", "train", "grpo", "eval"),
 }
 
 

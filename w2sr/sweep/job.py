@@ -25,9 +25,9 @@ import yaml
 from w2sr.evaluation.results import plan_tasks, summary
 from w2sr.reporting.results import load_results
 from w2sr.rundir import RunDir
-from w2sr.session import check_local_resources
+from w2sr.session import RESOURCES, check_local_resources
 from w2sr.sweep.config import SweepConfig
-from w2sr.sweep.plan import RESOURCES, Cell, Node, is_complete, plan, skip_reason
+from w2sr.sweep.plan import Cell, Node, is_complete, plan, skip_reason
 from w2sr.sweep.report import cell_rows, group_name, write_report
 from w2sr.sweep.runner import Outcome, run_graph
 

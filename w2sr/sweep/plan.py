@@ -18,15 +18,6 @@ from w2sr.registry import model_table
 from w2sr.rundir import RunDir
 from w2sr.sweep.config import StudentAxis, SweepConfig, TeacherAxis
 
-# The config sections whose resources each command asks of Ray.
-RESOURCES = {
-    "generate": ("generation",),
-    "select": (),
-    "train": ("train",),
-    "grpo": ("grpo",),
-    "eval": ("eval",),
-}
-
 
 @dataclass(frozen=True)
 class Cell:

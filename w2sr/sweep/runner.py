@@ -24,8 +24,8 @@ from pathlib import Path
 import yaml
 
 from w2sr.rundir import RunDir
-from w2sr.session import resource_request
-from w2sr.sweep.plan import RESOURCES, Node, is_complete, skip_reason
+from w2sr.session import RESOURCES, resource_request
+from w2sr.sweep.plan import Node, is_complete, skip_reason
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,11 @@ def run_graph(nodes: dict[str, Node], run: RunDir, max_concurrent: int) -> dict[
                 node = nodes[key]
                 states = [outcomes.get(n) for n in node.needs]
                 if any(o and o.state in ("failed", "blocked") for o in states):
-                    failed = [n for n, o in zip(node.needs, states, strict=True) if o]
+                    failed = [
+                        n
+                        for n, o in zip(node.needs, states, strict=True)
+                        if o and o.state in ("failed", "blocked")
+                    ]
                     outcomes[key] = Outcome("blocked", error=f"needs {', '.join(failed)}")
                     pending.remove(key)
                     continue
@@ -100,11 +104,18 @@ def run_graph(nodes: dict[str, Node], run: RunDir, max_concurrent: int) -> dict[
                     pending.append(key)
                     log.info("%s is held by another submission; retrying", key)
                 else:
-                    error = "\n".join(text.strip().splitlines()[-15:])
+                    error = _error(text)
                     outcomes[key] = Outcome("failed", ended - started, started, ended, error)
                     log.error("%s failed (exit %d):\n%s", key, proc.returncode, error)
             time.sleep(POLL_S)
     return outcomes
+
+
+def _error(log_text: str) -> str:
+    """What a failed stage's log says of its failure: its last traceback, else its last lines."""
+    lines = log_text.strip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
+    return "\n".join(lines[starts[-1] :][-30:] if starts else lines[-15:])
 
 
 def _launch(node: Node, scratch: Path, address: str | None) -> tuple[subprocess.Popen, Path]:
