@@ -224,21 +224,3 @@ def test_run_only_one_stage_runs_that_stage_alone(generated, tmp_path, capsys):
     assert not Path(cfg.run_dir, "eval").exists()  # nothing after it ran
     with pytest.raises(SystemExit):
         main(["run", str(path), "--only", "select", "--from", "eval"])  # one or the other
-
-
-def test_engine_restarts_are_bounded(tiny_model, ray_session):
-    """Ray Data restarts a crashed engine actor without end unless told otherwise: the
-    pipeline carries the config's bound, so an engine that always crashes fails the stage."""
-    from w2sr.config import EngineConfig
-    from w2sr.engines.generator import build_generator
-
-    for bound in (0, 3):
-        processor = build_generator(
-            tiny_model,
-            EngineConfig(max_restarts=bound),
-            use_gpu=False,
-            trust_remote_code=False,
-            postprocess=lambda row: row,
-        )
-        stage = processor.get_stage_by_name("vLLMEngineStage")
-        assert stage.map_batches_kwargs["max_restarts"] == bound

@@ -39,8 +39,7 @@ def base(tmp: Path) -> dict:
             for i in range(6)
         )  # fmt: skip
     )
-    # One restart: an engine that cannot load (the broken teacher's) fails its stage quickly.
-    engine = {"batch_size": 16, "max_model_len": 256, "max_restarts": 1}
+    engine = {"batch_size": 16, "max_model_len": 256}
     return {
         "prompts": {"source": {"type": "file", "path": str(problems)}},
         "generation": {
@@ -189,10 +188,20 @@ def study(tmp_path_factory, tiny_model, tiny_student, s3_bucket):
     ray_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     ray_env.pop("RAY_ADDRESS", None)
     ray = str(Path(sys.executable).with_name("ray"))
+    # Ports of its own for every agent: the test session's Ray runs beside it on default ones.
+    agents = [
+        f"--{name}={_free_port()}"
+        for name in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+        )
+    ]
     head = subprocess.Popen(
         [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--num-cpus=8", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--disable-usage-stats"],
+         "--disable-usage-stats", *agents],
         env=ray_env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"

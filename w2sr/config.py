@@ -164,7 +164,6 @@ class EngineConfig(Strict):
             "gpu_memory_utilization",
             "cpu_kv_cache_gib",
             "cpus_per_replica",
-            "max_restarts",
         }
     )
 
@@ -179,9 +178,6 @@ class EngineConfig(Strict):
     gpu_memory_utilization: Fraction = 0.3
     cpu_kv_cache_gib: PositiveInt = 1
     cpus_per_replica: PositiveInt = 1
-    # Times a generation or evaluation pipeline restarts a crashed engine replica before the
-    # stage fails (Ray Data's default is without end: an engine that always crashes would hang).
-    max_restarts: Annotated[int, Field(ge=0)] = 4
 
 
 class SamplingConfig(Strict):

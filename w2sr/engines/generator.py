@@ -45,12 +45,7 @@ def build_generator(
         tokenize_stage=False,
         detokenize_stage=False,
     )
-    processor = build_processor(config, postprocess=postprocess)
-    # Ray Data restarts a crashed engine actor without end; bound it, so an engine that always
-    # crashes fails the stage instead of hanging it.
-    stage = processor.get_stage_by_name("vLLMEngineStage")
-    stage.map_batches_kwargs["max_restarts"] = engine.max_restarts
-    return processor
+    return build_processor(config, postprocess=postprocess)
 
 
 def generate_groups(

@@ -55,15 +55,7 @@ def engine_kwargs(engine: EngineConfig, *, use_gpu: bool, trust_remote_code: boo
 
 
 def engine_env(engine: EngineConfig, use_gpu: bool) -> dict[str, Any]:
-    """On CPUs, each engine gets its KV cache size, and its threads (as many as Ray gives the
-    actor CPUs) are left for the OS to place: vLLM's own binding pins every engine of a machine
-    to the same cores, so engines of stages that run side by side would share one core."""
-    if use_gpu:
-        return {"env_vars": {}}
-    env = {
-        "VLLM_CPU_KVCACHE_SPACE": str(engine.cpu_kv_cache_gib),
-        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    }
+    env = {} if use_gpu else {"VLLM_CPU_KVCACHE_SPACE": str(engine.cpu_kv_cache_gib)}
     return {"env_vars": env}
 
 

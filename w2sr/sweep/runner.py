@@ -143,6 +143,9 @@ def _cluster(nodes: dict[str, Node]) -> tuple[str | None, float | None]:
         return address, None
     import ray
 
+    # vLLM's CPU thread binding pins every engine of a machine to the same cores: engines of
+    # stages side by side would share one. Here the OS places them (the session inherits this).
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     context = ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
     return context.address_info["gcs_address"], float(ray.cluster_resources().get("CPU", 0))
 
