@@ -7,7 +7,9 @@ import time
 from collections.abc import Callable
 
 
-def kill_when(ready: Callable[[], bool], marker: str, killed: list, timeout: float = 600.0):
+def kill_when(
+    ready: Callable[[], bool], marker: str | tuple[str, ...], killed: list, timeout: float = 600.0
+):
     """A started thread that SIGKILLs every descendant process whose command line holds `marker`
     (Ray sets an actor's title, e.g. `ray::MapWorker(MapBatches(vLLMEngineStageUDF))`) once
     `ready()` is true; what `ready()` said at the kill is appended to `killed`."""
@@ -20,8 +22,11 @@ def kill_when(ready: Callable[[], bool], marker: str, killed: list, timeout: flo
             state = ready()
             if not state:
                 continue
+            markers = (marker,) if isinstance(marker, str) else marker
             victims = [
-                p for p in psutil.Process().children(recursive=True) if marker in _cmdline(p)
+                p
+                for p in psutil.Process().children(recursive=True)
+                if any(m in _cmdline(p) for m in markers)
             ]
             for process in victims:
                 process.kill()
