@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -21,7 +23,7 @@ from w2sr.grading import is_correct
 from w2sr.rundir import RunDir
 from w2sr.schemas import TRACE_SCHEMA
 from w2sr.stages.generate import generate
-from w2sr.stages.select import select
+from w2sr.stages.select import match_sizes, select, select_variant
 
 # Long enough that one engine step cannot prefill every prompt at once: a prompt gets split or
 # deferred, the path where seeded sampling on CPU used to kill the engine.
@@ -145,6 +147,66 @@ def test_selection_splits_traces_into_the_three_training_sets(generated):
     assert summary["all"]["traces"] == every.num_rows
     assert summary["all"]["truncated"] == every["finish_reason"].to_pylist().count("length")
     assert summary["all"]["completion_tokens"]["max"] <= 24
+
+
+def graded_traces(correct: list[bool], tokens: list[int]) -> pa.Table:
+    return pa.table({
+        "prompt_id": [f"p{i}" for i in range(len(tokens))],
+        "correct": correct,
+        "completion_tokens": pa.array(tokens, pa.int32()),
+    })  # fmt: skip
+
+
+def test_matched_sets_have_one_size_in_traces_or_tokens():
+    rows = 60
+    rng = np.random.default_rng(1)
+    table = graded_traces(list(rng.random(rows) < 0.25), list(rng.integers(1, 50, rows)))
+    sets = {v.name: select_variant(table, v) for v in layout.VARIANTS}
+    sizes = {name: t.num_rows for name, t in sets.items()}
+    assert sizes["correct"] < sizes["incorrect"] < sizes["all"]
+
+    by_traces = match_sizes(sets, "traces", seed=0)
+    assert {t.num_rows for t in by_traces.values()} == {sizes["correct"]}
+    assert by_traces["correct"].equals(sets["correct"])  # the smallest stays whole
+    kept = set(by_traces["incorrect"]["prompt_id"].to_pylist())
+    assert kept < set(sets["incorrect"]["prompt_id"].to_pylist())  # a subset, no repeats
+    assert len(kept) == sizes["correct"]
+
+    tokens = {name: sum(t["completion_tokens"].to_pylist()) for name, t in sets.items()}
+    smallest = min(tokens, key=tokens.get)
+    by_tokens = match_sizes(sets, "tokens", seed=0)
+    for subset in by_tokens.values():
+        total = sum(subset["completion_tokens"].to_pylist())
+        assert tokens[smallest] - 50 < total <= tokens[smallest]  # within one trace of the target
+    assert by_tokens[smallest].equals(sets[smallest])
+
+    # seeded: the same seed, the same subset; another seed, another
+    again = match_sizes(sets, "traces", seed=0)["incorrect"]["prompt_id"].to_pylist()
+    other = match_sizes(sets, "traces", seed=1)["incorrect"]["prompt_id"].to_pylist()
+    assert again == by_traces["incorrect"]["prompt_id"].to_pylist() and other != again
+
+    # an empty set is left out of the target instead of emptying the others
+    none_right = {v.name: select_variant(graded_traces([False] * 5, [3] * 5), v)
+                  for v in layout.VARIANTS}  # fmt: skip
+    cut = match_sizes(none_right, "traces", seed=0)
+    assert [t.num_rows for t in cut.values()] == [5, 0, 5]
+
+
+def test_matched_selection_writes_new_sets_beside_the_unmatched_ones(generated):
+    cfg, _ = generated
+    plain = select(cfg)
+    matched_cfg = validate({**cfg.model_dump(), "select": {"match": "tokens"}})
+    matched = select(matched_cfg)
+    run = RunDir(cfg.run_dir)
+    assert lineage.sft(matched_cfg).folder != lineage.sft(cfg).folder
+    assert run.read_json(lineage.sft(cfg).folder, layout.SFT_SUMMARY) == plain
+    filled = [name for name, s in matched.items() if s["traces"]]
+    target = min(matched[name]["matched"]["tokens_before"] for name in filled)
+    for name in filled:
+        assert matched[name]["matched"]["traces_before"] == plain[name]["traces"]
+        assert matched[name]["tokens"] <= target
+        table = run.read_parquet(lineage.sft(matched_cfg).folder, f"{name}.parquet")
+        assert table.num_rows == matched[name]["traces"]
 
 
 @pytest.mark.slow

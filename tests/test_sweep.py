@@ -112,6 +112,28 @@ def test_cells_share_every_stage_whose_folder_they_share(tmp_path):
     assert seeds == {0, 1}
 
 
+def test_matched_sets_are_cells_of_their_own_that_share_the_traces(tmp_path):
+    data = {
+        "base": base(tmp_path),
+        "run_dir": str(tmp_path / "study"),
+        "teachers": [{"label": "a", "model": "org/a"}],
+        "students": [{"label": "s", "model": "org/s"}],
+        "match": ["none", "tokens"],
+    }
+    cells, nodes = plan(SweepConfig.model_validate(data))
+    names = [c.name for c in cells if c.variant == "all"]
+    assert names == ["a.s.all.s0", "a.s.all.tokens-matched.s0"]
+    commands = [node.command for node in nodes.values()]
+    assert commands.count("generate") == 1
+    assert commands.count("select") == 2  # the sets as selected, and cut to one size
+    assert commands.count("train") == 2 * 3
+    assert {c.config.select.match for c in cells} == {"none", "tokens"}
+    # absent from the sweep, the axis is the base config's
+    data |= {"match": None, "base": {**base(tmp_path), "select": {"match": "traces"}}}
+    cells, _ = plan(SweepConfig.model_validate(data))
+    assert {c.config.select.match for c in cells} == {"traces"}
+
+
 def test_a_bad_sweep_fails_before_ray_starts_naming_the_key(tmp_path):
     path = tmp_path / "sweep.yaml"
     good = {
@@ -125,6 +147,7 @@ def test_a_bad_sweep_fails_before_ray_starts_naming_the_key(tmp_path):
         ({"teachers": [{"label": "A b", "model": "x"}]}, "teachers.0.label"),
         ({"variants": ["al"]}, "variants.0"),
         ({"seeds": [1, 1]}, "seeds: values must be unique"),
+        ({"match": ["tokens", "words"]}, "match.1"),
         ({"base": {**base(tmp_path), "train": {"lr": -1}}}, "cell a.s.all.s0: invalid config"),
         ({"base": {**base(tmp_path), "train": {"lr": -1}}}, "train.lr"),
     ]:

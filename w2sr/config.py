@@ -270,6 +270,20 @@ class TrainConfig(LearnerConfig):
         return self
 
 
+MATCHES = ("none", "traces", "tokens")
+
+
+class SelectConfig(Strict):
+    """How the three training sets are cut from the traces.
+
+    `match: traces` or `tokens` subsamples W2SR, W2SR-P and W2SR-N (seeded by the run's `seed`) to
+    the size of the smallest non-empty one, in traces or in completion tokens, so that comparing
+    their students compares what the traces say, not how many there are.
+    """
+
+    match: Literal[MATCHES] = "none"
+
+
 def _rollout_sampling() -> SamplingConfig:
     # SimpleRL-Zoo samples rollouts at temperature 1.0: the policy's own distribution.
     return SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=1024)
@@ -474,6 +488,7 @@ class ExperimentConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     grpo: GRPOConfig | None = None  # the RL baseline; null or absent: none
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -47,7 +47,7 @@ def traces(cfg: ExperimentConfig) -> Artifact:
 
 
 def sft(cfg: ExperimentConfig) -> Artifact:
-    fp = layout.fingerprint({}, traces(cfg).fingerprint)
+    fp = layout.fingerprint(cfg.fields("select", "seed"), traces(cfg).fingerprint)
     return Artifact(layout.sft(fp), fp)
 
 

@@ -2,7 +2,7 @@
 
 `all` trains W2SR, `correct` W2SR-P, `incorrect` W2SR-N (`w2sr.layout.VARIANTS`). The summary says
 what each set holds, so a surprising student can be traced back to its data (few correct traces,
-many truncated ones).
+many truncated ones). With `select.match` the sets are subsampled to one size (`match_sizes`).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -26,6 +27,35 @@ def select_variant(traces: pa.Table, variant: layout.Variant) -> pa.Table:
     return traces.filter(pc.equal(traces.column("correct"), variant.correct))
 
 
+def match_sizes(sets: dict[str, pa.Table], by: str, seed: int) -> dict[str, pa.Table]:
+    """Every non-empty set cut to a seeded random subset the size of the smallest one, counted in
+    traces or in completion tokens (the tokens SFT learns from; the smallest set stays whole,
+    the others stop at the last trace that fits). An empty set stays empty: matching to it would
+    leave every student nothing to learn from."""
+    if by == "traces":
+        sizes = {name: t.num_rows for name, t in sets.items() if t.num_rows}
+    else:
+        sizes = {name: _tokens(t) for name, t in sets.items() if t.num_rows}
+    if not sizes:
+        return sets
+    target = min(sizes.values())
+    out = {}
+    for index, (name, table) in enumerate(sets.items()):
+        # One stream per set, so a set's subset does not depend on the others'.
+        order = np.random.default_rng([seed, index]).permutation(table.num_rows)
+        if by == "traces":
+            keep = order[:target]
+        else:
+            tokens = table.column("completion_tokens").to_numpy()[order]
+            keep = order[np.cumsum(tokens) <= target]
+        out[name] = table.take(np.sort(keep))
+    return out
+
+
+def _tokens(table: pa.Table) -> int:
+    return pc.sum(table.column("completion_tokens")).as_py() or 0
+
+
 def summarize(traces: pa.Table) -> dict[str, Any]:
     """Counts, teacher accuracy and trace lengths of one set."""
     n = traces.num_rows
@@ -39,10 +69,9 @@ def summarize(traces: pa.Table) -> dict[str, Any]:
         "accuracy": (correct or 0) / n if n else None,
         "no_answer": traces.column("extracted_answer").null_count,
         "truncated": truncated or 0,
+        "tokens": _tokens(traces) if n else 0,
     }
     if n:
-        import numpy as np
-
         summary["completion_tokens"] = {
             "mean": round(float(np.mean(lengths)), 2),
             **{f"p{q}": float(np.percentile(lengths, q)) for q in (10, 50, 90)},
@@ -63,11 +92,16 @@ def select(cfg: ExperimentConfig) -> dict[str, Any]:
     if run.done(folder, fingerprint):
         return run.read_json(folder, layout.SFT_SUMMARY)
     table = layout.read_traces(run, traces.folder)
+    sets = {variant.name: select_variant(table, variant) for variant in layout.VARIANTS}
+    match = cfg.select.match
+    matched = match_sizes(sets, match, cfg.seed) if match != "none" else sets
     summary = {}
-    for variant in layout.VARIANTS:
-        subset = select_variant(table, variant)
-        run.write_parquet(subset, folder, layout.sft_set(variant.name))
-        summary[variant.name] = summarize(subset)
+    for name, subset in matched.items():
+        run.write_parquet(subset, folder, layout.sft_set(name))
+        summary[name] = summarize(subset)
+        if match != "none":
+            summary[name]["matched"] = {"by": match, "traces_before": sets[name].num_rows,
+                                        "tokens_before": _tokens(sets[name])}  # fmt: skip
     run.write_json(summary, folder, layout.SFT_SUMMARY)
     run.mark_done(folder, fingerprint, traces=traces.folder)
     log.info(

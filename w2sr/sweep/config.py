@@ -8,11 +8,12 @@
       - {label: student, model: builtin:demo-student}
     variants: [all, correct, incorrect]
     seeds: [0]                   # SFT (and GRPO) seeds; the traces are shared across them
+    match: [none, traces]        # training sets as selected, and cut to one size (select.match)
 
 A teacher or student entry may carry `overrides` (dotted keys, as on the command line) for its
 cells: a 32B teacher's engine spans two GPUs, a 14B student trains on more workers.
 
-A cell is one (teacher, student, variant, seed): one SFT and its evaluation. Every cell's
+A cell is one (teacher, student, variant, seed, match): one SFT and its evaluation. Every cell's
 experiment config is built and validated when the sweep is loaded, so a bad key fails before Ray
 starts and names the cell.
 """
@@ -25,7 +26,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from w2sr.config import ConfigError, PositiveInt, Strict, format_errors
+from w2sr.config import MATCHES, ConfigError, PositiveInt, Strict, format_errors
 from w2sr.layout import VARIANT_NAMES
 
 Label = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=48)]
@@ -55,6 +56,9 @@ class SweepConfig(Strict):
     students: Annotated[list[StudentAxis], Field(min_length=1)]
     variants: Annotated[list[Literal[VARIANT_NAMES]], Field(min_length=1)] = list(VARIANT_NAMES)
     seeds: Annotated[list[int], Field(min_length=1)] = [0]
+    # Matched-size controls (`select.match`): W2SR, W2SR-P and W2SR-N as selected (`none`) and/or
+    # subsampled to one size in traces or tokens. Absent: the base config's `select.match`.
+    match: Annotated[list[Literal[MATCHES]], Field(min_length=1)] | None = None
     # Stages that run at once; on a local session also bounded by its CPUs.
     max_concurrent_stages: PositiveInt = 4
 
@@ -66,10 +70,10 @@ class SweepConfig(Strict):
             raise ValueError(f"labels must be unique, got {labels}")
         return axis
 
-    @field_validator("variants", "seeds")
+    @field_validator("variants", "seeds", "match")
     @classmethod
-    def _unique(cls, values: list) -> list:
-        if len(set(values)) != len(values):
+    def _unique(cls, values: list | None) -> list | None:
+        if values is not None and len(set(values)) != len(values):
             raise ValueError(f"values must be unique, got {values}")
         return values
 

@@ -7,7 +7,7 @@ Artifacts (in the sweep's run dir, beside the stages' own):
 
     sweep/sweep.yaml                    the sweep config, as run
     sweep/logs/<stage>.log              each stage's output
-    sweep/groups/<teacher>.<student>.s<seed>/summary.json
+    sweep/groups/<teacher>.<student>[.<match>-matched].s<seed>/summary.json
                                         the evaluation summary of one (teacher, student, seed)
     sweep/summary.json                  every stage's and cell's state, failures with their error
     report/report.md, report/*.png      the sweep report (`w2sr.sweep.report`)

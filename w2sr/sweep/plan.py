@@ -9,6 +9,7 @@ each model is evaluated once per benchmark. Nothing here starts Ray.
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass, field
 
 from w2sr import layout, lineage
@@ -21,17 +22,19 @@ from w2sr.sweep.config import StudentAxis, SweepConfig, TeacherAxis
 
 @dataclass(frozen=True)
 class Cell:
-    """One (teacher, student, variant, seed): an SFT and the evaluation that scores it."""
+    """One (teacher, student, variant, seed, match): an SFT and the evaluation that scores it."""
 
     teacher: TeacherAxis
     student: StudentAxis
     variant: str
     seed: int
+    match: str  # `select.match`: `none`, or the sets cut to one size in traces or tokens
     config: ExperimentConfig
 
     @property
     def name(self) -> str:
-        return f"{self.teacher.label}.{self.student.label}.{self.variant}.s{self.seed}"
+        teacher, student = self.teacher.label, self.student.label
+        return cell_name(teacher, student, self.variant, self.seed, self.match)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -54,27 +57,33 @@ class Node:
     cells: list[str] = field(default_factory=list)
 
 
+def cell_name(teacher: str, student: str, variant: str, seed: int, match: str) -> str:
+    matched = "" if match == "none" else f".{match}-matched"
+    return f"{teacher}.{student}.{variant}{matched}.s{seed}"
+
+
 def cells(sweep: SweepConfig) -> list[Cell]:
     """Every cell's experiment config, validated; an error names the cell and the key."""
     out = []
-    for teacher in sweep.teachers:
-        for student in sweep.students:
-            for seed in sweep.seeds:
-                for variant in sweep.variants:
-                    data = copy.deepcopy(sweep.base)
-                    for key, value in {**teacher.overrides, **student.overrides}.items():
-                        apply_override(data, key.split("."), copy.deepcopy(value))
-                    data |= {"run_dir": sweep.run_dir, "teacher": teacher.model}
-                    data["student"] = student.model
-                    data["train"] = {**(data.get("train") or {}), "variant": variant, "seed": seed}
-                    if data.get("grpo") is not None:
-                        data["grpo"] = {**data["grpo"], "seed": seed}
-                    name = f"{teacher.label}.{student.label}.{variant}.s{seed}"
-                    try:
-                        config = validate(data)
-                    except ConfigError as error:
-                        raise ConfigError(f"cell {name}: {error}") from None
-                    out.append(Cell(teacher, student, variant, seed, config))
+    base_match = (sweep.base.get("select") or {}).get("match", "none")
+    axes = itertools.product(
+        sweep.teachers, sweep.students, sweep.seeds, sweep.match or [base_match], sweep.variants
+    )
+    for teacher, student, seed, match, variant in axes:
+        data = copy.deepcopy(sweep.base)
+        for key, value in {**teacher.overrides, **student.overrides}.items():
+            apply_override(data, key.split("."), copy.deepcopy(value))
+        data |= {"run_dir": sweep.run_dir, "teacher": teacher.model, "student": student.model}
+        data["select"] = {**(data.get("select") or {}), "match": match}
+        data["train"] = {**(data.get("train") or {}), "variant": variant, "seed": seed}
+        if data.get("grpo") is not None:
+            data["grpo"] = {**data["grpo"], "seed": seed}
+        name = cell_name(teacher.label, student.label, variant, seed, match)
+        try:
+            config = validate(data)
+        except ConfigError as error:
+            raise ConfigError(f"cell {name}: {error}") from None
+        out.append(Cell(teacher, student, variant, seed, match, config))
     return out
 
 

@@ -62,8 +62,9 @@ def cell_rows(cells: list[Cell], groups: dict[str, RunResults]) -> list[CellRow]
 
 
 def group_name(cell: Cell) -> str:
-    """The (teacher, student, seed) group a cell's results are read with."""
-    return f"{cell.teacher.label}.{cell.student.label}.s{cell.seed}"
+    """The (teacher, student, seed, match) group a cell's results are read with."""
+    matched = "" if cell.match == "none" else f".{cell.match}-matched"
+    return f"{cell.teacher.label}.{cell.student.label}{matched}.s{cell.seed}"
 
 
 def _scale(cell: Cell, results: RunResults | None) -> float | None:
@@ -93,7 +94,9 @@ def write_report(
     ]
     rgr = _rgr_table(rows)
     if rgr:
-        parts += ["", "## RGR of W2SR over teacher x student (%), mean over seeds", "", rgr]
+        first = rows[0].cell.match
+        sets = "" if first == "none" else f", training sets {first}-matched"
+        parts += ["", f"## RGR of W2SR over teacher x student (%), mean over seeds{sets}", "", rgr]
     seeds = _seed_table(rows)
     if seeds:
         parts += ["", "## Over seeds", "", seeds]
@@ -112,8 +115,9 @@ def write_report(
 
 
 def _cell_table(rows: list[CellRow]) -> str:
-    header = ["Teacher", "Kind", "Scale (B)", "Student", "Variant", "Seed", "Pass@1", "95% CI"]
-    header += ["RGR", "RGR 95% CI", "Cost (worker-h)"]
+    matched = any(r.cell.match != "none" for r in rows)
+    header = ["Teacher", "Kind", "Scale (B)", "Student", "Variant", *(["Matched"] * matched)]
+    header += ["Seed", "Pass@1", "95% CI", "RGR", "RGR 95% CI", "Cost (worker-h)"]
     body = []
     for r in rows:
         c = r.cell
@@ -124,6 +128,7 @@ def _cell_table(rows: list[CellRow]) -> str:
                 f"{r.scale:g}" if r.scale else "–",
                 c.student.label,
                 display_name(c.labels[2]),
+                *([c.match] * matched),
                 str(c.seed),
                 pct(r.pass1),
                 interval(r.ci) if r.pass1 is not None else "–",
@@ -135,8 +140,15 @@ def _cell_table(rows: list[CellRow]) -> str:
     return table(header, body)
 
 
+def _primary(rows: list[CellRow]) -> list[CellRow]:
+    """The W2SR rows of the sweep's first `match` value: a teacher x student table or a scale
+    figure shows one training-set size rule, not an average over them."""
+    first = rows[0].cell.match if rows else "none"
+    return [r for r in rows if r.cell.variant == "all" and r.cell.match == first]
+
+
 def _rgr_table(rows: list[CellRow]) -> str | None:
-    found = [r for r in rows if r.cell.variant == "all" and r.pass1 is not None]
+    found = [r for r in _primary(rows) if r.pass1 is not None]
     if not found or found[0].cell.config.grpo is None:
         return None
     teachers = list(dict.fromkeys(r.cell.teacher.label for r in found))
@@ -170,24 +182,25 @@ def _seed_table(rows: list[CellRow]) -> str | None:
     for r in rows:
         if r.pass1 is not None:
             c = r.cell
-            by_cell.setdefault((c.teacher.label, c.student.label, c.variant), []).append(r)
+            key = (c.teacher.label, c.student.label, c.variant, c.match)
+            by_cell.setdefault(key, []).append(r)
     if all(len(group) < 2 for group in by_cell.values()):
         return None
-    header = ["Teacher", "Student", "Variant", "Seeds", "Mean pass@1", "SD over seeds"]
+    header = ["Teacher", "Student", "Variant", "Matched", "Seeds", "Mean pass@1", "SD over seeds"]
     header += ["95% CI (seeds and problems)"]
     body = []
-    for (teacher, student, _), group in by_cell.items():
+    for (teacher, student, _, match), group in by_cell.items():
         mean, lo, hi = seed_interval(group)
         sd = statistics.stdev([r.pass1 for r in group]) if len(group) > 1 else 0.0
         label = display_name(group[0].cell.labels[2])
-        body.append([teacher, student, label, str(len(group)), pct(mean), pct(sd),
+        body.append([teacher, student, label, match, str(len(group)), pct(mean), pct(sd),
                      interval((lo, hi))])  # fmt: skip
     return table(header, body)
 
 
 def _figure_scale(run: RunDir, rows: list[CellRow]) -> str | None:
     """W2SR's accuracy against its teacher's scale, one line per teacher kind (Figures 3, 4)."""
-    points = [r for r in rows if r.pass1 is not None and r.scale and r.cell.variant == "all"]
+    points = [r for r in _primary(rows) if r.pass1 is not None and r.scale]
     if len({r.scale for r in points}) < 2:
         return None
     plt = pyplot()
