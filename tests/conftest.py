@@ -26,7 +26,9 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3_bucket):
+    """The tests' Ray session, started after the S3 server so that its workers (Ray Train's
+    storage, engines reading a student from the store) find it through their environment."""
     import ray
 
     if not ray.is_initialized():

@@ -16,16 +16,20 @@ import json
 import random
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from w2sr import layout, lineage
 from w2sr.config import ConfigError, GRPOConfig, validate
 from w2sr.data.templates import TEMPLATES
 from w2sr.learner.batches import RolloutBatch, rollout_rows
 from w2sr.learner.rl_loss import group_advantages, policy_loss
+from w2sr.registry import model_table
+from w2sr.rundir import RunDir
 from w2sr.stages.grpo import grpo
 
 PROBLEMS = [f"What is {a} + {7 - a}?" for a in range(8)] + [
@@ -36,7 +40,7 @@ KILL_AFTER = 3
 CHECKPOINT_EVERY = 2
 
 
-def config(run_dir: Path, student: str, prompts: Path, **grpo_overrides):
+def config(run_dir: Path | str, student: str, prompts: Path, **grpo_overrides):
     return validate(
         {
             "run_dir": str(run_dir),
@@ -443,13 +447,15 @@ def test_synced_engine_computes_with_the_learners_weights(killed_run, answerer, 
 
 
 @pytest.mark.slow
-def test_separate_engines_train_and_count_as_workers(ray_session, answerer, tmp_path):
+def test_separate_engines_train_and_count_as_workers(ray_session, answerer, tmp_path, s3_bucket):
     """An engine with a CPU of its own beside a one-worker learner, weights through the object
-    store: the run trains and exports, and the engine's time counts in the worker-seconds."""
+    store, the run dir on the loopback S3 server: the run trains, keeps its checkpoints and
+    exports there, and the engine's time counts in the worker-seconds."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"problem": p, "answer": "7"}) + "\n" for p in PROBLEMS))
+    run_dir = f"{s3_bucket}/grpo-{uuid.uuid4().hex[:8]}"
     cfg = config(
-        tmp_path / "run",
+        run_dir,
         answerer,
         prompts,
         steps=2,
@@ -460,7 +466,14 @@ def test_separate_engines_train_and_count_as_workers(ray_session, answerer, tmp_
         max_failures=0,
     )
     record = grpo(cfg)
-    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
-    assert (rl_dir(tmp_path / "run") / "model" / "model.safetensors").exists()
+    run, folder = RunDir(run_dir), lineage.rl(cfg).folder
+    steps = [
+        json.loads(line)["step"] for line in run.read_text(folder, "metrics.jsonl").splitlines()
+    ]
+    assert steps == [1, 2]
+    assert run.size(folder, layout.MODEL, "model.safetensors") > 0
+    assert run.list(folder, layout.CHECKPOINTS)  # Ray Train's storage, on the store
+    models, _ = model_table(cfg)
+    assert models["rl"].spec == run.location(folder, layout.MODEL)
     # one learner worker + one engine: more worker-seconds than the stage's wall-clock
     assert record["wall_seconds"] < record["worker_seconds"] <= 2 * record["wall_seconds"]

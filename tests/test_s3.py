@@ -1,6 +1,6 @@
 """Run dirs on object storage, against a real S3 API on 127.0.0.1 (`moto_server`): atomic files,
-appends without append, folders published without a folder move, leases, and an export cut short
-that hides nothing finished."""
+appends without append, folders published without a folder move, leases, an export cut short
+that hides nothing finished, and built-in models published for every node."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from artifacts import trained_student
 
 from w2sr import layout, lineage
 from w2sr.config import validate
-from w2sr.registry import model_table
+from w2sr.identity import content_digest, model_identity
+from w2sr.models import node_copy, resolve_model
+from w2sr.registry import model_table, published
 from w2sr.rundir import LEASE, LeaseHeld, MetricsLog, RunDir
 
 
@@ -109,3 +111,28 @@ def test_an_export_cut_short_leaves_the_previous_student_intact(s3_run):
     assert models["w2sr"].spec == f"{s3_run}/{cut}/{layout.MODEL}"
     assert run.read_bytes(cut, layout.MODEL, "model.safetensors") == b"new weights"
     assert run.read_bytes(folder, layout.MODEL, "model.safetensors") == b"old weights"
+
+
+def test_a_builtin_model_is_published_once_for_every_node(s3_run, tmp_path, monkeypatch):
+    """On an object-store run dir a built-in is built on the driver and published into the run
+    dir under its content digest; a worker's node copy has the same files; a second stage
+    publishes nothing again. On a local run dir nothing is published."""
+    monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))
+    run = RunDir(s3_run)
+    location = published("builtin:tiny-random", run)
+    digest = model_identity("builtin:tiny-random")
+    folder = layout.builtin("tiny-random", digest)
+    assert location == f"{s3_run}/{folder}/{layout.MODEL}"
+    assert run.done(folder, digest)["spec"] == "builtin:tiny-random"
+    record = run.fs.get_file_info(run.path(folder, "_DONE.json"))
+    assert published("builtin:tiny-random", run) == location
+    assert run.fs.get_file_info(run.path(folder, "_DONE.json")).mtime == record.mtime
+
+    copy = node_copy(location)  # what a Ray Train worker or a rollout engine loads
+    assert Path(copy) != Path(resolve_model("builtin:tiny-random"))
+    assert content_digest(copy) == digest
+    assert node_copy(location) == copy  # once per node
+
+    local = RunDir(str(tmp_path / "run"))
+    assert published("builtin:tiny-random", local) == resolve_model("builtin:tiny-random")
+    assert not local.exists(layout.BUILTINS)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 import time
+import uuid
 from collections import Counter
 
 import httpx
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 from artifacts import trained_student
 
+from w2sr import layout, lineage
 from w2sr.config import ConfigError, validate
 from w2sr.engines import settings as engines
 from w2sr.engines.serve_app import llm_config
@@ -95,7 +98,7 @@ def test_deployment_uses_the_engine_settings_and_scales_between_the_replica_boun
 
 async def load(url: str, clients: int) -> dict:
     """`clients` chat requests at once on loopback: status counts and latency percentiles."""
-    body = {"model": "teacher", "messages": [{"role": "user", "content": PROBLEMS[0]}]}
+    body = {"model": "w2sr", "messages": [{"role": "user", "content": PROBLEMS[0]}]}
     body |= {"max_tokens": 16, "temperature": 0}
 
     async def one(client) -> tuple[int, float]:
@@ -155,27 +158,36 @@ def test_the_api_key_is_checked_on_every_request_and_required_on_a_cluster(monke
 
 
 @pytest.mark.slow
-def test_served_and_offline_greedy_evaluation_agree(tmp_path, tiny_model, ray_session, monkeypatch):
+def test_served_and_offline_greedy_evaluation_agree(
+    tmp_path, tiny_model, ray_session, monkeypatch, s3_bucket
+):
+    """Offline, the teacher from its folder; served, the same weights as a student published in
+    a run dir on the loopback S3 server, which the Serve replica downloads."""
     from ray import serve as ray_serve
 
     from w2sr.stages.serve import serve
 
-    offline_dir, served_dir = tmp_path / "offline", tmp_path / "served"
+    offline_dir = tmp_path / "offline"
     offline_dir.mkdir()
-    served_dir.mkdir()
     offline = evaluate(validate(experiment(offline_dir, tiny_model)))
 
     # The app answers only requests bearing the key; `w2sr eval --endpoint` sends it.
     monkeypatch.setenv("W2SR_API_KEY", KEY)
     port = free_port()
     # One replica that takes 2 requests at a time and queues 4 more: the load test's bound.
-    hosting = {"models": ["teacher"], "port": port, "max_ongoing_requests": 2}
+    hosting = {"models": ["w2sr"], "port": port, "max_ongoing_requests": 2}
     hosting["max_queued_requests"] = 4
-    cfg = validate(experiment(served_dir, tiny_model, student=tiny_model, serve=hosting))
+    served = experiment(tmp_path, tiny_model, student=tiny_model, serve=hosting)
+    served["run_dir"] = f"{s3_bucket}/served-{uuid.uuid4().hex[:8]}"
+    cfg = validate(served)
+    run, student = RunDir(cfg.run_dir), lineage.student(cfg, "all")
+    with run.staged_folder(student.folder, layout.MODEL) as out:
+        shutil.copytree(tiny_model, out, dirs_exist_ok=True)
+    run.mark_done(student.folder, student.fingerprint)
     try:
         info = serve(cfg, blocking=False)
         assert info["url"] == f"http://127.0.0.1:{port}/v1"
-        assert served_models(info["url"], cfg) == {"teacher"}
+        assert served_models(info["url"], cfg) == {"w2sr"}
         online = evaluate(cfg, endpoint=info["url"])
         refused = [
             httpx.get(f"{info['url']}/models", headers=headers).status_code
@@ -192,12 +204,17 @@ def test_served_and_offline_greedy_evaluation_agree(tmp_path, tiny_model, ray_se
     assert set(over["status"]) == {200, 503} and over["status"][200] >= 6, over
     print("load:", {"under": under, "over": over})
 
-    assert "not served" in online["skipped"]["base"]  # the student is neither cached nor served
+    assert (
+        "not served" in online["skipped"]["base"]
+    )  # the base student is neither cached nor served
     rows = {}
-    for summary, run_dir in ((offline, offline_dir / "run"), (online, served_dir / "run")):
-        entry = summary["models"]["teacher"]["results"]["amc23"]
+    for summary, label, run_dir in (
+        (offline, "teacher", str(offline_dir / "run")),
+        (online, "w2sr", cfg.run_dir),
+    ):
+        entry = summary["models"][label]["results"]["amc23"]
         rows[entry["backend"].split()[0]] = (
-            RunDir(str(run_dir)).read_parquet(*entry["file"].split("/")).to_pylist()
+            RunDir(run_dir).read_parquet(*entry["file"].split("/")).to_pylist()
         )
     assert set(rows) == {"offline", "endpoint"}
     assert len(rows["offline"]) == len(rows["endpoint"]) == len(PROBLEMS)

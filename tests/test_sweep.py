@@ -10,6 +10,7 @@ the plan's test.)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -24,11 +25,16 @@ import pyarrow.fs as pafs
 import pytest
 import yaml
 
-from w2sr import lineage
+from w2sr import layout, lineage
 from w2sr.config import ConfigError
+from w2sr.identity import content_digest
 from w2sr.rundir import RunDir
 from w2sr.sweep.config import SweepConfig, load_sweep
 from w2sr.sweep.plan import plan
+
+# A built-in student: built once by the first stage that needs it and published into the run
+# dir, which its trainer's workers and its evaluation's engine read.
+STUDENT = "builtin:tiny-random"
 
 
 def base(tmp: Path) -> dict:
@@ -177,7 +183,7 @@ def _done_records(run: RunDir) -> dict[str, tuple]:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, tiny_model, tiny_student, s3_bucket):
+def study(tmp_path_factory, tiny_model, s3_bucket):
     """A sweep with its run dir on the loopback S3 server, SIGKILLed with its stages once the
     teacher's traces are complete, then resumed through `ray job submit` to a local head with
     token authentication. Returns (folder, run dir, the done records the kill left, the job)."""
@@ -185,10 +191,10 @@ def study(tmp_path_factory, tiny_model, tiny_student, s3_bucket):
     run = RunDir(f"{s3_bucket}/study")
     teachers = [{"label": "a", "model": tiny_model}]
     # One stage at a time until the kill, so the traces are what it interrupts; two in the job.
-    path = sweep_file(tmp, run.uri, teachers, tiny_student, at_once=1)
+    path = sweep_file(tmp, run.uri, teachers, STUDENT, at_once=1)
     _, nodes = plan(load_sweep(path))
     traces = next(node.key for node in nodes.values() if node.command == "generate")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "W2SR_CACHE": str(tmp / "cache")}
     output = tmp / "killed-sweep.log"
     with open(output, "w") as out:
         proc = subprocess.Popen(
@@ -205,7 +211,7 @@ def study(tmp_path_factory, tiny_model, tiny_student, s3_bucket):
     finally:
         proc.wait()
     finished = _done_records(run)
-    sweep_file(tmp, run.uri, teachers, tiny_student)  # the cap is no stage's fingerprint
+    sweep_file(tmp, run.uri, teachers, STUDENT)  # the cap is no stage's fingerprint
 
     port, dashboard = _free_port(), _free_port()
     ray_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
@@ -281,18 +287,27 @@ def test_a_killed_sweep_resumes_through_ray_job_submit_and_redoes_nothing(study)
     report = run.read_text("report", "report.md")
     assert "| a | reasoner |" in report and "| W2SR |" in report
     assert run.list("sweep", "groups", "a.student.s0") == ["summary.json"]
+    # Built once, by the stages' own processes, published under its digest, and copied from the
+    # store into the node's cache by the workers that trained on it.
+    cache = tmp / "cache"
+    digest = content_digest(cache / "models" / "tiny-random")
+    assert run.list("builtins", "tiny-random") == [digest]
+    location = run.location(layout.builtin("tiny-random", digest), layout.MODEL)
+    copied = cache / "artifacts" / hashlib.sha256(location.encode()).hexdigest()[:16]
+    assert content_digest(copied) == digest
 
 
 @pytest.mark.slow
-def test_a_failing_teacher_fails_only_its_cells(study, tiny_model, tiny_student):
+def test_a_failing_teacher_fails_only_its_cells(study, tiny_model):
     tmp, run, _, _, _ = study
     broken = tmp / "teacher-broken"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
     teachers = [{"label": "a", "model": tiny_model},
                 {"label": "broken", "model": str(broken), "kind": "non_reasoner"}]  # fmt: skip
-    path = sweep_file(tmp, run.uri, teachers, tiny_student)
+    path = sweep_file(tmp, run.uri, teachers, STUDENT)
     done = subprocess.run([sys.executable, "-m", "w2sr.cli", "sweep", str(path)],
+                          env={**os.environ, "W2SR_CACHE": str(tmp / "cache")},
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     assert done.returncode == 1, done.stderr[-3000:]
     record = run.read_json("sweep", "summary.json")
@@ -323,7 +338,8 @@ def test_the_plan_says_what_is_complete_without_starting_ray(study):
     started = time.time()
     done = subprocess.run(
         [sys.executable, "-m", "w2sr.cli", "sweep", str(tmp / "job" / "sweep.yaml"), "--plan"],
-        env={**os.environ, "RAY_ADDRESS": f"127.0.0.1:{_free_port()}"},  # nothing listens there
+        env={**os.environ, "RAY_ADDRESS": f"127.0.0.1:{_free_port()}",  # nothing listens there
+             "W2SR_CACHE": str(tmp / "cache")},
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -16,6 +16,7 @@ side by side and nothing finished is replaced; `w2sr gc` removes what no config 
     students/{variant}/<fp>/model       a fine-tuned student (HF folder), with metrics.jsonl
                                         and Ray Train checkpoints under ray/
     rl/<fp>/model                       the GRPO student, likewise
+    builtins/<name>/<digest>/model      a built-in model as every node reads it (object stores)
     eval/{label}/{benchmark}-{fp}.parquet
                                         one model on one benchmark, k graded samples per problem
     eval/summary.json                   written last by `w2sr eval`
@@ -46,6 +47,7 @@ TRACES = "traces"
 SFT = "sft"
 STUDENTS = "students"
 RL = "rl"
+BUILTINS = "builtins"
 STAGE_ROOTS = (PROBLEMS, PROMPTS, TRACES, SFT, STUDENTS, RL)  # where fingerprinted folders live
 
 PROBLEM_SET = "problems.parquet"
@@ -82,6 +84,11 @@ def student(variant: str, fingerprint: str) -> str:
 
 def rl(fingerprint: str) -> str:
     return f"{RL}/{fingerprint}"
+
+
+def builtin(name: str, digest: str) -> str:
+    """A built-in model published for the cluster, named by its content."""
+    return f"{BUILTINS}/{name}/{digest}"
 
 
 def trace_shard(shard: int) -> str:

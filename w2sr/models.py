@@ -8,6 +8,7 @@ A model spec in a config is one of
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -133,6 +134,35 @@ BUILTINS: dict[str, Callable[[Path], Path]] = {
     "tiny-random": build_tiny_model,
     "smollm2-135m-instruct": convert_smollm2,
 }
+
+
+def download(uri: str, key: str) -> str:
+    """A folder on this machine with the files of the model at `uri` (an object-store or other
+    pyarrow filesystem URI), copied once into the cache under `key`: a key that names the files'
+    content makes new weights at the same URI a new copy."""
+    import pyarrow.fs as pafs
+
+    target = cache_dir().parent / "artifacts" / key
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=target.parent))
+        try:
+            fs, path = pafs.FileSystem.from_uri(uri)
+            pafs.copy_files(path, str(staged), source_filesystem=fs)
+            shutil.rmtree(target, ignore_errors=True)
+            staged.rename(target)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    return str(target)
+
+
+def node_copy(location: str) -> str:
+    """What a Ray worker loads: a model in object storage as a folder on the worker's node,
+    downloaded once per node (a published built-in's URI names its content); a local path or a
+    hub id as `resolve_model` gives it."""
+    if "://" not in location:
+        return resolve_model(location)
+    return download(location, hashlib.sha256(location.encode()).hexdigest()[:16])
 
 
 def resolve_model(spec: str) -> str:

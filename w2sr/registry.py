@@ -11,7 +11,6 @@ import json
 import logging
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pyarrow.fs as pafs
 from w2sr import layout, lineage
 from w2sr.config import ExperimentConfig
 from w2sr.identity import model_identity
-from w2sr.models import cache_dir, resolve_model
+from w2sr.models import download, resolve_model
 from w2sr.rundir import DONE, RunDir
 
 log = logging.getLogger(__name__)
@@ -70,10 +69,29 @@ def _configured(label: str, spec: str) -> Model:
     return Model(label, spec, model_identity(spec))
 
 
-def model_path(model: Model) -> str:
+def published(spec: str, run: RunDir) -> str:
+    """What every node of the cluster loads for a model spec of the config. A built-in is built
+    on this machine and, when the run dir is in object storage, published there once
+    (`builtins/<name>/<content digest>`), so that every node reads the same files instead of
+    building its own; anything else is the resolved spec."""
+    local = resolve_model(spec)
+    if not spec.startswith("builtin:") or isinstance(run.fs, pafs.LocalFileSystem):
+        return local
+    digest = model_identity(spec)
+    folder = layout.builtin(spec.removeprefix("builtin:"), digest)
+    # The folder is named by its content, so two stages publishing it at once write the same
+    # bytes; the done record, written last, is what makes it trusted.
+    if run.done(folder, digest) is None:
+        with run.staged_folder(folder, layout.MODEL) as staged:
+            shutil.copytree(local, staged, dirs_exist_ok=True)
+        run.mark_done(folder, digest, spec=spec)
+    return run.location(folder, layout.MODEL)
+
+
+def model_path(model: Model, run: RunDir) -> str:
     """What vLLM opens: a trained model's run-dir location as it is (an object-store URI is
-    downloaded by each node's engine), else the resolved spec."""
-    return model.spec if "://" in model.spec else resolve_model(model.spec)
+    downloaded by each node's engine), else the published spec."""
+    return model.spec if "://" in model.spec else published(model.spec, run)
 
 
 def local_model(model: Model) -> str:
@@ -82,16 +100,7 @@ def local_model(model: Model) -> str:
     its identity, so new weights at the same URI are copied again."""
     if "://" not in model.spec:
         return resolve_model(model.spec)
-    key = hashlib.sha256(model.identity.encode()).hexdigest()[:16]
-    target = cache_dir().parent / "artifacts" / key
-    if not (target / "config.json").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staged = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=target.parent))
-        fs, path = pafs.FileSystem.from_uri(model.spec)
-        pafs.copy_files(path, str(staged), source_filesystem=fs)
-        shutil.rmtree(target, ignore_errors=True)
-        staged.rename(target)
-    return str(target)
+    return download(model.spec, hashlib.sha256(model.identity.encode()).hexdigest()[:16])
 
 
 def parameter_count(spec: str) -> int | None:

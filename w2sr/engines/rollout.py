@@ -32,12 +32,14 @@ class RolloutEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when vLLM builds the engine
         from vllm import LLM
 
+        from w2sr.models import node_copy
+
         config = EngineConfig.model_validate(engine)
         kwargs = settings.engine_kwargs(
             config, use_gpu=use_gpu, trust_remote_code=trust_remote_code
         )
         self.llm = LLM(
-            model=model,
+            model=node_copy(model),
             distributed_executor_backend="uni",
             worker_extension_cls=EXTENSION,
             seed=seed,

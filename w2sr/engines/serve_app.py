@@ -17,6 +17,7 @@ import os
 from w2sr.config import ExperimentConfig
 from w2sr.engines import settings
 from w2sr.registry import Model, model_path
+from w2sr.rundir import RunDir
 
 
 def llm_config(cfg: ExperimentConfig, model: Model):
@@ -25,7 +26,10 @@ def llm_config(cfg: ExperimentConfig, model: Model):
 
     engine, sv = cfg.serve.engine, cfg.serve
     return LLMConfig(
-        model_loading_config={"model_id": model.label, "model_source": model_path(model)},
+        model_loading_config={
+            "model_id": model.label,
+            "model_source": model_path(model, RunDir(cfg.run_dir)),
+        },
         engine_kwargs=settings.engine_kwargs(
             engine, use_gpu=cfg.use_gpu, trust_remote_code=cfg.trust_remote_code
         ),

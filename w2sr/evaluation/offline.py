@@ -27,7 +27,7 @@ def evaluate_offline(cfg: ExperimentConfig, run: RunDir, todo: list[Task]) -> No
     """Evaluate one model (every task of `todo` is the same model's) on its benchmarks."""
     init_ray(cfg)
     model = todo[0].model
-    path = model_path(model)
+    path = model_path(model, run)
     tokenizer = load_tokenizer(local_model(model), cfg.trust_remote_code)
     template, max_len = TEMPLATES[cfg.template], cfg.eval.engine.max_model_len
     score = scorer(cfg, model.label)

@@ -20,13 +20,14 @@ class Worker(NamedTuple):
     world: int
     seed: int
     tokenizer: Any
+    model: str  # the model's folder on this worker's node
     started: float  # this attempt's start, for worker-seconds
 
 
 def start_worker(config: dict[str, Any]) -> Worker:
     """The first steps of a worker loop: the run's config, DeepSpeed's accelerator chosen before
-    deepspeed is imported, the rank, torch seeded with the learner's seed, the tokenizer of
-    `config["model"]`."""
+    deepspeed is imported, the rank, torch seeded with the learner's seed, `config["model"]` on
+    this node (a model in object storage is downloaded once per node) and its tokenizer."""
     started = time.time()
     cfg = ExperimentConfig.model_validate(config["cfg"])
     if not cfg.use_gpu:
@@ -35,13 +36,15 @@ def start_worker(config: dict[str, Any]) -> Worker:
     import torch
     from transformers import AutoTokenizer
 
+    from w2sr.models import node_copy
+
     context = ray.train.get_context()
     seed = config["seed"]
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(
-        config["model"], trust_remote_code=cfg.trust_remote_code
-    )
-    return Worker(cfg, context.get_world_rank(), context.get_world_size(), seed, tokenizer, started)
+    model = node_copy(config["model"])
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=cfg.trust_remote_code)
+    rank, world = context.get_world_rank(), context.get_world_size()
+    return Worker(cfg, rank, world, seed, tokenizer, model, started)
 
 
 def fit(

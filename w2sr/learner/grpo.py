@@ -52,10 +52,11 @@ def worker_loop(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     g = cfg.grpo
-    model, prompts = config["model"], ray.get(config["prompts"])
-    # Engines start in their actors while DeepSpeed initializes here.
+    model, prompts = worker.model, ray.get(config["prompts"])
+    # Engines start in their actors while DeepSpeed initializes here; each finds the model on
+    # its own node.
     places = learner_places()
-    rollouts = Rollouts(cfg, model, places) if rank == 0 else None
+    rollouts = Rollouts(cfg, config["model"], places) if rank == 0 else None
     engine, _ds_config = build_engine(
         model,
         g,

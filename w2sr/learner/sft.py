@@ -27,7 +27,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     data = ray.get(config["data"])
     steps = config["steps"]
     engine, _ds_config = build_engine(
-        config["model"], tcfg, steps, use_gpu=cfg.use_gpu, trust_remote_code=cfg.trust_remote_code
+        worker.model, tcfg, steps, use_gpu=cfg.use_gpu, trust_remote_code=cfg.trust_remote_code
     )
     loop = StepLoop(
         worker,

@@ -24,7 +24,7 @@ from w2sr.data.prompt_set import prepare_prompts
 from w2sr.engines import settings
 from w2sr.engines.generator import build_generator, generate_groups
 from w2sr.grading import GRADERS, extract_answer
-from w2sr.models import resolve_model
+from w2sr.registry import published
 from w2sr.rundir import DONE, RunDir
 from w2sr.schemas import TRACE_SCHEMA
 from w2sr.session import init_ray
@@ -113,7 +113,7 @@ def _generate_shards(
                 }
             )
     processor = build_generator(
-        resolve_model(cfg.teacher),
+        published(cfg.teacher, run),
         gen.engine,
         use_gpu=cfg.use_gpu,
         trust_remote_code=cfg.trust_remote_code,

@@ -43,6 +43,7 @@ from w2sr.learner.fit import fit
 from w2sr.learner.grpo import worker_loop
 from w2sr.learner.trackers import check_trackers
 from w2sr.models import resolve_model
+from w2sr.registry import published
 from w2sr.rundir import DONE, RunDir
 from w2sr.session import init_ray
 
@@ -67,9 +68,8 @@ def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
     check_trackers(g, "grpo")
     start = time.time()
     run.begin(stage, fingerprint)
-    model_path = resolve_model(cfg.student)
     # The student is the policy: its own chat template, not the teacher's rendering.
-    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(resolve_model(cfg.student), cfg.trust_remote_code)
     rendered, too_long = render_prompts(
         tokenizer, TEMPLATES[cfg.template], table.to_pylist(), g.engine.max_model_len
     )
@@ -93,7 +93,11 @@ def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
     init_ray(cfg)
     import ray
 
-    loop_config = {"prompts": ray.put(prompts), "model": model_path, "stage": stage}
+    loop_config = {
+        "prompts": ray.put(prompts),
+        "model": published(cfg.student, run),
+        "stage": stage,
+    }
     resources = {"CPU": g.cpus_per_worker}
     name = f"grpo-{fingerprint}"
     metrics = fit(worker_loop, cfg, run, stage, name, g, loop_config, resources).metrics

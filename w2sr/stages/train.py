@@ -28,6 +28,7 @@ from w2sr.learner.fit import fit
 from w2sr.learner.sft import worker_loop
 from w2sr.learner.trackers import check_trackers
 from w2sr.models import resolve_model
+from w2sr.registry import published
 from w2sr.rundir import DONE, METRICS, RunDir
 from w2sr.session import init_ray
 
@@ -58,8 +59,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     start = time.time()
     run.begin(stage, fingerprint)
 
-    model_path = resolve_model(cfg.student)
-    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(resolve_model(cfg.student), cfg.trust_remote_code)
     traces = run.read_parquet(sets.folder, layout.sft_set(variant))
     data = build_sft_set(tokenizer, TEMPLATES[cfg.template], traces, tcfg.cutoff_len)
     if not len(data):
@@ -87,7 +87,12 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     init_ray(cfg)
     import ray
 
-    loop_config = {"data": ray.put(data), "model": model_path, "steps": steps, "stage": stage}
+    loop_config = {
+        "data": ray.put(data),
+        "model": published(cfg.student, run),
+        "steps": steps,
+        "stage": stage,
+    }
     final = fit(worker_loop, cfg, run, stage, f"sft-{fingerprint}", tcfg, loop_config).metrics
 
     # The record that stands for each step: a resumed attempt's replaces a killed one's.
