@@ -72,10 +72,9 @@ def s3_bucket():
     from pathlib import Path
 
     import pyarrow.fs as pafs
+    from network import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
         start_new_session=True,

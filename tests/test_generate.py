@@ -236,6 +236,42 @@ def test_a_killed_engine_actor_is_replaced_and_no_trace_is_lost_or_repeated(
 
 
 @pytest.mark.slow
+def test_an_engine_that_dies_past_its_restart_bound_fails_the_stage_and_loses_nothing(
+    tmp_path, tiny_model, ray_session
+):
+    """With `max_restarts: 0` an engine's death is not survived: the stage fails instead of
+    replacing it, the shards finished before stay, and a rerun (the bound is not part of the
+    fingerprint) generates only the rest."""
+    data = experiment(tmp_path, tiny_model)
+    data["generation"] |= {"samples_per_prompt": 16, "prompts_per_shard": 1}
+    data["generation"]["sampling"]["max_tokens"] = 200
+    data["generation"]["engine"] |= {"batch_size": 4, "max_restarts": 0}
+    cfg = validate(data)
+    traces = traces_dir(cfg)
+    killed: list = []
+    watcher = kill_when(
+        lambda: len(list(traces.glob("shard-*.parquet"))), "vLLMEngineStageUDF", killed
+    )
+    with pytest.raises(Exception):  # noqa: B017 - Ray's error for a dead actor, whichever it is
+        generate(cfg)
+    watcher.join(timeout=1)
+    assert killed and killed[0] < len(PROBLEMS), "the kill did not land mid-generation"
+    assert not (traces / "_DONE.json").exists()
+    before = {p.name: p.stat().st_mtime_ns for p in traces.glob("shard-*.parquet")}
+    assert 0 < len(before) < len(PROBLEMS)
+
+    data["generation"]["engine"]["max_restarts"] = 4
+    generate(validate(data))
+    after = {p.name: p.stat().st_mtime_ns for p in traces.glob("shard-*.parquet")}
+    assert {name: after[name] for name in before} == before  # finished shards untouched
+    table = read_traces(cfg)
+    pairs = list(
+        zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True)
+    )
+    assert len(pairs) == len(set(pairs)) == len(PROBLEMS) * 16
+
+
+@pytest.mark.slow
 def test_a_killed_run_resumes_without_losing_or_repeating_traces(tmp_path, tiny_model, ray_session):
     data = experiment(tmp_path, tiny_model)
     data["generation"]["prompts_per_shard"] = 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import time
 import uuid
 from collections import Counter
@@ -19,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from artifacts import trained_student
+from network import free_port
 
 from w2sr import layout, lineage
 from w2sr.config import ConfigError, validate
@@ -115,12 +115,6 @@ async def load(url: str, clients: int) -> dict:
         "p50_s": round(float(np.percentile(latencies, 50)), 3),
         "p99_s": round(float(np.percentile(latencies, 99)), 3),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_serving_beyond_loopback_needs_an_api_key(tmp_path, tiny_model, monkeypatch):

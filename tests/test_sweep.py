@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import yaml
+from network import free_port
 
 from w2sr import layout, lineage
 from w2sr.config import ConfigError
@@ -165,12 +165,6 @@ def test_a_bad_sweep_fails_before_ray_starts_naming_the_key(tmp_path):
 # --- a study, run as users run it ------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _done_records(run: RunDir) -> dict[str, tuple]:
     """Every stage's done record on the store, with its modification time."""
     selector = pafs.FileSelector(run.path(), recursive=True)
@@ -213,13 +207,13 @@ def study(tmp_path_factory, tiny_model, s3_bucket):
     finished = _done_records(run)
     sweep_file(tmp, run.uri, teachers, STUDENT)  # the cap is no stage's fingerprint
 
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     ray_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     ray_env.pop("RAY_ADDRESS", None)
     ray = str(Path(sys.executable).with_name("ray"))
     # Ports of its own for every agent: the test session's Ray runs beside it on default ones.
     agents = [
-        f"--{name}={_free_port()}"
+        f"--{name}={free_port()}"
         for name in (
             "dashboard-agent-listen-port",
             "dashboard-agent-grpc-port",
@@ -338,7 +332,7 @@ def test_the_plan_says_what_is_complete_without_starting_ray(study):
     started = time.time()
     done = subprocess.run(
         [sys.executable, "-m", "w2sr.cli", "sweep", str(tmp / "job" / "sweep.yaml"), "--plan"],
-        env={**os.environ, "RAY_ADDRESS": f"127.0.0.1:{_free_port()}",  # nothing listens there
+        env={**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port()}",  # nothing listens there
              "W2SR_CACHE": str(tmp / "cache")},
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -164,6 +164,7 @@ class EngineConfig(Strict):
             "gpu_memory_utilization",
             "cpu_kv_cache_gib",
             "cpus_per_replica",
+            "max_restarts",
         }
     )
 
@@ -178,6 +179,10 @@ class EngineConfig(Strict):
     gpu_memory_utilization: Fraction = 0.3
     cpu_kv_cache_gib: PositiveInt = 1
     cpus_per_replica: PositiveInt = 1
+    # How often a generation or evaluation pipeline replaces a crashed engine replica before the
+    # stage fails; Ray Data's own default is without end, so an engine that always crashes
+    # mid-batch would hang the stage.
+    max_restarts: Annotated[int, Field(ge=0)] = 4
 
 
 class SamplingConfig(Strict):

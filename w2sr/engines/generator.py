@@ -45,7 +45,11 @@ def build_generator(
         tokenize_stage=False,
         detokenize_stage=False,
     )
-    return build_processor(config, postprocess=postprocess)
+    processor = build_processor(config, postprocess=postprocess)
+    processor.get_stage_by_name("vLLMEngineStage").map_batches_kwargs["max_restarts"] = (
+        engine.max_restarts
+    )
+    return processor
 
 
 def generate_groups(
