@@ -98,7 +98,7 @@ def test_deployment_uses_the_engine_settings_and_scales_between_the_replica_boun
 
 async def load(url: str, clients: int) -> dict:
     """`clients` chat requests at once on loopback: status counts and latency percentiles."""
-    body = {"model": "w2sr", "messages": [{"role": "user", "content": PROBLEMS[0]}]}
+    body = {"model": "w2sr_n", "messages": [{"role": "user", "content": PROBLEMS[0]}]}
     body |= {"max_tokens": 16, "temperature": 0}
 
     async def one(client) -> tuple[int, float]:
@@ -169,19 +169,21 @@ def test_served_and_offline_greedy_evaluation_agree(
     monkeypatch.setenv("W2SR_API_KEY", KEY)
     port = free_port()
     # One replica that takes 2 requests at a time and queues 4 more: the load test's bound.
-    hosting = {"models": ["w2sr"], "port": port, "max_ongoing_requests": 2}
+    # (W2SR-N's label: Ray Serve LLM downloads a store's model into `./<label>` when that path
+    # exists, and `./w2sr` is this package.)
+    hosting = {"models": ["w2sr_n"], "port": port, "max_ongoing_requests": 2}
     hosting["max_queued_requests"] = 4
     served = experiment(tmp_path, tiny_model, student=tiny_model, serve=hosting)
     served["run_dir"] = f"{s3_bucket}/served-{uuid.uuid4().hex[:8]}"
     cfg = validate(served)
-    run, student = RunDir(cfg.run_dir), lineage.student(cfg, "all")
+    run, student = RunDir(cfg.run_dir), lineage.student(cfg, "incorrect")
     with run.staged_folder(student.folder, layout.MODEL) as out:
         shutil.copytree(tiny_model, out, dirs_exist_ok=True)
     run.mark_done(student.folder, student.fingerprint)
     try:
         info = serve(cfg, blocking=False)
         assert info["url"] == f"http://127.0.0.1:{port}/v1"
-        assert served_models(info["url"], cfg) == {"w2sr"}
+        assert served_models(info["url"], cfg) == {"w2sr_n"}
         online = evaluate(cfg, endpoint=info["url"])
         refused = [
             httpx.get(f"{info['url']}/models", headers=headers).status_code
@@ -204,7 +206,7 @@ def test_served_and_offline_greedy_evaluation_agree(
     rows = {}
     for summary, label, run_dir in (
         (offline, "teacher", str(offline_dir / "run")),
-        (online, "w2sr", cfg.run_dir),
+        (online, "w2sr_n", cfg.run_dir),
     ):
         entry = summary["models"][label]["results"]["amc23"]
         rows[entry["backend"].split()[0]] = (
