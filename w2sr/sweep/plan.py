@@ -57,9 +57,13 @@ class Node:
     cells: list[str] = field(default_factory=list)
 
 
+def matched_suffix(match: str) -> str:
+    """What a matched-size control adds to a cell's or a group's name."""
+    return "" if match == "none" else f".{match}-matched"
+
+
 def cell_name(teacher: str, student: str, variant: str, seed: int, match: str) -> str:
-    matched = "" if match == "none" else f".{match}-matched"
-    return f"{teacher}.{student}.{variant}{matched}.s{seed}"
+    return f"{teacher}.{student}.{variant}{matched_suffix(match)}.s{seed}"
 
 
 def cells(sweep: SweepConfig) -> list[Cell]:

@@ -22,7 +22,7 @@ from w2sr.reporting.figures import pyplot, save_figure
 from w2sr.reporting.results import AVG, RunResults, costs, display_name, teacher_scale
 from w2sr.reporting.tables import interval, pct, rgr_text, table
 from w2sr.rundir import RunDir
-from w2sr.sweep.plan import Cell
+from w2sr.sweep.plan import Cell, matched_suffix
 
 Z95 = 1.959964
 
@@ -63,7 +63,7 @@ def cell_rows(cells: list[Cell], groups: dict[str, RunResults]) -> list[CellRow]
 
 def group_name(cell: Cell) -> str:
     """The (teacher, student, seed, match) group a cell's results are read with."""
-    matched = "" if cell.match == "none" else f".{cell.match}-matched"
+    matched = matched_suffix(cell.match)
     return f"{cell.teacher.label}.{cell.student.label}{matched}.s{cell.seed}"
 
 
