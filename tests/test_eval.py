@@ -477,27 +477,28 @@ def test_a_rerun_reuses_every_result_without_starting_an_engine(evaluated, monke
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="known flake: after this module's other tests "
-    "the kill often lands only once both results are written (cause not found)",
-    strict=False,
-)
 def test_a_killed_engine_actor_is_replaced_and_no_sample_is_lost_or_repeated(
     tmp_path, tiny_model, ray_session
 ):
     """SIGKILL of the vLLM engine actor once the first benchmark's result is written and the
-    second's samples are still coming: Ray Data replays the lost batches on a new actor."""
+    second's samples are still coming: Ray Data replays the lost batches on a new actor.
+
+    Ray Data's preprocessing tasks hand batches to the engine out of order (a task can wait
+    seconds for a worker), so the first benchmark is small (48 samples) and the second ten times
+    larger: the first is complete long before the second's last batch, whatever the order."""
+    problems = [f"What is {a} + {a + 1}?" for a in range(10)]
     bench = write_jsonl(
-        tmp_path / "amc.jsonl", [{"question": q, "answer": str(i)} for i, q in enumerate(PROBLEMS)]
+        tmp_path / "amc.jsonl",
+        [{"question": q, "answer": str(2 * i + 1)} for i, q in enumerate(problems)],
     )
     cfg = validate(
         {
             "run_dir": str(tmp_path / "run"),
             "teacher": tiny_model,
             "eval": {
-                "benchmarks": [{"name": "offline", "limit": 2}, {"name": "amc23", "path": bench}],
+                "benchmarks": [{"name": "offline", "limit": 1}, {"name": "amc23", "path": bench}],
                 "samples": 48,
-                "sampling": {"temperature": 1.0, "max_tokens": 200},
+                "sampling": {"temperature": 1.0, "max_tokens": 100},
                 "engine": {"batch_size": 4, "max_model_len": 512},
             },
         }
@@ -514,8 +515,8 @@ def test_a_killed_engine_actor_is_replaced_and_no_sample_is_lost_or_repeated(
     summary = evaluate(cfg)
     watcher.join(timeout=1)
     assert killed == [("offline",)], "the kill did not land between the two benchmarks"
-    for name, problems in (("offline", 2), ("amc23", len(PROBLEMS))):
+    for name, count in (("offline", 1), ("amc23", len(problems))):
         table = result_table(cfg, summary, "teacher", name)
         ids, samples = table["prompt_id"].to_pylist(), table["sample_index"].to_pylist()
         keys = list(zip(ids, samples, strict=True))
-        assert len(keys) == len(set(keys)) == problems * 48, name
+        assert len(keys) == len(set(keys)) == count * 48, name
