@@ -1,15 +1,19 @@
 """Output tokens per second of `w2sr generate` against the two things a user would run instead.
 
-In one run, on one machine, with one model and the same prompts and sampling:
+In one run, on one machine, with one model, the same prompts, sampling and precision:
   (a) vLLM's offline `LLM.generate` on one engine: the ceiling for a single replica;
-  (b) a plain transformers `generate` loop in batches: what a user writes by hand.
+  (b) a plain transformers `generate` loop in fixed batches: what a user writes by hand.
 
-Steady state is what scales to a long job, so start-up (Ray, engine load) is reported apart.
-`w2sr generate` runs as a user runs it, a whole command: it runs twice, on half the prompts and on
-all of them, and the steady rate is the difference in tokens over the difference in time, which
-cancels the start-up both runs pay.
+Every side is measured the same way: as a whole command in a process of its own, on half of its
+requests and on all of them. The steady rate is the difference in completion tokens over the
+difference in wall time, which cancels on every side alike what each command pays once (Python,
+Ray, loading the model) and what each batch pays at its ramp-up and tail; the start-up is what a
+full command took beyond its tokens at the steady rate. Rounds follow benchmarks/protocol.py.
+The transformers loop would take hours on the full request set, so it runs a slice of it
+(`--hf-requests`, in batches of `--hf-batch`), differenced the same way.
 
-    python benchmarks/bench_generate.py [--prompts 256] [--samples 2] [--max-tokens 128]
+    python benchmarks/bench_generate.py [--prompts 128] [--samples 2] [--max-tokens 128]
+                                        [--repeats 3] [--gpu]
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from protocol import Spread, describe, measure, ratio  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -49,17 +56,24 @@ def rendered_prompts(model: str, rows: list[dict]) -> list[str]:
     ]
 
 
-def run_w2sr(model: str, data: Path, args, prompts: int) -> tuple[int, float]:
-    """The real stage through its CLI, in its own process: (completion tokens, seconds)."""
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def w2sr_command(model: str, data: Path, args, prompts: int, round_: int) -> tuple[int, float]:
+    """`w2sr generate` on the first `prompts` prompts, in a run dir of its own: (tokens, s)."""
     from w2sr import lineage
     from w2sr.config import validate
     from w2sr.layout import read_traces
     from w2sr.rundir import RunDir
 
-    run_dir = data / f"run-{prompts}"
+    run_dir = data / f"run-{round_}-{prompts}"
     config = {
         "run_dir": str(run_dir),
         "teacher": model,
+        "use_gpu": args.gpu,
         "prompts": {
             "source": {"type": "file", "path": str(data / "prompts.jsonl")},
             "limit": prompts,
@@ -68,121 +82,167 @@ def run_w2sr(model: str, data: Path, args, prompts: int) -> tuple[int, float]:
             "samples_per_prompt": args.samples,
             "prompts_per_shard": max(1, args.prompts // 8),
             "sampling": {"temperature": 1.0, "max_tokens": args.max_tokens},
-            "engine": {"batch_size": args.batch_size, "max_model_len": 1024},
+            "engine": {
+                "batch_size": args.batch_size,
+                "max_model_len": 1024,
+                "dtype": args.dtype,
+            },
         },
     }
-    path = data / f"w2sr-{prompts}.json"
+    path = data / f"w2sr-{round_}-{prompts}.json"
     path.write_text(json.dumps(config))
-    start = time.time()
-    cmd = [sys.executable, "-m", "w2sr.cli", "generate", str(path)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    seconds = time.time() - start
+    seconds = timed([sys.executable, "-m", "w2sr.cli", "generate", str(path)])
     traces = read_traces(RunDir(str(run_dir)), lineage.traces(validate(config)).folder)
-    tokens = int(traces["completion_tokens"].to_numpy().sum())
-    return tokens, seconds
+    return int(traces["completion_tokens"].to_numpy().sum()), seconds
 
 
-def bench_w2sr(model: str, data: Path, args) -> dict:
-    half_tokens, half_seconds = run_w2sr(model, data, args, args.prompts // 2)
-    tokens, seconds = run_w2sr(model, data, args, args.prompts)
-    steady = (tokens - half_tokens) / (seconds - half_seconds)
-    startup = seconds - tokens / steady
-    return {"tokens": tokens, "seconds": seconds, "steady_tok_s": steady, "startup_s": startup}
+def peer_command(side: str, model: str, data: Path, args, requests: int) -> tuple[int, float]:
+    """This script as a command of its own running one peer on `requests` requests."""
+    out = data / f"{side}-{requests}.json"
+    cmd = [sys.executable, __file__, "--run-peer", side, "--model", model, "--data", str(data)]
+    cmd += ["--requests", str(requests), "--out", str(out), *args.peer_flags]
+    seconds = timed(cmd)
+    return json.loads(out.read_text())["tokens"], seconds
 
 
-def bench_vllm(model: str, prompts: list[str], args) -> dict:
+def run_peer(args) -> None:
+    """The body of a peer's command: generate, then write the completion tokens."""
+    prompts = json.loads(Path(args.data, "prompts.json").read_text())
+    requests = [p for p in prompts for _ in range(args.samples)][: args.requests]
+    tokens = (vllm_tokens if args.run_peer == "vllm" else transformers_tokens)(args, requests)
+    Path(args.out).write_text(json.dumps({"tokens": tokens}))
+
+
+def vllm_tokens(args, requests: list[str]) -> int:
     from vllm import LLM, SamplingParams
 
-    start = time.time()
     llm = LLM(
-        model=model,
-        dtype="bfloat16",
+        model=args.model,
+        dtype=args.dtype,
         enforce_eager=True,
         gpu_memory_utilization=0.3,
         max_model_len=1024,
-        enable_chunked_prefill=False,
+        enable_chunked_prefill=args.gpu,
     )
-    startup = time.time() - start
-    requests = [p for p in prompts for _ in range(args.samples)]
     params = [
         SamplingParams(temperature=1.0, max_tokens=args.max_tokens, seed=i)
         for i in range(len(requests))
     ]
-    start = time.time()
     outputs = llm.generate(requests, params, use_tqdm=False)
-    seconds = time.time() - start
-    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {
-        "tokens": tokens,
-        "seconds": seconds,
-        "steady_tok_s": tokens / seconds,
-        "startup_s": startup,
-    }
+    return sum(len(o.outputs[0].token_ids) for o in outputs)
 
 
-def bench_transformers(model: str, prompts: list[str], args) -> dict:
+def transformers_tokens(args, requests: list[str]) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    start = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
-    startup = time.time() - start
-    # The same number of requests would take hours by hand-written loop: time a slice of them.
-    requests = [p for p in prompts for _ in range(args.samples)][: args.hf_requests]
+    device = "cuda" if args.gpu else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
+    lm = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    lm = lm.to(device).eval()
     tokens = 0
-    start = time.time()
     with torch.inference_mode():
         for i in range(0, len(requests), args.hf_batch):
             batch = tokenizer(requests[i : i + args.hf_batch], return_tensors="pt", padding=True)
             out = lm.generate(
-                **batch, do_sample=True, temperature=1.0, max_new_tokens=args.max_tokens
+                **batch.to(device), do_sample=True, temperature=1.0, max_new_tokens=args.max_tokens
             )
             new = out[:, batch["input_ids"].shape[1] :]
             tokens += int((new != tokenizer.pad_token_id).sum())
-    seconds = time.time() - start
-    return {
-        "tokens": tokens,
-        "seconds": seconds,
-        "steady_tok_s": tokens / seconds,
-        "startup_s": startup,
-    }
+    return tokens
 
 
-def main() -> None:
+def steady(half: tuple[int, float], full: tuple[int, float]) -> tuple[float, float]:
+    """(steady tokens/s, start-up s) from a command on half the requests and one on all."""
+    rate = (full[0] - half[0]) / (full[1] - half[1])
+    return rate, full[1] - full[0] / rate
+
+
+def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
-    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--hf-batch", type=int, default=16)
+    parser.add_argument("--hf-batch", type=int, default=32)
     parser.add_argument("--hf-requests", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpu", action="store_true", help="all sides on the GPU, in bfloat16")
+    parser.add_argument(
+        "--dtype", help="every side's precision (default: float32 on CPU, bfloat16 on GPU)"
+    )
+    parser.add_argument("--run-peer", choices=["vllm", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--requests", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # float32 on CPU: bfloat16 matmuls without CPU kernels for them run many times slower.
+    args.dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
+    args.peer_flags = [
+        *("--samples", str(args.samples), "--max-tokens", str(args.max_tokens)),
+        *("--hf-batch", str(args.hf_batch), "--dtype", args.dtype),
+        *(["--gpu"] if args.gpu else []),
+    ]
+    return args
 
+
+def main() -> None:
+    args = parse()
+    if args.run_peer:
+        return run_peer(args)
     from w2sr.models import resolve_model
 
     model = resolve_model(args.model)
     rows = problems(args.prompts)
-    prompts = rendered_prompts(model, rows)
+    total, half_prompts = args.prompts * args.samples, args.prompts // 2
+    startup: dict[str, list[float]] = {"w2sr generate": [], "vLLM LLM.generate": []}
+    startup["transformers loop"] = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         (data / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        results = {
-            "w2sr generate": bench_w2sr(model, data, args),
-            "vLLM LLM.generate": bench_vllm(model, prompts, args),
-            "transformers generate": bench_transformers(model, prompts, args),
+        (data / "prompts.json").write_text(json.dumps(rendered_prompts(model, rows)))
+        rounds = iter(range(10**6))
+
+        def w2sr() -> float:
+            i = next(rounds)
+            rate, start = steady(
+                w2sr_command(model, data, args, half_prompts, i),
+                w2sr_command(model, data, args, args.prompts, i),
+            )
+            startup["w2sr generate"].append(start)
+            return rate
+
+        def peer(side: str, name: str, requests: int):
+            def run() -> float:
+                rate, start = steady(
+                    peer_command(side, model, data, args, requests // 2),
+                    peer_command(side, model, data, args, requests),
+                )
+                startup[name].append(start)
+                return rate
+
+            return run
+
+        sides = {
+            "w2sr generate": w2sr,
+            "vLLM LLM.generate": peer("vllm", "vLLM LLM.generate", total),
+            "transformers loop": peer("transformers", "transformers loop", args.hf_requests),
         }
+        rates = measure(sides, repeats=args.repeats)
     print(
-        f"\nmodel {args.model}; {args.prompts} prompts x {args.samples} samples, "
-        f"max_tokens {args.max_tokens}; {os.cpu_count()} CPUs"
+        f"\nmodel {args.model}; {args.prompts} prompts x {args.samples} samples (transformers: "
+        f"{args.hf_requests} in batches of {args.hf_batch}), max_tokens {args.max_tokens}, "
+        f"{args.dtype}, {'GPU' if args.gpu else f'{os.cpu_count()} CPUs'}"
     )
-    print(f"{'system':24} {'tokens':>8} {'steady tok/s':>13} {'start-up s':>11}")
-    for name, r in results.items():
-        print(f"{name:24} {r['tokens']:8d} {r['steady_tok_s']:13.1f} {r['startup_s']:11.1f}")
-    ours = results["w2sr generate"]["steady_tok_s"]
-    print(f"\nw2sr / vLLM offline:    {ours / results['vLLM LLM.generate']['steady_tok_s']:.2f}x")
-    print(f"w2sr / transformers:    {ours / results['transformers generate']['steady_tok_s']:.2f}x")
+    print(describe(args.repeats, 1) + "; every side a whole command at two sizes, differenced")
+    print(f"{'system':20} {'steady tokens/s':>26} {'start-up s':>22}")
+    for name, values in rates.items():
+        rate, start = format(Spread.of(values)), format(Spread.of(startup[name][-args.repeats :]))
+        print(f"{name:20} {rate:>26} {start:>22}")
+    ours = rates["w2sr generate"]
+    for peer_name, goal in (("vLLM LLM.generate", ">= 0.95x"), ("transformers loop", ">= 10x")):
+        print(f"w2sr / {peer_name}: {ratio(ours, rates[peer_name]):.2f}x  (goal {goal})")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ def kill_when(
     """A started thread that SIGKILLs every descendant process whose command line holds `marker`
     (Ray sets an actor's title, e.g. `ray::MapWorker(MapBatches(vLLMEngineStageUDF))`) once
     `ready()` is true; what `ready()` said at the kill is appended to `killed`."""
-    import psutil
 
     def watch() -> None:
         deadline = time.time() + timeout
@@ -22,12 +21,7 @@ def kill_when(
             state = ready()
             if not state:
                 continue
-            markers = (marker,) if isinstance(marker, str) else marker
-            victims = [
-                p
-                for p in psutil.Process().children(recursive=True)
-                if any(m in _cmdline(p) for m in markers)
-            ]
+            victims = descendants(marker)
             for process in victims:
                 process.kill()
             if victims:
@@ -37,6 +31,15 @@ def kill_when(
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
+
+
+def descendants(marker: str | tuple[str, ...]) -> list:
+    """This process's descendants whose command line holds `marker` (or one of them)."""
+    import psutil
+
+    markers = (marker,) if isinstance(marker, str) else marker
+    processes = psutil.Process().children(recursive=True)
+    return [p for p in processes if any(m in _cmdline(p) for m in markers)]
 
 
 def _cmdline(process) -> str:

@@ -169,6 +169,11 @@ def test_fingerprints_ignore_how_a_stage_runs():
         ("generate", "generation.engine.replicas={min: 3, max: 9}", "replicas.min: needs 6 CPUs"),
         ("run", "grpo.placement=separate", "grpo.num_workers: needs 10 CPUs"),
         ("train", "use_gpu=true", "train.num_workers: needs 2 GPUs at once"),
+        (
+            "eval",
+            "eval.concurrent_models=6",
+            "eval.concurrent_models x eval.engine.replicas.min: needs 6 CPUs",
+        ),
     ],
 )
 def test_more_cpus_or_gpus_than_a_local_session_has_fail_before_ray_starts(

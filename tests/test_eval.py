@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import httpx
 import pyarrow as pa
 import pytest
 from artifacts import prepared_problems, trained_student
-from faults import kill_when
+from faults import descendants, kill_when
 
 from w2sr.config import PromptsConfig, validate
 from w2sr.data.benchmarks import OFFLINE_TASKS
@@ -474,6 +476,41 @@ def test_a_rerun_reuses_every_result_without_starting_an_engine(evaluated, monke
     stamps = [p.stat().st_mtime_ns for p in files]
     assert evaluate(cfg) == summary
     assert [p.stat().st_mtime_ns for p in files] == stamps
+
+
+def test_models_evaluated_side_by_side_run_at_once_and_give_the_same_results(evaluated, tmp_path):
+    """Two models' pipelines at once (`eval.concurrent_models: 2`) on a copy of the module's run
+    dir without its results: both engines are up together, and every result is the one the
+    models gave one after another (each sample has its own seed)."""
+    cfg, summary = evaluated
+    shutil.copytree(cfg.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("eval"))
+    both = cfg.model_copy(
+        update={
+            "run_dir": str(tmp_path / "run"),
+            "eval": cfg.eval.model_copy(update={"concurrent_models": 2}),
+        }
+    )
+    engines, stop = [], threading.Event()
+
+    def count_engines() -> None:
+        while not stop.wait(0.2):
+            engines.append(len(descendants("VLLM::EngineCore")))
+
+    watcher = threading.Thread(target=count_engines, daemon=True)
+    watcher.start()
+    try:
+        side_by_side = evaluate(both)
+    finally:
+        stop.set()
+        watcher.join()
+    assert max(engines) == 2
+    for label in ("teacher", "base"):
+        for bench in ("amc23", "offline"):
+            ours = result_table(both, side_by_side, label, bench)
+            theirs = result_table(cfg, summary, label, bench)
+            assert ours.select(["prompt_id", "sample_index", "response", "correct"]).equals(
+                theirs.select(["prompt_id", "sample_index", "response", "correct"])
+            ), (label, bench)
 
 
 @pytest.mark.slow

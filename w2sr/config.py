@@ -419,6 +419,10 @@ class EvalConfig(Strict):
     sampling: SamplingConfig = Field(default_factory=_eval_sampling)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     models: dict[str, str] = Field(default_factory=dict)  # extra `label: model spec`
+    # How many models' pipelines run side by side, each with its own engines: an engine's
+    # start-up is most of a small evaluation, and the engines of different models overlap it.
+    # Ask for no more than the cluster holds at once (the local session's size is checked).
+    concurrent_models: PositiveInt = 1
     decontaminate: bool = True  # drop problems whose text is also a training prompt of the run
     bootstrap_resamples: PositiveInt = 2000
     confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95

@@ -41,8 +41,8 @@ def init_ray(cfg: ExperimentConfig) -> None:
 
 def resource_asks(cfg: ExperimentConfig, sections: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """What each named section asks of Ray at once (CPUs, GPUs), by the config key that sets it:
-    an engine pool at its minimum size, a learner's whole worker group (and, placed apart, its
-    rollout engines)."""
+    an engine pool at its minimum size (evaluation's once per model it runs side by side), a
+    learner's whole worker group (and, placed apart, its rollout engines)."""
     gpu = 1.0 if cfg.use_gpu else 0.0
     asks = {}
     for name in sections:
@@ -52,7 +52,11 @@ def resource_asks(cfg: ExperimentConfig, sections: tuple[str, ...]) -> dict[str,
         if name in ("generation", "eval", "serve"):
             e = section.engine
             ranks = e.replicas.min * e.tensor_parallel_size * e.pipeline_parallel_size
-            asks[f"{name}.engine.replicas.min"] = {
+            key = f"{name}.engine.replicas.min"
+            if name == "eval" and section.concurrent_models > 1:
+                ranks *= section.concurrent_models
+                key = f"eval.concurrent_models x {key}"
+            asks[key] = {
                 "CPU": ranks * e.cpus_per_replica,
                 "GPU": ranks * gpu,
             }

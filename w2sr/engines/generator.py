@@ -23,11 +23,13 @@ def build_generator(
     use_gpu: bool,
     trust_remote_code: bool,
     postprocess: Callable[[dict[str, Any]], dict[str, Any]],
+    side_by_side: bool = False,
 ):
     """A Ray Data processor over rows with `tokenized_prompt` and `sampling_params`.
 
     Each row yields one completion: callers that want n samples repeat the row n times with
-    distinct seeds (the processor keeps only a request's first completion).
+    distinct seeds (the processor keeps only a request's first completion). `side_by_side`: other
+    pipelines' engines run at the same time (`settings.engine_env`).
     """
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
@@ -39,7 +41,7 @@ def build_generator(
         engine_kwargs=settings.engine_kwargs(
             engine, use_gpu=use_gpu, trust_remote_code=trust_remote_code
         ),
-        runtime_env=settings.engine_env(engine, use_gpu),
+        runtime_env=settings.engine_env(engine, use_gpu, side_by_side),
         placement_group_config={"bundle_per_worker": settings.engine_bundle(engine, use_gpu)},
         chat_template_stage=False,
         tokenize_stage=False,

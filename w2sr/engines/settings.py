@@ -54,8 +54,14 @@ def engine_kwargs(engine: EngineConfig, *, use_gpu: bool, trust_remote_code: boo
     }
 
 
-def engine_env(engine: EngineConfig, use_gpu: bool) -> dict[str, Any]:
-    env = {} if use_gpu else {"VLLM_CPU_KVCACHE_SPACE": str(engine.cpu_kv_cache_gib)}
+def engine_env(engine: EngineConfig, use_gpu: bool, side_by_side: bool = False) -> dict[str, Any]:
+    """The engine's environment; `side_by_side`: other engines share its node's CPUs, and vLLM's
+    CPU thread binding would pin them all to the same cores, so the OS places their threads."""
+    if use_gpu:
+        return {"env_vars": {}}
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(engine.cpu_kv_cache_gib)}
+    if side_by_side:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     return {"env_vars": env}
 
 

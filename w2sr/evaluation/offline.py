@@ -77,6 +77,7 @@ def evaluate_offline(cfg: ExperimentConfig, run: RunDir, todo: list[Task]) -> No
         use_gpu=cfg.use_gpu,
         trust_remote_code=cfg.trust_remote_code,
         postprocess=_offline_row(cfg, score),
+        side_by_side=cfg.eval.concurrent_models > 1,
     )
     batch_size = cfg.eval.engine.batch_size
     generate_groups(

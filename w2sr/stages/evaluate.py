@@ -6,7 +6,8 @@ Models are found by label (`w2sr.registry`): the teacher, the base student, the 
 W2SR-N students and the RL student when the run has them, and any `eval.models` extras. Each
 (model, benchmark) result is one file named by its fingerprint (`w2sr.evaluation.results`), so a
 rerun evaluates only what is missing. Offline, one Ray Data + vLLM pipeline per model runs its
-missing benchmarks; through an endpoint, the server does the generation.
+missing benchmarks, `eval.concurrent_models` models side by side; through an endpoint, the
+server does the generation.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 from w2sr import layout
@@ -23,6 +26,7 @@ from w2sr.evaluation.endpoint import evaluate_endpoint, served_models
 from w2sr.evaluation.offline import evaluate_offline
 from w2sr.evaluation.results import Task, plan_tasks, summary
 from w2sr.rundir import RunDir
+from w2sr.session import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +54,43 @@ def evaluate(
             skipped[label] = f"{names}: not cached, not served at {endpoint} ({sorted(served)})"
             log.warning("model %s skipped: %s", label, skipped[label])
             del missing[label]
-    for label, todo in missing.items():
-        start = time.time()
-        if endpoint:
-            asyncio.run(evaluate_endpoint(cfg, run, todo, endpoint))
-        else:
-            evaluate_offline(cfg, run, todo)
-        log.info("%s evaluated in %.1fs", label, time.time() - start)
+    if endpoint:
+        for label, todo in missing.items():
+            _timed(label, asyncio.run, evaluate_endpoint(cfg, run, todo, endpoint))
+    elif missing:
+        _side_by_side(cfg, run, missing)
     done = [task for task in tasks if run.exists(*task.parts)]
     result = summary(cfg, run, problems, done, skipped)
     if labels is None:  # the run's summary covers every model; a partial one is only returned
         run.write_json(result, *layout.EVAL_SUMMARY)
     return result
+
+
+def _side_by_side(cfg: ExperimentConfig, run: RunDir, missing: dict[str, list[Task]]) -> None:
+    """Each model's pipeline in a thread of its own, `eval.concurrent_models` at a time. A model
+    that fails does not stop the others (their results are kept); the first failure is raised
+    once all have ended."""
+    if cfg.eval.concurrent_models == 1 or len(missing) == 1:
+        for label, todo in missing.items():
+            _timed(label, evaluate_offline, cfg, run, todo)
+        return
+    init_ray(cfg)  # once, before the threads
+    failed: dict[str, BaseException] = {}
+    with ThreadPoolExecutor(cfg.eval.concurrent_models, thread_name_prefix="eval") as pool:
+        futures = {
+            pool.submit(_timed, label, evaluate_offline, cfg, run, todo): label
+            for label, todo in missing.items()
+        }
+        for future in as_completed(futures):
+            if future.exception() is not None:
+                failed[futures[future]] = future.exception()
+                log.error("%s: evaluation failed: %s", futures[future], future.exception())
+    if failed:
+        label, error = next(iter(failed.items()))
+        raise RuntimeError(f"evaluation failed for {sorted(failed)}; first: {label}") from error
+
+
+def _timed(label: str, evaluate_model: Callable[..., Any], *args: Any) -> None:
+    start = time.time()
+    evaluate_model(*args)
+    log.info("%s evaluated in %.1fs", label, time.time() - start)

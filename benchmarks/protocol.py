@@ -1,0 +1,61 @@
+"""How every benchmark here measures, so that a ratio compares like with like.
+
+- Both sides are measured the same way (whole commands on both sides, or the same in-process
+  timer on both).
+- One warm-up round runs first and is discarded.
+- The sides then take turns in alternating order (A B, then B A, ...), so that a machine that
+  slows down or speeds up during the run does not favour the side that always runs first or last.
+- There are at least 3 measured rounds. Each figure is the median with the min and max over the
+  rounds; a ratio is the median of the per-round ratios, each taken within one round.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Spread:
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        return cls(statistics.median(values), min(values), max(values))
+
+    def __format__(self, spec: str) -> str:
+        spec = spec or ".1f"
+        return f"{self.median:{spec}} ({self.low:{spec}}-{self.high:{spec}})"
+
+
+def measure(
+    sides: dict[str, Callable[[], float]], repeats: int = 3, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Each side's value in every measured round: `warmup` rounds first (discarded), then
+    `repeats` rounds, the order of the sides reversed from one round to the next."""
+    if repeats < 3:
+        raise ValueError("repeats: at least 3, for a median with its spread")
+    names = list(sides)
+    values: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(warmup + repeats):
+        order = names if index % 2 == 0 else names[::-1]
+        for name in order:
+            value = sides[name]()
+            if index >= warmup:
+                values[name].append(value)
+    return values
+
+
+def ratio(ours: list[float], theirs: list[float]) -> Spread:
+    """Ours over theirs, round by round."""
+    return Spread.of([a / b for a, b in zip(ours, theirs, strict=True)])
+
+
+def describe(repeats: int, warmup: int) -> str:
+    return (
+        f"protocol: {warmup} warm-up round discarded, then {repeats} rounds with the sides in "
+        "alternating order; median (min-max) over the rounds; ratios taken round by round"
+    )
