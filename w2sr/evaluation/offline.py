@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from w2sr.config import ExperimentConfig
@@ -23,8 +25,34 @@ from w2sr.session import init_ray
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Pipeline:
+    """One model's missing samples and the engines that will generate them, ready to run."""
+
+    processor: Any
+    requests: list[dict[str, Any]]
+    expected: dict[str, set[tuple]]
+    complete: Callable[[str, list[dict]], None]
+    batch_size: int
+
+    def run(self) -> None:
+        """Generate, grade and write each benchmark's result as its last sample arrives."""
+        generate_groups(
+            self.processor, self.requests, self.batch_size, _benchmark, self.expected, self.complete
+        )
+
+
 def evaluate_offline(cfg: ExperimentConfig, run: RunDir, todo: list[Task]) -> None:
     """Evaluate one model (every task of `todo` is the same model's) on its benchmarks."""
+    pipeline = offline_pipeline(cfg, run, todo)
+    if pipeline is not None:
+        pipeline.run()
+
+
+def offline_pipeline(cfg: ExperimentConfig, run: RunDir, todo: list[Task]) -> Pipeline | None:
+    """One model's requests, rendered and seeded, and its processor; None when every prompt is
+    too long (those results are written here). What it does is not thread-safe (transformers'
+    lazy imports, building a built-in model): pipelines run side by side, not their set-up."""
     init_ray(cfg)
     model = todo[0].model
     path = model_path(model, run)
@@ -70,7 +98,7 @@ def evaluate_offline(cfg: ExperimentConfig, run: RunDir, todo: list[Task]) -> No
     for name in [name for name in tasks if name not in expected]:
         complete(name, [])  # every prompt too long: nothing to generate
     if not requests:
-        return
+        return None
     processor = build_generator(
         path,
         cfg.eval.engine,
@@ -79,10 +107,11 @@ def evaluate_offline(cfg: ExperimentConfig, run: RunDir, todo: list[Task]) -> No
         postprocess=_offline_row(cfg, score),
         side_by_side=cfg.eval.concurrent_models > 1,
     )
-    batch_size = cfg.eval.engine.batch_size
-    generate_groups(
-        processor, requests, batch_size, lambda row: row["benchmark"], expected, complete
-    )
+    return Pipeline(processor, requests, expected, complete, cfg.eval.engine.batch_size)
+
+
+def _benchmark(row: dict[str, Any]) -> str:
+    return row["benchmark"]
 
 
 def _offline_row(cfg: ExperimentConfig, score):

@@ -23,10 +23,9 @@ from typing import Any
 from w2sr import layout
 from w2sr.config import ExperimentConfig
 from w2sr.evaluation.endpoint import evaluate_endpoint, served_models
-from w2sr.evaluation.offline import evaluate_offline
+from w2sr.evaluation.offline import evaluate_offline, offline_pipeline
 from w2sr.evaluation.results import Task, plan_tasks, summary
 from w2sr.rundir import RunDir
-from w2sr.session import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +66,20 @@ def evaluate(
 
 
 def _side_by_side(cfg: ExperimentConfig, run: RunDir, missing: dict[str, list[Task]]) -> None:
-    """Each model's pipeline in a thread of its own, `eval.concurrent_models` at a time. A model
-    that fails does not stop the others (their results are kept); the first failure is raised
-    once all have ended."""
+    """Each model's pipeline in a thread of its own, `eval.concurrent_models` at a time, once
+    every one is set up (in this thread). A model that fails does not stop the others (their
+    results are kept); the first failure is raised once all have ended."""
     if cfg.eval.concurrent_models == 1 or len(missing) == 1:
         for label, todo in missing.items():
             _timed(label, evaluate_offline, cfg, run, todo)
         return
-    init_ray(cfg)  # once, before the threads
+    pipelines = {label: offline_pipeline(cfg, run, todo) for label, todo in missing.items()}
     failed: dict[str, BaseException] = {}
     with ThreadPoolExecutor(cfg.eval.concurrent_models, thread_name_prefix="eval") as pool:
         futures = {
-            pool.submit(_timed, label, evaluate_offline, cfg, run, todo): label
-            for label, todo in missing.items()
+            pool.submit(_timed, label, pipeline.run): label
+            for label, pipeline in pipelines.items()
+            if pipeline is not None
         }
         for future in as_completed(futures):
             if future.exception() is not None:

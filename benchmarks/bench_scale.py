@@ -1,0 +1,122 @@
+"""The driver's peak memory and requests per second of `w2sr generate` as the requests grow.
+
+A tiny random model writes one-token completions, so that what grows with the request count is
+the data path: reading and rendering the prompts, handing requests to the engines, bringing
+completions back and writing the shards. Each size runs as a whole command in its own run dir;
+the driver's resident memory (the command's own process, not Ray's workers) is sampled every
+0.1 s. Sizes take turns as benchmarks/protocol.py prescribes.
+
+Goal: the driver's peak memory at the largest size at most 1.2x that at the smallest, and
+requests per second flat across sizes.
+
+    python benchmarks/bench_scale.py [--sizes 10000,100000,1000000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from protocol import Spread, describe, measure  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SAMPLES = 10  # completions per prompt: requests = prompts x SAMPLES
+
+
+def write_prompts(path: Path, prompts: int) -> None:
+    with path.open("w") as out:
+        for i in range(prompts):
+            row = {"id": f"q{i}", "problem": f"What is {i} + {i % 13}?", "answer": str(i + i % 13)}
+            out.write(json.dumps(row) + "\n")
+
+
+def run_size(data: Path, requests: int, round_: int) -> tuple[float, float]:
+    """(seconds, driver peak RSS in MiB) of one `w2sr generate` on `requests` requests."""
+    import psutil
+
+    prompts = requests // SAMPLES
+    config = {
+        "run_dir": str(data / f"run-{requests}-{round_}"),
+        "teacher": "builtin:tiny-random",
+        "template": "plain",
+        "prompts": {
+            "source": {"type": "file", "path": str(data / "prompts.jsonl")},
+            "limit": prompts,
+        },
+        "generation": {
+            "samples_per_prompt": SAMPLES,
+            "prompts_per_shard": max(1, prompts // 10),
+            "sampling": {"temperature": 1.0, "max_tokens": 1},
+            "engine": {"batch_size": 256, "max_model_len": 128, "dtype": "float32"},
+        },
+    }
+    path = data / f"config-{requests}-{round_}.json"
+    path.write_text(json.dumps(config))
+    start = time.perf_counter()
+    command = subprocess.Popen(
+        [sys.executable, "-m", "w2sr.cli", "generate", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    driver, peak = psutil.Process(command.pid), [0]
+
+    def sample() -> None:
+        while command.poll() is None:
+            try:
+                peak[0] = max(peak[0], driver.memory_info().rss)
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    if command.wait() != 0:
+        raise RuntimeError(f"w2sr generate on {requests} requests exited with {command.returncode}")
+    seconds = time.perf_counter() - start
+    sampler.join()
+    return seconds, peak[0] / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    memory: dict[int, list[float]] = {n: [] for n in sizes}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        write_prompts(data / "prompts.jsonl", max(sizes) // SAMPLES)
+        rounds = {n: 0 for n in sizes}
+
+        def side(requests: int):
+            def run() -> float:
+                rounds[requests] += 1
+                seconds, peak = run_size(data, requests, rounds[requests])
+                memory[requests].append(peak)
+                return requests / seconds
+
+            return run
+
+        rates = measure({n: side(n) for n in sizes}, repeats=args.repeats)
+    cpus = os.cpu_count()
+    print(f"\ntiny random model, one-token completions, {SAMPLES} per prompt, {cpus} CPUs")
+    print(describe(args.repeats, 1) + "; each size a whole `w2sr generate` command")
+    print(f"{'requests':>10} {'requests/s':>24} {'driver peak RSS MiB':>26}")
+    for n in sizes:
+        rate, peak = format(Spread.of(rates[n])), format(Spread.of(memory[n][-args.repeats :]))
+        print(f"{n:>10} {rate:>24} {peak:>26}")
+    low, high = (Spread.of(memory[n][-args.repeats :]).median for n in (sizes[0], sizes[-1]))
+    print(f"\ndriver memory, largest over smallest size: {high / low:.2f}x  (goal <= 1.2x)")
+
+
+if __name__ == "__main__":
+    main()
