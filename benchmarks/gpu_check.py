@@ -11,7 +11,8 @@ FAIL with its time and what was checked:
   eval      offline evaluation of every model of the run; a result per model
   serve     Ray Serve LLM on 127.0.0.1; one chat completion from the trained student
 Then generation throughput of `w2sr generate` against vLLM's `LLM.generate` on the same GPU
-(benchmarks/bench_generate.py, one measured round on top of its warm-up).
+(benchmarks/bench_generate.py --gpu --no-transformers: a warm-up round, then 3 measured
+rounds).
 
 The models are SmolLM2-135M-Instruct (Llama architecture) as both teacher and student: the check
 is of the paths, not of weak-to-strong. `--cpu` runs the same paths on this machine's CPU with a
@@ -226,8 +227,9 @@ def main() -> int:
         print(f"{'PASS' if passed else 'FAIL'} {name:9} {o.seconds:6.0f} s  {detail}", flush=True)
     if not args.skip_throughput:
         bench = [sys.executable, str(Path(__file__).with_name("bench_generate.py"))]
-        bench += ["--prompts", "256", "--samples", "4", "--max-tokens", "256", "--repeats", "3"]
-        bench += ["--hf-requests", "128", "--hf-batch", "64"]
+        # against vLLM only: 8 commands of each side (warm-up and 3 rounds, two sizes each)
+        bench += ["--prompts", "128", "--samples", "4", "--max-tokens", "256", "--repeats", "3"]
+        bench.append("--no-transformers")
         if not args.cpu:
             bench.append("--gpu")
         print("throughput:", " ".join(bench[1:]), flush=True)
