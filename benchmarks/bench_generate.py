@@ -181,7 +181,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    # float32 on CPU: bfloat16 matmuls without CPU kernels for them run many times slower.
+    # One precision for every side; on CPU float32, the precision jobs/tiny.yaml generates in.
     args.dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
     args.peer_flags = [
         *("--samples", str(args.samples), "--max-tokens", str(args.max_tokens)),
