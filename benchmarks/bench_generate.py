@@ -19,6 +19,7 @@ The transformers loop would take hours on the full request set, so it runs a sli
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -205,7 +206,7 @@ def main() -> None:
         data = Path(tmp)
         (data / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (data / "prompts.json").write_text(json.dumps(rendered_prompts(model, rows)))
-        rounds = iter(range(10**6))
+        rounds = itertools.count()
 
         def w2sr() -> float:
             i = next(rounds)

@@ -34,8 +34,7 @@ def test_every_gpu_path_has_a_check_and_the_config_turns_each_gpu_feature_on(tmp
 
 def test_no_command_of_the_check_asks_for_more_than_one_gpu(tmp_path):
     _, cfg = gpu_check.prepare(tmp_path, cpu=False)
-    commands = ("generate", "train", "grpo", "eval", "serve")
-    for command in commands:
+    for command in gpu_check.PATHS:  # each path is the command of its name
         for key, ask in resource_asks(cfg, RESOURCES[command]).items():
             assert ask["GPU"] <= 1, (command, key, ask)
 
