@@ -37,6 +37,9 @@ def ray_session(s3_bucket):
             num_cpus=8,
             include_dashboard=False,
             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}},
+            # Workers' logs stay in Ray's session folder: printed here, they would arrive late,
+            # in whichever later test is reading what a command printed.
+            log_to_driver=False,
         )
     yield ray
     ray.shutdown()
