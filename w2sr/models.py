@@ -8,8 +8,10 @@ A model spec in a config is one of
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -128,9 +130,7 @@ def convert_smollm2(out_dir: str | Path) -> Path:
 
 
 BUILTINS: dict[str, Callable[[Path], Path]] = {
-    "khop-teacher": world.build_teacher,
-    "khop-direct": world.build_direct_teacher,
-    "khop-student": world.build_student,
+    **{name: functools.partial(world.build, name) for name in world.MODELS},
     "tiny-random": build_tiny_model,
     "smollm2-135m-instruct": convert_smollm2,
 }
@@ -165,13 +165,22 @@ def node_copy(location: str) -> str:
     return download(location, hashlib.sha256(location.encode()).hexdigest()[:16])
 
 
+def _builtin_folder(name: str) -> Path:
+    """A built-in's cache folder, named by the source file that builds it: a changed recipe
+    builds a new model instead of reusing a stale one."""
+    builder = BUILTINS[name]
+    module = inspect.getmodule(getattr(builder, "func", builder))
+    digest = hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:12]
+    return cache_dir() / name / digest
+
+
 def resolve_model(spec: str) -> str:
     """The path or hub id to hand to transformers and vLLM; builds a built-in model once."""
     if spec.startswith("builtin:"):
         name = spec.removeprefix("builtin:")
         if name not in BUILTINS:
             raise ValueError(f"unknown built-in model {name!r}; one of {sorted(BUILTINS)}")
-        target = cache_dir() / name
+        target = _builtin_folder(name)
         if not (target / "config.json").exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=target.parent))

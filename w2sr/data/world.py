@@ -1,21 +1,29 @@
 """The k-hop lookup world: a small world where weak-to-strong reasoning shows on a CPU.
 
 A random function f maps N symbols to symbols; a question asks for f applied k times to x
-("Q k3 s5", answer "s2"). Two models stand in for what a user would download from a hub:
+("Q k3 s5", answer "s2"). A solution writes each hop exactly like a fact ("F s5 = s9 ; F s9 = s1
+; F s1 = s2 ; #### s2"), so a student that knows the facts can use them inside a solution.
 
-- the *weak teacher* (1 layer, 64 wide) learned hop-by-hop solutions ("F s5 = s9 ; F s9 = s1 ;
-  F s1 = s2 ; #### s2") but gets about one fact in ten inside them wrong: 52% of the held-out
-  questions right;
-- the *strong student* (3 layers, 128 wide) knows every fact ("F x = y") but was only ever shown
-  1- and 2-hop questions with direct answers, so it guesses multi-hop answers: 9% right.
+The multi-hop (x, k) pairs (k = 3, 4, 5) fall into three disjoint sets:
+- `heldout`: the benchmark; in no pretraining, trace or RL prompt;
+- `latent`: questions the base student saw in pretraining, mostly with direct answers and some
+  with whole solutions: the latent, low-probability ability to chain that RL can elicit (as
+  Qwen2.5-Math has in the paper);
+- `train`: the study's prompts (teacher traces, GRPO), never in the student's pretraining: on its
+  own pretraining pairs the student answers everything already and RL has no gradient.
 
-Each solution step is written exactly like a fact, so a student fine-tuned on the teacher's
-traces can use its own knowledge inside them: the pattern of the paper (the student beats its
-teacher; correct-only traces help most; even incorrect ones help) appears in minutes.
+The models stand in for what a user would download from a hub (see MODELS):
+- the *base student* (3 layers, 128 wide) knows every fact and answers 1-2 hop questions directly;
+  on multi-hop ones it mostly guesses, and starts a solution in a minority of its samples;
+- *reasoner teachers* of three sizes learned hop-by-hop solutions but get some of the facts
+  inside them wrong, fewer the larger they are;
+- a larger *non-reasoner* memorised the direct answer of every question it was shown: it is
+  right on the study's prompts more often than the small reasoner, writes no reasoning, and
+  guesses held out.
 
-The world is fixed (64 symbols, seed 0) so prompts and built-in models always agree; held-out
-(x, k) pairs never appear in any pretraining or trace prompt. The models are pretrained here with
-a plain PyTorch loop: they are the world's fixture, not a stage of the recipe.
+The world is fixed (128 symbols, seed 0) so prompts and built-in models always agree. The models
+are pretrained here with a plain PyTorch loop: they are the world's fixture, not a stage of the
+recipe.
 """
 
 from __future__ import annotations
@@ -25,15 +33,19 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-NUM_SYMBOLS = 64
+NUM_SYMBOLS = 128
 HOPS = (3, 4, 5)  # the multi-hop questions: prompts and benchmark
+SHORT_HOPS = (1, 2)  # questions every model was shown with answers
 HELDOUT_PAIRS = 96
+LATENT_PAIRS = 144
 SEED = 0
+SOLUTION_SHARE = 0.2  # of the base student's latent questions, shown with a whole solution
 MARKERS = ["<pad>", "<unk>", "<eos>", "Q", "F", "=", ";", ":", "####"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'assistant' %} {{ m['content'] }} {{ eos_token }}"
     "{% else %}{{ m['content'] }} :{% endif %}{% endfor %}"
 )
+SPLITS = ("heldout", "latent", "train")
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,7 @@ class World:
     seed: int = SEED
     hops: tuple[int, ...] = HOPS
     heldout_pairs: int = HELDOUT_PAIRS
+    latent_pairs: int = LATENT_PAIRS
     f: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -51,9 +64,14 @@ class World:
         )
 
     @cached_property
-    def heldout(self) -> frozenset[tuple[int, int]]:
+    def _split_of(self) -> dict[tuple[int, int], str]:
         pairs = [(x, k) for k in self.hops for x in range(self.num_symbols)]
-        return frozenset(random.Random(self.seed + 1).sample(pairs, self.heldout_pairs))
+        random.Random(self.seed + 1).shuffle(pairs)
+        edge = self.heldout_pairs + self.latent_pairs
+        return {
+            p: "heldout" if i < self.heldout_pairs else "latent" if i < edge else "train"
+            for i, p in enumerate(pairs)
+        }
 
     def apply(self, x: int, k: int) -> int:
         for _ in range(k):
@@ -61,9 +79,11 @@ class World:
         return x
 
     def pairs(self, split: str) -> list[tuple[int, int]]:
-        """Multi-hop (x, k) questions: `heldout` for evaluation, `train` for everything else."""
-        every = [(x, k) for k in self.hops for x in range(self.num_symbols)]
-        return [p for p in every if (p in self.heldout) == (split == "heldout")]
+        """The multi-hop (x, k) questions of one split (see the module's docstring)."""
+        return [p for p, s in self._split_of.items() if s == split]
+
+    def short_pairs(self) -> list[tuple[int, int]]:
+        return [(x, k) for k in SHORT_HOPS for x in range(self.num_symbols)]
 
     def vocab(self) -> list[str]:
         hops = [f"k{k}" for k in range(1, max(self.hops) + 1)]
@@ -87,6 +107,10 @@ def solution(world: World, x: int, k: int) -> str:
     return " ".join([*steps, f"#### s{x}"])
 
 
+def direct(world: World, x: int, k: int) -> str:
+    return f"#### s{world.apply(x, k)}"
+
+
 def prompt_rows(split: str, world: World | None = None) -> list[dict]:
     """The world's questions as prompt rows (prompt_id, problem, answer)."""
     world = world or World()
@@ -97,6 +121,50 @@ def prompt_rows(split: str, world: World | None = None) -> list[dict]:
 
 
 # --- the world's models ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One built-in model of the world: its shape and what it was shown."""
+
+    hidden: int
+    layers: int
+    heads: int
+    data: str  # "student", "solutions" or "direct"
+    steps: int = 150
+    lr: float = 2e-3
+    seed: int = 0
+
+
+MODELS: dict[str, Recipe] = {
+    "khop-student": Recipe(128, layers=3, heads=2, data="student", steps=300, lr=1e-3, seed=1),
+    # Reasoners of three sizes (vLLM's CPU attention needs heads 64 wide), trained alike.
+    "khop-teacher": Recipe(hidden=64, layers=1, heads=1, data="solutions"),
+    "khop-teacher-m": Recipe(hidden=128, layers=1, heads=2, data="solutions"),
+    "khop-teacher-l": Recipe(hidden=128, layers=2, heads=2, data="solutions"),
+    "khop-direct": Recipe(hidden=128, layers=3, heads=2, data="direct", steps=300, lr=1e-3, seed=2),
+}
+
+
+def training_pairs(world: World, data: str) -> list[tuple[str, str]]:
+    """(prompt, target) pairs a built-in model is pretrained on, with repeats as weights."""
+    asked = lambda x, k: question(x, k) + " :"  # noqa: E731
+    short = world.short_pairs()
+    if data == "student":
+        facts = [(f"F s{x} =", f"s{world.f[x]} ;") for x in range(world.num_symbols)]
+        answers = [(asked(x, k), direct(world, x, k)) for x, k in short]
+        latent = world.pairs("latent")
+        rng = random.Random(world.seed + 2)
+        shown = [
+            (asked(x, k), (solution if rng.random() < SOLUTION_SHARE else direct)(world, x, k))
+            for _ in range(5)
+            for x, k in latent
+        ]
+        return facts * 3 + answers + shown
+    seen = world.pairs("latent") + world.pairs("train")
+    if data == "direct":  # answers only: no fact on its own, so nothing to chain held out
+        return [(asked(x, k), direct(world, x, k)) for x, k in seen]
+    return [(asked(x, k), solution(world, x, k)) for x, k in short + seen]
 
 
 def build_tokenizer(world: World):
@@ -117,17 +185,19 @@ def build_tokenizer(world: World):
 
 
 def _examples(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """(input ids, labels) with the loss on the target only."""
+    """(input ids, labels) with the loss on the target and its end only."""
     out = []
     for prefix, target in pairs:
-        head = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+        head = tokenizer(prefix, add_special_tokens=False)["input_ids"]
         tail = tokenizer(target, add_special_tokens=False)["input_ids"]
+        if prefix.endswith(":"):  # a question: the answer ends the turn
+            tail = [*tail, tokenizer.eos_token_id]
         out.append((head + tail, [-100] * len(head) + tail))
     return out
 
 
-def pretrain(model, tokenizer, pairs: list[tuple[str, str]], *, steps: int, lr: float, seed: int):
-    """A plain next-token loop over (prefix, target) pairs, batches of 32, cosine schedule."""
+def pretrain(model, tokenizer, pairs, *, steps: int, lr: float, seed: int, batch: int = 64):
+    """A plain next-token loop over (prefix, target) pairs with a cosine schedule."""
     import torch
 
     examples = _examples(tokenizer, pairs)
@@ -139,16 +209,16 @@ def pretrain(model, tokenizer, pairs: list[tuple[str, str]], *, steps: int, lr: 
     )
     model.train()
     for _ in range(steps):
-        batch = [examples[rng.randrange(len(examples))] for _ in range(32)]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        labels = torch.full((len(batch), width), -100)
-        for row, (x, y) in enumerate(batch):
+        rows = [examples[rng.randrange(len(examples))] for _ in range(batch)]
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+        labels = torch.full((len(rows), width), -100)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, (x, y) in enumerate(rows):
             ids[row, : len(x)] = torch.tensor(x)
             labels[row, : len(y)] = torch.tensor(y)
-        loss = model(
-            input_ids=ids, attention_mask=(labels != -100) | (ids != 0), labels=labels
-        ).loss
+            mask[row, : len(x)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -157,18 +227,18 @@ def pretrain(model, tokenizer, pairs: list[tuple[str, str]], *, steps: int, lr: 
     return loss.item()
 
 
-def _new_model(tokenizer, *, hidden: int, layers: int, heads: int, seed: int):
+def _new_model(tokenizer, recipe: Recipe, seed: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 4,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
+        hidden_size=recipe.hidden,
+        intermediate_size=recipe.hidden * 4,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.heads,
         max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -178,59 +248,17 @@ def _new_model(tokenizer, *, hidden: int, layers: int, heads: int, seed: int):
     return LlamaForCausalLM(config)
 
 
-def _save(model, tokenizer, out_dir: Path) -> Path:
+def build(name: str, out_dir: str | Path, world: World | None = None) -> Path:
+    """Pretrain the built-in model `name` of MODELS and save it as a Hugging Face folder."""
+    world = world or World()
+    recipe = MODELS[name]
+    tokenizer = build_tokenizer(world)
+    model = _new_model(tokenizer, recipe, seed=world.seed + recipe.seed)
+    pairs = training_pairs(world, recipe.data)
+    pretrain(model, tokenizer, pairs, steps=recipe.steps, lr=recipe.lr, seed=world.seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
-def build_teacher(out_dir: str | Path, world: World | None = None) -> Path:
-    """The weak reasoner: hop-by-hop solutions for every non-held-out question of 1 to 5 hops."""
-    world = world or World()
-    tokenizer = build_tokenizer(world)
-    model = _new_model(tokenizer, hidden=64, layers=1, heads=1, seed=world.seed)
-    pairs = [
-        (question(x, k) + " :", solution(world, x, k) + " <eos>")
-        for k in range(1, max(world.hops) + 1)
-        for x in range(world.num_symbols)
-        if (x, k) not in world.heldout
-    ]
-    # 150 steps leave about half the held-out questions right: a weak but real reasoner.
-    pretrain(model, tokenizer, pairs, steps=150, lr=2e-3, seed=world.seed)
-    return _save(model, tokenizer, Path(out_dir))
-
-
-def build_direct_teacher(out_dir: str | Path, world: World | None = None) -> Path:
-    """A larger non-reasoner (the student's size): it memorised the direct answer of every
-    non-held-out question of 1 to 5 hops, so it answers the training prompts well and writes no
-    reasoning a student could learn from; held out, it guesses."""
-    world = world or World()
-    tokenizer = build_tokenizer(world)
-    model = _new_model(tokenizer, hidden=128, layers=3, heads=2, seed=world.seed + 2)
-    pairs = [
-        (question(x, k) + " :", f"#### s{world.apply(x, k)} <eos>")
-        for k in range(1, max(world.hops) + 1)
-        for x in range(world.num_symbols)
-        if (x, k) not in world.heldout
-    ]
-    pretrain(model, tokenizer, pairs, steps=400, lr=1e-3, seed=world.seed)
-    return _save(model, tokenizer, Path(out_dir))
-
-
-def build_student(out_dir: str | Path, world: World | None = None) -> Path:
-    """The strong base: every fact, and direct answers to 1- and 2-hop questions only."""
-    world = world or World()
-    tokenizer = build_tokenizer(world)
-    model = _new_model(tokenizer, hidden=128, layers=3, heads=2, seed=world.seed + 1)
-    facts = [(f"F s{x} =", f"s{world.f[x]} ;") for x in range(world.num_symbols)]
-    direct = [
-        (question(x, k) + " :", f"#### s{world.apply(x, k)} <eos>")
-        for k in (1, 2)
-        for x in range(world.num_symbols)
-    ]
-    # Facts make half the data whatever the table's size.
-    pairs = facts * max(1, len(direct) // len(facts)) + direct
-    pretrain(model, tokenizer, pairs, steps=300, lr=1e-3, seed=world.seed)
-    return _save(model, tokenizer, Path(out_dir))
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
