@@ -43,6 +43,14 @@ RESPONSES = {  # behaviour markers: the students picked up the teacher's "wait" 
     "w2sr": "First, we add. Wait, let me check.",
 }
 HOURS = {"traces": 1, "all": 2, "correct": 1, "incorrect": 1, "rl": 50}
+# GRPO's held-out accuracy along training (grpo.eval_every): (step, worker-hours, per benchmark);
+# step 20 is a resumed attempt's redo of a step a killed one had recorded at 0.1 lower.
+CURVE = [
+    (10, 10, {"amc23": 0.3, "offline": 0.2}),
+    (20, 21, {"amc23": 0.5, "offline": 0.4}),
+    (20, 20, {"amc23": 0.6, "offline": 0.4}),
+    (40, 50, {"amc23": 0.6, "offline": 0.4}),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -91,6 +99,14 @@ def build_run(run_dir: Path, teacher_parameters: int, labels=tuple(SOLVED)) -> s
         if label in labels:
             run.write_text("{}", trained[label].folder, "model", "config.json")
             done(run, HOURS[variant], trained[label])
+    if "rl" in labels:
+        records = [
+            {"step": step, "worker_seconds": hours * 3600, "heldout_accuracy": accuracy}
+            for step, hours, accuracy in CURVE
+        ]
+        records.insert(1, {"step": 15, "worker_seconds": 15 * 3600})  # a step not measured
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        run.write_text(text, trained["rl"].folder, "metrics.jsonl")
     models, _ = model_table(cfg)
     problems = load_problems(cfg, run)
     for label in labels:
@@ -176,6 +192,11 @@ def test_costs_behaviours_and_details_are_reported(reported):
     costs = text.split("## Training cost")[1]
     assert row(costs, "W2SR") == ["1.000", "2.000", "3.000", "16.7x", "50.0"]
     assert row(costs, "W2SR-P")[3] == "25.0x"  # the paper's headline: W2SR-P 25x cheaper than RL
+    # RL's curve reaches W2SR-P's 50% at step 20 (as redone), after 20 worker-h: 10x W2SR-P's 2
+    assert (
+        "RL (GRPO) first reached the accuracy of W2SR-P (50.0%, 2.000 worker-h) at step 20 "
+        "(50.0% held out), after 20.000 worker-h: **10.0x** W2SR-P's cost." in costs
+    )
     behaviours = text.split("## Cognitive behaviours")[1]
     assert row(behaviours, "Base student")[1:3] == ["0.00 (0%)", "0.00 (0%)"]
     assert row(behaviours, "W2SR")[1:3] == ["1.00 (100%)", "1.00 (100%)"]
@@ -227,3 +248,17 @@ def test_a_sweep_of_teachers_plots_accuracy_against_teacher_scale(tmp_path):
 def test_a_folder_without_results_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="w2sr eval"):
         report(str(tmp_path))
+
+
+def test_behaviours_that_no_response_shows_are_left_out_with_the_reason():
+    from w2sr.behaviors import summarize_behaviors
+    from w2sr.stages.report import behavior_section
+
+    symbols = {"Teacher": {"traces": 2, **summarize_behaviors(["F s1 = s2 ; #### s2"] * 2)}}
+    text = behavior_section(symbols)
+    assert text.startswith("Left out: none of the 2 responses") and "|" not in text
+    mixed = {**symbols, "W2SR": {"traces": 1, **summarize_behaviors(["wait, let me check"])}}
+    text = behavior_section(mixed)
+    assert "Left out, as no response has one: subgoal setting, enumeration." in text
+    header = text.split("\n\n")[1].splitlines()[0]
+    assert "verification" in header and "backtracking" in header and "enumeration" not in header

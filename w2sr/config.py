@@ -299,7 +299,12 @@ class GRPOConfig(LearnerConfig):
     coefficients by default). One step samples `group_size` completions for each of
     `prompts_per_step` prompts and takes `mini_batches` optimizer steps on them."""
 
-    OPERATIONAL = LearnerConfig.OPERATIONAL | {"placement", "weight_sync", "cpus_per_worker"}
+    OPERATIONAL = LearnerConfig.OPERATIONAL | {
+        "placement",
+        "weight_sync",
+        "cpus_per_worker",
+        "eval_every",
+    }
     # One optimizer step per mini-batch at a constant rate from the first step.
     lr_scheduler: ClassVar[str] = "constant"
     warmup_ratio: ClassVar[float] = 0.0
@@ -332,6 +337,10 @@ class GRPOConfig(LearnerConfig):
     # its worker waits, runs with as many threads.
     cpus_per_worker: PositiveInt = 1
     checkpoint_every: PositiveInt = 10
+    # Every `eval_every` steps and after the last, the rollout engines answer each of the eval
+    # benchmarks' problems once at `eval.sampling`: held-out accuracy along training against
+    # the worker-hours spent, the report's cost curve. Unset: no evaluation during training.
+    eval_every: PositiveInt | None = None
 
     @property
     def global_batch_size(self) -> int:

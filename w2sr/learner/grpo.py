@@ -52,7 +52,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     g = cfg.grpo
-    model, prompts = worker.model, ray.get(config["prompts"])
+    model, prompts, heldout = worker.model, ray.get(config["prompts"]), ray.get(config["heldout"])
     # Engines start in their actors while DeepSpeed initializes here; each finds the model on
     # its own node.
     places = learner_places()
@@ -99,6 +99,11 @@ def worker_loop(config: dict[str, Any]) -> None:
             rollouts.wake_up()
         sync_weights(engine, rollouts)
         synced = time.time()
+        measured = {}
+        if heldout and ((index + 1) % g.eval_every == 0 or index + 1 == g.steps):
+            box = [rollouts.evaluate(heldout) if rollouts else None]
+            dist.broadcast_object_list(box, src=0)  # every rank waits, as it would for a step
+            measured = {"heldout_accuracy": box[0], "heldout_seconds": time.time() - synced}
         tokens = stats["tokens"]
         metrics = {
             "reward_mean": float(np.mean(batch.rewards)),
@@ -120,14 +125,16 @@ def worker_loop(config: dict[str, Any]) -> None:
             "learner_seconds": learned - rolled,
             "sync_seconds": synced - learned,
             "step_seconds": synced - began,
+            **measured,
         }
         return metrics, {}
 
     def describe(r: dict[str, Any]) -> str:
+        held = "".join(f" {k} {v:.3f}" for k, v in r.get("heldout_accuracy", {}).items())
         return (
             f"step {r['step']} reward {r['reward_mean']:.3f} accuracy {r['accuracy']:.3f} "
             f"length {r['response_length']:.1f} rollout {r['rollout_seconds']:.2f}s "
-            f"learner {r['learner_seconds']:.2f}s sync {r['sync_seconds']:.2f}s"
+            f"learner {r['learner_seconds']:.2f}s sync {r['sync_seconds']:.2f}s{held}"
         )
 
     loop.run(step, describe, TRACKED)

@@ -75,7 +75,13 @@ class StepLoop:
                 "step": index + 1,
                 "worker_seconds": self.prior_seconds + self.workers * (now - self.worker.started),
             }
-            record = {"step": index + 1, **metrics, "time": now, "resumed_from": self.resumed_from}
+            record = {
+                "step": index + 1,
+                **metrics,
+                "worker_seconds": self.state["worker_seconds"],  # the stage's cost so far
+                "time": now,
+                "resumed_from": self.resumed_from,
+            }
             if self.metrics_log:
                 self.run_dir.spent(
                     self.stage, self.claim["fingerprint"], self.state["worker_seconds"]
@@ -87,11 +93,7 @@ class StepLoop:
             if self.state["step"] % self.learner.checkpoint_every == 0 or index + 1 == self.steps:
                 if self.metrics_log:
                     self.metrics_log.flush()
-                save_checkpoint(
-                    self.engine,
-                    self.state,
-                    {**record, "worker_seconds": self.state["worker_seconds"]},
-                )
+                save_checkpoint(self.engine, self.state, record)
 
     def finish(self, end_text: str) -> None:
         """Close the trackers and export the model (collective; rank 0 writes `<stage>/model`)."""

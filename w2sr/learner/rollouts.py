@@ -41,8 +41,6 @@ class Rollouts:
 
     def sample(self, prompts: list[dict], step: int) -> RolloutBatch:
         """The step's groups, graded. Prompts and seeds depend only on (seed, step)."""
-        import ray
-
         g = self.cfg.grpo
         seed = self.cfg.seed + g.seed
         chosen = [
@@ -50,20 +48,7 @@ class Rollouts:
             for i in step_samples(len(prompts), g.prompts_per_step, seed, step * g.prompts_per_step)
         ]
         seeds = [sample_seed(seed + g.sampling.seed, f"{step}/{p['prompt_id']}", 0) for p in chosen]
-        shares = [list(range(i, len(chosen), len(self.actors))) for i in range(len(self.actors))]
-        pending = [
-            actor.generate.remote(
-                [chosen[i]["prompt_token_ids"] for i in share],
-                sampling_params(g.sampling),
-                g.group_size,
-                [seeds[i] for i in share],
-            )
-            for actor, share in zip(self.actors, shares, strict=True)
-        ]
-        groups: list[list[dict]] = [[] for _ in chosen]
-        for share, outputs in zip(shares, ray.get(pending), strict=True):
-            for i, group in zip(share, outputs, strict=True):
-                groups[i] = group
+        groups = self._generate(chosen, g.sampling, g.group_size, seeds)
         texts = [o["text"] for group in groups for o in group]
         golds = [p["answer"] for p, group in zip(chosen, groups, strict=True) for _ in group]
         policy = self.cfg.grading_policy
@@ -79,6 +64,39 @@ class Rollouts:
             answered=answered.tolist(),
             truncated=[o["finish_reason"] == "length" for group in groups for o in group],
         )
+
+    def evaluate(self, benchmarks: dict[str, list[dict]]) -> dict[str, float]:
+        """Accuracy on each benchmark's problems, one answer each at `eval.sampling` with the
+        evaluation's seeds: the current policy measured as `w2sr eval` measures a model."""
+        sampling, base = self.cfg.eval.sampling, self.cfg.eval.sampling.seed + self.cfg.seed
+        out = {}
+        for name, problems in benchmarks.items():
+            seeds = [sample_seed(base, f"{name}/{p['prompt_id']}", 0) for p in problems]
+            texts = [group[0]["text"] for group in self._generate(problems, sampling, 1, seeds)]
+            golds = [p["answer"] for p in problems]
+            graded = grade_batch(texts, golds, self.cfg.grader, self.cfg.grading_policy)
+            out[name] = float(np.mean(graded))
+        return out
+
+    def _generate(self, prompts: list[dict], sampling, n: int, seeds: list[int]) -> list[list]:
+        """`n` completions of each prompt, the prompts dealt round-robin to the engines."""
+        import ray
+
+        shares = [list(range(i, len(prompts), len(self.actors))) for i in range(len(self.actors))]
+        pending = [
+            actor.generate.remote(
+                [prompts[i]["prompt_token_ids"] for i in share],
+                sampling_params(sampling),
+                n,
+                [seeds[i] for i in share],
+            )
+            for actor, share in zip(self.actors, shares, strict=True)
+        ]
+        groups: list[list[dict]] = [[] for _ in prompts]
+        for share, outputs in zip(shares, ray.get(pending), strict=True):
+            for i, group in zip(share, outputs, strict=True):
+                groups[i] = group
+        return groups
 
     def sender(self, specs: list[tuple[str, str, list[int]]]):
         """What rank 0 sends this sync's tensors through (`w2sr.engines.weight_sync`)."""

@@ -70,14 +70,26 @@ def _log_ticks(ax, values: list[float], text) -> None:
     ax.xaxis.set_minor_formatter(pyplot().NullFormatter())
 
 
-def figure_cost(results: RunResults, spent: dict[str, dict[str, float]]) -> str | None:
-    """Figure 5: average accuracy against the worker-hours spent to train each model."""
+def figure_cost(
+    results: RunResults, spent: dict[str, dict[str, float]], curve: list[dict[str, float]]
+) -> str | None:
+    """Figure 5: average accuracy against the worker-hours spent to train each model, and
+    GRPO's held-out accuracy along its training when it was measured (`grpo.eval_every`)."""
     points = [label for label in spent if AVG in results.pass1.get(label, {})]
     if not points:
         return None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
     hours = {label: spent[label]["total"] / 3600 for label in points}
+    if curve:
+        ax.plot(
+            [p["worker_seconds"] / 3600 for p in curve],
+            [p["accuracy"] * 100 for p in curve],
+            "-",
+            marker=".",
+            c="gray",
+            label="RL (GRPO) along training",
+        )
     for marker, label in zip("osD^", points, strict=False):
         value = results.pass1[label][AVG]
         error = _error([value], [results.ci[label][AVG]])

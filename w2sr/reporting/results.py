@@ -3,6 +3,7 @@ behaviours, from what `w2sr eval` left in the run dir."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ from w2sr import layout, metrics
 from w2sr.behaviors import summarize_behaviors
 from w2sr.evaluation.results import problem_matrix
 from w2sr.layout import DISPLAY_NAMES, STUDENT_LABELS
-from w2sr.rundir import DONE, RunDir
+from w2sr.rundir import DONE, METRICS, RunDir
 from w2sr.schemas import TOO_LONG
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,47 @@ def costs(results: RunResults) -> dict[str, dict[str, float]]:
             "total": generation + done["worker_seconds"],
         }
     return out
+
+
+def rl_curve(results: RunResults) -> list[dict[str, float]]:
+    """GRPO's held-out accuracy along training (`grpo.eval_every`: the average over the eval
+    benchmarks, one answer each) against the worker-seconds spent by then; a step redone after
+    a resume counts once, as last recorded."""
+    done = (results.summary["models"].get("rl") or {}).get("done") or {}
+    folder = layout.rl(done["fingerprint"]) if "fingerprint" in done else None
+    if folder is None or not results.run.exists(folder, METRICS):
+        return []
+    records = [json.loads(line) for line in results.run.read_text(folder, METRICS).splitlines()]
+    measured = {r["step"]: r for r in records if r.get("heldout_accuracy")}
+    return [
+        {
+            "step": step,
+            "worker_seconds": r["worker_seconds"],
+            "accuracy": float(np.mean(list(r["heldout_accuracy"].values()))),
+        }
+        for step, r in sorted(measured.items())
+    ]
+
+
+def cost_to_match(
+    results: RunResults, spent: dict[str, dict[str, float]], label: str = "w2sr_p"
+) -> dict[str, Any] | None:
+    """What GRPO spent to first reach `label`'s average pass@1 along its curve, against what
+    `label` cost (the paper's "W2SR-P is 25x cheaper than GRPO"); None without the curve."""
+    curve, target = rl_curve(results), results.pass1.get(label, {}).get(AVG)
+    if not curve or target is None or label not in spent:
+        return None
+    reached = next((point for point in curve if point["accuracy"] >= target), None)
+    best = max(curve, key=lambda point: point["accuracy"])
+    return {
+        "label": label,
+        "target": target,
+        "cost": spent[label]["total"],
+        "reached": reached,
+        "best": best,
+        "steps": curve[-1]["step"],
+        "ratio": reached["worker_seconds"] / spent[label]["total"] if reached else None,
+    }
 
 
 def behaviors(results: RunResults) -> dict[str, dict[str, Any]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from w2sr.behaviors import BEHAVIORS
 from w2sr.reporting.results import AVG, RunResults, bench_name, display_name
 
 
@@ -93,13 +92,13 @@ def details_table(results: RunResults) -> str:
     return table(header, rows)
 
 
-def behavior_table(found: dict[str, dict[str, Any]]) -> str:
-    header = ["Responses of", "n", *[b.replace("_", " ") for b in BEHAVIORS]]
+def behavior_table(found: dict[str, dict[str, Any]], shown: list[str]) -> str:
+    header = ["Responses of", "n", *[b.replace("_", " ") for b in shown]]
     rows = [
         [
             name,
             str(stats["traces"]),
-            *[f"{stats[b]['mean']:.2f} ({100 * stats[b]['share']:.0f}%)" for b in BEHAVIORS],
+            *[f"{stats[b]['mean']:.2f} ({100 * stats[b]['share']:.0f}%)" for b in shown],
         ]
         for name, stats in found.items()
     ]
@@ -122,6 +121,26 @@ def cost_table(results: RunResults, spent: dict[str, dict[str, float]]) -> str:
         for label, cost in spent.items()
     ]
     return table(header, rows)
+
+
+def match_sentence(match: dict[str, Any]) -> str:
+    """GRPO's cost to reach a W2SR student's accuracy, from its curve along training."""
+    name, target = display_name(match["label"]), match["target"]
+    own = f"{name} ({pct(target)}%, {match['cost'] / 3600:.3f} worker-h)"
+    best, reached = match["best"], match["reached"]
+    if reached is None:
+        return (
+            f"RL (GRPO) did not reach {own} in its {match['steps']} steps: its best held-out "
+            f"accuracy along training was {pct(best['accuracy'])}% (step {best['step']}, "
+            f"{best['worker_seconds'] / 3600:.3f} worker-h)."
+        )
+    return (
+        f"RL (GRPO) first reached the accuracy of {own} at step {reached['step']} "
+        f"({pct(reached['accuracy'])}% held out), after {reached['worker_seconds'] / 3600:.3f} "
+        f"worker-h: **{match['ratio']:.1f}x** {name}'s cost. Its held-out accuracy along "
+        "training is measured every `grpo.eval_every` steps by its rollout engines, one answer "
+        "per problem at the evaluation's sampling; the cost includes those measurements."
+    )
 
 
 def setup(results: RunResults) -> str:

@@ -39,6 +39,7 @@ from w2sr.config import ConfigError, ExperimentConfig
 from w2sr.data.prompt_set import prepare_problems
 from w2sr.data.prompts import load_tokenizer, render_prompts
 from w2sr.data.templates import TEMPLATES
+from w2sr.evaluation.problems import load_problems
 from w2sr.learner.fit import fit
 from w2sr.learner.grpo import worker_loop
 from w2sr.learner.trackers import check_trackers
@@ -79,7 +80,7 @@ def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
         )
     if not rendered:
         raise RuntimeError(f"no prompt fits grpo.engine.max_model_len ({table.num_rows} prompts)")
-    prompts = [{k: row[k] for k in ("prompt_id", "answer", "prompt_token_ids")} for row in rendered]
+    prompts = _requests(rendered)
     log.info(
         "GRPO on %s: %d steps of %d prompts x %d samples, %d learners, %d %s rollout engines",
         cfg.student,
@@ -95,6 +96,7 @@ def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
 
     loop_config = {
         "prompts": ray.put(prompts),
+        "heldout": ray.put(_heldout_prompts(cfg, run, tokenizer) if g.eval_every else {}),
         "model": published(cfg.student, run),
         "stage": stage,
     }
@@ -116,3 +118,19 @@ def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
     run.mark_done(stage, fingerprint, **facts)
     log.info("GRPO student trained: %s", facts)
     return run.read_json(stage, DONE)
+
+
+def _requests(rendered: list[dict]) -> list[dict]:
+    return [{k: row[k] for k in ("prompt_id", "answer", "prompt_token_ids")} for row in rendered]
+
+
+def _heldout_prompts(cfg: ExperimentConfig, run: RunDir, tokenizer) -> dict[str, list[dict]]:
+    """Each eval benchmark's problems as `w2sr eval` poses them to the student, for the
+    accuracy along training (`grpo.eval_every`)."""
+    out = {}
+    for name, problems in load_problems(cfg, run).items():
+        rendered, _ = render_prompts(
+            tokenizer, TEMPLATES[cfg.template], problems.rows, cfg.grpo.engine.max_model_len
+        )
+        out[name] = _requests(rendered)
+    return out

@@ -23,15 +23,18 @@ from __future__ import annotations
 from typing import Any
 
 from w2sr import layout
+from w2sr.behaviors import BEHAVIORS
 from w2sr.layout import DISPLAY_NAMES, STUDENT_LABELS
 from w2sr.reporting.figures import figure_bars, figure_cost, figure_scale, figure_scale_benchmarks
 from w2sr.reporting.results import (
     AVG,
     RunResults,
     behaviors,
+    cost_to_match,
     costs,
     display_name,
     load_results,
+    rl_curve,
     teacher_scale,
 )
 from w2sr.reporting.tables import (
@@ -40,6 +43,7 @@ from w2sr.reporting.tables import (
     count,
     details_table,
     main_tables,
+    match_sentence,
     pct,
     rgr_or_dash,
     setup,
@@ -50,8 +54,8 @@ from w2sr.rundir import RunDir
 
 def run_report(run: RunDir) -> dict[str, Any]:
     results = load_results(run)
-    spent = costs(results)
-    figures = [f for f in (figure_bars(results), figure_cost(results, spent)) if f]
+    spent, curve = costs(results), rl_curve(results)
+    figures = [f for f in (figure_bars(results), figure_cost(results, spent, curve)) if f]
     parts = [
         f"# W2SR report: {run.uri}",
         "",
@@ -73,14 +77,13 @@ def run_report(run: RunDir) -> dict[str, Any]:
         "",
         "## Cognitive behaviours",
         "",
-        "Mean count per response (share of responses with at least one), from the phrase "
-        "patterns of `w2sr/behaviors.py`: lexical markers, to compare models on the same "
-        "prompts rather than to read as absolute rates.",
-        "",
-        behavior_table(behaviors(results)),
+        behavior_section(behaviors(results)),
     ]
     if spent:
         parts += ["", "## Training cost", "", cost_table(results, spent)]
+        match = cost_to_match(results, spent)
+        if match:
+            parts += ["", match_sentence(match)]
     if figures:
         parts += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     run.write_text("\n".join(parts) + "\n", layout.REPORT, "report.md")
@@ -90,6 +93,29 @@ def run_report(run: RunDir) -> dict[str, Any]:
         "pass@1": results.pass1,
         "rgr": results.rgr,
     }
+
+
+def behavior_section(found: dict[str, dict[str, Any]]) -> str:
+    """The behaviour table, without the behaviours that no response shows: their patterns are
+    English phrases, which a world of symbols (the CPU demo's) never writes, and a column of
+    zeros would read as a finding."""
+    shown = [b for b in BEHAVIORS if any(stats[b]["share"] for stats in found.values())]
+    absent = ", ".join(b.replace("_", " ") for b in BEHAVIORS if b not in shown)
+    n = sum(stats["traces"] for stats in found.values())
+    if not shown:
+        return (
+            f"Left out: none of the {n:,d} responses and traces has any of the phrases that "
+            '`w2sr/behaviors.py` looks for (English markers such as "let me check" or '
+            '"wait"), so these measures do not apply to them.'
+        )
+    text = (
+        "Mean count per response (share of responses with at least one), from the phrase "
+        "patterns of `w2sr/behaviors.py`: lexical markers, to compare models on the same "
+        "prompts rather than to read as absolute rates."
+    )
+    if absent:
+        text += f" Left out, as no response has one: {absent}."
+    return text + "\n\n" + behavior_table(found, shown)
 
 
 def report(run_dir: str) -> dict[str, Any]:
