@@ -1,6 +1,6 @@
 """The k-hop lookup world: a small world where weak-to-strong reasoning shows on a CPU.
 
-A random function f maps N symbols to symbols; a question asks for f applied k times to x
+A random permutation f of N symbols; a question asks for f applied k times to x
 ("Q k3 s5", answer "s2"). A solution writes each hop exactly like a fact ("F s5 = s9 ; F s9 = s1
 ; F s1 = s2 ; #### s2"), so a student that knows the facts can use them inside a solution.
 
@@ -16,7 +16,8 @@ The models stand in for what a user would download from a hub (see MODELS):
 - the *base student* (3 layers, 128 wide) knows every fact and answers 1-2 hop questions directly;
   on multi-hop ones it mostly guesses, and starts a solution in a minority of its samples;
 - *reasoner teachers* of three sizes learned hop-by-hop solutions but get some of the facts
-  inside them wrong, fewer the larger they are;
+  inside them wrong, fewer the larger they are: the small one (1 layer, 64 wide) about a quarter
+  of them, so it answers about 40% of the questions right;
 - a larger *non-reasoner* memorised the direct answer of every question it was shown: it is
   right on the study's prompts more often than the small reasoner, writes no reasoning, and
   guesses held out.
@@ -58,10 +59,11 @@ class World:
     f: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        rng = random.Random(self.seed)
-        object.__setattr__(
-            self, "f", tuple(rng.randrange(self.num_symbols) for _ in range(self.num_symbols))
-        )
+        # A permutation: every answer is equally likely, so a guess is right 1 time in N and a
+        # wrong hop cannot land on the right answer by falling into a common cycle.
+        f = list(range(self.num_symbols))
+        random.Random(self.seed).shuffle(f)
+        object.__setattr__(self, "f", tuple(f))
 
     @cached_property
     def _split_of(self) -> dict[tuple[int, int], str]:
@@ -98,13 +100,17 @@ def fact(x: int, y: int) -> str:
     return f"F s{x} = s{y} ;"
 
 
-def solution(world: World, x: int, k: int) -> str:
+def walk(world: World, x: int, k: int) -> str:
+    """k facts, each starting where the one before ended: "F s5 = s9 ; F s9 = s1 ;"."""
     steps = []
     for _ in range(k):
-        y = world.f[x]
-        steps.append(fact(x, y))
-        x = y
-    return " ".join([*steps, f"#### s{x}"])
+        steps.append(fact(x, world.f[x]))
+        x = world.f[x]
+    return " ".join(steps)
+
+
+def solution(world: World, x: int, k: int) -> str:
+    return f"{walk(world, x, k)} #### s{world.apply(x, k)}"
 
 
 def direct(world: World, x: int, k: int) -> str:
@@ -137,7 +143,7 @@ class Recipe:
 
 
 MODELS: dict[str, Recipe] = {
-    "khop-student": Recipe(128, layers=3, heads=2, data="student", steps=300, lr=1e-3, seed=1),
+    "khop-student": Recipe(128, layers=3, heads=2, data="student", steps=600, lr=1e-3, seed=1),
     # Reasoners of three sizes (vLLM's CPU attention needs heads 64 wide), trained alike.
     "khop-teacher": Recipe(hidden=64, layers=1, heads=1, data="solutions"),
     "khop-teacher-m": Recipe(hidden=128, layers=1, heads=2, data="solutions"),
@@ -151,16 +157,22 @@ def training_pairs(world: World, data: str) -> list[tuple[str, str]]:
     asked = lambda x, k: question(x, k) + " :"  # noqa: E731
     short = world.short_pairs()
     if data == "student":
-        facts = [(f"F s{x} =", f"s{world.f[x]} ;") for x in range(world.num_symbols)]
+        rng = random.Random(world.seed + 2)
+        # The table read as walks of one to six facts from every symbol: the student can
+        # follow a chain of facts, though no question ever asked it to.
+        facts = [
+            ("", walk(world, x, rng.randint(1, 6)))
+            for _ in range(3)
+            for x in range(world.num_symbols)
+        ]
         answers = [(asked(x, k), direct(world, x, k)) for x, k in short]
         latent = world.pairs("latent")
-        rng = random.Random(world.seed + 2)
         shown = [
             (asked(x, k), (solution if rng.random() < SOLUTION_SHARE else direct)(world, x, k))
             for _ in range(5)
             for x, k in latent
         ]
-        return facts * 3 + answers + shown
+        return facts + answers + shown
     seen = world.pairs("latent") + world.pairs("train")
     if data == "direct":  # answers only: no fact on its own, so nothing to chain held out
         return [(asked(x, k), direct(world, x, k)) for x, k in seen]
