@@ -13,11 +13,12 @@ The multi-hop (x, k) pairs (k = 3, 4, 5) fall into three disjoint sets:
   own pretraining pairs the student answers everything already and RL has no gradient.
 
 The models stand in for what a user would download from a hub (see MODELS):
-- the *base student* (3 layers, 128 wide) knows every fact and answers 1-2 hop questions directly;
-  on multi-hop ones it mostly guesses, and starts a solution in a minority of its samples;
+- the *base student* (3 layers, 128 wide) read the table as walks of facts and answered 1-2 hop
+  questions directly; asked a multi-hop one it mostly guesses (a few % right), and starts a
+  solution in about one sample in six at temperature 1;
 - *reasoner teachers* of three sizes learned hop-by-hop solutions but get some of the facts
-  inside them wrong, fewer the larger they are: the small one (1 layer, 64 wide) about a quarter
-  of them, so it answers about 40% of the questions right;
+  inside them wrong, fewer the larger they are: the small one (1 layer, 64 wide) about one in
+  ten on held-out questions, so it answers about 60% of them right;
 - a larger *non-reasoner* memorised the direct answer of every question it was shown: it is
   right on the study's prompts more often than the small reasoner, writes no reasoning, and
   guesses held out.
