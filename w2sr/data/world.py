@@ -144,18 +144,25 @@ class Recipe:
 
 
 MODELS: dict[str, Recipe] = {
-    "khop-student": Recipe(128, layers=3, heads=2, data="student", steps=600, lr=1e-3, seed=1),
+    "khop-student": Recipe(
+        hidden=128, layers=3, heads=2, data="student", steps=600, lr=1e-3, seed=1
+    ),
     # Reasoners of three sizes (vLLM's CPU attention needs heads 64 wide), trained alike.
     "khop-teacher": Recipe(hidden=64, layers=1, heads=1, data="solutions"),
     "khop-teacher-m": Recipe(hidden=128, layers=1, heads=2, data="solutions"),
     "khop-teacher-l": Recipe(hidden=128, layers=2, heads=2, data="solutions"),
-    "khop-direct": Recipe(hidden=128, layers=3, heads=2, data="direct", steps=300, lr=1e-3, seed=2),
+    "khop-direct": Recipe(
+        hidden=128, layers=3, heads=2, data="direct", steps=1500, lr=2e-3, seed=2
+    ),
 }
+
+
+def _asked(x: int, k: int) -> str:
+    return question(x, k) + " :"
 
 
 def training_pairs(world: World, data: str) -> list[tuple[str, str]]:
     """(prompt, target) pairs a built-in model is pretrained on, with repeats as weights."""
-    asked = lambda x, k: question(x, k) + " :"  # noqa: E731
     short = world.short_pairs()
     if data == "student":
         rng = random.Random(world.seed + 2)
@@ -166,18 +173,18 @@ def training_pairs(world: World, data: str) -> list[tuple[str, str]]:
             for _ in range(3)
             for x in range(world.num_symbols)
         ]
-        answers = [(asked(x, k), direct(world, x, k)) for x, k in short]
+        answers = [(_asked(x, k), direct(world, x, k)) for x, k in short]
         latent = world.pairs("latent")
         shown = [
-            (asked(x, k), (solution if rng.random() < SOLUTION_SHARE else direct)(world, x, k))
+            (_asked(x, k), (solution if rng.random() < SOLUTION_SHARE else direct)(world, x, k))
             for _ in range(5)
             for x, k in latent
         ]
         return facts + answers + shown
     seen = world.pairs("latent") + world.pairs("train")
     if data == "direct":  # answers only: no fact on its own, so nothing to chain held out
-        return [(asked(x, k), direct(world, x, k)) for x, k in seen]
-    return [(asked(x, k), solution(world, x, k)) for x, k in short + seen]
+        return [(_asked(x, k), direct(world, x, k)) for x, k in seen]
+    return [(_asked(x, k), solution(world, x, k)) for x, k in short + seen]
 
 
 def build_tokenizer(world: World):
