@@ -30,7 +30,8 @@ def test_a_reduced_demo_runs_every_stage_and_reports_each_section_and_figure(
     assert main(["run", str(DEMO), f"run_dir={run_dir}", *REDUCED]) == 0
     out = capsys.readouterr().out
     done = json.loads(out[out.index("{\n") :])
-    assert list(done) == ["generate", "select", "train", "grpo", "eval", "report"]
+    trained = [f"train {variant}" for variant in ("all", "correct", "incorrect")]
+    assert list(done) == ["generate", "select", *trained, "grpo", "eval", "report"]
 
     report = (run_dir / "report" / "report.md").read_text()
     sections = [line for line in report.splitlines() if line.startswith("## ")]
