@@ -28,6 +28,7 @@ from network import free_port
 from w2sr import layout, lineage
 from w2sr.config import ConfigError
 from w2sr.identity import content_digest
+from w2sr.models import _builtin_folder, cache_dir
 from w2sr.rundir import RunDir
 from w2sr.sweep.config import SweepConfig, load_sweep
 from w2sr.sweep.plan import plan
@@ -284,7 +285,8 @@ def test_a_killed_sweep_resumes_through_ray_job_submit_and_redoes_nothing(study)
     # Built once, by the stages' own processes, published under its digest, and copied from the
     # store into the node's cache by the workers that trained on it.
     cache = tmp / "cache"
-    digest = content_digest(cache / "models" / "tiny-random")
+    built = cache / "models" / _builtin_folder("tiny-random").relative_to(cache_dir())
+    digest = content_digest(built)
     assert run.list("builtins", "tiny-random") == [digest]
     location = run.location(layout.builtin("tiny-random", digest), layout.MODEL)
     copied = cache / "artifacts" / hashlib.sha256(location.encode()).hexdigest()[:16]
