@@ -158,11 +158,15 @@ def rl_curve(results: RunResults) -> list[dict[str, float]]:
 
 
 def cost_to_match(
-    results: RunResults, spent: dict[str, dict[str, float]], label: str = "w2sr_p"
+    results: RunResults,
+    spent: dict[str, dict[str, float]],
+    curve: list[dict[str, float]],
+    label: str = "w2sr_p",
 ) -> dict[str, Any] | None:
-    """What GRPO spent to first reach `label`'s average pass@1 along its curve, against what
-    `label` cost (the paper's "W2SR-P is 25x cheaper than GRPO"); None without the curve."""
-    curve, target = rl_curve(results), results.pass1.get(label, {}).get(AVG)
+    """What GRPO spent to first reach `label`'s average pass@1 along its curve (`rl_curve`),
+    against what `label` cost (the paper's "W2SR-P is 25x cheaper than GRPO"); None without
+    the curve."""
+    target = results.pass1.get(label, {}).get(AVG)
     if not curve or target is None or label not in spent:
         return None
     reached = next((point for point in curve if point["accuracy"] >= target), None)

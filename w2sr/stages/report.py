@@ -81,7 +81,7 @@ def run_report(run: RunDir) -> dict[str, Any]:
     ]
     if spent:
         parts += ["", "## Training cost", "", cost_table(results, spent)]
-        match = cost_to_match(results, spent)
+        match = cost_to_match(results, spent, curve)
         if match:
             parts += ["", match_sentence(match)]
     if figures:
