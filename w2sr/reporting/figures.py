@@ -62,7 +62,7 @@ def figure_bars(results: RunResults) -> str | None:
     return save_figure(results.run, fig, "figure2_bars.png")
 
 
-def _log_ticks(ax, values: list[float], text) -> None:
+def log_ticks(ax, values: list[float], text) -> None:
     """A log x axis labelled at the data points only: readable when there are few of them."""
     ax.set_xscale("log")
     ticks: list[float] = []
@@ -101,7 +101,7 @@ def figure_cost(
         )
     if AVG in results.pass1.get("base", {}):
         ax.axhline(results.pass1["base"][AVG] * 100, ls="--", c="gray", label="Base student")
-    _log_ticks(ax, list(hours.values()), lambda h: f"{h:.3g}")
+    log_ticks(ax, list(hours.values()), lambda h: f"{h:.3g}")
     ax.set_xlabel("Training cost (worker-hours, teacher traces included)")
     ax.set_ylabel("Avg pass@1 (%)")
     ax.set_title("Accuracy against training cost")
@@ -142,7 +142,7 @@ def figure_scale(root: RunDir, runs: dict[str, RunResults]) -> str | None:
         values = [r.pass1[label][AVG] for _, r in known if AVG in r.pass1.get(label, {})]
         if values:  # one student for the sweep: its base and RL scores are reference lines
             ax.axhline(np.mean(values) * 100, ls=style, c="gray", label=display_name(label))
-    _log_ticks(ax, [scale for scale, _ in known], count)
+    log_ticks(ax, [scale for scale, _ in known], count)
     ax.set_xlabel("Teacher parameters")
     ax.set_ylabel("Avg pass@1 (%)")
     ax.set_title("Accuracy against teacher scale")
@@ -161,7 +161,7 @@ def figure_scale_benchmarks(root: RunDir, runs: dict[str, RunResults]) -> str | 
     for ax, bench in zip(axes[0], benches, strict=True):
         for label in ("teacher", "w2sr", "w2sr_p"):
             _against_scale(ax, known, label, bench)
-        _log_ticks(ax, [scale for scale, _ in known], count)
+        log_ticks(ax, [scale for scale, _ in known], count)
         ax.set_title(bench_name(bench))
         ax.set_xlabel("Teacher parameters")
     axes[0][0].set_ylabel("Pass@1 (%)")

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from w2sr import layout
-from w2sr.reporting.figures import pyplot, save_figure
+from w2sr.reporting.figures import log_ticks, pyplot, save_figure
 from w2sr.reporting.results import AVG, RunResults, costs, display_name, teacher_scale
-from w2sr.reporting.tables import interval, pct, rgr_text, table
+from w2sr.reporting.tables import count, interval, pct, rgr_text, table
 from w2sr.rundir import RunDir
 from w2sr.sweep.plan import Cell, matched_suffix
 
@@ -74,6 +74,10 @@ def _scale(cell: Cell, results: RunResults | None) -> float | None:
     return counted / 1e9 if counted else None
 
 
+def _parameters(billions: float) -> str:
+    return count(round(billions * 1e9))
+
+
 def write_report(
     run: RunDir, rows: list[CellRow], facts: dict[str, Any], failures: list[dict[str, str]]
 ) -> dict[str, Any]:
@@ -116,7 +120,7 @@ def write_report(
 
 def _cell_table(rows: list[CellRow]) -> str:
     matched = any(r.cell.match != "none" for r in rows)
-    header = ["Teacher", "Kind", "Scale (B)", "Student", "Variant", *(["Matched"] * matched)]
+    header = ["Teacher", "Kind", "Parameters", "Student", "Variant", *(["Matched"] * matched)]
     header += ["Seed", "Pass@1", "95% CI", "RGR", "RGR 95% CI", "Cost (worker-h)"]
     body = []
     for r in rows:
@@ -125,7 +129,7 @@ def _cell_table(rows: list[CellRow]) -> str:
             [
                 c.teacher.label,
                 c.teacher.kind,
-                f"{r.scale:g}" if r.scale else "–",
+                _parameters(r.scale) if r.scale else "–",
                 c.student.label,
                 display_name(c.labels[2]),
                 *([c.match] * matched),
@@ -212,8 +216,8 @@ def _figure_scale(run: RunDir, rows: list[CellRow]) -> str | None:
         scales = sorted({r.scale for r in found})
         means = [statistics.mean(r.pass1 for r in found if r.scale == s) * 100 for s in scales]
         ax.plot(scales, means, marker=marker, label=f"W2SR from {kind.replace('_', '-')}s")
-    ax.set_xscale("log")
-    ax.set_xlabel("Teacher parameters (B)")
+    log_ticks(ax, [r.scale for r in points], _parameters)
+    ax.set_xlabel("Teacher parameters")
     ax.set_ylabel("Avg pass@1 (%)")
     ax.set_title("W2SR against teacher scale")
     ax.legend(frameon=False, fontsize=8)
