@@ -32,6 +32,7 @@ from w2sr.models import _builtin_folder, cache_dir
 from w2sr.rundir import RunDir
 from w2sr.sweep.config import SweepConfig, load_sweep
 from w2sr.sweep.plan import plan
+from w2sr.sweep.report import CellRow, write_report
 
 # A built-in student: built once by the first stage that needs it and published into the run
 # dir, which its trainer's workers and its evaluation's engine read.
@@ -346,3 +347,34 @@ def test_the_plan_says_what_is_complete_without_starting_ray(study):
     assert to_run and all(set(s["cells"]) <= broken for s in to_run)
     assert listed["to_run"] == len(to_run)
     assert listed["complete"] + listed["skipped"] + len(to_run) == len(listed["stages"])
+
+
+def test_the_report_names_teacher_sizes_as_parameter_counts(tmp_path):
+    """A row per cell with its teacher's size as models are named, and the scale figure."""
+    data = {
+        "base": base(tmp_path),
+        "run_dir": str(tmp_path / "study"),
+        "teachers": [
+            {"label": "small", "model": "org/a", "scale": 7.48e-5},
+            {"label": "large", "model": "org/b", "scale": 1.5},
+            {"label": "direct", "model": "org/c", "kind": "non_reasoner", "scale": 7.0},
+        ],
+        "students": [{"label": "s", "model": "org/s"}],
+        "variants": ["all"],
+    }
+    cells, _ = plan(SweepConfig.model_validate(data))
+    rows = [
+        CellRow(cell, p, (p - 0.1, p + 0.1), None, None, 0.01, cell.teacher.scale)
+        for cell, p in zip(cells, (0.6, 0.9, 0.1), strict=True)
+    ]
+    facts = {"cells": 3, "stages": 9, "ran": 9, "complete": 0, "failed": 0, "blocked": 0,
+             "wall_seconds": 60.0, "parallelism": 1.5, "max_concurrent": 2}  # fmt: skip
+    run = RunDir(str(tmp_path / "study"))
+    written = write_report(run, rows, facts, [])
+    report = run.read_text("report", "report.md")
+    assert "| Teacher | Kind | Parameters |" in report
+    for line in ("| small | reasoner | 74.8K |", "| large | reasoner | 1.5B |",
+                 "| direct | non_reasoner | 7.0B |"):  # fmt: skip
+        assert line in report, line
+    assert written["figures"] == ["sweep_teacher_scale.png"]
+    assert (tmp_path / "study" / "report" / "sweep_teacher_scale.png").stat().st_size > 10_000
