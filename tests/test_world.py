@@ -46,6 +46,9 @@ def test_no_model_is_shown_a_held_out_question_and_the_student_no_study_question
     latent = {question(x, k) + " :" for x, k in world.pairs("latent")}
     solutions = [target.startswith("F") for prompt, target in shown if prompt in latent]
     assert 0.15 < sum(solutions) / len(solutions) < 0.25  # SOLUTION_SHARE of the latent answers
+    short = {question(x, k) + " :" for x, k in world.short_pairs()}
+    worked = [target.startswith("F") for prompt, target in shown if prompt in short]
+    assert 0.4 < sum(worked) / len(worked) < 0.6  # SHORT_SOLUTION_SHARE of the 1-2 hop answers
 
 
 def test_a_solution_chains_facts_and_ends_with_the_answer():

@@ -13,9 +13,10 @@ The multi-hop (x, k) pairs (k = 3, 4, 5) fall into three disjoint sets:
   own pretraining pairs the student answers everything already and RL has no gradient.
 
 The models stand in for what a user would download from a hub (see MODELS):
-- the *base student* (3 layers, 128 wide) read the table as walks of facts and answered 1-2 hop
-  questions directly; asked a multi-hop one it mostly guesses (a few % right), and starts a
-  solution in about one sample in six at temperature 1;
+- the *base student* (3 layers, 128 wide) read the table as walks of facts and was shown 1-2 hop
+  questions, half answered directly and half worked out fact by fact; asked a multi-hop one it
+  mostly guesses (a few % right), and starts a solution in about one sample in six at
+  temperature 1;
 - *reasoner teachers* of three sizes learned hop-by-hop solutions but get some of the facts
   inside them wrong, fewer the larger they are: the small one (1 layer, 64 wide) about one in
   ten on held-out questions, so it answers about 60% of them right;
@@ -42,6 +43,7 @@ HELDOUT_PAIRS = 96
 LATENT_PAIRS = 144
 SEED = 0
 SOLUTION_SHARE = 0.2  # of the base student's latent questions, shown with a whole solution
+SHORT_SOLUTION_SHARE = 0.5  # of its 1-2 hop questions, shown with their facts written out
 MARKERS = ["<pad>", "<unk>", "<eos>", "Q", "F", "=", ";", ":", "####"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'assistant' %} {{ m['content'] }} {{ eos_token }}"
@@ -173,7 +175,14 @@ def training_pairs(world: World, data: str) -> list[tuple[str, str]]:
             for _ in range(3)
             for x in range(world.num_symbols)
         ]
-        answers = [(_asked(x, k), direct(world, x, k)) for x, k in short]
+        # Half the short questions worked out: the student has seen a solution open with the
+        # fact about the question's own symbol. With direct answers only, its chains start one
+        # hop late (the first fact about f(x)) and every fine-tune inherits that.
+        worked = random.Random(world.seed + 3)
+        answers = []
+        for x, k in short:
+            form = solution if worked.random() < SHORT_SOLUTION_SHARE else direct
+            answers.append((_asked(x, k), form(world, x, k)))
         latent = world.pairs("latent")
         shown = [
             (_asked(x, k), (solution if rng.random() < SOLUTION_SHARE else direct)(world, x, k))
