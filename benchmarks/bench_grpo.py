@@ -7,14 +7,18 @@ and token-level loss (TRL's `dapo` loss type), each trainer in its own process:
     synced to the engine after every step, once through each transport (`grpo.weight_sync`: the
     Ray object store, then a gloo process-group broadcast);
   - TRL: one process using every core, generating with transformers (its default; its vLLM modes
-    need a GPU), bf16.
+    need a GPU).
+Both at one precision (`--precision`, bf16 by default).
 
-A step is rollout + update (+ weight sync for w2sr). The reported time is the mean step time after
-`--warmup` steps, so start-up (Ray, vLLM, DeepSpeed, model loading) is left out and reported apart
-as wall-clock. A random model seldom emits its end token, so both sides generate about
-`--max-tokens` tokens per sample; the mean completion lengths are printed to show it.
+A step is rollout + update (+ weight sync for w2sr). Both sides are timed the same way: the wall
+clock between the ends of the steps after `--warmup`, divided by their number, so start-up (Ray,
+vLLM, DeepSpeed, model loading) is left out and reported apart as wall-clock. w2sr's phase timers
+(rollout, learner, sync) say where its step goes. A random model seldom emits its end token, so
+both sides generate about `--max-tokens` tokens per sample; the mean completion lengths are
+printed to show it. The rounds follow benchmarks/protocol.py.
 
     python benchmarks/bench_grpo.py [--prompts 8] [--group 8] [--max-tokens 128] [--steps 6]
+        [--repeats 3]
 
 The ratio is taken against w2sr's CPU default transport (object store).
 """
@@ -30,6 +34,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from protocol import Spread, describe, measure, ratio  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -47,6 +54,12 @@ def problems(n: int, seed: int = 0) -> list[dict]:
 
 
 # --- the trainers, each run in a child process ----------------------------------------------
+
+
+def between(ends: list[float]) -> float:
+    """The mean wall-clock per step from a list of step end times (the first one opens)."""
+    return (ends[-1] - ends[0]) / (len(ends) - 1)
+
 
 W2SR = ("w2sr-object_store", "w2sr-collective")
 
@@ -73,6 +86,7 @@ def run_w2sr(work: Path, model: str, args, weight_sync: str) -> dict:
         "engine": {"max_model_len": 1024},
         "checkpoint_every": 10_000,
         "weight_sync": weight_sync,
+        "bf16": args.precision == "bf16",
     }
     cfg = validate(
         {
@@ -92,8 +106,9 @@ def run_w2sr(work: Path, model: str, args, weight_sync: str) -> dict:
     def mean(key: str) -> float:
         return sum(r[key] for r in records) / len(records)
 
+    ends = [r["time"] for r in records]
     return {
-        "step_seconds": mean("step_seconds"),
+        "step_seconds": between(ends),
         "rollout_seconds": mean("rollout_seconds"),
         "learner_seconds": mean("learner_seconds"),
         "sync_seconds": mean("sync_seconds"),
@@ -140,7 +155,7 @@ def run_trl(work: Path, model: str, args) -> dict:
         beta=args.kl,
         loss_type="dapo",
         learning_rate=1e-6,
-        bf16=True,
+        bf16=args.precision == "bf16",
         use_cpu=True,
         logging_steps=1,
         save_strategy="no",
@@ -150,7 +165,9 @@ def run_trl(work: Path, model: str, args) -> dict:
     )
     started = time.time()
     trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16),
+        model=AutoModelForCausalLM.from_pretrained(
+            model, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32
+        ),
         processing_class=AutoTokenizer.from_pretrained(model, padding_side="left"),
         reward_funcs=reward,
         args=config,
@@ -159,9 +176,8 @@ def run_trl(work: Path, model: str, args) -> dict:
     )
     trainer.train()
     wall = time.time() - started
-    steps = ends[args.warmup - 1 :]
     return {
-        "step_seconds": (steps[-1] - steps[0]) / (len(steps) - 1),
+        "step_seconds": between(ends[args.warmup - 1 :]),
         "completion_tokens": sum(lengths[args.warmup :]) / max(1, len(lengths[args.warmup :])),
         "wall_seconds": wall,
     }
@@ -195,6 +211,8 @@ def main() -> None:
     parser.add_argument("--kl", type=float, default=1e-4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="both")
+    parser.add_argument("--repeats", type=int, default=3, help="measured rounds after a warm-up")
     parser.add_argument("--role", choices=[*W2SR, "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -218,26 +236,52 @@ def main() -> None:
             )
         )
         argv = sys.argv[1:]
-        results = {}
-        for role in (*W2SR, "trl"):
-            (work / role).mkdir()
-            results[role] = child(role, work / role, model, argv)
-            print(role, json.dumps({k: round(v, 3) for k, v in results[role].items()}), flush=True)
-    w2sr = results["w2sr-object_store"]
-    ratio = w2sr["step_seconds"] / results["trl"]["step_seconds"]
+        rounds: dict[str, list[dict]] = {role: [] for role in (*W2SR, "trl")}
+
+        def side(role: str):
+            def run() -> float:
+                scratch = work / f"{role}-{len(rounds[role])}"
+                scratch.mkdir()
+                result = child(role, scratch, model, argv)
+                rounds[role].append(result)
+                print(role, json.dumps({k: round(v, 3) for k, v in result.items()}), flush=True)
+                return result["step_seconds"]
+
+            return run
+
+        steps = measure({role: side(role) for role in rounds}, repeats=args.repeats)
+    measured = {role: results[1:] for role, results in rounds.items()}  # past the warm-up
+
+    def spread(role: str, key: str) -> Spread:
+        return Spread.of([r[key] for r in measured[role]])
+
     print(
         f"\n{args.prompts} prompts x {args.group} samples, up to {args.max_tokens} tokens, "
-        f"model {args.layers}x{args.hidden}, {os.cpu_count()} cores"
+        f"model {args.layers}x{args.hidden}, {args.precision}, {os.cpu_count()} cores"
+    )
+    print(describe(args.repeats, 1) + "; each side a whole command, the same step clock")
+    for role in rounds:
+        print(
+            f"{role:18s} step {spread(role, 'step_seconds'):.2f} s   completion tokens "
+            f"{spread(role, 'completion_tokens'):.0f}   start-up and all steps "
+            f"{spread(role, 'wall_seconds'):.0f} s"
+        )
+    phases = {
+        k: spread("w2sr-object_store", f"{k}_seconds") for k in ("rollout", "learner", "sync")
+    }
+    print("w2sr step, by phase: " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()))
+    print(
+        f"w2sr / TRL step time: {ratio(steps['w2sr-object_store'], steps['trl']):.2f}x "
+        "(goal <= 0.7x)"
+    )
+    sync = ratio(
+        [r["sync_seconds"] for r in measured["w2sr-collective"]],
+        [r["sync_seconds"] for r in measured["w2sr-object_store"]],
     )
     print(
-        f"w2sr step: {w2sr['step_seconds']:.2f} s  TRL step: "
-        f"{results['trl']['step_seconds']:.2f} s  ratio w2sr/TRL: {ratio:.2f}x (goal <= 1.0x)"
-    )
-    collective = results["w2sr-collective"]
-    print(
-        f"weight sync per step: object store {w2sr['sync_seconds']:.3f} s, collective (gloo) "
-        f"{collective['sync_seconds']:.3f} s, ratio collective/object store "
-        f"{collective['sync_seconds'] / w2sr['sync_seconds']:.2f}x"
+        f"weight sync per step: object store {spread('w2sr-object_store', 'sync_seconds'):.3f} s, "
+        f"collective (gloo) {spread('w2sr-collective', 'sync_seconds'):.3f} s, "
+        f"collective / object store {sync:.2f}x"
     )
 
 

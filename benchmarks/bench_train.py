@@ -1,18 +1,19 @@
 """Training tokens per second of `w2sr train` against TRL's `SFTTrainer`, in one run.
 
 Same machine, same tiny model, same traces, same cutoff, same global batch (samples per optimizer
-step), loss on the completion only, each trainer in its own process:
-  - w2sr: Ray Train + DeepSpeed ZeRO-2, bf16, `--workers` workers, padded then packed;
-  - TRL: DDP under torchrun with as many processes as w2sr has workers, one thread each (Ray
-    gives each w2sr worker one CPU), padded then packed (BFD packing, padding-free rows), in
-    fp32, its faster precision on CPU (bf16 autocast is slower there; `--trl-bf16` runs it).
+step), same precision (`--precision`, fp32 by default: bf16 autocast is slower on CPU), one
+thread per worker, loss on the completion only, each trainer in its own process:
+  - w2sr: Ray Train + DeepSpeed ZeRO-2, `--workers` workers, padded then packed;
+  - TRL: DDP under torchrun with as many processes as w2sr has workers, padded with
+    `group_by_length` (as w2sr's padded micro-batches are sorted by length) then packed (BFD
+    packing, padding-free rows).
 
 Tokens are real (non-padding) tokens. A run's rate is the median over its steps after
-`--warmup` of the step's tokens over its wall-clock, so start-up (Ray, DeepSpeed, dataset
-preparation) is left out and reported apart as wall-clock. The runs are repeated in interleaved
-rounds and each keeps its best round: on a shared machine, other processes only slow a run down.
+`--warmup` of the step's tokens over its wall-clock, the same per-step clock on both sides, so
+start-up (Ray, DeepSpeed, dataset preparation) is left out and reported apart as wall-clock.
+The rounds follow benchmarks/protocol.py; packed against packed is the comparison of record.
 
-    python benchmarks/bench_train.py [--samples 512] [--steps 10] [--cutoff 1024] [--repeats 2]
+    python benchmarks/bench_train.py [--samples 512] [--steps 10] [--cutoff 1024] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from protocol import Spread, describe, measure, ratio  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -75,7 +79,7 @@ def steady_rate(times: list[float], tokens: list[int], warmup: int) -> float:
 # --- the two trainers, each run in a child process ------------------------------------------
 
 
-def run_w2sr(work: Path, model: str, args, packing: bool) -> dict:
+def run_w2sr(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
     import pyarrow as pa
 
     from w2sr import lineage
@@ -100,7 +104,7 @@ def run_w2sr(work: Path, model: str, args, packing: bool) -> dict:
                 "max_steps": args.steps,
                 "checkpoint_every": args.steps,
                 "packing": packing,
-                "bf16": True,
+                "bf16": bf16,
             },
         }
     )
@@ -157,6 +161,7 @@ def run_trl(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
         max_steps=args.steps,
         max_length=args.cutoff,
         packing=packing,
+        group_by_length=not packing,
         learning_rate=2e-5,
         lr_scheduler_type="cosine",
         warmup_steps=0.1,
@@ -216,7 +221,7 @@ def run_trl(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
 def child(args) -> None:
     work, model = Path(args.work), args.model
     if args.child == "w2sr":
-        result = run_w2sr(work, model, args, packing=args.packing)
+        result = run_w2sr(work, model, args, packing=args.packing, bf16=args.bf16)
     else:
         result = run_trl(work, model, args, packing=args.packing, bf16=args.bf16)
     if os.environ.get("RANK", "0") == "0":
@@ -225,14 +230,14 @@ def child(args) -> None:
 
 def launch(args, *extra: str) -> dict:
     """w2sr in one process (it starts its own workers); TRL under torchrun, one process per
-    worker with one thread each, as Ray gives each w2sr worker one CPU."""
+    worker. Both with one thread per worker, as Ray gives each w2sr worker one CPU."""
     cmd = [sys.executable, __file__, "--model", args.model, "--work", args.work]
     if "trl" in extra:
         launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={args.workers}"]
         cmd = [sys.executable, *launcher, __file__, *cmd[2:]]
     for key in ("samples", "steps", "warmup", "cutoff", "workers", "global_batch", "micro_batch"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if "trl" in extra else None
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*cmd, *extra], capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -245,16 +250,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the rate")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; best kept")
+    parser.add_argument("--repeats", type=int, default=3, help="measured rounds after a warm-up")
     parser.add_argument("--cutoff", type=int, default=1024)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument(
-        "--trl-bf16", action="store_true", help="TRL in bf16 autocast (slower than fp32 on CPU)"
-    )
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="both")
     parser.add_argument("--model", help="(internal) the model folder")
     parser.add_argument("--work", help="(internal) the scratch folder")
     parser.add_argument("--child", choices=["w2sr", "trl"], help="(internal)")
@@ -282,31 +285,35 @@ def main() -> None:
             f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
-        trl = ("--child", "trl", *(["--bf16"] if args.trl_bf16 else []))
+        precision = ["--bf16"] if args.precision == "bf16" else []
         runs = {
-            "w2sr padded": ("--child", "w2sr"),
-            "TRL padded": trl,
-            "w2sr packed": ("--child", "w2sr", "--packing"),
-            "TRL packed": (*trl, "--packing"),
+            "w2sr padded": ("--child", "w2sr", *precision),
+            "TRL padded": ("--child", "trl", *precision),
+            "w2sr packed": ("--child", "w2sr", "--packing", *precision),
+            "TRL packed": ("--child", "trl", "--packing", *precision),
         }
-        rates: dict[str, list[float]] = {name: [] for name in runs}
-        for round_ in range(args.repeats):  # interleaved, so a burst of load hits both sides
-            for name, extra in runs.items():
-                r = launch(args, *extra)
-                rates[name].append(r["tokens_per_second"])
+
+        def side(name: str):
+            def run() -> float:
+                r = launch(args, *runs[name])
                 print(
-                    f"[{round_ + 1}/{args.repeats}] {name:12s} {r['tokens_per_second']:7,.0f} "
-                    f"tokens/s   wall {r['wall_seconds']:5.0f} s   final loss {r['final_loss']:.3f}"
-                    f"   load {os.getloadavg()[0]:.1f}",
+                    f"{name:12s} {r['tokens_per_second']:7,.0f} tokens/s   "
+                    f"wall {r['wall_seconds']:5.0f} s   final loss {r['final_loss']:.3f}   "
+                    f"load {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
-    # Other processes only ever slow a run down: the best of the repeats is the least disturbed.
-    rate = {name: max(values) for name, values in rates.items()}
-    for name, value in rate.items():
-        print(f"{name:12s} {value:7,.0f} tokens/s (best of {args.repeats})")
-    print(f"w2sr padded / TRL padded: {rate['w2sr padded'] / rate['TRL padded']:.2f}x")
-    print(f"w2sr packed / TRL padded: {rate['w2sr packed'] / rate['TRL padded']:.2f}x")
-    print(f"w2sr packed / TRL packed: {rate['w2sr packed'] / rate['TRL packed']:.2f}x")
+                return r["tokens_per_second"]
+
+            return run
+
+        rates = measure({name: side(name) for name in runs}, repeats=args.repeats)
+    print(f"\n{describe(args.repeats, 1)}; {args.precision} on both sides")
+    for name, values in rates.items():
+        print(f"{name:12s} {Spread.of(values):,.0f} tokens/s")
+    for ours, theirs in [("padded", "padded"), ("packed", "padded"), ("packed", "packed")]:
+        r = ratio(rates[f"w2sr {ours}"], rates[f"TRL {theirs}"])
+        print(f"w2sr {ours} / TRL {theirs}: {r:.2f}x")
+    print("goal: w2sr packed / TRL packed >= 1.5x")
 
 
 if __name__ == "__main__":
