@@ -161,7 +161,7 @@ def run_trl(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
         max_steps=args.steps,
         max_length=args.cutoff,
         packing=packing,
-        group_by_length=not packing,
+        train_sampling_strategy="random" if packing else "group_by_length",
         learning_rate=2e-5,
         lr_scheduler_type="cosine",
         warmup_steps=0.1,
