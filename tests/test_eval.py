@@ -22,6 +22,7 @@ import pytest
 from artifacts import prepared_problems, trained_student
 from faults import descendants, kill_when
 
+from w2sr import layout
 from w2sr.config import PromptsConfig, validate
 from w2sr.data.benchmarks import OFFLINE_TASKS
 from w2sr.data.sources import load_benchmark, load_prompts
@@ -450,6 +451,8 @@ def test_every_model_and_benchmark_gets_one_graded_row_per_problem_and_sample(ev
                     assert 0 < row["completion_tokens"] <= 16
             entry = summary["models"][label]["results"][bench]
             assert entry["problems"] == problems and entry["samples"] == SAMPLES
+        run = RunDir(cfg.run_dir)
+        assert run.list(layout.EVAL, label, layout.PARTS) == []  # every part sealed
     teacher = result_table(cfg, summary, "teacher", "offline")["response"].to_pylist()
     student = result_table(cfg, summary, "base", "offline")["response"].to_pylist()
     assert teacher != student  # two models, two engines

@@ -61,6 +61,8 @@ def test_gc_lists_then_removes_only_what_no_kept_config_refers_to(tmp_path, caps
     old = time.time() - 7200
     os.utime(run.path(kept, "model.tmp-0badf00d"), (old, old))
     run.write_text("now", kept, "metrics.jsonl.tmp-12345678")  # a write under way
+    parts = f"{layout.EVAL}/base/{layout.PARTS}/amc23-{'2' * 16}"  # a killed evaluation's
+    run.write_text("ab", parts, "part-0.parquet")
     config = tmp_path / "real.yaml"
     config.write_text(yaml.safe_dump(data))
 
@@ -70,13 +72,14 @@ def test_gc_lists_then_removes_only_what_no_kept_config_refers_to(tmp_path, caps
     assert listed == [
         f"complete   {size:>14,d}  {dropped}",
         f"unfinished {1:>14,d}  {unfinished}",
+        f"unfinished {2:>14,d}  {parts}",
         f"temporary  {4:>14,d}  {kept}/model.tmp-0badf00d",
-        f"3 items, {size + 5:,d} bytes would be removed (pass --delete)",
+        f"4 items, {size + 7:,d} bytes would be removed (pass --delete)",
     ]
     assert run.exists(dropped, "model", "config.json")  # listing removes nothing
 
     assert main(["gc", real.run_dir, "--keep", str(config), "--delete"]) == 0
-    assert not run.exists(dropped) and not run.exists(unfinished)
+    assert not run.exists(dropped) and not run.exists(unfinished) and not run.exists(parts)
     assert not run.exists(kept, "model.tmp-0badf00d")
     assert run.exists(kept, "model", "config.json") and run.exists(kept, "_DONE.json")
     assert run.exists(busy, LEASE) and run.exists(kept, "metrics.jsonl.tmp-12345678")

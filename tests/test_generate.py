@@ -97,6 +97,7 @@ def test_traces_have_the_schema_and_one_row_per_prompt_and_sample(generated):
     assert len(set(traces["seed"].to_pylist())) == traces.num_rows
     shards = run.list(lineage.traces(cfg).folder, suffix=".parquet")
     assert shards == [f"shard-{i:05d}.parquet" for i in range(3)]
+    assert run.list(lineage.traces(cfg).folder, layout.PARTS) == []  # every part sealed
 
 
 def test_every_trace_is_graded_and_counted(generated):

@@ -3,9 +3,9 @@
 Stages never delete finished work: a changed config writes new folders beside the old ones
 (`w2sr.lineage`). This is where the old ones go. The configs kept are the run dir's
 `config.yaml` (the latest command's) and any given with `--keep`; everything else under the
-stage roots, every evaluation result those configs do not ask for, and temporary files left by
-killed writes are listed with their state and size. A folder whose lease is live (a stage at work)
-is never touched.
+stage roots, every evaluation result those configs do not ask for (and the samples a killed
+evaluation left for one), and temporary files left by killed writes are listed with their state
+and size. A folder whose lease is live (a stage at work) is never touched.
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ def find_garbage(run: RunDir, configs: list[ExperimentConfig]) -> list[Garbage]:
             path = f"{layout.EVAL}/{label}/{name}"
             if path not in results:
                 out.append(Garbage(path, "result", run.size(path)))
+        for name in run.list(layout.EVAL, label, layout.PARTS):  # a killed evaluation's samples
+            path = f"{layout.EVAL}/{label}/{layout.PARTS}/{name}"
+            if f"{layout.EVAL}/{label}/{name}.parquet" not in results:
+                out.append(Garbage(path, "unfinished", run.size(path)))
     gone = tuple(f"{g.path}/" for g in out)
     for path, size, mtime in _temporary_files(run):
         if not path.startswith(gone) and time.time() - mtime > TMP_GRACE_S:

@@ -11,6 +11,7 @@ side by side and nothing finished is replaced; `w2sr gc` removes what no config 
     prompts/<fp>/prompts.parquet        the problems rendered for the teacher, in shards
     prompts/<fp>/rejected.parquet       problems whose prompt leaves no room to answer
     traces/<fp>/shard-NNNNN.parquet     graded teacher traces, one file per prompt shard
+    traces/<fp>/_parts/shard-NNNNN/     a shard's rows as workers wrote them, until it is sealed
     sft/<fp>/{all,correct,incorrect}.parquet, sft/<fp>/summary.json
                                         the W2SR, W2SR-P and W2SR-N training sets
     students/{variant}/<fp>/model       a fine-tuned student (HF folder), with metrics.jsonl
@@ -19,6 +20,8 @@ side by side and nothing finished is replaced; `w2sr gc` removes what no config 
     builtins/<name>/<digest>/model      a built-in model as every node reads it (object stores)
     eval/{label}/{benchmark}-{fp}.parquet
                                         one model on one benchmark, k graded samples per problem
+    eval/{label}/_parts/{benchmark}-{fp}/
+                                        its rows as workers wrote them, until it is sealed
     eval/summary.json                   written last by `w2sr eval`
     report/report.md, report/*.png      `w2sr report`
     <stage folder>/_DONE.json           written last: the stage's fingerprint and counts
@@ -57,6 +60,7 @@ SFT_SUMMARY = "summary.json"
 MODEL = "model"  # the Hugging Face folder a training stage exports
 CHECKPOINTS = "ray"  # a training stage's Ray Train storage
 EVAL = "eval"
+PARTS = "_parts"  # results written by the workers, not yet sealed into their artifact
 EVAL_SUMMARY = (EVAL, "summary.json")
 REPORT = "report"
 
@@ -92,7 +96,11 @@ def builtin(name: str, digest: str) -> str:
 
 
 def trace_shard(shard: int) -> str:
-    return f"shard-{shard:05d}.parquet"
+    return f"{shard_name(shard)}.parquet"
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}"
 
 
 def sft_set(variant: str) -> str:
@@ -100,7 +108,11 @@ def sft_set(variant: str) -> str:
 
 
 def eval_result(label: str, benchmark: str, fingerprint: str) -> tuple[str, str, str]:
-    return (EVAL, label, f"{benchmark}-{fingerprint}.parquet")
+    return (EVAL, label, f"{eval_name(benchmark, fingerprint)}.parquet")
+
+
+def eval_name(benchmark: str, fingerprint: str) -> str:
+    return f"{benchmark}-{fingerprint}"
 
 
 # --- the training sets and the models of a run -----------------------------------------------

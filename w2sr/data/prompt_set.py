@@ -42,11 +42,12 @@ def prepare_problems(cfg: ExperimentConfig, run: RunDir) -> pa.Table:
     return table
 
 
-def prepare_prompts(cfg: ExperimentConfig, run: RunDir) -> pa.Table:
-    """The prompt set; rendered and written unless the run dir has it."""
+def prepare_prompts(cfg: ExperimentConfig, run: RunDir) -> str:
+    """The folder of the prompt set; rendered and written unless the run dir has it. Generation
+    reads the prompts from there in its workers."""
     artifact = lineage.prompts(cfg)
     if run.done(artifact.folder, artifact.fingerprint):
-        return run.read_parquet(artifact.folder, layout.PROMPT_SET)
+        return artifact.folder
     rows = prepare_problems(cfg, run).to_pylist()
     tokenizer = load_tokenizer(resolve_model(cfg.teacher), cfg.trust_remote_code)
     max_len = cfg.generation.engine.max_model_len
@@ -63,7 +64,7 @@ def prepare_prompts(cfg: ExperimentConfig, run: RunDir) -> pa.Table:
     table = pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA)
     run.write_parquet(table, artifact.folder, layout.PROMPT_SET)
     run.mark_done(artifact.folder, artifact.fingerprint, prompts=len(rows), rejected=len(too_long))
-    return table
+    return artifact.folder
 
 
 def _set_aside(run: RunDir, folder: str, rejected: list[dict], what: str) -> None:

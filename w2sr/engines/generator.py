@@ -2,18 +2,29 @@
 
 Stages hand over tokenized prompts, so the pipeline is the engine stage alone: no chat-template,
 tokenize or detokenize actors competing for CPUs, and the prompt a stage recorded is exactly the
-prompt the engine saw. Results come back in groups (a shard of traces, a benchmark's samples),
-each handed over the moment its last row arrives, so a killed run keeps every finished group.
+prompt the engine saw.
+
+Results never pass through the driver. Each batch the engines finish is written by a worker as a
+part file of its group (a shard of traces, a benchmark's samples); the driver only counts rows,
+and once a group holds all its keys a Ray task seals it: its parts read, a replayed row kept
+once, its artifact written whole and its parts deleted. A killed run therefore keeps every sealed
+group, and a rerun generates only the rest.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Hashable
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from w2sr.config import EngineConfig
 from w2sr.engines import settings
+from w2sr.rundir import RunDir
 
 
 def build_generator(
@@ -54,39 +65,103 @@ def build_generator(
     return processor
 
 
-def generate_groups(
-    processor,
-    requests: list[dict[str, Any]],
-    batch_size: int,
-    group: Callable[[dict[str, Any]], Hashable],
-    expected: dict[Hashable, set[tuple]],
-    complete: Callable[[Hashable, list[dict[str, Any]]], None],
-) -> None:
-    """Run `requests` through `processor` and call `complete(group, rows)` as soon as a group
-    (of `group(row)`) holds each of its `expected` (prompt_id, sample_index) keys. A row that
-    arrives twice (a replayed task) is kept once; a group left short is an error naming its
-    missing keys."""
+@dataclass(frozen=True)
+class Groups:
+    """Where a pipeline's results go: rows are grouped by their `column`; group g's parts live in
+    `run/folder/subfolders[g]/` until `seal(g, rows)` makes them its artifact. `expected[g]` is
+    how many distinct (prompt_id, sample_index) keys make the group whole."""
+
+    run: RunDir
+    folder: str
+    column: str
+    subfolders: dict[str, str]
+    expected: dict[str, int]
+    seal: Callable[[str, list[dict[str, Any]]], dict[str, Any]]
+
+
+def generate_groups(processor, requests, groups: Groups, sealed: Callable[[str, dict], None]):
+    """Run the `requests` dataset through `processor`, sealing each group as soon as it is whole
+    and calling `sealed(group, facts)` with what its `seal` returned. A group left short once
+    every row has arrived is an error naming its count."""
     import ray
 
-    blocks = max(1, len(requests) // batch_size)
-    dataset = processor(ray.data.from_items(requests, override_num_blocks=blocks))
-    pending: dict[Hashable, dict[tuple, dict[str, Any]]] = defaultdict(dict)
-    done: set[Hashable] = set()
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for row in batch.to_pylist():
-            name, key = group(row), (row["prompt_id"], row["sample_index"])
-            if key not in expected[name]:
-                raise RuntimeError(f"group {name}: unexpected key {key}")
-            if name in done or key in pending[name]:
-                continue  # a replay of a row already kept
-            pending[name][key] = row
-            if len(pending[name]) == len(expected[name]):
-                complete(name, list(pending.pop(name).values()))
-                done.add(name)
-    short = {
-        name: sorted(keys - pending.get(name, {}).keys())[:5]
-        for name, keys in expected.items()
-        if name not in done
-    }
+    for name in groups.subfolders.values():
+        groups.run.delete(groups.folder, name)  # a killed attempt's parts of an unsealed group
+    written = processor(requests).map_batches(
+        _part_writer(groups), batch_size=None, batch_format="pyarrow", zero_copy_batch=True
+    )
+    seal = ray.remote(num_cpus=0)(_seal)
+    arrived: Counter[str] = Counter()
+    sealing: dict[str, Any] = {}  # group -> its seal task
+    done: set[str] = set()
+    shorts: dict[str, int] = {}
+
+    def collect(wait: bool) -> None:
+        refs = list(sealing.values())
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0)
+        for group in [g for g, ref in sealing.items() if ref in ready]:
+            kept, facts = ray.get(sealing.pop(group))
+            if facts is None:
+                shorts[group] = kept  # a replayed row counted twice; more rows are on the way
+                continue
+            done.add(group)
+            sealed(group, facts)
+
+    def try_seal(group: str, every_row_arrived: bool = False) -> None:
+        whole = every_row_arrived or arrived[group] >= groups.expected[group]
+        if whole and group not in done and group not in sealing:
+            sealing[group] = seal.remote(groups, group)
+
+    for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for group, rows in zip(batch["group"].to_pylist(), batch["rows"].to_pylist(), strict=True):
+            if group not in groups.expected:
+                raise RuntimeError(f"a row of group {group!r}, which this pipeline does not make")
+            arrived[group] += rows
+            try_seal(group)
+        if sealing:
+            collect(wait=False)
+    collect(wait=True)
+    for group in groups.expected:  # a seal that ran short early, or a group of no rows
+        try_seal(group, every_row_arrived=True)
+    collect(wait=True)
+    for name in groups.subfolders.values():
+        groups.run.delete(groups.folder, name)  # a replay's part that came after its seal
+    short = {g: f"{shorts.get(g, 0)} of {groups.expected[g]}" for g in groups.expected}
+    short = {g: n for g, n in short.items() if g not in done}
     if short:
-        raise RuntimeError(f"generation ended with groups incomplete (first missing keys): {short}")
+        raise RuntimeError(f"generation ended with groups incomplete (keys present): {short}")
+
+
+def _part_writer(groups: Groups):
+    """A worker's side of the pipeline: each batch's rows written as one part file per group;
+    what goes back to the driver is a row count per group."""
+
+    def write(batch: pa.Table) -> pa.Table:
+        column = batch[groups.column]
+        names, counts = [], []
+        for value in pc.unique(column).to_pylist():
+            group = str(value)
+            rows = batch.filter(pc.equal(column, value))
+            part = f"part-{uuid.uuid4().hex}.parquet"
+            groups.run.write_parquet(rows, groups.folder, groups.subfolders[group], part)
+            names.append(group)
+            counts.append(rows.num_rows)
+        written = {"group": pa.array(names, pa.string()), "rows": pa.array(counts, pa.int64())}
+        return pa.table(written)
+
+    return write
+
+
+def _seal(groups: Groups, group: str) -> tuple[int, dict[str, Any] | None]:
+    """(distinct keys found, the group's facts), or no facts while keys are missing (runs in a Ray
+    task, so the driver never holds a group's rows)."""
+    run, folder = groups.run, (groups.folder, groups.subfolders[group])
+    rows: dict[tuple, dict[str, Any]] = {}
+    for name in run.list(*folder, suffix=".parquet"):
+        for row in run.read_parquet(*folder, name).to_pylist():
+            rows.setdefault((row["prompt_id"], row["sample_index"]), row)
+    if len(rows) < groups.expected[group]:
+        return len(rows), None
+    facts = groups.seal(group, list(rows.values()))
+    run.delete(*folder)
+    return len(rows), facts

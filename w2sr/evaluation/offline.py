@@ -1,21 +1,23 @@
 """Offline evaluation: one model's missing benchmarks through one Ray Data + vLLM pipeline.
 
-One engine start per model; a benchmark's file is written as soon as its last sample arrives.
+One engine start per model; the workers write the samples, and a benchmark's file is sealed as
+soon as its last sample is written. The requests are built here, in the driver: a benchmark is
+bounded (thousands of problems, k samples each), unlike the prompt sets of generation.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from collections.abc import Callable
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from w2sr import layout
 from w2sr.config import ExperimentConfig
 from w2sr.data.prompts import load_tokenizer, render_prompts
 from w2sr.data.templates import TEMPLATES
 from w2sr.engines import settings
-from w2sr.engines.generator import build_generator, generate_groups
+from w2sr.engines.generator import Groups, build_generator, generate_groups
 from w2sr.evaluation.results import Task, sample_rows, scorer, write_result
 from w2sr.registry import local_model, model_path
 from w2sr.rundir import RunDir
@@ -31,15 +33,16 @@ class Pipeline:
 
     processor: Any
     requests: list[dict[str, Any]]
-    expected: dict[str, set[tuple]]
-    complete: Callable[[str, list[dict]], None]
+    groups: Groups
     batch_size: int
 
     def run(self) -> None:
-        """Generate, grade and write each benchmark's result as its last sample arrives."""
-        generate_groups(
-            self.processor, self.requests, self.batch_size, _benchmark, self.expected, self.complete
-        )
+        """Generate, grade and write each benchmark's result as its last sample is written."""
+        import ray
+
+        blocks = max(1, len(self.requests) // self.batch_size)
+        requests = ray.data.from_items(self.requests, override_num_blocks=blocks)
+        generate_groups(self.processor, requests, self.groups, _sealed)
 
 
 def evaluate_offline(cfg: ExperimentConfig, run: RunDir, todo: list[Task]) -> None:
@@ -88,15 +91,10 @@ def offline_pipeline(cfg: ExperimentConfig, run: RunDir, todo: list[Task]) -> Pi
                 }
             )
     tasks = {task.bench.name: task for task in todo}
-    expected = defaultdict(set)
-    for request in requests:
-        expected[request["benchmark"]].add((request["prompt_id"], request["sample_index"]))
-
-    def complete(name: str, rows: list[dict]) -> None:
-        write_result(cfg, run, tasks[name], rows + too_long[name], "offline")
-
+    expected = Counter(request["benchmark"] for request in requests)
+    seal = _write_benchmark(cfg, run, tasks, too_long)
     for name in [name for name in tasks if name not in expected]:
-        complete(name, [])  # every prompt too long: nothing to generate
+        seal(name, [])  # every prompt too long: nothing to generate
     if not requests:
         return None
     processor = build_generator(
@@ -107,11 +105,30 @@ def offline_pipeline(cfg: ExperimentConfig, run: RunDir, todo: list[Task]) -> Pi
         postprocess=_offline_row(cfg, score),
         side_by_side=cfg.eval.concurrent_models > 1,
     )
-    return Pipeline(processor, requests, expected, complete, cfg.eval.engine.batch_size)
+    groups = Groups(
+        run=run,
+        folder=f"{layout.EVAL}/{model.label}/{layout.PARTS}",
+        column="benchmark",
+        subfolders={name: layout.eval_name(name, tasks[name].fingerprint) for name in expected},
+        expected=dict(expected),
+        seal=seal,
+    )
+    return Pipeline(processor, requests, groups, cfg.eval.engine.batch_size)
 
 
-def _benchmark(row: dict[str, Any]) -> str:
-    return row["benchmark"]
+def _write_benchmark(cfg: ExperimentConfig, run: RunDir, tasks: dict, too_long: dict):
+    """A benchmark's seal (runs in a Ray task): its generated samples and those too long to
+    generate, written as its result file."""
+
+    def seal(name: str, rows: list[dict[str, Any]]) -> dict[str, int]:
+        write_result(cfg, run, tasks[name], rows + too_long[name], "offline")
+        return {"samples": len(rows) + len(too_long[name])}
+
+    return seal
+
+
+def _sealed(name: str, facts: dict[str, int]) -> None:
+    log.info("sealed %s (%d samples)", name, facts["samples"])
 
 
 def _offline_row(cfg: ExperimentConfig, score):

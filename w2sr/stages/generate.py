@@ -2,27 +2,29 @@
 
     w2sr generate CONFIG generation.samples_per_prompt=8
 
-Prompts are split into shards of `generation.prompts_per_shard`; one Ray Data pipeline feeds all
-missing shards through the vLLM replicas and the driver writes a shard the moment its last sample
-arrives. A killed run therefore keeps every finished shard, and a rerun generates only the rest:
-no (prompt, sample) pair is lost or written twice.
+Prompts are split into shards of `generation.prompts_per_shard`; one Ray Data pipeline reads the
+missing shards' prompts from the run dir, feeds them through the vLLM replicas, and its workers
+write the traces; a shard is sealed into its file the moment its last sample is written
+(`w2sr.engines.generator`). The driver holds only the plan, prompts per shard. A killed run keeps
+every sealed shard, and a rerun generates only the rest: no (prompt, sample) pair is lost or
+written twice.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from w2sr import layout, lineage
 from w2sr.config import EngineConfig, ExperimentConfig
 from w2sr.data.prompt_set import prepare_prompts
 from w2sr.engines import settings
-from w2sr.engines.generator import build_generator, generate_groups
+from w2sr.engines.generator import Groups, build_generator, generate_groups
 from w2sr.grading import GRADERS, extract_answer
 from w2sr.registry import published
 from w2sr.rundir import DONE, RunDir
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 def generate(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run the stage; returns its completion record (counts, accuracy, wall-clock)."""
     run = RunDir(cfg.run_dir)
-    prompts = prepare_prompts(cfg, run)
+    prompt_folder = prepare_prompts(cfg, run)
     artifact = lineage.traces(cfg)
     folder, fingerprint = artifact.folder, artifact.fingerprint
     record = run.done(folder, fingerprint)
@@ -45,37 +47,45 @@ def generate(cfg: ExperimentConfig) -> dict[str, Any]:
     prior_seconds = run.begin(folder, fingerprint)
     devices = _devices(cfg.generation.engine)
 
-    shards = sorted(set(prompts.column("shard").to_pylist()))
+    # The plan: prompts per shard. The prompts themselves are read by the workers.
+    shard_column = pq.read_table(
+        run.path(prompt_folder, layout.PROMPT_SET), columns=["shard"], filesystem=run.fs
+    )["shard"]
+    prompts_in = {c["values"]: c["counts"] for c in pc.value_counts(shard_column).to_pylist()}
     finished = set(run.list(folder, suffix=".parquet"))
-    missing = [s for s in shards if layout.trace_shard(s) not in finished]
-    log.info("%d of %d shards to generate", len(missing), len(shards))
+    missing = sorted(s for s in prompts_in if layout.trace_shard(s) not in finished)
+    log.info("%d of %d shards to generate", len(missing), len(prompts_in))
     start = time.time()
 
     def spent() -> float:  # the pool at its largest, each replica once per device it spans
         return prior_seconds + (time.time() - start) * devices
 
+    shard_facts: dict[int, dict[str, int]] = {}
     if missing:
-        _generate_shards(
-            cfg, run, folder, prompts, missing, lambda: run.spent(folder, fingerprint, spent())
-        )
+
+        def sealed(shard: int, facts: dict[str, int]) -> None:
+            shard_facts[shard] = facts
+            log.info("wrote %s/%s (%d traces)", folder, layout.trace_shard(shard), facts["traces"])
+            run.spent(folder, fingerprint, spent())
+
+        todo = {shard: prompts_in[shard] for shard in missing}
+        _generate_shards(cfg, run, folder, prompt_folder, todo, sealed)
     wall = time.time() - start
 
-    traces = layout.read_traces(run, folder)
-    present = len(run.list(folder, suffix=".parquet"))
-    if present != len(shards):
-        raise RuntimeError(f"{present} of {len(shards)} trace shards present after generation")
-    samples = range(cfg.generation.samples_per_prompt)
-    layout.check_keys(
-        f"traces in {run.path(folder)}",
-        list(zip(traces["prompt_id"].to_pylist(), traces["sample_index"].to_pylist(), strict=True)),
-        {(p, k) for p in prompts["prompt_id"].to_pylist() for k in samples},
-    )
+    samples = cfg.generation.samples_per_prompt
+    for shard in prompts_in:
+        facts = shard_facts.get(shard) or _shard_facts(run, folder, shard)
+        if facts["prompts"] != prompts_in[shard] or facts["traces"] != prompts_in[shard] * samples:
+            raise RuntimeError(
+                f"{run.path(folder, layout.trace_shard(shard))} holds {facts['traces']} traces "
+                f"of {facts['prompts']} prompts, not {samples} of each of {prompts_in[shard]}"
+            )
+        shard_facts[shard] = facts
+    traces = sum(f["traces"] for f in shard_facts.values())
     facts = {
-        "traces": traces.num_rows,
-        "prompts": len(set(traces.column("prompt_id").to_pylist())),
-        "accuracy": pc.mean(traces.column("correct").cast(pa.float64())).as_py()
-        if traces.num_rows
-        else 0.0,
+        "traces": traces,
+        "prompts": sum(f["prompts"] for f in shard_facts.values()),
+        "accuracy": sum(f["correct"] for f in shard_facts.values()) / traces if traces else 0.0,
         "wall_seconds": round(wall, 2),  # this attempt's
         "worker_seconds": round(spent(), 2),  # every attempt's, killed ones too
     }
@@ -87,19 +97,51 @@ def _generate_shards(
     cfg: ExperimentConfig,
     run: RunDir,
     folder: str,
-    prompts: pa.Table,
-    missing: list[int],
-    record_cost,
+    prompt_folder: str,
+    prompts_in: dict[int, int],
+    sealed,
 ) -> None:
+    """Generate the shards of `prompts_in` (shard -> prompts), each sealed by a Ray task."""
+    import ray
+
     init_ray(cfg)
     gen = cfg.generation
-    wanted = set(missing)
-    requests = []
-    for row in prompts.to_pylist():
-        if row["shard"] not in wanted:
-            continue
-        for k in range(gen.samples_per_prompt):
-            seed = settings.sample_seed(gen.sampling.seed + cfg.seed, row["prompt_id"], k)
+    prompts = ray.data.read_parquet(run.path(prompt_folder, layout.PROMPT_SET), filesystem=run.fs)
+    requests = prompts.flat_map(_sample_requests(cfg, set(prompts_in))).repartition(
+        target_num_rows_per_block=gen.engine.batch_size
+    )
+    processor = build_generator(
+        published(cfg.teacher, run),
+        gen.engine,
+        use_gpu=cfg.use_gpu,
+        trust_remote_code=cfg.trust_remote_code,
+        postprocess=_trace_row(cfg),
+    )
+    samples = gen.samples_per_prompt
+    groups = Groups(
+        run=run,
+        folder=f"{folder}/{layout.PARTS}",
+        column="shard",
+        subfolders={str(s): layout.shard_name(s) for s in prompts_in},
+        expected={str(s): n * samples for s, n in prompts_in.items()},
+        seal=_write_shard(run, folder, prompt_folder, samples),
+    )
+    generate_groups(processor, requests, groups, lambda g, facts: sealed(int(g), facts))
+
+
+def _sample_requests(cfg: ExperimentConfig, shards: set[int]):
+    """A prompt row's `samples_per_prompt` requests, each seeded by (prompt, sample) so that
+    a shard's traces are the same whatever else runs (a worker's map; no row of another shard)."""
+    gen = cfg.generation
+    sampling, samples = gen.sampling, gen.samples_per_prompt
+    base_seed = sampling.seed + cfg.seed
+
+    def expand(row: dict[str, Any]) -> list[dict[str, Any]]:
+        if row["shard"] not in shards:
+            return []
+        requests = []
+        for k in range(samples):
+            seed = settings.sample_seed(base_seed, row["prompt_id"], k)
             requests.append(
                 {
                     **{
@@ -109,35 +151,55 @@ def _generate_shards(
                     "sample_index": k,
                     "seed": seed,
                     "tokenized_prompt": row["prompt_token_ids"],
-                    "sampling_params": settings.sampling_params(gen.sampling, seed),
+                    "sampling_params": settings.sampling_params(sampling, seed),
                 }
             )
-    processor = build_generator(
-        published(cfg.teacher, run),
-        gen.engine,
-        use_gpu=cfg.use_gpu,
-        trust_remote_code=cfg.trust_remote_code,
-        postprocess=_trace_row(cfg),
-    )
-    expected = defaultdict(set)
-    for request in requests:
-        expected[request["shard"]].add((request["prompt_id"], request["sample_index"]))
+        return requests
 
-    def write_shard(shard: int, rows: list[dict]) -> None:
+    return expand
+
+
+def _write_shard(run: RunDir, folder: str, prompt_folder: str, samples: int):
+    """A shard's seal (runs in a Ray task): its traces checked against its prompts, one per
+    (prompt, sample), and written as one file."""
+
+    def seal(group: str, rows: list[dict[str, Any]]) -> dict[str, int]:
+        shard = int(group)
+        prompts = pq.read_table(
+            run.path(prompt_folder, layout.PROMPT_SET),
+            columns=["prompt_id"],
+            filters=[("shard", "=", shard)],
+            filesystem=run.fs,
+        )
+        layout.check_keys(
+            f"shard {shard}",
+            [(r["prompt_id"], r["sample_index"]) for r in rows],
+            {(p, k) for p in prompts["prompt_id"].to_pylist() for k in range(samples)},
+        )
         rows.sort(key=lambda r: (r["prompt_id"], r["sample_index"]))
         table = pa.Table.from_pylist(rows, schema=TRACE_SCHEMA)
         run.write_parquet(table, folder, layout.trace_shard(shard))
-        log.info("wrote %s/%s (%d traces)", folder, layout.trace_shard(shard), len(rows))
-        record_cost()
+        return _facts(table)
 
-    generate_groups(
-        processor,
-        requests,
-        gen.engine.batch_size,
-        lambda row: row.pop("shard"),
-        expected,
-        write_shard,
+    return seal
+
+
+def _shard_facts(run: RunDir, folder: str, shard: int) -> dict[str, int]:
+    """The counts of a shard an earlier attempt sealed."""
+    table = pq.read_table(
+        run.path(folder, layout.trace_shard(shard)),
+        columns=["prompt_id", "correct"],
+        filesystem=run.fs,
     )
+    return _facts(table)
+
+
+def _facts(table: pa.Table) -> dict[str, int]:
+    return {
+        "traces": table.num_rows,
+        "prompts": pc.count_distinct(table["prompt_id"]).as_py(),
+        "correct": pc.sum(table["correct"].cast(pa.int64())).as_py() or 0,
+    }
 
 
 def _trace_row(cfg: ExperimentConfig):
@@ -166,7 +228,7 @@ def _trace_row(cfg: ExperimentConfig):
             "finish_reason": settings.finish_reason(
                 prompt_tokens, completion_tokens, max_tokens, max_len
             ),
-            "shard": row["shard"],
+            "shard": row["shard"],  # the group its seal writes it into
         }
 
     return postprocess
