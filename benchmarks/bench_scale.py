@@ -4,7 +4,8 @@ A tiny random model writes one-token completions, so that what grows with the re
 the data path: reading and rendering the prompts, handing requests to the engines, bringing
 completions back and writing the shards. Each size runs as a whole command in its own run dir;
 the driver's resident memory (the command's own process, not Ray's workers) is sampled every
-0.1 s. Sizes take turns as benchmarks/protocol.py prescribes.
+0.1 s. Sizes take turns as benchmarks/protocol.py prescribes; the warm-up is one run of the
+smallest size.
 
 Goal: the driver's peak memory at the largest size at most 1.2x that at the smallest, and
 requests per second flat across sizes.
@@ -102,19 +103,29 @@ def main() -> None:
                 rounds[requests] += 1
                 seconds, peak = run_size(data, requests, rounds[requests])
                 memory[requests].append(peak)
-                return requests / seconds
+                return seconds
 
             return run
 
-        rates = measure({n: side(n) for n in sizes}, repeats=args.repeats)
+        run_size(data, sizes[0], 0)  # the warm-up: the smallest size once, discarded
+        seconds = measure({n: side(n) for n in sizes}, repeats=args.repeats, warmup=0)
     cpus = os.cpu_count()
     print(f"\ntiny random model, one-token completions, {SAMPLES} per prompt, {cpus} CPUs")
-    print(describe(args.repeats, 1) + "; each size a whole `w2sr generate` command")
-    print(f"{'requests':>10} {'requests/s':>24} {'driver peak RSS MiB':>26}")
-    for n in sizes:
-        rate, peak = format(Spread.of(rates[n])), format(Spread.of(memory[n][-args.repeats :]))
-        print(f"{n:>10} {rate:>24} {peak:>26}")
-    low, high = (Spread.of(memory[n][-args.repeats :]).median for n in (sizes[0], sizes[-1]))
+    print(describe(args.repeats, 1).replace("round", "run of the smallest size", 1))
+    print("each size a whole `w2sr generate` command, start-up included; the added rate is the")
+    print("requests added over the seconds added from the size before, within one round")
+    header = f"{'requests':>10} {'requests/s':>22} {'added requests/s':>22} {'driver peak MiB':>22}"
+    print(header)
+    for i, n in enumerate(sizes):
+        rate = Spread.of([n / t for t in seconds[n]])
+        added = "-"
+        if i:
+            before = sizes[i - 1]
+            pairs = zip(seconds[n], seconds[before], strict=True)
+            added = format(Spread.of([(n - before) / (t - t0) for t, t0 in pairs]))
+        peak = Spread.of(memory[n])
+        print(f"{n:>10} {rate:>22} {added:>22} {peak:>22}")
+    low, high = (Spread.of(memory[n]).median for n in (sizes[0], sizes[-1]))
     print(f"\ndriver memory, largest over smallest size: {high / low:.2f}x  (goal <= 1.2x)")
 
 
