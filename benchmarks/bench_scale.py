@@ -1,11 +1,11 @@
 """The driver's peak memory and requests per second of `w2sr generate` as the requests grow.
 
 A tiny random model writes one-token completions, so that what grows with the request count is
-the data path: reading and rendering the prompts, handing requests to the engines, bringing
-completions back and writing the shards. Each size runs as a whole command in its own run dir;
-the driver's resident memory (the command's own process, not Ray's workers) is sampled every
-0.1 s. Sizes take turns as benchmarks/protocol.py prescribes; the warm-up is one run of the
-smallest size.
+the data path: preparing the prompt set (in the driver), reading it and expanding the requests
+(in the workers), writing the parts and sealing the shards. Each size runs as a whole command
+in its own run dir; the driver's resident memory (the command's own process, not Ray's workers)
+is sampled every 0.1 s. Sizes take turns as benchmarks/protocol.py prescribes; the warm-up is
+one run of the smallest size.
 
 Goal: the driver's peak memory at the largest size at most 1.2x that at the smallest, and
 requests per second flat across sizes.
