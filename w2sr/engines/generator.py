@@ -125,7 +125,7 @@ def generate_groups(processor, requests, groups: Groups, sealed: Callable[[str, 
         try_seal(group, every_row_arrived=True)
     collect(wait=True)
     for name in groups.subfolders.values():
-        groups.run.delete(groups.folder, name)  # a replay's part that came after its seal
+        groups.run.delete(groups.folder, name)  # replays' parts that came after their seal
     short = {g: f"{shorts.get(g, 0)} of {groups.expected[g]}" for g in groups.expected}
     short = {g: n for g, n in short.items() if g not in done}
     if short:
@@ -156,12 +156,14 @@ def _seal(groups: Groups, group: str) -> tuple[int, dict[str, Any] | None]:
     """(distinct keys found, the group's facts), or no facts while keys are missing (runs in a Ray
     task, so the driver never holds a group's rows)."""
     run, folder = groups.run, (groups.folder, groups.subfolders[group])
+    parts = run.list(*folder, suffix=".parquet")
     rows: dict[tuple, dict[str, Any]] = {}
-    for name in run.list(*folder, suffix=".parquet"):
+    for name in parts:
         for row in run.read_parquet(*folder, name).to_pylist():
             rows.setdefault((row["prompt_id"], row["sample_index"]), row)
     if len(rows) < groups.expected[group]:
         return len(rows), None
     facts = groups.seal(group, list(rows.values()))
-    run.delete(*folder)
+    for name in parts:  # not the folder: a replayed batch may be writing a part into it
+        run.delete(*folder, name)
     return len(rows), facts
