@@ -117,13 +117,13 @@ def main() -> None:
     header = f"{'requests':>10} {'requests/s':>22} {'added requests/s':>22} {'driver peak MiB':>22}"
     print(header)
     for i, n in enumerate(sizes):
-        rate = Spread.of([n / t for t in seconds[n]])
+        rate = format(Spread.of([n / t for t in seconds[n]]))
         added = "-"
         if i:
             before = sizes[i - 1]
             pairs = zip(seconds[n], seconds[before], strict=True)
             added = format(Spread.of([(n - before) / (t - t0) for t, t0 in pairs]))
-        peak = Spread.of(memory[n])
+        peak = format(Spread.of(memory[n]))
         print(f"{n:>10} {rate:>22} {added:>22} {peak:>22}")
     low, high = (Spread.of(memory[n]).median for n in (sizes[0], sizes[-1]))
     print(f"\ndriver memory, largest over smallest size: {high / low:.2f}x  (goal <= 1.2x)")
