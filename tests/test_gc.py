@@ -63,6 +63,7 @@ def test_gc_lists_then_removes_only_what_no_kept_config_refers_to(tmp_path, caps
     run.write_text("now", kept, "metrics.jsonl.tmp-12345678")  # a write under way
     parts = f"{layout.EVAL}/base/{layout.PARTS}/amc23-{'2' * 16}"  # a killed evaluation's
     run.write_text("ab", parts, "part-0.parquet")
+    run.write_json({}, *layout.EVAL_SUMMARY)  # a file among the labels' folders
     config = tmp_path / "real.yaml"
     config.write_text(yaml.safe_dump(data))
 

@@ -49,7 +49,8 @@ def find_garbage(run: RunDir, configs: list[ExperimentConfig]) -> list[Garbage]:
             continue
         state = "complete" if run.exists(folder, DONE) else "unfinished"
         out.append(Garbage(folder, state, run.size(folder)))
-    for label in run.list(layout.EVAL):
+    summary = layout.EVAL_SUMMARY[-1]
+    for label in [name for name in run.list(layout.EVAL) if name != summary]:
         for name in run.list(layout.EVAL, label, suffix=".parquet"):
             path = f"{layout.EVAL}/{label}/{name}"
             if path not in results:
