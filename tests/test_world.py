@@ -160,7 +160,7 @@ def test_the_non_reasoner_answers_directly_and_beats_the_small_reasoner_on_the_s
     assert all(text.startswith("#### ") and "F" not in text.split() for _, text in direct)
     ahead = sum(right(world, p, t) for p, t in direct)
     small = sum(right(world, p, t) for p, t in answers(models["khop-teacher"], "train"))
-    # Clearly ahead: 20 of the 144 questions. Builds on different CPUs differ by a few answers
+    # Clearly ahead: 20 of the 144 questions. Builds on different machines differ by a few answers
     # (140 and 133 of 144 seen for the non-reasoner; 104 for the small reasoner).
     assert ahead > small + 20, (ahead, small)
 
