@@ -77,8 +77,10 @@ class RunDir:
     def write_parquet(self, table: pa.Table, *parts: str) -> None:
         self._atomic(parts, lambda tmp: pq.write_table(table, tmp, filesystem=self.fs))
 
-    def read_parquet(self, *parts: str) -> pa.Table:
-        return pq.read_table(self.path(*parts), filesystem=self.fs)
+    def read_parquet(self, *parts: str, columns: list[str] | None = None, filters=None) -> pa.Table:
+        return pq.read_table(
+            self.path(*parts), columns=columns, filters=filters, filesystem=self.fs
+        )
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
         def write(tmp: str) -> None:

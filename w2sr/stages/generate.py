@@ -18,7 +18,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from w2sr import layout, lineage
 from w2sr.config import EngineConfig, ExperimentConfig
@@ -48,9 +47,7 @@ def generate(cfg: ExperimentConfig) -> dict[str, Any]:
     devices = _devices(cfg.generation.engine)
 
     # The plan: prompts per shard. The prompts themselves are read by the workers.
-    shard_column = pq.read_table(
-        run.path(prompt_folder, layout.PROMPT_SET), columns=["shard"], filesystem=run.fs
-    )["shard"]
+    shard_column = run.read_parquet(prompt_folder, layout.PROMPT_SET, columns=["shard"])["shard"]
     prompts_in = {c["values"]: c["counts"] for c in pc.value_counts(shard_column).to_pylist()}
     finished = set(run.list(folder, suffix=".parquet"))
     missing = sorted(s for s in prompts_in if layout.trace_shard(s) not in finished)
@@ -165,11 +162,8 @@ def _write_shard(run: RunDir, folder: str, prompt_folder: str, samples: int):
 
     def seal(group: str, rows: list[dict[str, Any]]) -> dict[str, int]:
         shard = int(group)
-        prompts = pq.read_table(
-            run.path(prompt_folder, layout.PROMPT_SET),
-            columns=["prompt_id"],
-            filters=[("shard", "=", shard)],
-            filesystem=run.fs,
+        prompts = run.read_parquet(
+            prompt_folder, layout.PROMPT_SET, columns=["prompt_id"], filters=[("shard", "=", shard)]
         )
         layout.check_keys(
             f"shard {shard}",
@@ -186,11 +180,7 @@ def _write_shard(run: RunDir, folder: str, prompt_folder: str, samples: int):
 
 def _shard_facts(run: RunDir, folder: str, shard: int) -> dict[str, int]:
     """The counts of a shard an earlier attempt sealed."""
-    table = pq.read_table(
-        run.path(folder, layout.trace_shard(shard)),
-        columns=["prompt_id", "correct"],
-        filesystem=run.fs,
-    )
+    table = run.read_parquet(folder, layout.trace_shard(shard), columns=["prompt_id", "correct"])
     return _facts(table)
 
 
