@@ -19,7 +19,8 @@ import yaml
 from faults import kill_when
 
 from w2sr import layout, lineage
-from w2sr.config import validate
+from w2sr.config import ConfigError, validate
+from w2sr.data.prompt_set import RENDER_ROWS, prepare_prompts, write_prompt_set
 from w2sr.grading import is_correct
 from w2sr.rundir import RunDir
 from w2sr.schemas import TRACE_SCHEMA
@@ -126,6 +127,49 @@ def test_malformed_and_too_long_prompts_are_set_aside_with_reasons(generated):
     assert "problem" in reasons["empty"]
     assert "max_model_len" in reasons["too-long"]
     assert any("JSON" in r["reason"] for r in rejected if r["prompt_id"] is None)
+
+
+def test_the_prompt_set_rendered_in_batches_is_the_prompt_set_rendered_at_once(
+    tmp_path, tiny_model
+):
+    sets = []
+    for batch_rows in (2, RENDER_ROWS):
+        (tmp_path / str(batch_rows)).mkdir()
+        cfg = validate(experiment(tmp_path / str(batch_rows), tiny_model))
+        run = RunDir(cfg.run_dir)
+        write_prompt_set(cfg, run, batch_rows)
+        folder = lineage.prompts(cfg).folder
+        sets.append(
+            (
+                run.read_parquet(folder, layout.PROMPT_SET),
+                run.read_parquet(folder, "rejected.parquet"),
+            )
+        )
+        assert run.done(folder, lineage.prompts(cfg).fingerprint)["prompts"] == len(PROBLEMS)
+    (batched, batched_rejected), (whole, whole_rejected) = sets
+    assert batched.equals(whole) and batched_rejected.equals(whole_rejected)
+    assert batched["prompt_id"].to_pylist() == [f"p{i}" for i in range(len(PROBLEMS))]
+    assert batched["shard"].to_pylist() == [i // 3 for i in range(len(PROBLEMS))]
+    # the 8th problem: its index is its place in the problem set, not in its batch
+    assert [(r["index"], r["prompt_id"]) for r in batched_rejected.to_pylist()] == [(7, "too-long")]
+
+
+@pytest.mark.slow
+def test_a_prompt_set_with_no_prompt_that_fits_fails_naming_the_key_and_writes_no_prompts(
+    tmp_path, tiny_model, ray_session
+):
+    config = experiment(tmp_path, tiny_model)
+    config["generation"]["engine"]["max_model_len"] = 8
+    cfg = validate(config)
+    run = RunDir(cfg.run_dir)
+    with pytest.raises(ConfigError, match="generation.engine.max_model_len") as raised:
+        prepare_prompts(cfg, run)  # the preparation runs in a Ray task; its error is the user's
+    assert type(raised.value) is ConfigError
+    folder = lineage.prompts(cfg).folder
+    assert not run.exists(folder, layout.PROMPT_SET) and not run.done(
+        folder, lineage.prompts(cfg).fingerprint
+    )
+    assert run.read_parquet(folder, "rejected.parquet").num_rows == len(PROBLEMS) + 1
 
 
 def test_rerun_with_the_same_config_does_nothing(generated):

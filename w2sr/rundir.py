@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -76,6 +77,17 @@ class RunDir:
 
     def write_parquet(self, table: pa.Table, *parts: str) -> None:
         self._atomic(parts, lambda tmp: pq.write_table(table, tmp, filesystem=self.fs))
+
+    def write_parquet_stream(self, tables: Iterable[pa.Table], schema: pa.Schema, *parts: str):
+        """One file from tables made one after another, so that its writer never holds them all.
+        An error raised while the tables are made leaves no file."""
+
+        def write(tmp: str) -> None:
+            with pq.ParquetWriter(tmp, schema, filesystem=self.fs) as writer:
+                for table in tables:
+                    writer.write_table(table)
+
+        self._atomic(parts, write)
 
     def read_parquet(self, *parts: str, columns: list[str] | None = None, filters=None) -> pa.Table:
         return pq.read_table(

@@ -20,8 +20,10 @@ from w2sr.data.templates import TEMPLATES
 from w2sr.models import resolve_model
 from w2sr.rundir import RunDir
 from w2sr.schemas import PROBLEM_SCHEMA, PROMPT_SCHEMA, REJECTED_SCHEMA
+from w2sr.session import init_ray
 
 log = logging.getLogger(__name__)
+RENDER_ROWS = 4096  # problems rendered at a time: the most prompts a preparation holds
 
 
 def prepare_problems(cfg: ExperimentConfig, run: RunDir) -> pa.Table:
@@ -43,28 +45,61 @@ def prepare_problems(cfg: ExperimentConfig, run: RunDir) -> pa.Table:
 
 
 def prepare_prompts(cfg: ExperimentConfig, run: RunDir) -> str:
-    """The folder of the prompt set; rendered and written unless the run dir has it. Generation
-    reads the prompts from there in its workers."""
+    """The folder of the prompt set; made unless the run dir has it.
+
+    The problems are loaded and rendered in a Ray task, so that the driver never holds the prompt
+    set (nor a tokenizer): at millions of prompts it is the largest thing a command would keep.
+    Generation reads the prompts from the folder in its workers.
+    """
     artifact = lineage.prompts(cfg)
     if run.done(artifact.folder, artifact.fingerprint):
         return artifact.folder
-    rows = prepare_problems(cfg, run).to_pylist()
-    tokenizer = load_tokenizer(resolve_model(cfg.teacher), cfg.trust_remote_code)
-    max_len = cfg.generation.engine.max_model_len
-    rows, too_long = render_prompts(tokenizer, TEMPLATES[cfg.template], rows, max_len)
-    _set_aside(run, artifact.folder, too_long, "problems")
-    if not rows:
-        raise ConfigError(
-            f"generation.engine.max_model_len: no prompt leaves room to answer in {max_len} "
-            f"tokens; the reasons are in {run.path(artifact.folder, layout.REJECTED)}"
-        )
-    per_shard = cfg.generation.prompts_per_shard
-    for position, row in enumerate(rows):
-        row["shard"] = position // per_shard
-    table = pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA)
-    run.write_parquet(table, artifact.folder, layout.PROMPT_SET)
-    run.mark_done(artifact.folder, artifact.fingerprint, prompts=len(rows), rejected=len(too_long))
+    import ray
+
+    init_ray(cfg)
+    # max_calls=1: the worker exits after the task, returning its memory before engines start
+    task = ray.remote(num_cpus=1, max_calls=1)(write_prompt_set)
+    try:
+        ray.get(task.remote(cfg, run))
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, ConfigError):  # the user's to fix: said as plainly as here
+            raise error.cause from None
+        raise
     return artifact.folder
+
+
+def write_prompt_set(cfg: ExperimentConfig, run: RunDir, batch_rows: int = RENDER_ROWS) -> None:
+    """Render the problems `batch_rows` at a time into one file, shard numbers in order of the
+    problem set, and mark it done; the problems are prepared first unless the run dir has them."""
+    artifact = lineage.prompts(cfg)
+    problems = prepare_problems(cfg, run)
+    tokenizer = load_tokenizer(resolve_model(cfg.teacher), cfg.trust_remote_code)
+    template = TEMPLATES[cfg.template]
+    max_len = cfg.generation.engine.max_model_len
+    per_shard = cfg.generation.prompts_per_shard
+    too_long: list[dict] = []
+    kept = 0
+
+    def rendered():
+        nonlocal kept
+        for start in range(0, problems.num_rows, batch_rows):
+            rows = problems.slice(start, batch_rows).to_pylist()
+            rows, rejected = render_prompts(tokenizer, template, rows, max_len, start)
+            too_long.extend(rejected)
+            for row in rows:
+                row["shard"] = kept // per_shard
+                kept += 1
+            yield pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA)
+        # Before the file is published: a set with no prompt is never written.
+        _set_aside(run, artifact.folder, too_long, "problems")
+        if not kept:
+            raise ConfigError(
+                f"generation.engine.max_model_len: no prompt leaves room to answer in {max_len} "
+                f"tokens; the reasons are in {run.path(artifact.folder, layout.REJECTED)}"
+            )
+
+    run.write_parquet_stream(rendered(), PROMPT_SCHEMA, artifact.folder, layout.PROMPT_SET)
+    run.mark_done(artifact.folder, artifact.fingerprint, prompts=kept, rejected=len(too_long))
 
 
 def _set_aside(run: RunDir, folder: str, rejected: list[dict], what: str) -> None:

@@ -20,13 +20,14 @@ def render(tokenizer, template: Template, problems: list[str]) -> tuple[list[str
 
 
 def render_prompts(
-    tokenizer, template: Template, rows: list[dict], max_len: int
+    tokenizer, template: Template, rows: list[dict], max_len: int, start: int = 0
 ) -> tuple[list[dict], list[dict]]:
     """Rows with `prompt` and `prompt_token_ids` added, and the rejections of prompts that leave
-    no room to answer within `max_len` tokens (REJECTED_SCHEMA rows, indexed by position)."""
+    no room to answer within `max_len` tokens (REJECTED_SCHEMA rows, indexed by position in the
+    problem set, of which `rows` begin at `start`)."""
     texts, ids = render(tokenizer, template, [row["problem"] for row in rows])
     kept, rejected = [], []
-    for index, (row, text, tokens) in enumerate(zip(rows, texts, ids, strict=True)):
+    for index, (row, text, tokens) in enumerate(zip(rows, texts, ids, strict=True), start):
         if len(tokens) >= max_len:
             reason = f"prompt has {len(tokens)} tokens; max_model_len is {max_len}"
             rejected.append(
