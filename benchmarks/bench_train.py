@@ -113,7 +113,7 @@ def run_w2sr(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
     run.write_parquet(table, sets.folder, "all.parquet")
     run.mark_done(sets.folder, sets.fingerprint)
     start = time.time()
-    record = train(cfg)
+    train(cfg)
     wall = time.time() - start
     stage = run_dir / lineage.student(cfg, "all").folder
     steps = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
@@ -121,7 +121,7 @@ def run_w2sr(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
     return {
         "tokens_per_second": steady_rate(times, tokens, args.warmup),
         "wall_seconds": wall,
-        "final_loss": record["final_loss"],
+        "mean_loss": statistics.mean(r["loss"] for r in steps),
     }
 
 
@@ -211,7 +211,7 @@ def run_trl(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
     return {
         "tokens_per_second": steady_rate([t for t, _ in ends], tokens, args.warmup),
         "wall_seconds": wall,
-        "final_loss": result.training_loss,
+        "mean_loss": result.training_loss,  # TRL's: the mean over its steps (rank 0's)
     }
 
 
@@ -298,7 +298,7 @@ def main() -> None:
                 r = launch(args, *runs[name])
                 print(
                     f"{name:12s} {r['tokens_per_second']:7,.0f} tokens/s   "
-                    f"wall {r['wall_seconds']:5.0f} s   final loss {r['final_loss']:.3f}   "
+                    f"wall {r['wall_seconds']:5.0f} s   mean loss {r['mean_loss']:.3f}   "
                     f"load {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
