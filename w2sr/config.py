@@ -216,6 +216,7 @@ class LearnerConfig(Strict):
             "max_failures",
             "mlflow_tracking_uri",
             "wandb_project",
+            "profile_step",
         }
     )
 
@@ -235,6 +236,9 @@ class LearnerConfig(Strict):
     max_failures: Annotated[int, Field(ge=-1)] = 0
     mlflow_tracking_uri: str | None = None
     wandb_project: str | None = None
+    # Step N (from 1) runs under torch's profiler; rank 0 writes its table of operators to
+    # `profile-step-N.txt` in the stage folder: where a step's time goes.
+    profile_step: PositiveInt | None = None
 
     # Samples per optimizer step, and the optimizer's schedule: fields of SFT, fixed for GRPO.
     global_batch_size: ClassVar[int]

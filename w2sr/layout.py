@@ -16,6 +16,8 @@ side by side and nothing finished is replaced; `w2sr gc` removes what no config 
                                         the W2SR, W2SR-P and W2SR-N training sets
     students/{variant}/<fp>/model       a fine-tuned student (HF folder), with metrics.jsonl
                                         and Ray Train checkpoints under ray/
+    students/{variant}/<fp>/profile-step-N.txt
+                                        torch's profile of step N (`train.profile_step`)
     rl/<fp>/model                       the GRPO student, likewise
     builtins/<name>/<digest>/model      a built-in model as every node reads it (object stores)
     eval/{label}/{benchmark}-{fp}.parquet
@@ -93,6 +95,11 @@ def rl(fingerprint: str) -> str:
 def builtin(name: str, digest: str) -> str:
     """A built-in model published for the cluster, named by its content."""
     return f"{BUILTINS}/{name}/{digest}"
+
+
+def step_profile(step: int) -> str:
+    """A training stage's profile of one step (`profile_step`), in its folder."""
+    return f"profile-step-{step}.txt"
 
 
 def trace_shard(shard: int) -> str:

@@ -60,10 +60,15 @@ def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def load_cpu_ops(offload_optimizer: bool) -> None:
-    """Load DeepSpeed's CPU ops before DeepSpeed asks for them.
+    """Load the CPU ops DeepSpeed will ask for, and keep it from building one it never uses.
 
-    Every process that loads one runs torch's extension build, under a lock file that outlives a
-    process killed while holding it: from then on every training on the machine would wait for
+    DeepSpeed's CPU backend builds its shared-memory all-reduce op when it starts, but only its
+    inference all-reduce calls it (training reduces through gloo), and the build costs about a
+    minute on a fresh machine; DeepSpeed reads its table of compatible ops from one dict, so
+    marking the op there skips it.
+
+    Every process that loads an op runs torch's extension build, under a lock file that outlives
+    a process killed while holding it: from then on every training on the machine would wait for
     it forever. Here the loads happen under an OS lock (released when its holder dies); while it
     is held no live w2sr process is building, so a torch lock found then is stale and removed.
     DeepSpeed keeps a loaded op for the process, so its own later loads build nothing.
@@ -74,19 +79,16 @@ def load_cpu_ops(offload_optimizer: bool) -> None:
     from deepspeed.ops import __compatible_ops__
     from torch.utils.cpp_extension import _get_build_directory
 
-    names = ["ShareMemCommBuilder"] + (["CPUAdamBuilder"] if offload_optimizer else [])
-    builders = [get_accelerator().create_op_builder(name) for name in names]
-    builders = [b for b in builders if b is not None and __compatible_ops__.get(b.NAME, False)]
-    if not builders:
+    __compatible_ops__["deepspeed_shm_comm"] = False
+    builder = get_accelerator().create_op_builder("CPUAdamBuilder")
+    if not offload_optimizer or not __compatible_ops__.get(builder.NAME, False):
         return
-    folder = Path(_get_build_directory(builders[0].name, verbose=False)).parent
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "w2sr-build.lock", "w") as held:
+    build = Path(_get_build_directory(builder.name, verbose=False))
+    build.parent.mkdir(parents=True, exist_ok=True)
+    with open(build.parent / "w2sr-build.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        for builder in builders:
-            stale = Path(_get_build_directory(builder.name, verbose=False)) / "lock"
-            stale.unlink(missing_ok=True)
-            builder.load()
+        (build / "lock").unlink(missing_ok=True)
+        builder.load()
 
 
 def build_engine(

@@ -67,7 +67,10 @@ class StepLoop:
         """Take every remaining step; rank 0 logs `describe(record)` and sends the `tracked`
         metrics to the trackers."""
         for index in range(self.state["step"], self.steps):
-            metrics, advanced = step(index, self.state)
+            if index + 1 == self.learner.profile_step:
+                metrics, advanced = self._profiled(step, index)
+            else:
+                metrics, advanced = step(index, self.state)
             now = time.time()
             self.state = {
                 **self.state,
@@ -94,6 +97,31 @@ class StepLoop:
                 if self.metrics_log:
                     self.metrics_log.flush()
                 save_checkpoint(self.engine, self.state, record)
+
+    def _profiled(self, step: Step, index: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One step under torch's profiler; rank 0 writes its operators by their own time, below
+        the step's wall-clock and how much of it the operators account for (the rest is Python,
+        waits on other processes and on rollouts)."""
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        gpu = torch.cuda.is_available()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+        start = time.perf_counter()
+        with profile(activities=activities) as prof:
+            result = step(index, self.state)
+        wall = time.perf_counter() - start
+        if self.worker.rank == 0:
+            events = prof.key_averages()
+            in_ops = sum(e.self_cpu_time_total for e in events) / 1e6
+            head = (
+                f"step {index + 1} of {self.stage}, rank 0: {wall:.3f} s wall-clock, "
+                f"{in_ops:.3f} s of it in torch operators on the CPU\n"
+            )
+            order = "self_device_time_total" if gpu else "self_cpu_time_total"
+            table = events.table(sort_by=order, row_limit=30)
+            self.run_dir.write_text(head + table, self.stage, layout.step_profile(index + 1))
+        return result
 
     def finish(self, end_text: str) -> None:
         """Close the trackers and export the model (collective; rank 0 writes `<stage>/model`)."""
