@@ -7,6 +7,7 @@ an impossible value costs nothing; errors name the dotted key.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -28,10 +29,19 @@ class Strict(BaseModel):
     # Fields that say how a stage runs, not what it produces. Fingerprints leave them out, so a
     # rerun with more replicas or another checkpoint cadence resumes instead of starting over.
     OPERATIONAL: ClassVar[frozenset[str]] = frozenset()
+    # Fields added after run dirs existed whose default reproduces what those runs made: left out
+    # of fingerprints while at their default, so the artifacts of those runs are still found.
+    SILENT_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset()
 
     def outcome(self) -> dict[str, Any]:
         """The fields that decide a stage's outputs, as JSON values (what fingerprints hash)."""
-        data = self.model_dump(mode="json", exclude=set(self.OPERATIONAL))
+        silent = {
+            name
+            for name in self.SILENT_AT_DEFAULT
+            if getattr(self, name)
+            == type(self).model_fields[name].get_default(call_default_factory=True)
+        }
+        data = self.model_dump(mode="json", exclude=set(self.OPERATIONAL) | silent)
         for name in data:
             value = getattr(self, name)
             if isinstance(value, Strict):
@@ -100,19 +110,72 @@ class HFSource(Strict):
     id_field: str | None = None
 
 
-class BenchmarkSource(Strict):
-    """A standard math set by name, from a local copy (`path`) or the hub."""
+class BenchmarkRef(Strict):
+    """A standard benchmark by name (`w2sr.data.benchmarks.BENCHMARKS`), from the hub or a local
+    copy (`path`: a JSONL or Parquet file, or a dataset folder).
+
+    A local copy is read with the benchmark's own column names, or, for the copies that
+    SimpleRL-Zoo's evaluator ships, with that file's (a preset per benchmark); the `*_field` keys
+    name the columns of any other copy. `solution_field` names a worked solution whose last
+    `\\boxed{}` is the answer, for copies that have no answer column (MATH, Minerva).
+    """
+
+    name: str
+    path: str | None = None
+    split: str | None = None  # splits may be joined with "+": "train+test"
+    problem_field: str | None = None
+    answer_field: str | None = None
+    solution_field: str | None = None
+    id_field: str | None = None
+    SILENT_AT_DEFAULT = frozenset({"problem_field", "answer_field", "solution_field", "id_field"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _known(self) -> BenchmarkRef:
+        from w2sr.data.benchmarks import BENCHMARKS, KHOP, OFFLINE
+
+        if self.name in (OFFLINE, KHOP):
+            if self.path or self.split or self.fields_given():
+                raise ValueError(f"{self.name!r} is built in: it takes no path, split or fields")
+        elif self.name not in BENCHMARKS:
+            raise ValueError(f"unknown benchmark {self.name!r}; one of {sorted(BENCHMARKS)}")
+        if self.answer_field and self.solution_field:
+            raise ValueError("solution_field: give answer_field or solution_field, not both")
+        return self
+
+    def fields_given(self) -> dict[str, str]:
+        """The column names set in the config, by role (problem, answer, solution, id)."""
+        named = {
+            "problem": self.problem_field,
+            "answer": self.answer_field,
+            "solution": self.solution_field,
+            "id": self.id_field,
+        }
+        return {role: column for role, column in named.items() if column}
+
+
+class BenchmarkSource(BenchmarkRef):
+    """Training problems from a standard set, e.g. MATH levels 3-5 of train and test less the
+    MATH-500 problems (SimpleRL-Zoo's training set): `exclude` leaves out every problem that is
+    also in one of those benchmarks."""
 
     type: Literal["benchmark"] = "benchmark"
-    name: Literal["math", "math500", "gsm8k", "aime24", "aime25", "amc23"]
-    path: str | None = None
-    split: str | None = None
     levels: list[Annotated[int, Field(ge=1, le=5)]] | None = None
+    exclude: list[BenchmarkRef] = Field(default_factory=list)
+    SILENT_AT_DEFAULT = BenchmarkRef.SILENT_AT_DEFAULT | {"exclude"}
 
     @model_validator(mode="after")
     def _levels_only_for_math(self) -> BenchmarkSource:
+        from w2sr.data.benchmarks import BENCHMARKS
+
         if self.levels is not None and self.name not in ("math", "math500"):
             raise ValueError("levels applies only to math and math500")
+        if self.name not in BENCHMARKS:
+            raise ValueError(f"name: {self.name!r} is built in for evaluation, not a prompt source")
         return self
 
 
@@ -267,6 +330,10 @@ class TrainConfig(LearnerConfig):
     # Samples of a micro-batch share one row (positions restart, no attention across samples)
     # instead of being padded to the longest: same gradient, no compute spent on padding.
     packing: bool = True
+    # A reasoning teacher's `<think> ... </think>` block in the SFT targets: `keep` trains the
+    # student to think before answering, `strip` on the answer that follows the block alone.
+    reasoning: Literal["keep", "strip"] = "keep"
+    SILENT_AT_DEFAULT = frozenset({"reasoning"})
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:
@@ -377,31 +444,25 @@ class GRPOConfig(LearnerConfig):
 _LABEL_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"  # a label names a folder and a served model id
 
 
-class EvalBenchmark(Strict):
-    """A benchmark by name (`w2sr.data.benchmarks.EVAL_BENCHMARKS`), from a local copy (`path`)
-    or the hub.
+class EvalBenchmark(BenchmarkRef):
+    """A benchmark the run's models are evaluated on. `samples`, `sampling` (merged over
+    `eval.sampling`) and `pass_k` set here replace the eval section's for this benchmark, as
+    AIME's 32 samples do in SimpleRL-Zoo's protocol.
 
     `limit` keeps the first N problems: a quick look, not a result to report.
     """
 
-    name: str
-    path: str | None = None
-    split: str | None = None
     limit: PositiveInt | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_name(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
+    samples: PositiveInt | None = None
+    sampling: SamplingConfig | None = None
+    pass_k: list[PositiveInt] | None = None
 
     @model_validator(mode="after")
-    def _known(self) -> EvalBenchmark:
-        from w2sr.data.benchmarks import EVAL_BENCHMARKS, KHOP, OFFLINE
+    def _evaluable(self) -> EvalBenchmark:
+        from w2sr.data.benchmarks import EVAL_BENCHMARKS
 
         if self.name not in EVAL_BENCHMARKS:
             raise ValueError(f"unknown benchmark {self.name!r}; one of {sorted(EVAL_BENCHMARKS)}")
-        if self.name in (OFFLINE, KHOP) and (self.path or self.split):
-            raise ValueError(f"{self.name!r} is built in: it takes no path or split")
         return self
 
 
@@ -421,15 +482,53 @@ def _eval_sampling() -> SamplingConfig:
     return SamplingConfig(temperature=0.6, top_p=0.95, max_tokens=1024)
 
 
+# Named evaluation protocols: the values each sets, as defaults that keys given in the config
+# override. `simplerl_zoo` is SimpleRL-Zoo's evaluator (hkust-nlp/simpleRL-reason,
+# examples/simplelr_math_eval: eval_math_nodes.sh and math_eval.py), whose numbers the paper
+# compares with: RL-trained models sampled once at T 1.0, top-p 0.95, AIME averaged over 32
+# samples, base models greedy, answers read from the box, else "the answer is", else the last
+# number (our `standard` policy).
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "simplerl_zoo": {
+        "samples": 1,
+        "sampling": {"temperature": 1.0, "top_p": 0.95},
+        "greedy": ["base"],
+        "grading_policy": "standard",
+        "benchmark_samples": {"aime24": 32, "aime25": 32},
+    }
+}
+
+
+def _as_dict(value: Any) -> Any:
+    return value.model_dump() if isinstance(value, BaseModel) else value
+
+
+@dataclass(frozen=True)
+class EvalSetting:
+    """How one model is evaluated on one benchmark: what its result's fingerprint holds."""
+
+    samples: int
+    sampling: SamplingConfig
+    ks: list[int]  # the k of pass@k to report, ascending
+    greedy: bool
+
+
 class EvalConfig(Strict):
-    """Every model of a run on every benchmark, `samples` completions per problem."""
+    """Every model of a run on every benchmark, `samples` completions per problem (per benchmark
+    and per model where the protocol says so: `setting`)."""
 
     benchmarks: list[EvalBenchmark] = Field(
         default_factory=lambda: [EvalBenchmark(name="offline")], min_length=1
     )
+    # A named protocol (PROTOCOLS) whose values are the defaults of the keys below.
+    protocol: Literal[tuple(PROTOCOLS)] | None = None
     samples: PositiveInt = 4
     pass_k: list[PositiveInt] | None = None  # default: 1, 2, 4, ... up to samples
     sampling: SamplingConfig = Field(default_factory=_eval_sampling)
+    # Models decoded greedily with one sample, by label (SimpleRL-Zoo decodes base models so).
+    greedy: list[str] = Field(default_factory=list)
+    # Which final answers count in evaluation; null: the run's `grading_policy`.
+    grading_policy: Literal["strict", "standard"] | None = None
     engine: EngineConfig = Field(default_factory=EngineConfig)
     models: dict[str, str] = Field(default_factory=dict)  # extra `label: model spec`
     # How many models' pipelines run side by side, each with its own engines: an engine's
@@ -440,6 +539,38 @@ class EvalConfig(Strict):
     bootstrap_resamples: PositiveInt = 2000
     confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_protocol(cls, data: Any) -> Any:
+        """The protocol's values under the keys given, and each benchmark's `sampling` merged
+        over the section's."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        preset = PROTOCOLS.get(data.get("protocol"), {})  # an unknown name fails validation
+        for key in ("samples", "greedy", "grading_policy"):
+            if key in preset:
+                data.setdefault(key, preset[key])
+        if preset:
+            given = _as_dict(data.get("sampling")) or {}
+            data["sampling"] = {**_eval_sampling().model_dump(), **preset["sampling"], **given}
+        if "benchmarks" in data and isinstance(data["benchmarks"], list):
+            section = _as_dict(data.get("sampling")) or {}
+            entries = []
+            for entry in data["benchmarks"]:
+                entry = {"name": entry} if isinstance(entry, str) else entry
+                if isinstance(entry, dict):
+                    entry = dict(entry)
+                    samples = preset.get("benchmark_samples", {}).get(entry.get("name"))
+                    if samples is not None:
+                        entry.setdefault("samples", samples)
+                    if isinstance(entry.get("sampling"), dict):
+                        base = {**_eval_sampling().model_dump(), **section}
+                        entry["sampling"] = {**base, **entry["sampling"]}
+                entries.append(entry)
+            data["benchmarks"] = entries
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> EvalConfig:
@@ -456,15 +587,34 @@ class EvalConfig(Strict):
             raise ValueError(f"pass_k: {max(self.pass_k)} exceeds samples ({self.samples})")
         if self.sampling.temperature == 0 and self.samples > 1:
             raise ValueError("sampling.temperature 0 is greedy: set samples: 1")
+        for i, bench in enumerate(self.benchmarks):
+            samples = bench.samples or self.samples
+            sampling = bench.sampling or self.sampling
+            if bench.pass_k and max(bench.pass_k) > samples:
+                raise ValueError(
+                    f"benchmarks.{i}.pass_k: {max(bench.pass_k)} exceeds samples ({samples})"
+                )
+            if sampling.temperature == 0 and samples > 1:
+                raise ValueError(
+                    f"benchmarks.{i}: sampling.temperature 0 is greedy: set samples: 1"
+                )
         return self
 
-    @property
-    def ks(self) -> list[int]:
-        """The k of pass@k to report, ascending."""
-        if self.pass_k:
-            return sorted(set(self.pass_k))
-        powers = {2**i for i in range(self.samples.bit_length())}
-        return sorted(powers | {self.samples})
+    def benchmark(self, name: str) -> EvalBenchmark:
+        return next(bench for bench in self.benchmarks if bench.name == name)
+
+    def setting(self, bench: EvalBenchmark, label: str) -> EvalSetting:
+        """The samples, sampling and k of pass@k of model `label` on `bench`."""
+        sampling = bench.sampling or self.sampling
+        if label in self.greedy:
+            greedy = sampling.model_copy(update={"temperature": 0.0, "top_p": 1.0})
+            return EvalSetting(1, greedy, [1], greedy=True)
+        samples = bench.samples or self.samples
+        if bench.pass_k or self.pass_k:
+            ks = sorted({k for k in (bench.pass_k or self.pass_k or []) if k <= samples})
+        else:
+            ks = sorted({2**i for i in range(samples.bit_length())} | {samples})
+        return EvalSetting(samples, sampling, ks, greedy=False)
 
 
 class ServeConfig(Strict):
@@ -513,6 +663,12 @@ class ExperimentConfig(Strict):
     select: SelectConfig = Field(default_factory=SelectConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     grpo: GRPOConfig | None = None  # the RL baseline; null or absent: none
+    # A published RL checkpoint as the RL reference (a hub id or a folder), in place of a GRPO
+    # run of our own: RGR's denominator without paying for RL.
+    rl: str | None = None
+    # Chat templates rendered with thinking on or off (Qwen3's `enable_thinking`); null: each
+    # template's own default. Templates that know no such switch ignore it.
+    thinking: bool | None = None
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
@@ -542,6 +698,21 @@ class ExperimentConfig(Strict):
             problem = model_spec_problem(spec) if spec else None
             if problem:
                 raise ValueError(f"{key}: {problem}")
+        if self.rl is not None:
+            if self.grpo is not None:
+                raise ValueError(
+                    "rl: names an outside RL reference, and the grpo section trains one; keep one"
+                )
+            if self.student is None:
+                raise ValueError("rl: an RL reference needs the student it was trained from")
+            if problem := model_spec_problem(self.rl):
+                raise ValueError(f"rl: {problem}")
+        known = set(RUN_LABELS) | set(self.eval.models)
+        for label in self.eval.greedy:
+            if label not in known:
+                raise ValueError(
+                    f"eval.greedy: {label!r} is not a model of the run ({sorted(known)})"
+                )
         g = self.grpo
         if g and self.use_gpu and g.placement == "colocated" and g.weight_sync == "collective":
             raise ValueError(
@@ -549,6 +720,11 @@ class ExperimentConfig(Strict):
                 "learner worker, which share a GPU; use object_store or placement: separate"
             )
         return self
+
+    @property
+    def eval_grading_policy(self) -> str:
+        """The policy evaluation grades with: its own, else the run's."""
+        return self.eval.grading_policy or self.grading_policy
 
     def fields(self, *sections: str) -> dict[str, Any]:
         """The named sections as they decide a stage's outputs (`w2sr.layout.fingerprint`)."""

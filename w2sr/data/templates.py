@@ -18,11 +18,26 @@ class Template:
         user = {"role": "user", "content": self.user.format(problem=problem)}
         return [{"role": "system", "content": self.system}, user] if self.system else [user]
 
-    def render(self, tokenizer, problem: str) -> str:
-        """The prompt text a model sees: its chat template on these messages, ready to answer."""
+    def render(self, tokenizer, problem: str, thinking: bool | None = None) -> str:
+        """The prompt text a model sees: its chat template on these messages, ready to answer,
+        with thinking on or off where the template has the switch (None: its default)."""
+        switch = {} if thinking is None else {"enable_thinking": thinking}
         return tokenizer.apply_chat_template(
-            self.messages(problem), tokenize=False, add_generation_prompt=True
+            self.messages(problem), tokenize=False, add_generation_prompt=True, **switch
         )
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def reasoning_prefill(prompt: str) -> str:
+    """What a chat template wrote of the answer itself: the opening `<think>` (and the blank
+    after it) that reasoning models' templates put at the end of the prompt. A response is
+    stored and graded with it in front, so an unclosed thought reads as one."""
+    at = prompt.rfind(THINK_OPEN)
+    if at < 0 or prompt[at + len(THINK_OPEN) :].strip():
+        return ""
+    return prompt[at:]
 
 
 TEMPLATES: dict[str, Template] = {
