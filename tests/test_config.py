@@ -108,6 +108,38 @@ def test_replicas_accept_a_fixed_count():
         ({**BASE, "student": "./no/such/folder"}, "student", "no model folder"),
         ({**BASE, "eval": {"models": {"mine": "/no/such/model"}}}, "eval.models.mine", "no model"),
         ({**BASE, "generation": {"engine": {"replicas": True}}}, "engine.replicas", "valid"),
+        (
+            {**BASE, "student": "s/m", "rl": "org/rl", "grpo": {}},
+            "rl",
+            "the grpo section trains one",
+        ),
+        ({**BASE, "rl": "org/rl"}, "rl", "needs the student"),
+        ({**BASE, "student": "s/m", "rl": "./no/such/rl"}, "rl", "no model folder"),
+        ({**BASE, "eval": {"greedy": ["nobody"]}}, "eval.greedy", "not a model of the run"),
+        ({**BASE, "eval": {"protocol": "mine"}}, "eval.protocol", "simplerl_zoo"),
+        (
+            {**BASE, "eval": {"benchmarks": [{"name": "aime24", "samples": 2, "pass_k": [4]}]}},
+            "eval.benchmarks.0.pass_k",
+            "exceeds samples (2)",
+        ),
+        (
+            {
+                **BASE,
+                "eval": {
+                    "benchmarks": [
+                        {"name": "minerva_math", "answer_field": "a", "solution_field": "s"}
+                    ]
+                },
+            },
+            "eval.benchmarks.0.solution_field",
+            "not both",
+        ),  # fmt: skip
+        ({**BASE, "eval": {"benchmarks": [{"name": "khop", "path": "k.jsonl"}]}}, "khop", "built"),
+        (
+            {**BASE, "prompts": {"source": {"type": "benchmark", "name": "offline"}}},
+            "prompts.source.name",
+            "not a prompt source",
+        ),
     ],
 )
 def test_invalid_configs_name_the_key(data, key, words):
@@ -218,3 +250,59 @@ def test_cli_rejects_a_bad_config_before_ray_starts(tmp_path):
     assert "generation.sampling.top_p" in done.stderr
     assert "ray" not in done.stderr.lower()
     assert not (tmp_path / "run").exists()
+
+
+def test_the_simplerl_zoo_protocol_sets_its_evaluator_values_and_keys_given_override_them():
+    """Base models greedy with one sample, others once at T 1.0 / top-p 0.95, AIME over 32
+    samples, the standard grading policy; a key written in the config wins over the preset."""
+    benchmarks = ["math500", "aime24", {"name": "gsm8k", "sampling": {"max_tokens": 99}}]
+    cfg = validate(
+        {
+            **BASE,
+            "student": "s/m",
+            "eval": {"protocol": "simplerl_zoo", "benchmarks": benchmarks,
+                     "sampling": {"max_tokens": 3000}},
+        }
+    )  # fmt: skip
+    ev = cfg.eval
+    math500, aime, gsm8k = ev.benchmarks
+    sampled = ev.setting(aime, "w2sr")
+    assert (sampled.samples, sampled.sampling.temperature, sampled.sampling.top_p) == (
+        32,
+        1.0,
+        0.95,
+    )
+    assert sampled.ks == [1, 2, 4, 8, 16, 32] and not sampled.greedy
+    assert sampled.sampling.max_tokens == 3000
+    base = ev.setting(aime, "base")
+    assert (base.samples, base.sampling.temperature, base.ks, base.greedy) == (1, 0.0, [1], True)
+    assert ev.setting(math500, "rl").samples == 1
+    # a benchmark's own sampling is merged over the section's
+    assert ev.setting(gsm8k, "teacher").sampling.max_tokens == 99
+    assert ev.setting(gsm8k, "teacher").sampling.temperature == 1.0
+    assert cfg.eval_grading_policy == "standard" and cfg.grading_policy == "strict"
+
+    mine = validate(
+        {**BASE, "eval": {"protocol": "simplerl_zoo", "greedy": [], "grading_policy": "strict",
+                          "benchmarks": [{"name": "aime24", "samples": 8}]}}
+    )  # fmt: skip
+    assert mine.eval.setting(mine.eval.benchmarks[0], "base").samples == 8
+    assert mine.eval_grading_policy == "strict"
+    plain = validate({**BASE, "eval": {"benchmarks": ["aime24"]}})
+    assert plain.eval.setting(plain.eval.benchmarks[0], "base").samples == 4  # no protocol
+
+
+def test_new_keys_at_their_default_leave_fingerprints_as_they_were():
+    """Run dirs made before `train.reasoning` and the benchmark field mapping existed keep
+    finding their artifacts; setting one of them makes new ones."""
+    cfg = validate({**BASE, "prompts": {"source": {"type": "benchmark", "name": "math"}}})
+    assert "reasoning" not in cfg.train.outcome()
+    assert set(cfg.prompts.outcome()["source"]) == {"type", "name", "path", "split", "levels"}
+    strip = validate({**BASE, "train": {"reasoning": "strip"}})
+    assert strip.train.outcome()["reasoning"] == "strip"
+    assert fingerprint(strip.fields("train")) != fingerprint(cfg.fields("train"))
+    mapped = validate(
+        {**BASE, "prompts": {"source": {"type": "benchmark", "name": "math", "path": "m.jsonl",
+                                        "problem_field": "q"}}}
+    )  # fmt: skip
+    assert mapped.prompts.outcome()["source"]["problem_field"] == "q"

@@ -63,3 +63,23 @@ def test_a_reduced_demo_runs_every_stage_and_reports_each_section_and_figure(
     # (greedy); the engines batch differently, so a near tie may break the other way.
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     assert abs(summary["models"]["rl"]["results"]["khop"]["pass@1"] - measured[4]) <= 1 / 24
+    assert summary["models"]["rl"]["source"]["kind"] == "trained"
+
+    # The same RL student named as an outside checkpoint (`rl:`, no `grpo`): no GRPO runs, the
+    # folder is evaluated anew as the RL reference (known now by its content) and gives the
+    # same RGR, the other models' results reused.
+    outside = run_dir / layout.RL / rl / layout.MODEL
+    again = [*REDUCED, "grpo=null", f"rl={outside}"]
+    assert main(["run", str(DEMO), f"run_dir={run_dir}", *again, "--from", "eval"]) == 0
+    out = capsys.readouterr().out
+    redone = json.loads(out[out.index("{\n") :])
+    assert list(redone) == ["eval", "report"]
+    models = redone["eval"]["models"]
+    assert models["rl"]["source"]["kind"] == "outside"
+    assert (
+        models["rl"]["results"]["khop"]["file"]
+        != summary["models"]["rl"]["results"]["khop"]["file"]
+    )
+    for label in ("teacher", "base", "w2sr"):
+        assert models[label]["results"] == summary["models"][label]["results"], label
+    assert redone["report"]["rgr"] == done["report"]["rgr"] and done["report"]["rgr"]["w2sr"]

@@ -120,6 +120,50 @@ def test_cells_share_every_stage_whose_folder_they_share(tmp_path):
     assert seeds == {0, 1}
 
 
+def test_a_student_with_an_outside_rl_reference_runs_no_grpo_and_evaluates_it(tmp_path):
+    data = {
+        "base": {**base(tmp_path), "grpo": {}},
+        "run_dir": str(tmp_path / "study"),
+        "teachers": [{"label": "a", "model": "org/a"}],
+        "students": [
+            {"label": "s", "model": "org/s", "rl": "org/s-rl"},
+            {"label": "t", "model": "org/t"},
+        ],
+    }
+    cells, nodes = plan(SweepConfig.model_validate(data))
+    outside = [c for c in cells if c.student.label == "s"]
+    assert all(c.config.rl == "org/s-rl" and c.config.grpo is None for c in outside)
+    assert all("rl" in c.labels for c in cells)
+    grpo = [n for n in nodes.values() if n.command == "grpo"]
+    assert [n.config.student for n in grpo] == ["org/t"]  # only the student without one
+    rl = nodes["eval/rl/s"]
+    assert rl.command == "eval" and rl.label == "rl" and not rl.needs
+    assert len(rl.cells) == 3  # every variant of that student compares with it
+
+
+def test_the_paper_sweep_plans_offline_without_data_models_or_writes(tmp_path, monkeypatch):
+    """`--plan` needs no network, no benchmark or training data and no model, and leaves the
+    run dir as it was: absent."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))
+    jobs = Path(__file__).parents[1] / "jobs"
+    sweep = yaml.safe_load((jobs / "paper-sweep.yaml").read_text())
+    run_dir = tmp_path / "runs" / "paper-sweep"
+    sweep |= {"base": str(jobs / sweep["base"]), "run_dir": str(run_dir)}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    done = subprocess.run(
+        [sys.executable, "-m", "w2sr.cli", "sweep", str(path), "--plan"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    listed = json.loads(done.stdout[done.stdout.index("{\n") :])
+    assert listed["to_run"] == len(listed["stages"]) > 0
+    assert {s["command"] for s in listed["stages"]} >= {"generate", "train", "eval"}
+    assert not run_dir.exists() and not (tmp_path / "cache").exists()
+
+
 def test_matched_sets_are_cells_of_their_own_that_share_the_traces(tmp_path):
     data = {
         "base": base(tmp_path),

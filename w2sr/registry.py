@@ -1,7 +1,8 @@
 """The models of a run by label: what evaluation, serving and reports find in a run directory.
 
 The teacher and the base student come from the config, the W2SR, W2SR-P, W2SR-N and RL students
-from the run dir once their stage has finished, and `eval.models` adds extras.
+from the run dir once their stage has finished (the RL reference from the config instead when
+`rl` names a published checkpoint), and `eval.models` adds extras.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Model:
 
 def model_table(cfg: ExperimentConfig) -> tuple[dict[str, Model], dict[str, str]]:
     """The run's models by label, and the labels left out with the reason (present-only)."""
-    run = RunDir(cfg.run_dir)
+    run = RunDir(cfg.run_dir, create=False)
     models: dict[str, Model] = {"teacher": _configured("teacher", cfg.teacher)}
     skipped: dict[str, str] = {}
     if cfg.student:
@@ -45,8 +46,10 @@ def model_table(cfg: ExperimentConfig) -> tuple[dict[str, Model], dict[str, str]
         for label in ["base", *layout.STUDENT_LABELS, "rl"]:
             skipped[label] = "no `student` in the config"
     trained = lineage.trained(cfg)
-    if cfg.student and "rl" not in trained:
-        skipped["rl"] = "no `grpo` section in the config"
+    if cfg.student and cfg.rl is not None:
+        models["rl"] = _configured("rl", cfg.rl)
+    elif cfg.student and "rl" not in trained:
+        skipped["rl"] = "no `grpo` section or `rl` reference in the config"
     for label, artifact in trained.items():
         stage = artifact.folder
         done = run.done(stage, artifact.fingerprint)

@@ -34,13 +34,16 @@ log = logging.getLogger(__name__)
 
 
 class RunDir:
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, create: bool = True):
+        """`create=False` for what only reads (planning): a run dir that does not exist yet
+        stays so, and reads as empty."""
         if "://" in uri:
             self.fs, self.root = pafs.FileSystem.from_uri(uri)
         else:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
         self.uri = uri
-        self.fs.create_dir(self.root, recursive=True)
+        if create:
+            self.fs.create_dir(self.root, recursive=True)
 
     def path(self, *parts: str) -> str:
         """The path on `self.fs` (a remote store's path has no scheme)."""

@@ -6,6 +6,8 @@
       - {label: small, model: builtin:demo-teacher, kind: reasoner, scale: 0.4}
     students:
       - {label: student, model: builtin:demo-student}
+      # or with a published RL checkpoint as its RL reference instead of a GRPO run:
+      # - {label: math-7b, model: Qwen/Qwen2.5-Math-7B, rl: hkust-nlp/Qwen-2.5-Math-7B-SimpleRL-Zoo}
     variants: [all, correct, incorrect]
     seeds: [0]                   # SFT (and GRPO) seeds; the traces are shared across them
     match: [none, traces]        # training sets as selected, and cut to one size (select.match)
@@ -46,6 +48,9 @@ class TeacherAxis(Strict):
 class StudentAxis(Strict):
     label: Label
     model: str
+    # A published RL checkpoint of this student as its cells' RL reference, in place of the
+    # base config's GRPO run (the top-level `rl` of an experiment config).
+    rl: str | None = None
     overrides: dict[str, Any] = {}  # dotted keys set in this student's cells
 
 

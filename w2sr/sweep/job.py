@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def describe_plan(sweep: SweepConfig) -> dict[str, Any]:
     """The stage graph: each stage, the cells that share it and whether it is complete."""
     cells, nodes = plan(sweep)
-    run = RunDir(sweep.run_dir)
+    run = RunDir(sweep.run_dir, create=False)
     complete: set[str] = set()
     skipped: set[str] = set()
     stages = []

@@ -40,7 +40,7 @@ class Cell:
     def labels(self) -> tuple[str, ...]:
         """The models its report row compares: teacher, base, its student, RL when asked for."""
         student = next(v.label for v in layout.VARIANTS if v.name == self.variant)
-        rl = ("rl",) if self.config.grpo is not None else ()
+        rl = ("rl",) if self.config.grpo is not None or self.config.rl is not None else ()
         return ("teacher", "base", student, *rl)
 
 
@@ -78,6 +78,8 @@ def cells(sweep: SweepConfig) -> list[Cell]:
         for key, value in {**teacher.overrides, **student.overrides}.items():
             apply_override(data, key.split("."), copy.deepcopy(value))
         data |= {"run_dir": sweep.run_dir, "teacher": teacher.model, "student": student.model}
+        if student.rl is not None:  # an outside RL reference replaces the GRPO run
+            data |= {"rl": student.rl, "grpo": None}
         data["select"] = {**(data.get("select") or {}), "match": match}
         data["train"] = {**(data.get("train") or {}), "variant": variant, "seed": seed}
         if data.get("grpo") is not None:
@@ -113,6 +115,8 @@ def plan(sweep: SweepConfig) -> tuple[list[Cell], dict[str, Node]]:
             "teacher": f"eval/teacher/{cell.teacher.label}",
             "base": f"eval/base/{cell.student.label}",
         }
+        if cfg.rl is not None:  # an outside checkpoint, evaluated like the base it came from
+            evals["rl"] = f"eval/rl/{cell.student.label}"
         evals |= {label: f"eval/{label}/{folder}" for label, folder in trained.items()}
         for label, key in evals.items():
             needs = (trained[label],) if label in trained else ()
