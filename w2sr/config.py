@@ -634,6 +634,37 @@ class ServeConfig(Strict):
     app_name: str = "w2sr"
 
 
+class JudgeConfig(Strict):
+    """An OpenAI-compatible chat endpoint that labels the cognitive behaviours of responses: a
+    model served by `w2sr serve`, or a hosted API (its key from the environment)."""
+
+    endpoint: str  # the API's base URL, e.g. http://127.0.0.1:8000/v1
+    model: str  # the model name the endpoint serves
+    api_key_env: str = "W2SR_JUDGE_API_KEY"  # sent as a bearer token when this variable is set
+    concurrency: PositiveInt = 8  # requests in flight
+    timeout_s: Annotated[float, Field(gt=0)] = 120.0  # per request
+    retries: Annotated[int, Field(ge=0)] = 3  # on connection errors, time-outs, 429 and 5xx
+    # Responses judged per model (a seeded sample of them; null: all): a judge call per
+    # response is the cost of this measure.
+    max_responses: PositiveInt | None = 200
+    max_tokens: PositiveInt = 256  # of the judge's reply
+
+
+class ReportConfig(Strict):
+    """How `w2sr report` measures what it cannot read off the results."""
+
+    # Cognitive behaviours: `regex` counts English phrase markers offline (w2sr.behaviors);
+    # `judge` asks a model per response, as SimpleRL-Zoo's behaviour analysis does.
+    behaviors: Literal["regex", "judge"] = "regex"
+    judge: JudgeConfig | None = None
+
+    @model_validator(mode="after")
+    def _judge_given(self) -> ReportConfig:
+        if self.behaviors == "judge" and self.judge is None:
+            raise ValueError("judge: behaviors: judge needs a judge section (endpoint, model)")
+        return self
+
+
 # --- the experiment --------------------------------------------------------------------------
 
 
@@ -671,6 +702,7 @@ class ExperimentConfig(Strict):
     thinking: bool | None = None
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     @model_validator(mode="after")
     def _known_names(self) -> ExperimentConfig:
@@ -680,6 +712,8 @@ class ExperimentConfig(Strict):
         if self.template not in TEMPLATES:
             raise ValueError(f"template: unknown {self.template!r}; one of {sorted(TEMPLATES)}")
         uris = {"run_dir": self.run_dir}
+        if self.report.judge is not None:
+            uris["report.judge.endpoint"] = self.report.judge.endpoint
         for name in ("train", "grpo"):
             if (section := getattr(self, name)) and section.mlflow_tracking_uri:
                 uris[f"{name}.mlflow_tracking_uri"] = section.mlflow_tracking_uri
