@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from w2sr import grading
-from w2sr.grading import GRADERS, extract_answer, grade_batch, is_correct
+from w2sr.grading import GRADERS, extract_answer, grade_batch, is_correct, split_reasoning
 
 EXTRACT_CASES = [
     ("So the answer is \\boxed{42}.", "42"),
@@ -258,3 +258,133 @@ def test_the_grading_policies_agree_and_differ_as_documented(response, gold, str
     assert is_correct(response, gold, "standard") is standard
     verdicts = grade_batch([response], [gold], policy="standard")
     assert verdicts == [standard]
+
+
+# Reasoning models: the final answer is read after the last `</think>` only.
+THINK_CASES = [
+    # response, strict, standard
+    ("<think>Let me try \\boxed{5} hmm wait", None, None),  # a thought never closed: no answer
+    ("<think>maybe \\boxed{4}</think> So the final answer is 5.", None, "5"),
+    ("<think>2 + 2 = 4</think>", None, None),  # the standard fallback does not read the thought
+    ("<think>x = \\boxed{1}</think>\n\n\\boxed{2}", "2", "2"),  # a box in the thought and after
+    ("the prefill stayed in the prompt, so \\boxed{6}</think>\\boxed{7}", "7", "7"),
+    ("opened in the prompt \\boxed{6}</think>", None, None),
+    ("<think>a \\boxed{1}</think> b <think>c \\boxed{2}</think> \\boxed{3}", "3", "3"),
+    ("<think>a</think> \\boxed{2} <think>let me check \\boxed{3}", None, None),  # opened again
+    ("<think>a</think><answer>8</answer>", "8", "8"),
+    ("no thought at all, \\boxed{9}", "9", "9"),
+]
+
+
+@pytest.mark.parametrize(("text", "strict", "standard"), THINK_CASES)
+def test_the_answer_is_read_after_the_thought(text, strict, standard):
+    assert extract_answer(text, "strict") == strict
+    assert extract_answer(text, "standard") == standard
+
+
+def test_an_unfinished_thought_has_no_answer_under_either_policy():
+    for policy in ("strict", "standard"):
+        assert not is_correct("<think>Let me try \\boxed{5} hmm wait", "5", policy)
+        assert is_correct("<think>Let me try \\boxed{4}</think> \\boxed{5}", "5", policy)
+
+
+def test_a_thought_opened_before_the_read_window_still_counts():
+    loop = "and again " * grading.MAX_RESPONSE_CHARS  # the thought's start is far out of reach
+    for policy in ("strict", "standard"):
+        assert extract_answer(f"<think>{loop}\\boxed{{5}}", policy) is None
+        assert extract_answer(f"<think>{loop}</think>\\boxed{{5}}", policy) == "5"
+        assert extract_answer(f"<think>\\boxed{{4}}</think>{loop}\\boxed{{5}}", policy) == "5"
+    # a thought that closes inside the read window still bounds it
+    assert extract_answer(f"{loop}\\boxed{{4}}</think> so 5", "standard") == "5"
+
+
+def test_graders_and_grade_batch_read_after_the_thought():
+    responses = [
+        "<think>\\boxed{4}</think> \\boxed{5}",
+        "<think>\\boxed{5}",
+        "<think>\\boxed{5}</think> so it is 4",
+    ]
+    for policy, expected in (("strict", [True, False, False]), ("standard", [True, False, False])):
+        assert grade_batch(responses, ["5"] * 3, policy=policy) == expected
+        assert [is_correct(r, "5", policy) for r in responses] == expected
+    assert GRADERS["exact"]("<think>\\boxed{A}</think>\\boxed{B}", "B")
+    assert not GRADERS["exact"]("<think>\\boxed{A}", "A")
+
+
+SPLIT_CASES = [
+    # text, reasoning, answer
+    ("no thought \\boxed{1}", None, "no thought \\boxed{1}"),
+    ("<think>a</think>\n\nb", "<think>a</think>", "\n\nb"),
+    ("a prefilled thought</think>b", "a prefilled thought</think>", "b"),
+    ("<think>a</think>b<think>c</think>d", "<think>a</think>b<think>c</think>", "d"),
+    ("<think>a</think>", "<think>a</think>", ""),
+    ("<think>a", "<think>a", None),
+    ("<think>a</think>b<think>c", "<think>a</think>b<think>c", None),
+    ("", None, ""),
+]
+
+
+@pytest.mark.parametrize(("text", "reasoning", "answer"), SPLIT_CASES)
+def test_split_reasoning(text, reasoning, answer):
+    assert split_reasoning(text) == (reasoning, answer)
+    if answer is not None:
+        assert (reasoning or "") + answer == text
+
+
+# The `standard` policy against SimpleRL-Zoo's evaluator (Qwen2.5-Math's parser and math_equal,
+# with which the paper was graded), on answers in the shapes that parser handles.
+# Where the two agree: response, gold, verdict of both.
+SIMPLERL_AGREES = [
+    ("The answer is $\\frac{1}{2}$.", "\\frac{1}{2}", True),
+    ("The answer is $\\dfrac{1}{2}$.", "0.5", True),
+    ("The answer is $x = 3$.", "3", True),
+    ("The answer is 25%.", "25", True),
+    ("\\boxed{5}. Let me double-check: 2 + 3 = 5, so 6 is wrong.", "5", True),
+    ("The answer is 4, I think. Actually \\boxed{5}.", "5", True),
+    ("\\boxed{5} (the answer is 4)", "4", False),
+    ("\\boxed{2}, or rather \\boxed{3}", "3", True),
+    ("\\boxed{2}, or rather \\boxed{3}", "2", False),
+    ("\\fbox{7}", "7", True),
+    ("\\boxed{12\\text{ cm}}", "12", True),
+    ("\\boxed{\\text{Tuesday}}", "\\text{Tuesday}", True),
+    ("\\boxed{25\\%}", "25", True),
+    ("\\boxed{x = 3}", "3", True),
+    ("\\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}", True),
+    ("\\boxed{30^\\circ}", "30", True),
+    ("The angle is $45^\\circ$.", "45", True),
+    ("The length is 12 cm.", "12", True),
+    ("She has 3 + 4 = 7 apples.", "7", True),
+    ("Since $n = 3$, there are 10 ways.", "10", True),  # the last number, after the LaTeX
+    ("The total cost is $\\$12$.", "12", True),  # an escaped dollar is no LaTeX delimiter
+    ("so 2 + 3 = 5, giving \\boxed{5", "5", True),  # a truncated box: both find the 5
+    ("I am not sure.", "4", False),
+]
+
+
+@pytest.mark.parametrize(("response", "gold", "verdict"), SIMPLERL_AGREES)
+def test_standard_agrees_with_simplerl_zoo(response, gold, verdict):
+    assert is_correct(response, gold, "standard") is verdict
+
+
+# Where they differ on purpose (the reasons are in w2sr/grading.py): response, gold, our verdict.
+SIMPLERL_DIFFERS = [
+    # SimpleRL-Zoo reads the rest of the response after "the answer is": counted incorrect there
+    ("The answer is 5. To check: 2 + 3 = 5.", "5", True),
+    # ... and prefers the last "the answer is" to a later "final answer is": counted incorrect there
+    ("The answer is 4. So the final answer is 5.", "5", True),
+    # its last number is the 8 of the fraction and the 4 of 3/4: counted incorrect there
+    ("The probability is $\\frac{3}{8}$.", "\\frac{3}{8}", True),
+    ("Each gets 3/4 of a pie.", "\\frac{3}{4}", True),
+    # it reads the box inside the thought: 4, counted incorrect there
+    ("<think>maybe \\boxed{4}</think> So the final answer is 5.", "5", True),
+    # it takes 100 times or a hundredth of any gold, and numbers within 1e-4: counted correct there
+    ("\\boxed{200}", "2", False),
+    ("\\boxed{10001}", "10000", False),
+    # it reads number words: counted correct there
+    ("\\boxed{five}", "5", False),
+]
+
+
+@pytest.mark.parametrize(("response", "gold", "verdict"), SIMPLERL_DIFFERS)
+def test_standard_differs_from_simplerl_zoo_as_documented(response, gold, verdict):
+    assert is_correct(response, gold, "standard") is verdict

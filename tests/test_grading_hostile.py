@@ -15,7 +15,19 @@ from hypothesis import strategies as st
 
 from w2sr.grading import GRADERS, POLICIES, extract_answer, grade_batch, is_correct
 
-MARKERS = ["\\boxed{", "\\fbox{", "#### ", "<answer>", "</answer>", "}", "{", "\\", "$"]
+MARKERS = [
+    "\\boxed{",
+    "\\fbox{",
+    "#### ",
+    "<answer>",
+    "</answer>",
+    "<think>",
+    "</think>",
+    "}",
+    "{",
+    "\\",
+    "$",
+]
 
 digits = st.text(alphabet="0123456789", min_size=1, max_size=20_000)
 control = st.text(alphabet=st.characters(categories=["Cc", "Cs", "Co", "Zl", "Zp"]), max_size=200)
@@ -54,6 +66,9 @@ def test_hostile_responses_get_a_verdict(response, gold):
         "\\boxed{" + "\\frac{1}{" * 300 + "2" + "}" * 300 + "}",
         "\\boxed{\x00\x07\ud800\udfff}",  # NUL, BEL and lone surrogates
         "$" * 100_000 + "\\(" * 50_000 + "answer is " * 10_000,  # the standard policy's forms
+        "<think>" * 200_000,  # a thought opened again and again, never closed
+        "</think>" * 200_000 + "\\boxed{5}",
+        "\\$" * 100_000 + "$" + "\\" * 100_000,  # escaped dollars, an unclosed one
     ],
 )
 def test_each_hostile_case_gets_a_verdict(response):

@@ -19,14 +19,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 
 logger = logging.getLogger(__name__)
 
 # Part of every fingerprint that grading decides (traces, rewards, results): raise it whenever a
 # change here can change a verdict.
-VERSION = "2"
+VERSION = "3"
 TIMEOUT_S = 5.0  # wall-clock limit for one math-verify check
 # A response is read from its end, where its final answer stands: a trace that loops for
 # megabytes costs no more than this much text per check.
@@ -63,18 +64,52 @@ def extract_answer(text: str, policy: str = "strict") -> str | None:
 
     `strict`: the last `\\boxed{}`/`\\fbox{}`, else the last `<answer></answer>`, else the last
     `#### N`. `standard` reads those first too, then what the standard evaluators accept: the
-    last "the (final) answer is ..." (Qwen2.5-Math's evaluation), else, as math-verify's default
-    extraction does, the last LaTeX expression, else the last number.
+    last "the (final) answer is ...", else the last number or LaTeX expression, whichever ends
+    later (see POLICIES).
 
-    An unbalanced (e.g. truncated) last box gives None, not an earlier box: the last box is the
-    model's final answer, and an earlier one may be an answer it went on to revise. Only the last
+    Only the answer part is read (split_reasoning): a reasoning model's thought may box answers
+    it later revises, and a thought never closed holds no final answer at all. An unbalanced
+    (e.g. truncated) last box gives None, not an earlier box: the last box is the model's final
+    answer, and an earlier one may be an answer it went on to revise. Only the last
     MAX_RESPONSE_CHARS characters are read, each in one pass.
     """
-    text = text[-MAX_RESPONSE_CHARS:]
+    start = _answer_start(text)
+    if start is None:
+        return None
+    text = text[max(start, len(text) - MAX_RESPONSE_CHARS) :]
     explicit = _explicit_answer(text)
     if explicit is not None or policy == "strict":
         return explicit
     return _standard_answer(text)
+
+
+_THINK, _END_THINK = "<think>", "</think>"
+
+
+def _answer_start(text: str) -> int | None:
+    """Where a response's answer part begins: after its last `</think>`, 0 without one; None if
+    a `<think>` after that is never closed. The tags are looked for in the whole text, so that a
+    thought opened before the last MAX_RESPONSE_CHARS counts: two reverse substring scans, a
+    fraction of a millisecond on a megabyte."""
+    close = text.rfind(_END_THINK)
+    start = 0 if close < 0 else close + len(_END_THINK)
+    return None if text.rfind(_THINK, start) >= 0 else start
+
+
+def split_reasoning(text: str) -> tuple[str | None, str | None]:
+    """A response as `(reasoning, answer)`, the parts graders and SFT targets tell apart.
+
+    Reasoning models write `<think> ... </think>` and then their answer; where a chat template's
+    prefilled `<think>` stayed in the prompt, a response has a `</think>` alone. The reasoning is
+    the text up to and including the last `</think>` (None without one) and the answer is the
+    rest, so that `reasoning + answer == text`. A `<think>` never closed after that (a thought
+    cut off by the token limit) leaves no answer: `(text, None)`. Graders read the final answer
+    from the answer part alone; `train.reasoning: strip` trains on it.
+    """
+    start = _answer_start(text)
+    if start is None:
+        return text, None
+    return (text[:start] if start else None), text[start:]
 
 
 def _explicit_answer(text: str) -> str | None:
@@ -93,7 +128,8 @@ def _explicit_answer(text: str) -> str | None:
 
 _ANSWER_IS = re.compile(r"(?:final\s+)?answer\s+is\s*:?[ \t]*", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"\.(?:\s|$)|\n")
-_DOLLARS = re.compile(r"\$([^$]+)\$")
+# `$...$`; an escaped `\$` (a dollar amount) neither opens nor closes one.
+_DOLLARS = re.compile(r"\\.|\$((?:\\.|[^$\\])+)\$", re.DOTALL)
 _LAST_NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?")
 
 
@@ -104,26 +140,44 @@ def _standard_answer(text: str) -> str | None:
         answer = _clean((rest[: end.start()] if end else rest).strip().strip("$"))
         if answer:
             return answer
-    if (latex := _last_latex(text)) is not None:
-        return latex
-    if numbers := _LAST_NUMBER.findall(text):
-        return _clean(numbers[-1])
+    # The last number, as Qwen2.5-Math's evaluation reads, unless a LaTeX expression ends after
+    # it: then the number is part of that expression (the 2 of $\frac{1}{2}$ or of $x^2$).
+    found = _last_latex(text)
+    if (number := _last(_LAST_NUMBER.finditer(text))) is not None:
+        found.append((number.end(), number.group()))
+    for _, answer in sorted(found, reverse=True):
+        if (answer := _clean(answer)) is not None:
+            return answer
     return None
 
 
-def _last_latex(text: str) -> str | None:
-    """The last `$...$`, `\\(...\\)` or `\\[...\\]`, each found in one pass."""
-    found = []  # (where it ends, its content)
-    if dollars := list(_DOLLARS.finditer(text)):
-        found.append((dollars[-1].end(), dollars[-1].group(1)))
+def _last(matches: Iterator[re.Match]) -> re.Match | None:
+    last = deque(matches, maxlen=1)
+    return last[0] if last else None
+
+
+def _last_latex(text: str) -> list[tuple[int, str]]:
+    """The last `$...$`, `\\(...\\)` and `\\[...\\]`, as (where it ends, its content), each
+    found in one pass."""
+    found = []
+    if dollars := _last(m for m in _DOLLARS.finditer(text) if m.group(1) is not None):
+        found.append((dollars.end(), dollars.group(1)))
     for opener, closer in (("\\(", "\\)"), ("\\[", "\\]")):
         close = text.rfind(closer)
         start = text.rfind(opener, 0, close) if close >= 0 else -1
         if start >= 0:
-            found.append((close, text[start + len(opener) : close]))
-    return _clean(max(found)[1]) if found else None
+            found.append((close + len(closer), text[start + len(opener) : close]))
+    return found
 
 
+# `standard` follows the fallback chain of SimpleRL-Zoo's evaluator (Qwen2.5-Math's parser, with
+# which the paper's results were graded): the last box, else "the answer is ...", else the last
+# number. It differs where that parser misreads a final answer: it takes the whole rest of the
+# response after "the answer is" ("The answer is 5. Check: 2+3=5." is wrong there) and prefers
+# it to a later "the final answer is"; its last number is the 8 of a closing $\frac{3}{8}$ and
+# the 4 of a plain 3/4; and it takes whatever follows an unclosed `\boxed{` (here the chain goes
+# on as if there were no box). `<answer>` and `#### N` are explicit answers here, and a reasoning
+# model's thought is set aside (split_reasoning); that parser knows neither.
 POLICIES = ("strict", "standard")
 
 
@@ -309,6 +363,11 @@ def _slow_equal(pred: str, gold: str) -> bool:
 # --- graders ---------------------------------------------------------------------------------
 
 
+# Where SimpleRL-Zoo's evaluator (Qwen2.5-Math's `math_equal`) judges otherwise, on purpose: it
+# takes any number 100 times or a hundredth of the gold (200 for a gold of 2), where here only a
+# side written with % does; it takes numbers within a relative 1e-4 (10001 for 10000), where here
+# numbers are exact unless a side has a decimal point (then 6 places, as math-verify); and it
+# reads number words ("five" for 5), which math answers seldom are.
 def _math_equal(pred: str, gold: str) -> bool:
     if max(len(pred), len(gold)) > MAX_ANSWER_CHARS:
         return pred.strip() == gold.strip()
