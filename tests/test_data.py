@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 import datasets
+import huggingface_hub
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from w2sr.config import PromptsConfig
+from w2sr.config import ConfigError, EvalBenchmark, PromptsConfig
 from w2sr.data.benchmarks import BENCHMARKS
-from w2sr.data.sources import load_prompts
+from w2sr.data.sources import load_benchmark, load_prompts
+
+# Small copies in the layout of the files SimpleRL-Zoo's evaluator ships
+# (examples/simplelr_math_eval/data/<name>/test.jsonl): the real columns and answer formats,
+# invented problems.
+FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +31,14 @@ def _offline_datasets(tmp_path, monkeypatch):
 
 def load(limit: int | None = None, **source) -> tuple[list[dict], list[dict]]:
     return load_prompts(PromptsConfig.model_validate({"source": source, "limit": limit}))
+
+
+def bench(**ref) -> tuple[list[dict], list[dict]]:
+    return load_benchmark(EvalBenchmark.model_validate(ref))
+
+
+def fixture(name: str, split: str = "test") -> str:
+    return str(FIXTURES / name / f"{split}.jsonl")
 
 
 def write_jsonl(path, rows: list) -> str:
@@ -290,3 +306,180 @@ def test_benchmarks_come_from_the_hub_without_a_path(monkeypatch):
     assert calls == [("openai/gsm8k", "main", "train")]
     assert rows == [{"prompt_id": "gsm8k-train-0", "problem": "Q", "answer": "5"}]
     assert {"math", "math500", "gsm8k", "aime24", "aime25", "amc23"} <= set(BENCHMARKS)
+
+
+# --- benchmarks: the copies SimpleRL-Zoo's evaluator ships, read with no field settings -------
+
+
+def test_simplerl_math500():
+    rows, rejected = bench(name="math500", path=fixture("math500"))
+    assert rejected == []
+    assert [(r["prompt_id"], r["answer"]) for r in rows] == [
+        ("test/prealgebra/9001.json", "11"),
+        ("test/prealgebra/9002.json", "\\frac{3}{4}"),
+        ("test/counting_and_probability/9003.json", "12"),
+        ("test/precalculus/9004.json", "\\left( 5, \\frac{3 \\pi}{2} \\right)"),
+    ]
+    assert rows[0]["problem"] == "What is $3 + 4 \\cdot 2$?"
+
+
+def test_simplerl_aime24_keeps_the_answer_column_as_written():
+    rows, rejected = bench(name="aime24", path=fixture("aime24"))
+    assert rejected == []
+    assert [(r["prompt_id"], r["answer"]) for r in rows] == [
+        ("60", "001"),
+        ("61", "300"),
+        ("62", "008"),
+    ]
+    assert rows[1]["problem"] == "A rectangle has perimeter $70$ and diagonal $25$. Find its area."
+
+
+def test_simplerl_amc23_float_answers():
+    rows, rejected = bench(name="amc23", path=fixture("amc23"))
+    assert rejected == []
+    assert [(r["prompt_id"], r["answer"]) for r in rows] == [
+        ("amc23-test-0", "2"),
+        ("amc23-test-1", "7"),
+        ("amc23-test-2", "2.5"),
+    ]
+    assert rows[1]["problem"] == "What is the sum of the digits of $2^{10}$?"
+
+
+def test_simplerl_minerva_answers_are_the_last_box_of_the_solution():
+    rows, rejected = bench(name="minerva_math", path=fixture("minerva_math"))
+    assert rejected == []
+    assert [(r["prompt_id"], r["answer"]) for r in rows] == [
+        ("minerva_math-test-0", "2"),
+        ("minerva_math-test-1", "4e3"),
+        ("minerva_math-test-2", "8"),  # not the box of the earlier subproblem in the problem
+    ]
+    assert rows[2]["problem"].startswith("Subproblem 0: What is $2+2$?")
+    assert rows[2]["problem"].endswith("Subproblem 1: What is $4+4$?")
+
+
+def test_simplerl_olympiadbench_final_answer_lists():
+    rows, rejected = bench(name="olympiadbench", path=fixture("olympiadbench"))
+    assert rejected == []
+    assert [(r["prompt_id"], r["answer"]) for r in rows] == [
+        ("2001", "\\frac{1}{2}"),
+        ("2002", "3"),
+        ("2003", "3, 4"),
+    ]
+    assert rows[2]["problem"] == "Find the roots of $x^{2}-7 x+12=0$."
+
+
+def test_simplerl_gsm8k_answers_after_the_hashes():
+    rows, rejected = bench(name="gsm8k", path=fixture("gsm8k"))
+    assert rejected == []
+    assert [(r["prompt_id"], r["answer"]) for r in rows] == [
+        ("gsm8k-test-0", "26"),
+        ("gsm8k-test-1", "1254"),
+        ("gsm8k-test-2", "4"),
+    ]
+    assert rows[0]["problem"].startswith("Mia bakes 3 trays")
+
+
+def test_simplerl_math_train_as_the_prompt_source():
+    rows, rejected = load(type="benchmark", name="math", path=fixture("math", "train"))
+    assert rejected == []
+    assert [(r["prompt_id"], r["answer"]) for r in rows] == [
+        ("math-train-0", "2"),
+        ("math-train-1", "4"),
+        ("math-train-2", "10"),
+        ("math-train-3", "9\\pi"),
+        ("math-train-4", "12"),
+    ]
+    assert rows[2]["problem"] == "Compute $\\dbinom{5}{2}$."
+
+
+def test_one_odd_row_is_rejected_not_read_in_another_layout(tmp_path):
+    """The layout is chosen once for the whole copy: a hub-layout row in SimpleRL-Zoo's Minerva
+    copy is rejected for its missing problem, not read with the hub's columns."""
+    lines = [json.loads(line) for line in Path(fixture("minerva_math")).read_text().splitlines()]
+    lines.insert(1, {"question": "What is 1+1?", "answer": "2"})
+    rows, rejected = bench(name="minerva_math", path=write_jsonl(tmp_path / "m.jsonl", lines))
+    assert [r["answer"] for r in rows] == ["2", "4e3", "8"]
+    assert reasons(rejected) == {1: "missing problem"}
+
+
+def test_field_settings_override_the_columns(tmp_path):
+    other = [
+        {"uid": "g1", "prompt": "What is 20 + 6?", "target": 26},
+        {"uid": "g2", "prompt": "What is 7 - 3?", "target": "#### 4"},
+    ]
+    path = write_jsonl(tmp_path / "gsm.jsonl", other)
+    rows, rejected = bench(
+        name="gsm8k", path=path, problem_field="prompt", answer_field="target", id_field="uid"
+    )
+    assert rejected == []
+    assert rows == [  # a named answer column is the answer as written: no "####" reading
+        {"prompt_id": "g1", "problem": "What is 20 + 6?", "answer": "26"},
+        {"prompt_id": "g2", "problem": "What is 7 - 3?", "answer": "#### 4"},
+    ]
+
+    # AIME24's worked solutions instead of its answer column: the last box, or a rejection.
+    rows, rejected = bench(name="aime24", path=fixture("aime24"), solution_field="solution")
+    assert [(r["prompt_id"], r["answer"]) for r in rows] == [("60", "1"), ("62", "008")]
+    assert [(r["prompt_id"], r["reason"]) for r in rejected] == [("61", "no final answer found")]
+
+
+def test_joined_splits_of_a_local_folder_keep_their_own_ids():
+    rows, rejected = load(
+        type="benchmark", name="math", path=str(FIXTURES / "math"), split="train+test",
+        levels=[3, 4, 5],
+    )  # fmt: skip
+    assert rejected == []
+    assert [(r["prompt_id"], r["answer"]) for r in rows] == [
+        ("math-train-1", "4"),
+        ("math-train-2", "10"),
+        ("math-train-4", "12"),
+        ("math-test-1", "12"),
+        ("math-test-2", "7"),
+    ]
+    test_only, _ = load(type="benchmark", name="math", path=str(FIXTURES / "math"), split="test")
+    assert [r["prompt_id"] for r in test_only] == ["math-test-0", "math-test-1", "math-test-2"]
+    with pytest.raises(ConfigError, match="prompts.source.path: .*one file"):
+        load(type="benchmark", name="math", path=fixture("math", "train"), split="train+test")
+
+
+def test_exclude_leaves_out_the_problems_of_other_benchmarks(caplog):
+    """SimpleRL-Zoo's training set: MATH levels 3-5 of train and test, less MATH-500's problems
+    (matched whatever their spacing or case)."""
+    with caplog.at_level(logging.INFO, logger="w2sr.data.sources"):
+        rows, rejected = load(
+            type="benchmark", name="math", path=str(FIXTURES / "math"), split="train+test",
+            levels=[3, 4, 5], exclude=[{"name": "math500", "path": fixture("math500")}],
+        )  # fmt: skip
+    assert rejected == []
+    assert [r["prompt_id"] for r in rows] == [
+        "math-train-1",
+        "math-train-2",
+        "math-train-4",
+        "math-test-2",
+    ]
+    assert "math: left out 1 problems that are also in math500" in caplog.messages
+
+
+def test_an_unreachable_hub_is_one_line_naming_the_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    with pytest.raises(ConfigError) as caught:
+        bench(name="math500")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("benchmark math500: no local copy and the hub is unreachable (")
+    assert message.endswith("download it and set its `path` (eval.benchmarks[].path)")
+    assert "HuggingFaceH4/MATH-500" in message
+
+    for source, key in [
+        ({"type": "benchmark", "name": "math"}, "set its `path` (prompts.source.path)"),
+        ({"type": "hf", "path": "some-org/some-set"}, "set `prompts.source.path`"),
+        (
+            {"type": "benchmark", "name": "math", "path": fixture("math", "train"),
+             "exclude": ["math500"]},
+            "set its `path` (prompts.source.exclude[].path)",
+        ),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError, match="the hub is unreachable") as caught:
+            load(**source)
+        assert key in str(caught.value) and "\n" not in str(caught.value)

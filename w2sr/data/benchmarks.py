@@ -25,6 +25,20 @@ def _after_hashes(solution: str) -> str | None:
 
 
 @dataclass(frozen=True)
+class Columns:
+    """Where a copy of a benchmark keeps the problem, the gold answer and the id.
+
+    `extract` reads the final answer out of the answer column when that column is a worked
+    solution (MATH's last `\\boxed{}`, GSM8K's `#### N`).
+    """
+
+    problem: str
+    answer: str
+    id: str | None = None
+    extract: Callable[[str], str | None] | None = None
+
+
+@dataclass(frozen=True)
 class Benchmark:
     """A standard set: its hub id and default split, and its own column names."""
 
@@ -38,6 +52,14 @@ class Benchmark:
     extract: Callable[[str], str | None] | None = None
     # Reshapes a raw row before validation (a row it cannot read goes on unchanged, to be rejected).
     prepare: Callable[[dict], dict] | None = None
+    # The columns of the copy SimpleRL-Zoo's evaluator ships (examples/simplelr_math_eval/data/),
+    # where they differ from the hub's: read when a copy's rows lack the hub's problem column.
+    local: Columns | None = None
+
+    @property
+    def columns(self) -> Columns:
+        """The hub copy's columns."""
+        return Columns(self.problem, self.answer, self.id, self.extract)
 
 
 def _olympiad_answer(row: dict) -> dict:
@@ -79,8 +101,10 @@ BENCHMARKS: dict[str, Benchmark] = {
     "aime24": Benchmark("HuggingFaceH4/aime_2024", "train", "problem", "answer", id="id"),
     "aime25": Benchmark("math-ai/aime25", "test", "problem", "answer", id="id"),
     "amc23": Benchmark("math-ai/amc23", "test", "question", "answer"),
-    # Minerva Math (272 quantitative-reasoning problems): bare answers, no ids.
-    "minerva_math": Benchmark("math-ai/minervamath", "test", "question", "answer"),
+    # Minerva Math (272 quantitative-reasoning problems): bare answers, no ids. SimpleRL-Zoo's
+    # copy has only worked solutions, the answer in their last \boxed{}.
+    "minerva_math": Benchmark("math-ai/minervamath", "test", "question", "answer",
+                              local=Columns("problem", "solution", extract=extract_answer)),
     # OlympiadBench, its 675 open-ended, text-only, English competition-math problems.
     "olympiadbench": Benchmark("Hothan/OlympiadBench", "train", "question", "answer", id="id",
                                config="OE_TO_maths_en_COMP", prepare=_olympiad_answer),

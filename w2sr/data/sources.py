@@ -1,13 +1,15 @@
 """Prompt sources: math problems with verifiable answers, from any of four places, validated alike.
 
-Every source is read into `(index, raw row)` pairs plus a field mapping, and one validation pass
-turns them into good rows `{"prompt_id", "problem", "answer"}` and rejected rows
+Every source is read, split by split, into `(index, raw row)` pairs plus a field mapping, and one
+validation pass turns them into good rows `{"prompt_id", "problem", "answer"}` and rejected rows
 `{"index", "prompt_id", "reason", "row"}`. Nothing is dropped silently: a row is either kept, or
-rejected with its reason, or (benchmark level filters only) deliberately not selected.
+rejected with its reason, or (benchmark level filters and exclusions only) deliberately not
+selected.
 
 `prompt_id` is stable across runs: the source's own id when it has one, else
-`"{source}-{index}"` with the row's index in the source (so rejecting or filtering a row never
-renumbers the others).
+`"{source}-{index}"` (`"{benchmark}-{split}-{index}"` for a benchmark) with the row's index in
+its split, so rejecting or filtering a row never renumbers the others, and splits joined with
+"+" keep their own numbering.
 
 `datasets` and `reasoning_gym` are imported inside the functions that need them: both are slow to
 import, and nothing here may touch the network before a source is actually loaded.
@@ -16,10 +18,11 @@ import, and nothing here may touch the network before a source is actually loade
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Integral, Real
 from typing import Any
 
@@ -27,7 +30,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from w2sr.config import (
+    BenchmarkRef,
     BenchmarkSource,
+    ConfigError,
     FileSource,
     HFSource,
     KHopSource,
@@ -41,9 +46,13 @@ from w2sr.data.benchmarks import (
     OFFLINE_SEED,
     OFFLINE_SIZE,
     OFFLINE_TASKS,
+    Columns,
 )
+from w2sr.grading import extract_answer
 
-Record = tuple[int, Any]  # (index in the source, the raw row: a dict, or _Unparsed)
+log = logging.getLogger(__name__)
+
+Record = tuple[int, Any]  # (index in its split, the raw row: a dict, or _Unparsed)
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,9 @@ class Fields:
     id: str | None
     prefix: str
     extract: Callable[[str], str | None] | None = None  # final answer out of a worked solution
+
+
+Part = tuple[list[Record], Fields]  # the rows of one split, and how to read them
 
 
 @dataclass(frozen=True)
@@ -71,31 +83,44 @@ def load_prompts(cfg: PromptsConfig) -> tuple[list[dict], list[dict]]:
     `cfg.limit` keeps the first N *good* rows; it applies after validation, so a bad row never
     takes a slot, and `rejected` lists the rejections of the whole source.
     """
-    source = cfg.source
-    records, fields = _READERS[source.type](source)
-    rows, rejected = validate_rows(records, fields)
+    rows, rejected = validate_rows(_READERS[cfg.source.type](cfg.source))
     return (rows[: cfg.limit] if cfg.limit else rows), rejected
+
+
+def load_benchmark(ref: BenchmarkRef) -> tuple[list[dict], list[dict]]:
+    """A benchmark's problems as prompt rows, validated like any source: (rows, rejected).
+
+    All of them: a `limit` is the caller's to apply. The built-in `offline` and `khop` sets
+    take no path, split or fields.
+    """
+    return _load_benchmark(ref, "eval.benchmarks[].path")
+
+
+def normal_text(text: str) -> str:
+    """A problem's text as compared across sources: whitespace runs collapsed, lower-cased."""
+    return " ".join(text.split()).lower()
 
 
 # --- validation (shared by every source) -----------------------------------------------------
 
 
-def validate_rows(records: Iterable[Record], fields: Fields) -> tuple[list[dict], list[dict]]:
+def validate_rows(parts: Iterable[Part]) -> tuple[list[dict], list[dict]]:
     """Split raw rows into good and rejected ones; the first row with an id wins the id."""
     rows: list[dict] = []
     rejected: list[dict] = []
     seen: set[str] = set()
-    for index, raw in records:
-        prompt_id, problem, answer, reason = _check(index, raw, fields)
-        if reason is None and prompt_id in seen:
-            reason = f"duplicate id {prompt_id!r}"
-        if reason is not None:
-            rejected.append(
-                {"index": index, "prompt_id": prompt_id, "reason": reason, "row": _dump(raw)}
-            )
-            continue
-        seen.add(prompt_id)
-        rows.append({"prompt_id": prompt_id, "problem": problem, "answer": answer})
+    for records, fields in parts:
+        for index, raw in records:
+            prompt_id, problem, answer, reason = _check(index, raw, fields)
+            if reason is None and prompt_id in seen:
+                reason = f"duplicate id {prompt_id!r}"
+            if reason is not None:
+                rejected.append(
+                    {"index": index, "prompt_id": prompt_id, "reason": reason, "row": _dump(raw)}
+                )
+                continue
+            seen.add(prompt_id)
+            rows.append({"prompt_id": prompt_id, "problem": problem, "answer": answer})
     return rows, rejected
 
 
@@ -166,7 +191,7 @@ def _dump(raw: Any) -> str:
 # --- sources ---------------------------------------------------------------------------------
 
 
-def _read_reasoning_gym(source: ReasoningGymSource) -> tuple[list[Record], Fields]:
+def _read_reasoning_gym(source: ReasoningGymSource) -> list[Part]:
     """Procedural problems: the same task, size, seed and task_config give the same rows (the
     config has checked the task and its settings)."""
     import reasoning_gym
@@ -175,66 +200,148 @@ def _read_reasoning_gym(source: ReasoningGymSource) -> tuple[list[Record], Field
         source.task, size=source.size, seed=source.seed, **source.task_config
     )
     records = [(i, dict(item)) for i, item in enumerate(dataset)]
-    return records, Fields("question", "answer", None, f"{source.task}-{source.seed}")
+    return [(records, Fields("question", "answer", None, f"{source.task}-{source.seed}"))]
 
 
-def _read_file(source: FileSource) -> tuple[list[Record], Fields]:
+def _read_file(source: FileSource) -> list[Part]:
     fields = Fields(source.problem_field, source.answer_field, source.id_field, _stem(source.path))
-    return list(_file_records(source.path)), fields
+    return [(list(_file_records(source.path)), fields)]
 
 
-def _read_hf(source: HFSource) -> tuple[list[Record], Fields]:
-    prefix = f"{_stem(source.path)}-{source.split}"
-    fields = Fields(source.problem_field, source.answer_field, source.id_field, prefix)
-    return list(enumerate(_hf_rows(source.path, source.name, source.split))), fields
+def _read_hf(source: HFSource) -> list[Part]:
+    splits = _dataset_splits(
+        source.path,
+        source.name,
+        source.split,
+        f"prompts.source {source.path!r}",
+        "set `prompts.source.path` to the local copy",
+    )
+    stem = _stem(source.path)
+    return [
+        (records, Fields(source.problem_field, source.answer_field, source.id_field, f"{stem}-{s}"))
+        for s, records in splits
+    ]
 
 
-def _read_benchmark(source: BenchmarkSource) -> tuple[list[Record], Fields]:
-    return _benchmark_records(source.name, source.path, source.split, source.levels)
+def _read_benchmark(source: BenchmarkSource) -> list[Part]:
+    parts = _benchmark_parts(source, "prompts.source.path", source.levels)
+    return _exclude(source, parts) if source.exclude else parts
 
 
-def _benchmark_records(
-    name: str, path: str | None, split: str | None, levels: list[int] | None
-) -> tuple[list[Record], Fields]:
-    bench = BENCHMARKS[name]
-    split = split or bench.split
-    if path is None:
-        records = enumerate(_hf_rows(bench.hub, bench.config, split))
-    elif os.path.isdir(path):
-        records = enumerate(_local_hf_rows(path, split))
-    else:
-        records = _file_records(path)
-    if bench.prepare is not None:
-        records = ((i, bench.prepare(raw) if isinstance(raw, dict) else raw) for i, raw in records)
-    if levels is not None:
-        # A selection, not a rejection: rows of other levels (or MATH's few "Level ?") are left
-        # out on purpose, keeping their index so the ids of the selected rows do not move. Rows
-        # that are not objects at all go on to validation, to be rejected with their reason.
-        wanted = set(levels)
-        records = (
-            (i, raw)
-            for i, raw in records
-            if not isinstance(raw, dict) or _level(raw.get(bench.level)) in wanted
+def _benchmark_parts(ref: BenchmarkRef, key: str, levels: list[int] | None = None) -> list[Part]:
+    """A benchmark's rows, split by split, with the columns its copy uses; `key` is the config
+    key of the ref's path, for the message when the hub is needed and out of reach."""
+    bench = BENCHMARKS[ref.name]
+    split = ref.split or bench.split
+    if ref.path is None:
+        splits = _dataset_splits(
+            bench.hub, bench.config, split, f"benchmark {ref.name}", f"set its `path` ({key})"
         )
-    fields = Fields(bench.problem, bench.answer, bench.id, f"{name}-{split}", bench.extract)
-    return list(records), fields
+    elif os.path.isdir(ref.path):
+        splits = _local_splits(ref.path, split)
+    elif "+" in split:
+        raise ConfigError(
+            f"{key}: benchmark {ref.name} joins splits {split!r}, but {ref.path} is one file; "
+            "give the folder that holds them"
+        )
+    else:
+        splits = [(split, list(_file_records(ref.path)))]
+    if bench.prepare is not None:
+        splits = [
+            (s, [(i, bench.prepare(raw) if isinstance(raw, dict) else raw) for i, raw in records])
+            for s, records in splits
+        ]
+    columns = _columns(ref, [raw for _, records in splits for _, raw in records])
+    if levels is not None:
+        splits = [(s, _of_levels(records, bench.level, set(levels))) for s, records in splits]
+    return [
+        (
+            records,
+            Fields(columns.problem, columns.answer, columns.id, f"{ref.name}-{s}", columns.extract),
+        )
+        for s, records in splits
+    ]
 
 
-def _read_khop(source: KHopSource) -> tuple[list[Record], Fields]:
-    from w2sr.data.world import prompt_rows
+def _of_levels(records: list[Record], column: str | None, wanted: set[int]) -> list[Record]:
+    """A selection, not a rejection: rows of other levels (or MATH's few "Level ?") are left out
+    on purpose, keeping their index so the ids of the selected rows do not move. Rows that are
+    not objects at all go on to validation, to be rejected with their reason."""
+    return [
+        (i, raw)
+        for i, raw in records
+        if not isinstance(raw, dict) or _level(raw.get(column)) in wanted
+    ]
 
-    return list(enumerate(prompt_rows(source.split))), Fields(
-        "problem", "answer", id="prompt_id", prefix="khop"
+
+def _columns(ref: BenchmarkRef, raws: Iterable[Any]) -> Columns:
+    """The columns of a copy, decided once for all its rows (so one odd row is rejected with its
+    reason rather than read another way): the hub's, or the registry's `local` layout when the
+    first row lacks the hub's problem column and has the local one; then the ref's `*_field`
+    keys on top."""
+    bench = BENCHMARKS[ref.name]
+    columns = bench.columns
+    first = next((raw for raw in raws if isinstance(raw, dict)), {})
+    local = bench.local
+    if local is not None and columns.problem not in first and local.problem in first:
+        columns = local
+    given = ref.fields_given()
+    if "answer" in given:
+        columns = replace(columns, answer=given["answer"], extract=None)
+    if "solution" in given:
+        columns = replace(columns, answer=given["solution"], extract=extract_answer)
+    return replace(
+        columns,
+        problem=given.get("problem", columns.problem),
+        id=given.get("id", columns.id),
     )
 
 
-_READERS: dict[str, Callable[[Any], tuple[list[Record], Fields]]] = {
+def _exclude(source: BenchmarkSource, parts: list[Part]) -> list[Part]:
+    """Leaves out the problems that are also in one of `source.exclude` (e.g. MATH-500 out of
+    MATH): a selection, like the level filter, not a rejection."""
+    excluded: set[str] = set()
+    for ref in source.exclude:
+        rows, _ = _load_benchmark(ref, "prompts.source.exclude[].path")
+        excluded |= {normal_text(row["problem"]) for row in rows}
+    kept_parts: list[Part] = []
+    left_out = 0
+    for records, fields in parts:
+        kept = [(i, raw) for i, raw in records if not _is_in(raw, fields.problem, excluded)]
+        left_out += len(records) - len(kept)
+        kept_parts.append((kept, fields))
+    names = ", ".join(ref.name for ref in source.exclude)
+    log.info("%s: left out %d problems that are also in %s", source.name, left_out, names)
+    return kept_parts
+
+
+def _is_in(raw: Any, column: str, problems: set[str]) -> bool:
+    problem = raw.get(column) if isinstance(raw, dict) else None
+    return isinstance(problem, str) and normal_text(problem) in problems
+
+
+def _read_khop(source: KHopSource) -> list[Part]:
+    from w2sr.data.world import prompt_rows
+
+    records = list(enumerate(prompt_rows(source.split)))
+    return [(records, Fields("problem", "answer", id="prompt_id", prefix="khop"))]
+
+
+_READERS: dict[str, Callable[[Any], list[Part]]] = {
     "khop": _read_khop,
     "reasoning_gym": _read_reasoning_gym,
     "file": _read_file,
     "hf": _read_hf,
     "benchmark": _read_benchmark,
 }
+
+
+def _load_benchmark(ref: BenchmarkRef, key: str) -> tuple[list[dict], list[dict]]:
+    if ref.name == OFFLINE:
+        return _offline_rows()
+    if ref.name == KHOP:
+        return validate_rows(_read_khop(KHopSource(split="heldout")))
+    return validate_rows(_benchmark_parts(ref, key))
 
 
 def _offline_rows() -> tuple[list[dict], list[dict]]:
@@ -245,24 +352,11 @@ def _offline_rows() -> tuple[list[dict], list[dict]]:
     rejected: list[dict] = []
     for task in OFFLINE_TASKS:
         source = ReasoningGymSource(task=task, size=OFFLINE_SIZE, seed=OFFLINE_SEED)
-        rows, bad = validate_rows(*_read_reasoning_gym(source))
+        rows, bad = validate_rows(_read_reasoning_gym(source))
         per_task.append(rows)
         rejected += bad
     mixed = [row for group in zip(*per_task, strict=False) for row in group]
     return mixed, rejected
-
-
-def load_benchmark(
-    name: str, path: str | None = None, split: str | None = None, limit: int | None = None
-) -> tuple[list[dict], list[dict]]:
-    """A benchmark's problems as prompt rows, validated like any source: (rows, rejected)."""
-    if name == OFFLINE:
-        rows, rejected = _offline_rows()
-    elif name == KHOP:
-        rows, rejected = validate_rows(*_read_khop(KHopSource(split="heldout")))
-    else:
-        rows, rejected = validate_rows(*_benchmark_records(name, path, split, None))
-    return (rows[:limit] if limit else rows), rejected
 
 
 def _level(value: Any) -> int | None:
@@ -319,31 +413,66 @@ def _file_records(path: str) -> Iterator[Record]:
         raise ValueError(f"unsupported prompt file {path!r}: expected .jsonl, .json or .parquet")
 
 
-def _hf_rows(path: str, name: str | None, split: str) -> Iterable[dict]:
-    """A hub dataset by id, or a local folder (save_to_disk output or data files)."""
+def _dataset_splits(
+    path: str, config: str | None, split: str, what: str, fix: str
+) -> list[tuple[str, list[Record]]]:
+    """Each of the "+"-joined splits of a local folder or a hub dataset, in order, its rows
+    indexed within it. `what` and `fix` word the error when the hub is needed and unreachable."""
     if os.path.isdir(path):
-        return _local_hf_rows(path, split)
+        return _local_splits(path, split)
+    return [(s, list(enumerate(_hub_split(path, config, s, what, fix)))) for s in split.split("+")]
+
+
+def _hub_split(path: str, config: str | None, split: str, what: str, fix: str) -> Iterable[dict]:
+    """One split from the hub (or its cache); out of reach, a one-line ConfigError says what to
+    do instead of a datasets traceback."""
     import datasets
+    import httpx
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    return datasets.load_dataset(path, name, split=split)
+    try:
+        return datasets.load_dataset(path, config, split=split)
+    except (ConnectionError, LocalEntryNotFoundError, httpx.TransportError) as error:
+        cause = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ConfigError(
+            f"{what}: no local copy and the hub is unreachable ({cause}); download it and {fix}"
+        ) from None
 
 
-def _local_hf_rows(path: str, split: str) -> Iterable[dict]:
-    """A local folder: `load_from_disk` for a save_to_disk folder, else its data files.
-
-    A folder holding a single split serves that split whatever its name (data files named
-    `data.jsonl` load as "train"); with several, `split` must be one of them.
+def _local_splits(path: str, split: str) -> list[tuple[str, list[Record]]]:
+    """The "+"-joined splits of a local folder, in order: a save_to_disk folder's; else each
+    split's `<split>.jsonl` / `.parquet` / `.json` file, read like any prompt file (one bad line
+    costs one row, and splits need not share columns); else the folder as `datasets` reads data
+    files (the hub's layout). A folder holding a single split serves one split of any name (data
+    files named `data.jsonl` load as "train").
     """
-    import datasets
-
+    splits = split.split("+")
     saved = any(
         os.path.exists(os.path.join(path, marker)) for marker in ("dataset_dict.json", "state.json")
     )
+    files = {} if saved else _split_files(path)
+    if files and all(s in files for s in splits):
+        return [(s, list(_file_records(files[s]))) for s in splits]
+    import datasets
+
     loaded = datasets.load_from_disk(path) if saved else datasets.load_dataset(path)
-    if isinstance(loaded, datasets.Dataset):
-        return loaded
-    if split in loaded:
-        return loaded[split]
-    if len(loaded) == 1:
-        return next(iter(loaded.values()))
-    raise ValueError(f"{path}: no split {split!r}; it has {sorted(loaded)}")
+    named = {"": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
+    if len(splits) == 1 and len(named) == 1:
+        return [(split, list(enumerate(next(iter(named.values())))))]
+    missing = [s for s in splits if s not in named]
+    if missing:
+        raise ValueError(f"{path}: no split {missing[0]!r}; it has {sorted(named)}")
+    return [(s, list(enumerate(named[s]))) for s in splits]
+
+
+_DATA_SUFFIXES = (".jsonl", ".parquet", ".json")  # the first wins when a split has several
+
+
+def _split_files(path: str) -> dict[str, str]:
+    """The data files at the top of a folder, by name without suffix."""
+    files: dict[str, str] = {}
+    for suffix in reversed(_DATA_SUFFIXES):
+        for name in sorted(os.listdir(path)):
+            if name.endswith(suffix) and os.path.isfile(os.path.join(path, name)):
+                files[name.removesuffix(suffix)] = os.path.join(path, name)
+    return files
