@@ -1,7 +1,8 @@
 """The report of a small hand-built run (and sweep) whose numbers are known in advance.
 
-Result files are written where `w2sr eval` caches them, so `evaluate` only summarises them (no
-engine starts) and the report reads exactly what a real run leaves behind.
+Result files are written where `w2sr eval` writes them, with the eval/summary.json it writes
+beside them (the settings, each model's source and each result's setting and rates), so the
+report reads what a real run leaves behind.
 """
 
 from __future__ import annotations
@@ -12,19 +13,22 @@ from pathlib import Path
 
 import datasets
 import matplotlib.image
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from w2sr import lineage
-from w2sr.config import validate
-from w2sr.evaluation.problems import load_problems
-from w2sr.evaluation.results import Task, result_fingerprint, write_result
-from w2sr.registry import model_table
+from w2sr import layout, lineage, metrics
+from w2sr.config import ExperimentConfig, validate
+from w2sr.identity import content_digest
+from w2sr.registry import model_table, parameter_count
 from w2sr.rundir import RunDir
-from w2sr.stages.evaluate import evaluate
+from w2sr.schemas import EVAL_SCHEMA
 from w2sr.stages.report import report
+from w2sr.sweep.config import SweepConfig
+from w2sr.sweep.plan import plan
+from w2sr.sweep.report import CellRow, write_report
 
 PROBLEMS = 10
 SAMPLES = 4
@@ -42,7 +46,12 @@ RESPONSES = {  # behaviour markers: the students picked up the teacher's "wait" 
     "base": "The sum is below.",
     "w2sr": "First, we add. Wait, let me check.",
 }
+# How a model's wrong responses end where they do not give a wrong answer: cut at the token
+# limit without one (base: 8 of 10 on AMC23, 6 of 10 on offline), or also inside a thought never
+# closed (RL: 4 and 6 of 10).
+CUT = {"base": "The sum is", "rl": "<think>Wait, the sum is"}
 HOURS = {"traces": 1, "all": 2, "correct": 1, "incorrect": 1, "rl": 50}
+VARIANT_OF = {"w2sr": "all", "w2sr_p": "correct", "w2sr_n": "incorrect", "rl": "rl"}
 # GRPO's held-out accuracy along training (grpo.eval_every): (step, worker-hours, per benchmark);
 # step 20 is a resumed attempt's redo of a step a killed one had recorded at 0.1 lower.
 CURVE = [
@@ -64,9 +73,17 @@ def done(run: RunDir, hours: float, artifact: lineage.Artifact) -> None:
     run.mark_done(artifact.folder, artifact.fingerprint, **facts)
 
 
-def build_run(run_dir: Path, teacher_parameters: int, labels=tuple(SOLVED)) -> str:
-    """A run whose teacher has a known size, with traces, students, RL and cached results; the
-    teacher and the benchmark file live beside it."""
+def build_run(
+    run_dir: Path,
+    teacher_parameters: int,
+    labels=tuple(SOLVED),
+    rl: str | None = None,
+    evaluation: dict | None = None,
+    amc23: dict | None = None,
+) -> str:
+    """A run whose teacher has a known size, with traces, students, RL (GRPO's, or the outside
+    checkpoint `rl`) and their results; the teacher and the benchmark file live beside it.
+    `evaluation` and `amc23` add keys to the eval section and to its AMC23 entry."""
     inputs = run_dir.parent / f"{run_dir.name}-inputs"
     teacher = inputs / "teacher"
     teacher.mkdir(parents=True)
@@ -75,14 +92,17 @@ def build_run(run_dir: Path, teacher_parameters: int, labels=tuple(SOLVED)) -> s
     bench = inputs / "amc.jsonl"
     bench.write_text("".join(lines))
     run = RunDir(str(run_dir))
-    benchmarks = [{"name": "amc23", "path": str(bench)}, {"name": "offline", "limit": PROBLEMS}]
+    amc = {"name": "amc23", "path": str(bench), **(amc23 or {})}
+    benchmarks = [amc, {"name": "offline", "limit": PROBLEMS}]
+    section = {"benchmarks": benchmarks, "samples": SAMPLES, "bootstrap_resamples": 500}
     cfg = validate(
         {
             "run_dir": run.uri,
             "teacher": str(teacher),
             "student": "org/base-student",
-            "eval": {"benchmarks": benchmarks, "samples": SAMPLES, "bootstrap_resamples": 500},
-            "grpo": {} if "rl" in labels else None,
+            "eval": {**section, **(evaluation or {})},
+            "grpo": {} if "rl" in labels and rl is None else None,
+            "rl": rl,
         }
     )
     traces = lineage.traces(cfg)
@@ -90,16 +110,10 @@ def build_run(run_dir: Path, teacher_parameters: int, labels=tuple(SOLVED)) -> s
     rows = [{"trace": "Wait, let me verify. Case 1: x. \\boxed{1}"}] * 3
     run.write_parquet(pa.Table.from_pylist(rows), traces.folder, "shard-00000.parquet")
     trained = lineage.trained(cfg)
-    for label, variant in (
-        ("w2sr", "all"),
-        ("w2sr_p", "correct"),
-        ("w2sr_n", "incorrect"),
-        ("rl", "rl"),
-    ):
-        if label in labels:
-            run.write_text("{}", trained[label].folder, "model", "config.json")
-            done(run, HOURS[variant], trained[label])
-    if "rl" in labels:
+    for label in [label for label in trained if label in labels]:
+        run.write_text("{}", trained[label].folder, "model", "config.json")
+        done(run, HOURS[VARIANT_OF[label]], trained[label])
+    if "rl" in trained and "rl" in labels:
         records = [
             {"step": step, "worker_seconds": hours * 3600, "heldout_accuracy": accuracy}
             for step, hours, accuracy in CURVE
@@ -107,25 +121,123 @@ def build_run(run_dir: Path, teacher_parameters: int, labels=tuple(SOLVED)) -> s
         records.insert(1, {"step": 15, "worker_seconds": 15 * 3600})  # a step not measured
         text = "".join(json.dumps(r) + "\n" for r in records)
         run.write_text(text, trained["rl"].folder, "metrics.jsonl")
-    models, _ = model_table(cfg)
-    problems = load_problems(cfg, run)
-    for label in labels:
-        for bench_cfg in cfg.eval.benchmarks:
-            name = bench_cfg.name
-            fingerprint = result_fingerprint(cfg, models[label], name, problems[name])
-            task = Task(models[label], bench_cfg, problems[name], fingerprint)
-            write_result(cfg, run, task, result_rows(label, name, problems[name].rows), "offline")
-    evaluate(cfg)  # every result is cached: this only writes eval/summary.json
+    write_summary(cfg, run, labels)
     return run.uri
 
 
-def result_rows(label: str, bench: str, problems: list[dict]) -> list[dict]:
-    """The first SOLVED[label][bench] problems right in every sample, the rest wrong."""
+def write_summary(cfg: ExperimentConfig, run: RunDir, labels: tuple[str, ...]) -> None:
+    """Each model's result files at the decoding its setting gives, and eval/summary.json."""
+    ev = cfg.eval
+    models, skipped = model_table(cfg)
+    trained = lineage.trained(cfg)
+    problems = {
+        b.name: [
+            {"prompt_id": f"{i:02d}", "problem": f"Q{i}?", "answer": str(i)}
+            for i in range(PROBLEMS)
+        ]
+        for b in ev.benchmarks
+    }
+    sampled = {b.name: ev.setting(b, "") for b in ev.benchmarks}  # no greedy list names ""
+    summary = {
+        "settings": {
+            "protocol": ev.protocol,
+            "grading_policy": cfg.eval_grading_policy,
+            "greedy": ev.greedy,
+            "benchmarks": {
+                name: {
+                    "samples": s.samples,
+                    "sampling": s.sampling.model_dump(mode="json"),
+                    "pass_k": s.ks,
+                }
+                for name, s in sampled.items()
+            },
+            "samples": ev.samples,
+            "pass_k": ev.pass_k,
+            "sampling": ev.sampling.model_dump(mode="json"),
+            "template": cfg.template,
+            "grader": cfg.grader,
+            "max_model_len": ev.engine.max_model_len,
+            "bootstrap_resamples": ev.bootstrap_resamples,
+            "confidence": ev.confidence,
+            "seed": cfg.seed,
+        },
+        "benchmarks": {
+            name: {"problems": PROBLEMS, "rejected": 0, "decontaminated": 0} for name in problems
+        },
+        "models": {},
+        "skipped": skipped,
+        "traces": lineage.traces(cfg).folder,
+    }
+    for label in [label for label in labels if label in models]:
+        model = models[label]
+        if label in trained:
+            stage = trained[label]
+            source = {"kind": "trained", "stage": stage.folder, "fingerprint": stage.fingerprint}
+        else:
+            source = {"kind": "outside", "spec": model.spec, "identity": model.identity}
+        entry = {
+            "spec": model.spec,
+            "parameters": parameter_count(model.spec),
+            "done": model.done,
+            "source": source,
+            "results": {},
+        }
+        for bench in ev.benchmarks:
+            setting = ev.setting(bench, label)
+            rows = result_rows(label, bench.name, problems[bench.name], setting.samples)
+            parts = layout.eval_result(label, bench.name, layout.fingerprint({}, label, bench.name))
+            run.write_parquet(pa.Table.from_pylist(rows, schema=EVAL_SCHEMA), *parts)
+            entry["results"][bench.name] = {
+                "file": "/".join(parts),
+                "backend": "offline",
+                "setting": {
+                    "samples": setting.samples,
+                    "sampling": setting.sampling.model_dump(mode="json"),
+                    "greedy": setting.greedy,
+                },
+                **result_metrics(cfg, rows, setting.samples, setting.ks),
+            }
+        summary["models"][label] = entry
+    run.write_json(summary, *layout.EVAL_SUMMARY)
+
+
+def result_metrics(cfg: ExperimentConfig, rows: list[dict], samples: int, ks: list[int]) -> dict:
+    """A result's statistics as evaluation computes them, from rows in (problem, sample) order."""
+    correct = np.array([r["correct"] for r in rows]).reshape(-1, samples)
+    answers = np.array([r["extracted_answer"] for r in rows], dtype=object).reshape(-1, samples)
+    per_problem = correct.mean(axis=1)
+    ev, responses = cfg.eval, [r["response"] for r in rows]
+    ci = metrics.bootstrap_ci(
+        per_problem, resamples=ev.bootstrap_resamples, confidence=ev.confidence, seed=cfg.seed
+    )
+    majority = [metrics.majority_vote(a, c) for a, c in zip(answers, correct, strict=True)]
+    return {
+        "problems": len(per_problem),
+        "samples": samples,
+        "pass@1": float(per_problem.mean()),
+        "pass@1_ci": list(ci),
+        "pass@k": {str(k): float(metrics.pass_at_k_per_problem(correct, k).mean()) for k in ks},
+        f"maj@{samples}": float(np.mean(majority)),
+        "no_answer": float(np.mean([r["extracted_answer"] is None for r in rows])),
+        "truncated": float(np.mean([r["finish_reason"] == "length" for r in rows])),
+        "unclosed_thought": float(
+            np.mean(["<think>" in t and "</think>" not in t for t in responses])
+        ),
+        "prompt_too_long": 0.0,
+        "mean_completion_tokens": float(np.mean([r["completion_tokens"] for r in rows])),
+    }
+
+
+def result_rows(label: str, bench: str, problems: list[dict], samples: int) -> list[dict]:
+    """The first SOLVED[label][bench] problems right in every sample, the rest wrong: a wrong
+    answer, or (CUT) no answer at the token limit."""
     rows = []
     for i, problem in enumerate(problems):
         right = i < SOLVED[label][bench]
-        answer = problem["answer"] if right else "x"
-        for k in range(SAMPLES):
+        cut = not right and label in CUT
+        answer = None if cut else problem["answer"] if right else "x"
+        response = CUT[label] if cut else f"{RESPONSES.get(label, '')} \\boxed{{{answer}}}"
+        for k in range(samples):
             rows.append(
                 {
                     "model": label,
@@ -133,12 +245,12 @@ def result_rows(label: str, bench: str, problems: list[dict]) -> list[dict]:
                     **problem,
                     "sample_index": k,
                     "seed": k,
-                    "response": f"{RESPONSES.get(label, '')} \\boxed{{{answer}}}",
+                    "response": response,
                     "extracted_answer": answer,
                     "correct": right,
                     "prompt_tokens": 20,
                     "completion_tokens": 30,
-                    "finish_reason": "stop",
+                    "finish_reason": "length" if cut else "stop",
                 }
             )
     return rows
@@ -157,7 +269,7 @@ def row(text: str, name: str) -> list[str]:
 
 
 def test_table_has_pass_at_1_per_benchmark_and_average(reported):
-    _, _, text = reported
+    text = reported[2].split("## Results")[1]
     assert "| Model | AMC23 | Offline | Avg |" in text
     assert row(text, "Teacher") == ["30.0", "30.0", "30.0"]
     assert row(text, "Base student") == ["20.0", "40.0", "30.0"]
@@ -208,7 +320,7 @@ def test_costs_behaviours_and_details_are_reported(reported):
         "1.00 (100%)",
     ]
     details = text.split("## Pass@k and majority vote")[1]
-    assert "| W2SR | AMC23 | 50.0 | 50.0 | 50.0 | 50.0 |" in details
+    assert "| W2SR | AMC23 | 4 | 50.0 | 50.0 | 50.0 | 50.0 |" in details
 
 
 def test_figures_are_rendered_and_linked(reported):
@@ -226,7 +338,7 @@ def test_without_rl_there_is_no_rgr_and_no_rl_cost(tmp_path):
     text = Path(result["report"]).read_text()
     assert "RGR is not reported: no result for RL (GRPO)" in text
     assert "RGR W2SR" not in text and "undefined" not in text.split("###")[1]
-    assert "RL (GRPO): not evaluated (no `grpo` section in the config)" in text
+    assert "RL (GRPO): not evaluated (no `grpo` section or `rl` reference in the config)" in text
 
 
 def test_a_sweep_of_teachers_plots_accuracy_against_teacher_scale(tmp_path):
@@ -262,3 +374,179 @@ def test_behaviours_that_no_response_shows_are_left_out_with_the_reason():
     assert "Left out, as no response has one: subgoal setting, enumeration." in text
     header = text.split("\n\n")[1].splitlines()[0]
     assert "verification" in header and "backtracking" in header and "enumeration" not in header
+
+
+@pytest.fixture(scope="module")
+def outside(tmp_path_factory):
+    """A run whose RL reference is a published checkpoint, evaluated under SimpleRL-Zoo's
+    protocol (the base student greedy), with 8 samples on AMC23 and 4 on offline."""
+    root = tmp_path_factory.mktemp("outside")
+    checkpoint = root / "simplerl-zoo-checkpoint"
+    checkpoint.mkdir()
+    save_file({"weight": torch.zeros(300)}, checkpoint / "model.safetensors")
+    (checkpoint / "config.json").write_text("{}")
+    run_dir = build_run(
+        root / "run",
+        teacher_parameters=1500,
+        rl=str(checkpoint),
+        evaluation={"protocol": "simplerl_zoo", "samples": SAMPLES},
+        amc23={"samples": 8},
+    )
+    result = report(run_dir)
+    return Path(run_dir), checkpoint, result, Path(result["report"]).read_text()
+
+
+def section(text: str, heading: str) -> str:
+    """A report's section, up to the next heading of its level or above."""
+    level = heading.split(" ")[0]
+    body = text.split(f"{heading}\n")[1]
+    ends = [i for i in (body.find(f"\n{'#' * n} ") for n in range(1, len(level) + 1)) if i >= 0]
+    return body[: min(ends)] if ends else body
+
+
+def test_an_outside_rl_reference_gives_rgr_with_its_intervals(outside):
+    _, checkpoint, result, text = outside
+    results = section(text, "## Results")
+    assert row(results, "RL (outside)") == ["60.0", "40.0", "50.0"]
+    assert "RL (GRPO)" not in text
+    assert row(results, "RGR W2SR (%)") == ["75.0", "undefined", "100.0"]
+    assert result["rgr"]["w2sr_p"]["avg"] == pytest.approx(1.0)
+    assert f"RL is the outside checkpoint `{checkpoint}`" in results
+    intervals = results.split("confidence intervals")[1]
+    low, high = map(float, re.findall(r"[\d.]+", row(intervals, "RGR W2SR (%)")[0]))
+    assert low < 75.0 < high
+    assert row(intervals, "RGR W2SR (%)")[1] == "undefined"
+
+
+def test_each_model_says_where_it_came_from(outside):
+    run_dir, checkpoint, _, text = outside
+    models = section(text, "### Models")
+    assert row(models, "RL (outside)") == [
+        "outside checkpoint",
+        f"`{checkpoint}`",
+        f"`{content_digest(checkpoint)}`",
+        "300",
+    ]
+    assert row(models, "Teacher")[:3] == [
+        "outside checkpoint",
+        f"`{run_dir.parent / 'run-inputs' / 'teacher'}`",
+        f"`{content_digest(run_dir.parent / 'run-inputs' / 'teacher')}`",
+    ]
+    assert row(models, "Base student")[:3] == [
+        "outside checkpoint",
+        "`org/base-student`",
+        "name only (revision not resolved)",
+    ]
+    for name in ("W2SR", "W2SR-P", "W2SR-N"):  # the stage folder and its done record agree
+        source, stage, fingerprint, _ = row(models, name)
+        assert source == "trained in this run dir"
+        recorded = json.loads((run_dir / stage.strip("`") / "_DONE.json").read_text())
+        assert fingerprint == f"`{recorded['fingerprint']}`"
+
+
+def test_an_outside_rl_reference_has_no_cost_and_no_curve(outside):
+    _, checkpoint, result, text = outside
+    costs = section(text, "## Training cost")
+    assert "| Model | traces (worker-h) | training (worker-h) | total (worker-h) | Avg" in costs
+    assert "RL cost / cost" not in costs
+    assert row(costs, "W2SR") == ["1.000", "2.000", "3.000", "50.0"]
+    assert "| RL (outside) |" not in costs
+    assert f"RL (outside) (`{checkpoint}`) was trained elsewhere" in costs
+    assert "first reached" not in text and "did not reach" not in text
+    assert result["figures"] == ["figure2_bars.png", "figure5_cost.png"]
+
+
+def test_the_setup_states_the_protocol_and_the_greedy_base(outside):
+    _, _, _, text = outside
+    setup = section(text, "## Setup")
+    assert "- Protocol: `simplerl_zoo`" in setup
+    assert "under the `standard` grading policy in evaluation" in setup  # the protocol's
+    sampled = "Teacher, W2SR, W2SR-P, W2SR-N, RL (outside)"
+    for line in (
+        f"| AMC23 | {sampled} | sampled | 8 | 1 | 0.95 | 1024 | 1, 2, 4, 8 |",
+        "| AMC23 | Base student | greedy | 1 | 0 | 1 | 1024 | 1 |",
+        f"| Offline | {sampled} | sampled | 4 | 1 | 0.95 | 1024 | 1, 2, 4 |",
+        "| Offline | Base student | greedy | 1 | 0 | 1 | 1024 | 1 |",
+    ):
+        assert line in setup, line
+    assert "### Pass@1 (%), the mean over each problem's samples" in text
+    details = section(text, "## Pass@k and majority vote (%)")
+    assert row(details, "Base student")[:4] == ["AMC23", "1", "20.0", "–"]  # pass@1 only
+
+
+def test_answer_and_truncation_rates_per_model(outside):
+    _, _, _, text = outside
+    rates = section(text, "### Answers and truncation")
+    header = "| Model | no answer (%) | truncated (%) | unclosed thought (%) | Avg pass@1 (%) |"
+    assert header in rates
+    assert row(rates, "Base student") == ["70.0", "70.0", "0.0", "30.0"]
+    assert row(rates, "RL (outside)") == ["50.0", "50.0", "50.0", "50.0"]
+    assert row(rates, "W2SR") == ["0.0", "0.0", "0.0", "50.0"]
+
+
+def test_a_summary_from_before_sources_and_settings_is_reported(tmp_path):
+    """A run dir evaluated before results recorded their source, setting and unclosed
+    thoughts: the section-level setting, and the source that the done records tell."""
+    run_dir = Path(build_run(tmp_path / "run", teacher_parameters=100))
+    path = run_dir / "eval" / "summary.json"
+    summary = json.loads(path.read_text())
+    for key in ("protocol", "greedy", "benchmarks"):
+        del summary["settings"][key]
+    for model in summary["models"].values():
+        del model["source"]
+        for entry in model["results"].values():
+            del entry["setting"], entry["unclosed_thought"]
+    path.write_text(json.dumps(summary))
+    text = Path(report(str(run_dir))["report"]).read_text()
+    models = section(text, "### Models")
+    assert row(models, "Teacher")[:3] == [
+        "outside checkpoint",
+        f"`{summary['models']['teacher']['spec']}`",
+        "not recorded",
+    ]
+    rl = summary["models"]["rl"]
+    assert row(models, "RL (GRPO)")[:3] == [
+        "trained in this run dir",
+        f"`{rl['spec']}`",
+        f"`{rl['done']['fingerprint']}`",
+    ]
+    assert "- Protocol: none named" in text
+    sampled = "Teacher, Base student, W2SR, W2SR-P, W2SR-N, RL (GRPO)"
+    assert f"| Offline | {sampled} | sampled | 4 | 0.6 | 0.95 | 1024 | 1, 2, 4 |" in text
+    rates = section(text, "### Answers and truncation")
+    assert "| Model | no answer (%) | truncated (%) | Avg pass@1 (%) |" in rates
+    assert row(rates, "Base student") == ["70.0", "70.0", "30.0"]
+    assert "RL cost / cost" in section(text, "## Training cost")
+
+
+def test_a_sweep_marks_the_cells_whose_rl_reference_is_outside(tmp_path):
+    data = {
+        "base": {"grpo": {}},
+        "run_dir": str(tmp_path / "study"),
+        "teachers": [{"label": "small", "model": "org/a", "scale": 0.5}],
+        "students": [
+            {"label": "own", "model": "org/s"},
+            {"label": "zoo", "model": "org/z", "rl": "org/z-simplerl-zoo"},
+        ],
+        "variants": ["all"],
+    }
+    cells, _ = plan(SweepConfig.model_validate(data))
+    rows = [
+        CellRow(cell, 0.5, (0.4, 0.6), rgr, (rgr - 0.2, rgr + 0.2), None, 0.5)
+        for cell, rgr in zip(cells, (0.25, 0.75), strict=True)
+    ]
+    facts = {"cells": 2, "stages": 6, "ran": 6, "complete": 0, "failed": 0, "blocked": 0,
+             "wall_seconds": 60.0, "parallelism": 1.0, "max_concurrent": 1}  # fmt: skip
+    run = RunDir(str(tmp_path / "study"))
+    write_report(run, rows, facts, [])
+    text = run.read_text("report", "report.md")
+    cells_table = section(text, "## Cells")
+    assert row(cells_table, "small")[3:] == [
+        "W2SR", "0", "50.0", "40.0 – 60.0", "GRPO", "25.0", "5.0 – 45.0", "–"
+    ]  # fmt: skip
+    zoo = next(line for line in cells_table.splitlines() if "| zoo |" in line)
+    assert "| outside | 75.0 | 55.0 – 95.0 |" in zoo
+    rgr = section(text, "## RGR of W2SR over teacher x student (%), mean over seeds")
+    assert "| Teacher \\ student | own | zoo |" in rgr and row(rgr, "small") == ["25.0", "75.0"]
+    assert "- student zoo: `org/z-simplerl-zoo`" in text
+    assert "- student own" not in text

@@ -54,7 +54,7 @@ def figure_bars(results: RunResults) -> str | None:
         values = [results.pass1[label][c] for c in columns]
         error = _error(values, [results.ci[label][c] for c in columns])
         ax.bar(x + (i - (len(labels) - 1) / 2) * width, np.array(values) * 100, width,
-               yerr=error, capsize=2, label=display_name(label))  # fmt: skip
+               yerr=error, capsize=2, label=results.name(label))  # fmt: skip
     ax.set_xticks(x, [bench_name(c) if c != AVG else "Avg" for c in columns])
     ax.set_ylabel("Pass@1 (%)")
     ax.set_title("Weak teacher, strong student: W2SR and W2SR-P")
@@ -97,7 +97,7 @@ def figure_cost(
         value = results.pass1[label][AVG]
         error = _error([value], [results.ci[label][AVG]])
         ax.errorbar(
-            hours[label], value * 100, yerr=error, fmt=marker, capsize=3, label=display_name(label)
+            hours[label], value * 100, yerr=error, fmt=marker, capsize=3, label=results.name(label)
         )
     if AVG in results.pass1.get("base", {}):
         ax.axhline(results.pass1["base"][AVG] * 100, ls="--", c="gray", label="Base student")
@@ -139,9 +139,11 @@ def figure_scale(root: RunDir, runs: dict[str, RunResults]) -> str | None:
     for label in ("teacher", *STUDENT_LABELS):
         _against_scale(ax, known, label, AVG)
     for label, style in (("base", "--"), ("rl", ":")):
-        values = [r.pass1[label][AVG] for _, r in known if AVG in r.pass1.get(label, {})]
-        if values:  # one student for the sweep: its base and RL scores are reference lines
-            ax.axhline(np.mean(values) * 100, ls=style, c="gray", label=display_name(label))
+        found = [r for _, r in known if AVG in r.pass1.get(label, {})]
+        if found:  # one student for the sweep: its base and RL scores are reference lines
+            names = {r.name(label) for r in found}  # an RL reference of one kind says which
+            value = np.mean([r.pass1[label][AVG] for r in found]) * 100
+            ax.axhline(value, ls=style, c="gray", label=names.pop() if len(names) == 1 else "RL")
     log_ticks(ax, [scale for scale, _ in known], count)
     ax.set_xlabel("Teacher parameters")
     ax.set_ylabel("Avg pass@1 (%)")

@@ -1,5 +1,10 @@
 """The numbers of a run's report: pass@1 with paired-bootstrap intervals, RGR, costs and
-behaviours, from what `w2sr eval` left in the run dir."""
+behaviours, from what `w2sr eval` left in the run dir.
+
+The RL reference is either the run's own GRPO student or a published checkpoint named by the
+config's `rl` (an outside model): RGR reads its results either way; costs and GRPO's curve exist
+only for the former. Summaries written before evaluation recorded each model's source and
+setting are read too."""
 
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ BENCH_NAMES = {
 
 
 AVG = "avg"  # the macro average over benchmarks, a column beside them
+OUTSIDE_RL = "RL (outside)"
 
 
 def display_name(label: str) -> str:
@@ -58,6 +64,39 @@ class RunResults:
     @property
     def settings(self) -> dict[str, Any]:
         return self.summary["settings"]
+
+    def source(self, label: str) -> dict[str, Any]:
+        """Where a model came from: `{"kind": "trained", "stage", "fingerprint"}` or `{"kind":
+        "outside", "spec", "identity"}`; from an older summary, what its done record says (only
+        a model trained in the run dir has one)."""
+        model = self.summary["models"].get(label) or {}
+        if "source" in model:
+            return model["source"]
+        done = model.get("done") or {}
+        if "fingerprint" in done:
+            return {"kind": "trained", "stage": None, "fingerprint": done["fingerprint"]}
+        return {"kind": "outside", "spec": model.get("spec"), "identity": None}
+
+    @property
+    def outside_rl(self) -> bool:
+        """Whether the RL reference is a published checkpoint, not trained in this run dir."""
+        return "rl" in self.summary["models"] and self.source("rl")["kind"] == "outside"
+
+    def name(self, label: str) -> str:
+        """The display name, which says that an outside RL reference is not our GRPO run."""
+        return OUTSIDE_RL if label == "rl" and self.outside_rl else display_name(label)
+
+    def setting(self, label: str, bench: str) -> dict[str, Any]:
+        """How `label` was evaluated on `bench`: samples, sampling, greedy, and the k of the
+        pass@k it has (an older summary's result: the section-level setting)."""
+        entry = self.summary["models"][label]["results"][bench]
+        s = self.settings
+        setting = entry.get("setting") or {
+            "samples": entry.get("samples", s["samples"]),
+            "sampling": s["sampling"],
+            "greedy": False,
+        }
+        return {**setting, "ks": sorted(int(k) for k in entry["pass@k"])}
 
 
 def load_results(run: RunDir, summary: dict[str, Any] | None = None) -> RunResults:
@@ -119,12 +158,13 @@ def _paired_statistics(results: RunResults) -> None:
 
 def costs(results: RunResults) -> dict[str, dict[str, float]]:
     """Worker-seconds spent to obtain each trained model: the teacher's traces (shared by the
-    three W2SR variants) plus its SFT; RL's training (its rollouts included)."""
+    three W2SR variants) plus its SFT; RL's training (its rollouts included), when RL was
+    trained here."""
     run, models = results.run, results.summary["models"]
     folder = results.summary.get("traces")
     traces = run.read_json(folder, DONE) if folder and run.exists(folder, DONE) else {}
     out = {}
-    for label in [*STUDENT_LABELS, "rl"]:
+    for label in [*STUDENT_LABELS, *(() if results.outside_rl else ("rl",))]:
         done = (models.get(label) or {}).get("done") or {}
         if "worker_seconds" not in done:
             continue
@@ -140,7 +180,9 @@ def costs(results: RunResults) -> dict[str, dict[str, float]]:
 def rl_curve(results: RunResults) -> list[dict[str, float]]:
     """GRPO's held-out accuracy along training (`grpo.eval_every`: the average over the eval
     benchmarks, one answer each) against the worker-seconds spent by then; a step redone after
-    a resume counts once, as last recorded."""
+    a resume counts once, as last recorded. Empty for an outside RL reference."""
+    if results.outside_rl:
+        return []
     done = (results.summary["models"].get("rl") or {}).get("done") or {}
     folder = layout.rl(done["fingerprint"]) if "fingerprint" in done else None
     if folder is None or not results.run.exists(folder, METRICS):
@@ -182,6 +224,23 @@ def cost_to_match(
     }
 
 
+ANSWER_RATES = ("no_answer", "truncated", "unclosed_thought")
+
+
+def answer_rates(results: RunResults) -> dict[str, dict[str, float]]:
+    """Per model, the mean over its benchmarks of each answer rate its results have: responses
+    without a final answer, cut at the token limit, and with a `<think>` never closed."""
+    out = {}
+    for label in results.labels:
+        entries = list(results.summary["models"][label]["results"].values())
+        out[label] = {
+            rate: float(np.mean([e[rate] for e in entries]))
+            for rate in ANSWER_RATES
+            if entries and all(rate in e for e in entries)
+        }
+    return out
+
+
 def behaviors(results: RunResults) -> dict[str, dict[str, Any]]:
     """Behaviour counts of every model's responses on the benchmarks (the same prompts for all),
     and of the teacher's training traces when the run generated them."""
@@ -193,7 +252,7 @@ def behaviors(results: RunResults) -> dict[str, dict[str, Any]]:
             table = results.run.read_parquet(*entry["file"].split("/"))
             table = table.filter(pc.not_equal(table["finish_reason"], TOO_LONG))
             responses += table.column("response").to_pylist()
-        out[display_name(label)] = {"traces": len(responses), **summarize_behaviors(responses)}
+        out[results.name(label)] = {"traces": len(responses), **summarize_behaviors(responses)}
     folder = results.summary.get("traces")
     traces = layout.read_traces(results.run, folder).column("trace").to_pylist() if folder else []
     if traces:

@@ -3,11 +3,14 @@
     w2sr report RUN_DIR
 
 For one run (a folder with eval/summary.json):
+- the setup: the evaluation protocol (decoding per benchmark and model, grading policy) and
+  where each model came from (a stage of the run dir, or an outside checkpoint and its identity);
 - the paper-style table: pass@1 per benchmark and its macro average for the teacher, the base
-  student, W2SR, W2SR-P, W2SR-N and RL, with RGR = (W2SR - base) / (RL - base) for each student
-  variant, and 95% intervals from a bootstrap over problems (paired across models, stratified
-  across benchmarks, so an average or a ratio gets the interval it deserves);
-- pass@k and majority vote, answer and truncation rates;
+  student, W2SR, W2SR-P, W2SR-N and RL (the run's GRPO student or an outside checkpoint named by
+  `rl`), with RGR = (W2SR - base) / (RL - base) for each student variant, and 95% intervals from
+  a bootstrap over problems (paired across models, stratified across benchmarks, so an average or
+  a ratio gets the interval it deserves);
+- pass@k and majority vote; per model, its no-answer, truncation and unclosed-thought rates;
 - cognitive behaviours of the responses (w2sr.behaviors), teacher vs base student vs students;
 - figures: the four bars of Figure 2 (teacher, student, W2SR, W2SR-P), and accuracy against
   training cost (Figure 5) when the stages recorded their costs.
@@ -38,12 +41,14 @@ from w2sr.reporting.results import (
     teacher_scale,
 )
 from w2sr.reporting.tables import (
+    answer_table,
     behavior_table,
     cost_table,
     count,
     details_table,
     main_tables,
     match_sentence,
+    outside_rl_cost,
     pct,
     rgr_or_dash,
     setup,
@@ -67,11 +72,19 @@ def run_report(run: RunDir) -> dict[str, Any]:
         "",
         main_tables(results),
         "",
+        "### Answers and truncation",
+        "",
+        "Share of responses without a final answer (no answer), cut at the token limit "
+        "(truncated) and, where recorded, whose `<think>` never closed (unclosed thought): the "
+        "mean over benchmarks.",
+        "",
+        answer_table(results),
+        "",
         "## Pass@k and majority vote (%)",
         "",
-        f"pass@k is the unbiased estimator from {results.settings['samples']} samples; maj is "
-        "the majority vote over them (ties split); no answer: responses without a final answer; "
-        "truncated: responses cut at the token limit; tokens: mean completion length.",
+        "pass@k is the unbiased estimator from the n samples of each problem; maj@n is the "
+        "majority vote over them (ties split); no answer, truncated and unclosed thought as "
+        "above; tokens: mean completion length.",
         "",
         details_table(results),
         "",
@@ -81,6 +94,8 @@ def run_report(run: RunDir) -> dict[str, Any]:
     ]
     if spent:
         parts += ["", "## Training cost", "", cost_table(results, spent)]
+        if results.outside_rl:
+            parts += ["", outside_rl_cost(results)]
         match = cost_to_match(results, spent, curve)
         if match:
             parts += ["", match_sentence(match)]
@@ -135,17 +150,22 @@ def report(run_dir: str) -> dict[str, Any]:
 
 
 def sweep_report(root: RunDir, runs: dict[str, RunResults]) -> dict[str, Any]:
-    header = ["Run", "Teacher model", "Parameters", *[display_name(x) for x in DISPLAY_NAMES]]
+    outside = any(results.outside_rl for results in runs.values())
+    header = ["Run", "Teacher model", "Parameters"]
+    header += [display_name(x) for x in DISPLAY_NAMES if x != "rl"]
+    header += ["RL" if outside else display_name("rl")]
     header += [f"RGR {display_name(v)}" for v in STUDENT_LABELS]
     rows = []
     for name, results in sorted(runs.items(), key=lambda item: teacher_scale(item[1]) or 0):
         scale = teacher_scale(results)
+        rl = pct(results.pass1.get("rl", {}).get(AVG))
         rows.append(
             [
                 f"[{name}]({name}/report/report.md)",
                 f"`{results.summary['models'].get('teacher', {}).get('spec', '–')}`",
                 count(scale) if scale else "unknown",
-                *[pct(results.pass1.get(label, {}).get(AVG)) for label in DISPLAY_NAMES],
+                *[pct(results.pass1.get(x, {}).get(AVG)) for x in DISPLAY_NAMES if x != "rl"],
+                f"{rl} (outside)" if results.outside_rl else rl,
                 *[rgr_or_dash(results, v) for v in STUDENT_LABELS],
             ]
         )
@@ -157,6 +177,12 @@ def sweep_report(root: RunDir, runs: dict[str, RunResults]) -> dict[str, Any]:
         "",
         table(header, rows),
     ]
+    if outside:
+        parts += [
+            "",
+            "RL: the run's GRPO student, or, marked (outside), the published checkpoint its "
+            "config names as `rl` (its report's Models table gives which).",
+        ]
     if figures:
         parts += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     root.write_text("\n".join(parts) + "\n", layout.REPORT, "report.md")

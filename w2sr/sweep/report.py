@@ -7,6 +7,9 @@ summary the sweep writes for it, so a cell's pass@1 interval and its RGR interva
 same paired bootstrap as a single run's. With several seeds, a cell's interval over seeds adds
 the spread between seeds to the mean bootstrap variance within them (the law of total
 variance), so it covers SFT seed variance as well as problem sampling.
+
+A cell's RL reference is the base config's GRPO run, or the published checkpoint its student
+names as `rl` (outside: RGR is reported, its cost is not).
 """
 
 from __future__ import annotations
@@ -61,6 +64,13 @@ def cell_rows(cells: list[Cell], groups: dict[str, RunResults]) -> list[CellRow]
     return rows
 
 
+def rl_reference(cell: Cell) -> str | None:
+    """The kind of the cell's RL reference: "GRPO", "outside", or None when it has none."""
+    if cell.config.rl is not None:
+        return "outside"
+    return "GRPO" if cell.config.grpo is not None else None
+
+
 def group_name(cell: Cell) -> str:
     """The (teacher, student, seed, match) group a cell's results are read with."""
     matched = matched_suffix(cell.match)
@@ -91,7 +101,8 @@ def write_report(
         "",
         "## Cells",
         "",
-        "Average pass@1 (%) over the benchmarks, with its 95% interval; RGR (%) on that average; "
+        "Average pass@1 (%) over the benchmarks, with its 95% interval; RL: the cell's RL "
+        "reference, its GRPO run or an outside checkpoint (below); RGR (%) on that average; "
         "cost: worker-hours of the teacher's traces plus the student's SFT.",
         "",
         _cell_table(rows),
@@ -101,6 +112,10 @@ def write_report(
         first = rows[0].cell.match
         sets = "" if first == "none" else f", training sets {first}-matched"
         parts += ["", f"## RGR of W2SR over teacher x student (%), mean over seeds{sets}", "", rgr]
+    outside = _outside(rows)
+    if outside:
+        parts += ["", "RL references not trained in this sweep (published checkpoints):", ""]
+        parts += [f"- student {student}: `{spec}`" for student, spec in outside.items()]
     seeds = _seed_table(rows)
     if seeds:
         parts += ["", "## Over seeds", "", seeds]
@@ -121,10 +136,12 @@ def write_report(
 def _cell_table(rows: list[CellRow]) -> str:
     matched = any(r.cell.match != "none" for r in rows)
     header = ["Teacher", "Kind", "Parameters", "Student", "Variant", *(["Matched"] * matched)]
-    header += ["Seed", "Pass@1", "95% CI", "RGR", "RGR 95% CI", "Cost (worker-h)"]
+    header += ["Seed", "Pass@1", "95% CI", "RL", "RGR", "RGR 95% CI", "Cost (worker-h)"]
     body = []
     for r in rows:
         c = r.cell
+        rl = rl_reference(c)
+        rgr = r.pass1 is not None and rl is not None
         body.append(
             [
                 c.teacher.label,
@@ -136,8 +153,9 @@ def _cell_table(rows: list[CellRow]) -> str:
                 str(c.seed),
                 pct(r.pass1),
                 interval(r.ci) if r.pass1 is not None else "–",
-                rgr_text(r.rgr) if r.pass1 is not None and c.config.grpo is not None else "–",
-                interval(r.rgr_ci) if r.pass1 is not None and c.config.grpo is not None else "–",
+                rl or "–",
+                rgr_text(r.rgr) if rgr else "–",
+                interval(r.rgr_ci) if rgr else "–",
                 f"{r.worker_hours:.3f}" if r.worker_hours is not None else "–",
             ]
         )
@@ -152,8 +170,8 @@ def _primary(rows: list[CellRow]) -> list[CellRow]:
 
 
 def _rgr_table(rows: list[CellRow]) -> str | None:
-    found = [r for r in _primary(rows) if r.pass1 is not None]
-    if not found or found[0].cell.config.grpo is None:
+    found = [r for r in _primary(rows) if r.pass1 is not None and rl_reference(r.cell)]
+    if not found:
         return None
     teachers = list(dict.fromkeys(r.cell.teacher.label for r in found))
     students = list(dict.fromkeys(r.cell.student.label for r in found))
@@ -167,9 +185,19 @@ def _rgr_table(rows: list[CellRow]) -> str | None:
                 if (r.cell.teacher.label, r.cell.student.label) == (teacher, student)
             ]
             defined = [v for v in values if v is not None]
-            line.append(rgr_text(statistics.mean(defined)) if defined else "undefined")
+            if not values:  # no cell of this pair has an RL reference (or a result yet)
+                line.append("–")
+            else:
+                line.append(rgr_text(statistics.mean(defined)) if defined else "undefined")
         body.append(line)
     return table(["Teacher \\ student", *students], body)
+
+
+def _outside(rows: list[CellRow]) -> dict[str, str]:
+    """Student label -> the outside RL checkpoint its cells compare with."""
+    return {
+        r.cell.student.label: r.cell.config.rl for r in rows if rl_reference(r.cell) == "outside"
+    }
 
 
 def seed_interval(rows: list[CellRow]) -> tuple[float, float, float]:
