@@ -21,10 +21,12 @@ from artifacts import trained_student
 from network import free_port
 
 from w2sr import layout, lineage
-from w2sr.config import ConfigError, validate
+from w2sr.config import ConfigError, JudgeConfig, validate
 from w2sr.engines import settings as engines
 from w2sr.engines.serve_app import llm_config
 from w2sr.evaluation.endpoint import served_models
+from w2sr.judge import CACHE as judge_cache
+from w2sr.judge import judge_behaviors
 from w2sr.rundir import RunDir
 from w2sr.stages.evaluate import evaluate
 from w2sr.stages.serve import hosted_models
@@ -191,6 +193,13 @@ def test_served_and_offline_greedy_evaluation_agree(
         ]
         under = asyncio.run(load(info["url"], clients=5))  # within 2 ongoing + 4 queued
         over = asyncio.run(load(info["url"], clients=48))
+        # The served model as a behaviour judge: its random replies do not parse, which is
+        # counted, not raised. Two at a time, within the server's bound.
+        judge = JudgeConfig(
+            endpoint=info["url"], model="w2sr_n", api_key_env="W2SR_API_KEY", concurrency=2
+        )
+        responses = ["First, 2 * 3 = 6. Let me check: 6 / 3 = 2.", "Case 1: n = 2.", "Wait."]
+        judged = judge_behaviors(responses, judge, run, seed=0)
     finally:
         ray_serve.shutdown()
 
@@ -199,6 +208,9 @@ def test_served_and_offline_greedy_evaluation_agree(
     # Over the bound the server sheds load at once (503), and answers the rest.
     assert set(over["status"]) == {200, 503} and over["status"][200] >= 6, over
     print("load:", {"under": under, "over": over})
+    assert judged["judged"] + judged["parse_failures"] + judged["errors"] == 3, judged
+    assert judged["errors"] == 0, judged
+    assert KEY not in run.read_text(*judge_cache)  # the replies, in the store, without the key
 
     assert (
         "not served" in online["skipped"]["base"]
