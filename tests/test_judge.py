@@ -12,10 +12,13 @@ import json
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
+import yaml
 
 from w2sr import judge as judge_module
+from w2sr import layout
 from w2sr.config import JudgeConfig
 from w2sr.judge import (
     CACHE,
@@ -248,3 +251,34 @@ def test_credentials_in_the_url_are_refused(monkeypatch):
         judge_key(config("https://user:token@judge.example.com/v1"))
     with pytest.raises(ValueError, match="not an http"):
         judge_key(config("ftp://judge.example.com/v1"))
+
+
+def test_the_report_shows_the_judges_labels_when_the_config_asks_for_them(
+    judge_server, tmp_path, monkeypatch
+):
+    """`report.behaviors: judge` in the run's config: every behaviour is a column, with how many
+    responses the judge labelled and how many replies did not parse; a second report asks
+    nothing again."""
+    from test_report import build_run
+
+    from w2sr.stages.report import report
+
+    endpoint, requests = judge_server
+    monkeypatch.setenv(KEY_ENV, "k")
+    run_dir = build_run(tmp_path / "run", teacher_parameters=1500)
+    judge = {"endpoint": endpoint, "model": "judge-m", "api_key_env": KEY_ENV}
+    config = {"report": {"behaviors": "judge", "judge": judge}, "seed": 0}
+    RunDir(run_dir).write_text(yaml.safe_dump(config), layout.CONFIG)
+    text = Path(report(run_dir)["report"]).read_text()
+    behaviours = text.split("## Cognitive behaviours")[1].split("\n## ")[0]
+    assert "labelled by the judge model judge-m" in behaviours
+    assert "| judged | parse failures | errors |" in behaviours
+    teacher = next(line for line in behaviours.splitlines() if line.startswith("| Teacher |"))
+    cells = [cell.strip() for cell in teacher.strip("|").split("|")]
+    n = int(cells[1])
+    assert n > 0 and cells[2:6] == ["–"] * 4  # the fixed replies never parse
+    assert cells[6:] == ["0", str(n), "0"]
+    asked = len(requests)
+    assert asked > 0
+    report(run_dir)
+    assert len(requests) == asked

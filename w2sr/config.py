@@ -658,6 +658,10 @@ class ReportConfig(Strict):
     behaviors: Literal["regex", "judge"] = "regex"
     judge: JudgeConfig | None = None
 
+    @property
+    def judge_used(self) -> JudgeConfig | None:
+        return self.judge if self.behaviors == "judge" else None
+
     @model_validator(mode="after")
     def _judge_given(self) -> ReportConfig:
         if self.behaviors == "judge" and self.judge is None:

@@ -18,7 +18,9 @@ import pyarrow.compute as pc
 
 from w2sr import layout, metrics
 from w2sr.behaviors import summarize_behaviors
+from w2sr.config import ReportConfig
 from w2sr.evaluation.results import problem_matrix
+from w2sr.judge import judge_behaviors
 from w2sr.layout import DISPLAY_NAMES, STUDENT_LABELS
 from w2sr.rundir import DONE, METRICS, RunDir
 from w2sr.schemas import TOO_LONG
@@ -241,9 +243,18 @@ def answer_rates(results: RunResults) -> dict[str, dict[str, float]]:
     return out
 
 
-def behaviors(results: RunResults) -> dict[str, dict[str, Any]]:
+def behaviors(
+    results: RunResults, settings: ReportConfig | None = None, seed: int = 0
+) -> dict[str, dict[str, Any]]:
     """Behaviour counts of every model's responses on the benchmarks (the same prompts for all),
-    and of the teacher's training traces when the run generated them."""
+    and of the teacher's training traces when the run generated them: phrase patterns, or a
+    judge model's labels of a seeded sample (`report.behaviors: judge`)."""
+
+    def measure(texts: list[str]) -> dict[str, Any]:
+        if settings is not None and settings.judge is not None and settings.behaviors == "judge":
+            return judge_behaviors(texts, settings.judge, results.run, seed)
+        return summarize_behaviors(texts)
+
     out = {}
     models = results.summary["models"]
     for label in results.labels:
@@ -252,11 +263,11 @@ def behaviors(results: RunResults) -> dict[str, dict[str, Any]]:
             table = results.run.read_parquet(*entry["file"].split("/"))
             table = table.filter(pc.not_equal(table["finish_reason"], TOO_LONG))
             responses += table.column("response").to_pylist()
-        out[results.name(label)] = {"traces": len(responses), **summarize_behaviors(responses)}
+        out[results.name(label)] = {"traces": len(responses), **measure(responses)}
     folder = results.summary.get("traces")
     traces = layout.read_traces(results.run, folder).column("trace").to_pylist() if folder else []
     if traces:
-        out["Teacher (training traces)"] = {"traces": len(traces), **summarize_behaviors(traces)}
+        out["Teacher (training traces)"] = {"traces": len(traces), **measure(traces)}
     return out
 
 

@@ -142,15 +142,23 @@ def answer_table(results: RunResults) -> str:
 
 
 def behavior_table(found: dict[str, dict[str, Any]], shown: list[str]) -> str:
+    """Mean count (share with one) per behaviour; a judge's table adds how many responses it
+    labelled and how many of its replies did not parse or failed ("–": none parsed)."""
+    judged = any("judged" in stats for stats in found.values())
     header = ["Responses of", "n", *[b.replace("_", " ") for b in shown]]
-    rows = [
-        [
-            name,
-            str(stats["traces"]),
-            *[f"{stats[b]['mean']:.2f} ({100 * stats[b]['share']:.0f}%)" for b in shown],
-        ]
-        for name, stats in found.items()
-    ]
+    header += ["judged", "parse failures", "errors"] if judged else []
+
+    def cell(stats: dict[str, Any]) -> str:
+        if stats["mean"] is None:
+            return "–"
+        return f"{stats['mean']:.2f} ({100 * stats['share']:.0f}%)"
+
+    rows = []
+    for name, stats in found.items():
+        row = [name, str(stats["traces"]), *[cell(stats[b]) for b in shown]]
+        if judged:
+            row += [str(stats.get(key, 0)) for key in ("judged", "parse_failures", "errors")]
+        rows.append(row)
     return table(header, rows)
 
 

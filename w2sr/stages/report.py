@@ -25,8 +25,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import yaml
+from pydantic import ValidationError
+
 from w2sr import layout
 from w2sr.behaviors import BEHAVIORS
+from w2sr.config import ConfigError, JudgeConfig, ReportConfig, format_errors
+from w2sr.judge import PROMPT_VERSION
 from w2sr.layout import DISPLAY_NAMES, STUDENT_LABELS
 from w2sr.reporting.figures import figure_bars, figure_cost, figure_scale, figure_scale_benchmarks
 from w2sr.reporting.results import (
@@ -59,6 +64,7 @@ from w2sr.rundir import RunDir
 
 def run_report(run: RunDir) -> dict[str, Any]:
     results = load_results(run)
+    settings, seed = _report_settings(run)
     spent, curve = costs(results), rl_curve(results)
     figures = [f for f in (figure_bars(results), figure_cost(results, spent, curve)) if f]
     parts = [
@@ -90,7 +96,7 @@ def run_report(run: RunDir) -> dict[str, Any]:
         "",
         "## Cognitive behaviours",
         "",
-        behavior_section(behaviors(results)),
+        behavior_section(behaviors(results, settings, seed), settings.judge_used),
     ]
     if spent:
         parts += ["", "## Training cost", "", cost_table(results, spent)]
@@ -110,10 +116,30 @@ def run_report(run: RunDir) -> dict[str, Any]:
     }
 
 
-def behavior_section(found: dict[str, dict[str, Any]]) -> str:
-    """The behaviour table, without the behaviours that no response shows: their patterns are
-    English phrases, which a world of symbols (the CPU demo's) never writes, and a column of
-    zeros would read as a finding."""
+def _report_settings(run: RunDir) -> tuple[ReportConfig, int]:
+    """The `report` section and seed of the config the run dir's latest command wrote; only
+    those are read, so a run dir copied from a cluster reports where its models are absent."""
+    data = yaml.safe_load(run.read_text(layout.CONFIG)) if run.exists(layout.CONFIG) else {}
+    data = data if isinstance(data, dict) else {}
+    try:
+        return ReportConfig.model_validate(data.get("report") or {}), int(data.get("seed", 0))
+    except ValidationError as error:
+        raise ConfigError(format_errors(error).replace("config", "report section", 1)) from None
+
+
+def behavior_section(found: dict[str, dict[str, Any]], judge: JudgeConfig | None = None) -> str:
+    """The behaviour table. Counted by phrase, the behaviours no response shows are left out:
+    their patterns are English phrases, which a world of symbols (the CPU demo's) never writes,
+    and a column of zeros would read as a finding. Labelled by a judge, every one is shown."""
+    if judge is not None:
+        text = (
+            "Mean count per response (share of responses with at least one), labelled by the "
+            f"judge model {judge.model} at {judge.endpoint} (prompt version {PROMPT_VERSION}), "
+            "as SimpleRL-Zoo's behaviour analysis does, over a seeded sample of at most "
+            f"{judge.max_responses or 'all'} responses per model; replies that did not parse "
+            "and failed requests are left out of the rates and counted in their own columns."
+        )
+        return text + "\n\n" + behavior_table(found, list(BEHAVIORS))
     shown = [b for b in BEHAVIORS if any(stats[b]["share"] for stats in found.values())]
     absent = ", ".join(b.replace("_", " ") for b in BEHAVIORS if b not in shown)
     n = sum(stats["traces"] for stats in found.values())
