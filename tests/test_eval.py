@@ -22,14 +22,23 @@ import pytest
 from artifacts import prepared_problems, trained_student
 from faults import descendants, kill_when
 
-from w2sr import layout
-from w2sr.config import PromptsConfig, validate
+from w2sr import layout, lineage
+from w2sr.config import BenchmarkRef, PromptsConfig, validate
 from w2sr.data.benchmarks import OFFLINE_TASKS
 from w2sr.data.sources import load_benchmark, load_prompts
 from w2sr.evaluation import offline
 from w2sr.evaluation.endpoint import EndpointError, chat_completion
-from w2sr.evaluation.problems import load_problems
-from w2sr.evaluation.results import Task, benchmark_metrics, result_fingerprint, sample_rows
+from w2sr.evaluation.problems import Problems, load_problems
+from w2sr.evaluation.results import (
+    benchmark_metrics,
+    is_current,
+    plan_tasks,
+    result_fingerprint,
+    sample_rows,
+    scorer,
+    summary,
+    write_result,
+)
 from w2sr.grading import is_correct
 from w2sr.registry import model_table
 from w2sr.rundir import RunDir
@@ -52,9 +61,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 
 
 def test_offline_benchmark_is_fixed_balanced_and_disjoint_from_default_training_prompts():
-    rows, rejected = load_benchmark("offline")
+    rows, rejected = load_benchmark(BenchmarkRef(name="offline"))
     assert rejected == [] and len(rows) == 200
-    assert load_benchmark("offline")[0] == rows
+    assert load_benchmark(BenchmarkRef(name="offline"))[0] == rows
     assert [r["prompt_id"].rsplit("-", 2)[0] for r in rows[:4]] == list(OFFLINE_TASKS)
     training, _ = load_prompts(PromptsConfig())  # the default generation source (jobs/tiny too)
     assert not {r["problem"] for r in training} & {r["problem"] for r in rows}
@@ -74,9 +83,10 @@ def test_gpqa_rows_become_lettered_choices_with_the_gold_letter(tmp_path):
     ]
     source.append({"Record ID": "broken", "Question": "Q?", "Correct Answer": "x"})
     path = write_jsonl(tmp_path / "gpqa.jsonl", source)
-    rows, rejected = load_benchmark("gpqa_diamond", path)
+    gpqa = BenchmarkRef(name="gpqa_diamond", path=path)
+    rows, rejected = load_benchmark(gpqa)
     assert [r["reason"] for r in rejected] == ["missing problem"]
-    assert load_benchmark("gpqa_diamond", path)[0] == rows  # the order is fixed by the record
+    assert load_benchmark(gpqa)[0] == rows  # the order is fixed by the record
     for i, row in enumerate(rows):
         assert row["prompt_id"] == f"rec{i}"
         lines = row["problem"].splitlines()
@@ -94,14 +104,16 @@ def test_olympiadbench_and_minerva_local_copies(tmp_path):
         {"id": 8, "question": "Find a and b.", "final_answer": ["$3$", "$4$"]},
         {"id": 9, "question": "No answer.", "final_answer": "5"},
     ]
-    rows, rejected = load_benchmark("olympiadbench", write_jsonl(tmp_path / "ob.jsonl", olympiad))
+    path = write_jsonl(tmp_path / "ob.jsonl", olympiad)
+    rows, rejected = load_benchmark(BenchmarkRef(name="olympiadbench", path=path))
     assert rows == [
         {"prompt_id": "7", "problem": "Find x.", "answer": "\\frac{1}{2}"},
         {"prompt_id": "8", "problem": "Find a and b.", "answer": "3, 4"},
     ]
     assert [r["reason"] for r in rejected] == ["missing answer"]
     minerva = [{"question": "Compute 2^10.", "answer": "1024"}]
-    rows, _ = load_benchmark("minerva_math", write_jsonl(tmp_path / "minerva.jsonl", minerva))
+    path = write_jsonl(tmp_path / "minerva.jsonl", minerva)
+    rows, _ = load_benchmark(BenchmarkRef(name="minerva_math", path=path))
     assert rows == [
         {"prompt_id": "minerva_math-test-0", "problem": "Compute 2^10.", "answer": "1024"}
     ]
@@ -116,7 +128,7 @@ def test_new_benchmarks_load_from_their_hub_layout(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     for bench in ("minerva_math", "olympiadbench", "gpqa_diamond"):
-        load_benchmark(bench)
+        load_benchmark(BenchmarkRef(name=bench))
     assert calls == [
         ("math-ai/minervamath", None, "test"),
         ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train"),
@@ -136,8 +148,9 @@ def test_unknown_and_duplicate_benchmarks_and_greedy_sampling_are_config_errors(
     ]:
         with pytest.raises(ValueError, match=message):
             validate({**base, "eval": bad})
-    assert validate({**base, "eval": {"samples": 16}}).eval.ks == [1, 2, 4, 8, 16]
-    assert validate({**base, "eval": {"samples": 6}}).eval.ks == [1, 2, 4, 6]
+    for samples, ks in [(16, [1, 2, 4, 8, 16]), (6, [1, 2, 4, 6])]:
+        ev = validate({**base, "eval": {"samples": samples}}).eval
+        assert ev.setting(ev.benchmarks[0], "teacher").ks == ks
 
 
 # --- models and the result cache ------------------------------------------------------------
@@ -161,37 +174,288 @@ def test_result_fingerprint_follows_what_decides_the_result(tmp_path):
     data = {"run_dir": str(tmp_path / "run"), "teacher": "org/teacher", "student": "org/student"}
     trained_student(validate(data), "all", wall_seconds=1.0)
 
-    def fingerprint(label: str = "teacher", **eval_cfg) -> str:
-        cfg = validate(
-            {**data, "eval": {"benchmarks": [{"name": "offline", "limit": 5}], **eval_cfg}}
-        )
-        problems = load_problems(cfg, RunDir(cfg.run_dir))["offline"]
-        return result_fingerprint(cfg, model_table(cfg)[0][label], "offline", problems)
+    def fingerprint(label: str = "teacher", run: dict | None = None, **eval_cfg) -> str:
+        """The fingerprint of `label` on the first benchmark; `run`: top-level keys."""
+        eval_cfg.setdefault("benchmarks", [{"name": "offline", "limit": 5}])
+        cfg = validate({**data, **(run or {}), "eval": eval_cfg})
+        return result_fingerprint(cfg, model_table(cfg)[0][label], cfg.eval.benchmarks[0])
 
     same = fingerprint()
     assert fingerprint(engine={"batch_size": 3, "replicas": 2}) == same  # how, not what
     assert fingerprint(endpoint={"concurrency": 2}) == same
+    assert fingerprint(pass_k=[1, 2]) == same  # what is reported, not what is generated
+    assert fingerprint(run={"thinking": None}) == same
     for changed in [
         {"samples": 8},
         {"sampling": {"temperature": 0.9}},
         {"sampling": {"max_tokens": 99}},
         {"engine": {"max_model_len": 4096}},
         {"benchmarks": [{"name": "offline", "limit": 6}]},
+        {"greedy": ["teacher"]},
+        {"grading_policy": "standard"},
+        {"run": {"grading_policy": "standard"}},  # the run's policy, which evaluation follows
+        {"run": {"thinking": False}},
+        {"run": {"template": "plain"}},
+        {
+            "run": {"prompts": {"source": {"type": "reasoning_gym", "task": "leg_counting"}}}
+        },  # decontaminated against
     ]:
         assert fingerprint(**changed) != same, changed
+    # with a policy of its own, evaluation no longer follows the run's
+    own = fingerprint(grading_policy="strict")
+    assert own == same == fingerprint(grading_policy="strict", run={"grading_policy": "standard"})
+    # not decontaminated, a result does not depend on the training prompts
+    other_prompts = {"prompts": {"source": {"type": "reasoning_gym", "task": "leg_counting"}}}
+    assert fingerprint(decontaminate=False, run=other_prompts) == fingerprint(decontaminate=False)
     student = fingerprint("w2sr")
     trained_student(validate(data), "all", wall_seconds=2.0)  # trained again: another checkpoint
     assert fingerprint("w2sr") != student
 
 
+def test_a_local_benchmark_copy_is_known_by_its_content_split_and_columns(tmp_path):
+    path = tmp_path / "amc.jsonl"
+    write_jsonl(path, [{"question": "1 + 1?", "answer": "2"}])
+    data = {"run_dir": str(tmp_path / "run"), "teacher": "org/teacher"}
+
+    def fingerprint(**bench) -> str:
+        cfg = validate({**data, "eval": {"benchmarks": [{"name": "amc23", "path": str(path)}
+                                                          | bench]}})  # fmt: skip
+        return result_fingerprint(cfg, model_table(cfg)[0]["teacher"], cfg.eval.benchmarks[0])
+
+    local = fingerprint()
+    assert fingerprint(split="train") != local
+    assert fingerprint(problem_field="question") != local
+    write_jsonl(path, [{"question": "10 + 20?", "answer": "30"}])  # edited in place
+    assert fingerprint() != local
+
+
 def test_benchmark_problems_that_are_training_prompts_are_left_out(tmp_path):
-    offline, _ = load_benchmark("offline")
+    offline, _ = load_benchmark(BenchmarkRef(name="offline"))
     run = RunDir(str(tmp_path / "run"))
     cfg = validate({"run_dir": run.uri, "teacher": "t", "eval": {"benchmarks": ["offline"]}})
     prepared_problems(cfg, ["  " + offline[1]["problem"].upper() + " ", "other"])
     problems = load_problems(cfg, run)["offline"]
     assert problems.decontaminated == 1 and len(problems.rows) == 199
     assert offline[1]["prompt_id"] not in {r["prompt_id"] for r in problems.rows}
+
+
+# --- settings per (model, benchmark), planning without data, the summary ---------------------
+
+
+def protocol_config(tmp_path: Path, **eval_cfg):
+    """SimpleRL-Zoo's protocol on local copies of AIME 2024 (3 problems) and GSM8K (4)."""
+    aime = [{"id": f"aime-{i}", "problem": f"Find {i}.", "answer": str(i)} for i in range(3)]
+    gsm8k = [{"question": f"What is {i} + {i}?", "answer": f"so\n#### {2 * i}"} for i in range(4)]
+    benchmarks = [
+        {"name": "aime24", "path": write_jsonl(tmp_path / "aime24.jsonl", aime)},
+        {"name": "gsm8k", "path": write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k)},
+    ]
+    return validate(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "teacher": "org/teacher",
+            "student": "org/student",
+            "eval": {"protocol": "simplerl_zoo", "benchmarks": benchmarks, **eval_cfg},
+        }
+    )
+
+
+def test_the_simplerl_zoo_protocol_decodes_the_base_greedily_and_aime_32_times(tmp_path):
+    cfg = protocol_config(tmp_path)
+    run = RunDir(cfg.run_dir)
+    tasks, _ = plan_tasks(cfg)
+    task = {(t.model.label, t.bench.name): t for t in tasks}
+    assert sorted(task) == [(m, b) for m in ("base", "teacher") for b in ("aime24", "gsm8k")]
+    problems = load_problems(cfg, run)
+    for name, count in (("aime24", 3), ("gsm8k", 4)):
+        base = task["base", name].setting
+        assert base.greedy and base.samples == 1 and base.sampling.temperature == 0.0
+        assert len(sample_rows(cfg, task["base", name], problems[name])) == count
+    aime = task["teacher", "aime24"]
+    assert not aime.setting.greedy and aime.setting.samples == 32
+    assert (aime.setting.sampling.temperature, aime.setting.sampling.top_p) == (1.0, 0.95)
+    rows = sample_rows(cfg, aime, problems["aime24"])
+    assert len(rows) == 3 * 32 and len({r["seed"] for r in rows}) == 3 * 32
+    assert {r["prompt_id"] for r in rows} == {f"aime-{i}" for i in range(3)}
+    assert sorted(r["sample_index"] for r in rows if r["prompt_id"] == "aime-0") == list(range(32))
+    gsm8k = task["teacher", "gsm8k"]
+    assert gsm8k.setting.samples == 1 and not gsm8k.setting.greedy
+    assert len(sample_rows(cfg, gsm8k, problems["gsm8k"])) == 4
+
+
+def test_a_protocol_is_known_by_the_values_it_sets_not_by_its_name(tmp_path):
+    def fingerprints(cfg) -> dict[tuple[str, str], str]:
+        tasks, _ = plan_tasks(cfg)
+        return {(t.model.label, t.bench.name): t.fingerprint for t in tasks}
+
+    named = fingerprints(protocol_config(tmp_path))
+    by_hand = protocol_config(tmp_path)
+    benchmarks = [bench.model_dump() for bench in by_hand.eval.benchmarks]
+    benchmarks[0]["samples"] = 32
+    by_hand = protocol_config(
+        tmp_path,
+        protocol=None,
+        samples=1,
+        sampling={"temperature": 1.0, "top_p": 0.95, "max_tokens": 1024},
+        greedy=["base"],
+        grading_policy="standard",
+        benchmarks=benchmarks,
+    )
+    assert by_hand.eval.protocol is None and fingerprints(by_hand) == named
+    # a setting changed for the sampled models: their AIME results only
+    benchmarks[0]["samples"] = 16
+    fewer = fingerprints(protocol_config(tmp_path, benchmarks=benchmarks))
+    assert {key for key in named if fewer[key] != named[key]} == {("teacher", "aime24")}
+    hotter = fingerprints(protocol_config(tmp_path, sampling={"temperature": 0.8}))
+    assert {key for key in named if hotter[key] != named[key]} == {
+        ("teacher", "aime24"),
+        ("teacher", "gsm8k"),
+    }  # the base model is decoded greedily whatever the temperature
+
+
+def test_planning_reads_no_benchmark_and_leaves_the_run_dir_untouched(tmp_path):
+    """A benchmark file that is not there yet, one only on the (unreachable) hub and training
+    prompts to decontaminate against: planning needs none of them."""
+    cfg = validate(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "teacher": "org/teacher",
+            "student": "org/student",
+            "eval": {
+                "benchmarks": [{"name": "amc23", "path": str(tmp_path / "amc.jsonl")}, "gsm8k"]
+            },
+        }
+    )
+    tasks, skipped = plan_tasks(cfg)
+    assert sorted((t.model.label, t.bench.name) for t in tasks) == [
+        (m, b) for m in ("base", "teacher") for b in ("amc23", "gsm8k")
+    ]
+    assert "w2sr" in skipped and len({t.fingerprint for t in tasks}) == 4
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(FileNotFoundError):  # what evaluating would have to read
+        load_problems(cfg, RunDir(cfg.run_dir))
+
+
+def graded_rows(cfg, task, problems, right: bool) -> list[dict]:
+    score = scorer(cfg, task.model.label)
+    return [
+        score(
+            {
+                **sample,
+                "response": f"\\boxed{{{sample['answer'] if right else 'x'}}}",
+                "finish_reason": "stop",
+                "completion_tokens": 4,
+            }
+        )
+        for sample in sample_rows(cfg, task, problems)
+    ]
+
+
+def test_the_summary_names_each_models_source_and_each_results_setting(tmp_path):
+    data = {
+        "run_dir": str(tmp_path / "run"),
+        "teacher": "org/teacher",
+        "student": "org/student",
+        "eval": {
+            "protocol": "simplerl_zoo",
+            "benchmarks": [{"name": "offline", "limit": 3, "samples": 4}],
+        },
+    }
+    folder = trained_student(validate(data), "all", wall_seconds=1.0)
+    cfg = validate(data)
+    run = RunDir(cfg.run_dir)
+    tasks, skipped = plan_tasks(cfg)
+    problems = load_problems(cfg, run)
+    for task in tasks:
+        rows = graded_rows(cfg, task, problems["offline"], right=task.model.label != "base")
+        write_result(cfg, run, task, problems["offline"], rows, "offline")
+    found = summary(cfg, run, tasks, skipped)
+    settings = found["settings"]
+    assert (settings["protocol"], settings["grading_policy"], settings["greedy"]) == (
+        "simplerl_zoo",
+        "standard",
+        ["base"],
+    )
+    offline_setting = settings["benchmarks"]["offline"]
+    assert offline_setting["samples"] == 4 and offline_setting["pass_k"] == [1, 2, 4]
+    assert offline_setting["sampling"]["temperature"] == 1.0
+    assert settings["samples"] == 1 and "pass_k" in settings and "sampling" in settings
+    models = found["models"]
+    assert sorted(models) == ["base", "teacher", "w2sr"]
+    teacher = model_table(cfg)[0]["teacher"]
+    assert models["teacher"]["source"] == {
+        "kind": "outside",
+        "spec": "org/teacher",
+        "identity": teacher.identity,
+    }
+    assert models["w2sr"]["source"] == {
+        "kind": "trained",
+        "stage": folder,
+        "fingerprint": lineage.student(cfg, "all").fingerprint,
+    }
+    base = models["base"]["results"]["offline"]
+    assert base["setting"]["greedy"] and base["setting"]["samples"] == 1
+    assert base["setting"]["sampling"]["temperature"] == 0.0
+    assert base["samples"] == 1 and list(base["pass@k"]) == ["1"] and base["pass@1"] == 0.0
+    student = models["w2sr"]["results"]["offline"]
+    assert student["setting"] == {
+        "samples": 4,
+        "sampling": offline_setting["sampling"],
+        "greedy": False,
+    }
+    assert list(student["pass@k"]) == ["1", "2", "4"] and student["pass@1"] == 1.0
+    assert student["no_answer"] == 0.0 and student["unclosed_thought"] == 0.0
+
+
+def test_a_result_made_from_other_problems_is_not_current(tmp_path):
+    cfg = validate(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "teacher": "org/teacher",
+            "eval": {"benchmarks": [{"name": "offline", "limit": 3}], "samples": 2},
+        }
+    )
+    run = RunDir(cfg.run_dir)
+    [task], _ = plan_tasks(cfg)
+    problems = load_problems(cfg, run)["offline"]
+    assert not is_current(run, task, problems)
+    write_result(cfg, run, task, problems, graded_rows(cfg, task, problems, True), "offline")
+    assert is_current(run, task, problems)
+    changed = Problems([{**problems.rows[0], "answer": "other"}, *problems.rows[1:]], 0, 0)
+    assert not is_current(run, task, changed)
+
+
+def test_an_offline_response_is_stored_and_graded_with_the_thought_its_template_began(tmp_path):
+    cfg = validate(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "teacher": "org/teacher",
+            "eval": {"benchmarks": [{"name": "offline", "sampling": {"max_tokens": 5}}]},
+        }
+    )
+    [task], _ = plan_tasks(cfg)
+    postprocess = offline._offline_row(scorer(cfg, "teacher"), {"offline": task}, max_len=512)
+    row = {
+        "benchmark": "offline",
+        "prompt_id": "p",
+        "problem": "1 + 1?",
+        "answer": "2",
+        "sample_index": 0,
+        "seed": 1,
+        "prompt": "<|im_start|>assistant\n<think>\n",
+        "generated_text": "one and one</think> \\boxed{2}",
+        "num_input_tokens": 10,
+        "num_generated_tokens": 3,
+    }
+    closed = postprocess(row)
+    assert closed["response"] == "<think>\none and one</think> \\boxed{2}"
+    assert closed["correct"] and closed["finish_reason"] == "stop"
+    # the thought never closed (cut at this benchmark's 5 tokens): no answer, whatever it boxed
+    cut = postprocess({**row, "generated_text": "maybe \\boxed{2}", "num_generated_tokens": 5})
+    assert cut["response"] == "<think>\nmaybe \\boxed{2}" and cut["finish_reason"] == "length"
+    assert cut["extracted_answer"] is None and not cut["correct"]
+    plain = postprocess({**row, "prompt": "<|im_start|>assistant\n"})
+    assert plain["response"] == row["generated_text"]
 
 
 # --- metrics of a result table ---------------------------------------------------------------
@@ -204,8 +468,9 @@ def test_benchmark_metrics_of_a_hand_built_result():
         for k, right in enumerate(verdicts):
             answer = "7" if right else (None if pid == "p2" else "3")
             finish = "length" if answer is None else "stop"
+            response = "<think>cut" if answer is None else f"<think>x</think>\\boxed{{{answer}}}"
             rows.append(
-                {"prompt_id": pid, "sample_index": 3 - k, "correct": right,
+                {"prompt_id": pid, "sample_index": 3 - k, "correct": right, "response": response,
                  "extracted_answer": answer, "finish_reason": finish, "completion_tokens": 10}
             )  # fmt: skip
     table = pa.Table.from_pylist(rows)
@@ -217,6 +482,7 @@ def test_benchmark_metrics_of_a_hand_built_result():
     assert result["maj@4"] == pytest.approx((0.5 + 0 + 1) / 3)  # p1 ties 2-2
     assert result["no_answer"] == pytest.approx(4 / 12)
     assert result["truncated"] == pytest.approx(4 / 12)
+    assert result["unclosed_thought"] == pytest.approx(4 / 12)
     low, high = result["pass@1_ci"]
     assert low <= result["pass@1"] <= high
 
@@ -279,6 +545,7 @@ class FlakyServer:
 
         self.refuse: set[int] = set()
         self.requests = 0
+        self.bodies: list[dict] = []
         self.delay = 0.0  # seconds per reply
         server = self
 
@@ -300,6 +567,7 @@ class FlakyServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests += 1
+                server.bodies.append(body)
                 time.sleep(server.delay)
                 if body["seed"] in server.refuse:
                     self._send(404, {"error": "gone"})
@@ -322,12 +590,8 @@ def test_a_benchmark_that_loses_requests_keeps_its_replies_for_the_rerun(tmp_pat
         }
     )
     run = RunDir(cfg.run_dir)
-    model = model_table(cfg)[0]["teacher"]
-    rows = load_problems(cfg, run)["offline"]
-    task = Task(
-        model, cfg.eval.benchmarks[0], rows, result_fingerprint(cfg, model, "offline", rows)
-    )
-    seeds = [s["seed"] for s in sample_rows(cfg, task)]
+    [task], _ = plan_tasks(cfg)
+    seeds = [s["seed"] for s in sample_rows(cfg, task, load_problems(cfg, run)["offline"])]
     server = FlakyServer()
     try:
         server.refuse = set(seeds[:2])
@@ -339,10 +603,45 @@ def test_a_benchmark_that_loses_requests_keeps_its_replies_for_the_rerun(tmp_pat
     finally:
         server.httpd.shutdown()
     assert server.requests == 6 + 2  # only the two lost ones again
+    assert all("chat_template_kwargs" not in body for body in server.bodies)  # no `thinking`
     table = run.read_parquet(*task.parts)
     assert sorted(table.column("seed").to_pylist()) == sorted(seeds)
     assert run.list(*task.parts[:-1]) == [task.parts[-1]]  # the kept replies are gone
     assert summary["models"]["teacher"]["results"]["offline"]["backend"].startswith("endpoint")
+
+
+def test_endpoint_requests_follow_each_benchmarks_setting_and_the_thinking_switch(tmp_path):
+    amc = write_jsonl(tmp_path / "amc.jsonl", [{"question": "Q amc?", "answer": "4"}])
+    cfg = validate(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "teacher": "org/teacher",
+            "thinking": False,
+            "eval": {
+                "protocol": "simplerl_zoo",
+                "benchmarks": [
+                    {"name": "offline", "limit": 2, "samples": 3, "sampling": {"max_tokens": 77}},
+                    {"name": "amc23", "path": amc},
+                ],
+            },
+        }
+    )
+    server = FlakyServer()
+    try:
+        found = evaluate(cfg, endpoint=server.url)
+    finally:
+        server.httpd.shutdown()
+    amc_bodies = [b for b in server.bodies if "Q amc?" in b["messages"][-1]["content"]]
+    offline_bodies = [b for b in server.bodies if b not in amc_bodies]
+    assert len(offline_bodies) == 2 * 3 and len(amc_bodies) == 1
+    assert {b["max_tokens"] for b in offline_bodies} == {77}
+    assert {b["max_tokens"] for b in amc_bodies} == {cfg.eval.sampling.max_tokens} != {77}
+    for body in server.bodies:
+        assert (body["temperature"], body["top_p"]) == (1.0, 0.95)
+        assert body["chat_template_kwargs"] == {"enable_thinking": False}
+    results = found["models"]["teacher"]["results"]
+    assert results["offline"]["setting"]["samples"] == 3 and results["amc23"]["samples"] == 1
+    assert results["amc23"]["pass@1"] == 1.0  # the server's \\boxed{4}, read by the protocol
 
 
 def test_a_killed_endpoint_evaluation_keeps_the_replies_it_got(tmp_path):
@@ -361,11 +660,7 @@ def test_a_killed_endpoint_evaluation_keeps_the_replies_it_got(tmp_path):
     config.write_text(json.dumps(data))
     cfg = validate(data)
     run = RunDir(cfg.run_dir)
-    model = model_table(cfg)[0]["teacher"]
-    rows = load_problems(cfg, run)["offline"]
-    task = Task(
-        model, cfg.eval.benchmarks[0], rows, result_fingerprint(cfg, model, "offline", rows)
-    )
+    [task], _ = plan_tasks(cfg)
     partial = Path(run.path(*task.parts).removesuffix(".parquet") + ".partial.json")
     server = FlakyServer()
     server.delay = 0.4

@@ -38,7 +38,7 @@ def find_garbage(run: RunDir, configs: list[ExperimentConfig]) -> list[Garbage]:
     kept = {artifact.folder for cfg in configs for artifact in lineage.artifacts(cfg)}
     results = set()
     for cfg in configs:
-        tasks, _, _ = plan_tasks(cfg, run)
+        tasks, _ = plan_tasks(cfg)
         results |= {"/".join(task.parts) for task in tasks}
     out = []
     for folder in _stage_folders(run):

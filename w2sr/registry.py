@@ -63,7 +63,7 @@ def model_table(cfg: ExperimentConfig) -> tuple[dict[str, Model], dict[str, str]
     for label, spec in cfg.eval.models.items():
         models[label] = _configured(label, spec)
     for label, reason in skipped.items():
-        log.info("model %s skipped: %s", label, reason)
+        log.debug("model %s skipped: %s", label, reason)
     return models, skipped
 
 

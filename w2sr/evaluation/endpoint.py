@@ -1,9 +1,11 @@
 """Evaluation through an OpenAI-compatible endpoint (`w2sr serve`, or any server that hosts the
 models under their labels): requests go out with bounded concurrency, time-outs and retries.
 
-Prompts are the run's template messages; the server applies the model's chat template. A
-benchmark's replies are saved as they arrive in a `.partial.json` beside its result, so one that
-loses requests or is killed keeps them, and a rerun asks only for the rest.
+Prompts are the run's template messages; the server applies the model's chat template (with
+`enable_thinking` when the config's `thinking` is set). The server's prompt text is not seen here,
+so a response is stored as the server returns it, without a `<think>` its chat template may have
+prefilled. A benchmark's replies are saved as they arrive in a `.partial.json` beside its
+result, so one that loses requests or is killed keeps them, and a rerun asks only for the rest.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 
 from w2sr.config import ExperimentConfig
 from w2sr.data.templates import TEMPLATES
+from w2sr.evaluation.problems import Problems
 from w2sr.evaluation.results import Task, sample_rows, scorer, write_result
 from w2sr.rundir import RunDir
 from w2sr.schemas import TOO_LONG
@@ -78,11 +81,20 @@ async def chat_completion(client, body: dict, retries: int, backoff_s: float) ->
 
 
 async def evaluate_endpoint(
-    cfg: ExperimentConfig, run: RunDir, todo: list[Task], endpoint: str
+    cfg: ExperimentConfig,
+    run: RunDir,
+    todo: list[Task],
+    problems: dict[str, Problems],
+    endpoint: str,
 ) -> None:
+    """Evaluate one model (every task of `todo` is the same model's) on its benchmarks, one
+    request per sample at each benchmark's setting."""
     import httpx
 
-    ep, sampling = cfg.eval.endpoint, cfg.eval.sampling
+    ep = cfg.eval.endpoint
+    # vLLM's server passes `chat_template_kwargs` on to the model's chat template
+    thinking = {"chat_template_kwargs": {"enable_thinking": cfg.thinking}}
+    extra = {} if cfg.thinking is None else thinking
     template = TEMPLATES[cfg.template]
     label = todo[0].model.label
     score = scorer(cfg, label)
@@ -92,7 +104,8 @@ async def evaluate_endpoint(
         base_url=api_base(endpoint), headers=_headers(cfg), timeout=ep.timeout_s, limits=limits
     ) as client:
 
-        async def complete(sample: dict, progress: list[int]) -> dict:
+        async def complete(sample: dict, task: Task, progress: list[int]) -> dict:
+            sampling = task.setting.sampling
             body = {
                 "model": label,
                 "messages": template.messages(sample["problem"]),
@@ -101,6 +114,7 @@ async def evaluate_endpoint(
                 "max_tokens": sampling.max_tokens,
                 "seed": sample["seed"],
                 "n": 1,
+                **extra,
             }
             async with gate:
                 reply = await chat_completion(client, body, ep.retries, ep.backoff_s)
@@ -124,14 +138,17 @@ async def evaluate_endpoint(
             partial = (*task.parts[:-1], task.parts[-1].removesuffix(".parquet") + ".partial.json")
             replies = run.read_json(*partial) if run.exists(*partial) else []
             have = {(r["prompt_id"], r["sample_index"]) for r in replies}
+            posed = problems[task.bench.name]
             samples = [
-                s for s in sample_rows(cfg, task) if (s["prompt_id"], s["sample_index"]) not in have
+                s
+                for s in sample_rows(cfg, task, posed)
+                if (s["prompt_id"], s["sample_index"]) not in have
             ]
             progress, saved = [0, len(samples)], [time.monotonic()]
             log.info("%s on %s: %d requests", label, task.bench.name, len(samples))
 
             async def kept(sample: dict) -> None:
-                replies.append(await complete(sample, progress))
+                replies.append(await complete(sample, task, progress))
                 if time.monotonic() - saved[0] > SAVE_EVERY_S:
                     run.write_json(replies, *partial)
                     saved[0] = time.monotonic()
@@ -147,8 +164,8 @@ async def evaluate_endpoint(
                     f"failed (first: {failures[0]}); the {len(replies)} replies are kept in "
                     f"{run.path(*partial)} and a rerun asks only for the rest"
                 )
-            rows = await asyncio.to_thread(list, map(score, replies))  # grading may take seconds
-            write_result(cfg, run, task, rows, f"endpoint {api_base(endpoint)}")
+            graded = await asyncio.to_thread(list, map(score, replies))  # may take seconds
+            write_result(cfg, run, task, posed, graded, f"endpoint {api_base(endpoint)}")
             run.delete(*partial)
 
         for task in todo:  # benchmark by benchmark, so a failure keeps the finished ones

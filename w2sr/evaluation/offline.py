@@ -15,9 +15,10 @@ from typing import Any
 from w2sr import layout
 from w2sr.config import ExperimentConfig
 from w2sr.data.prompts import load_tokenizer, render_prompts
-from w2sr.data.templates import TEMPLATES
+from w2sr.data.templates import TEMPLATES, reasoning_prefill
 from w2sr.engines import settings
 from w2sr.engines.generator import Groups, build_generator, generate_groups
+from w2sr.evaluation.problems import Problems
 from w2sr.evaluation.results import Task, sample_rows, scorer, write_result
 from w2sr.registry import local_model, model_path
 from w2sr.rundir import RunDir
@@ -45,17 +46,23 @@ class Pipeline:
         generate_groups(self.processor, requests, self.groups, _sealed)
 
 
-def evaluate_offline(cfg: ExperimentConfig, run: RunDir, todo: list[Task]) -> None:
-    """Evaluate one model (every task of `todo` is the same model's) on its benchmarks."""
-    pipeline = offline_pipeline(cfg, run, todo)
+def evaluate_offline(
+    cfg: ExperimentConfig, run: RunDir, todo: list[Task], problems: dict[str, Problems]
+) -> None:
+    """Evaluate one model (every task of `todo` is the same model's) on its benchmarks, whose
+    problems `problems` holds by name."""
+    pipeline = offline_pipeline(cfg, run, todo, problems)
     if pipeline is not None:
         pipeline.run()
 
 
-def offline_pipeline(cfg: ExperimentConfig, run: RunDir, todo: list[Task]) -> Pipeline | None:
-    """One model's requests, rendered and seeded, and its processor; None when every prompt is
-    too long (those results are written here). What it does is not thread-safe (transformers'
-    lazy imports, building a built-in model): pipelines run side by side, not their set-up."""
+def offline_pipeline(
+    cfg: ExperimentConfig, run: RunDir, todo: list[Task], problems: dict[str, Problems]
+) -> Pipeline | None:
+    """One model's requests, rendered (with `thinking`) and seeded at each benchmark's setting,
+    and its processor; None when every prompt is too long (those results are written here).
+    What it does is not thread-safe (transformers' lazy imports, building a built-in model):
+    pipelines run side by side, not their set-up."""
     init_ray(cfg)
     model = todo[0].model
     path = model_path(model, run)
@@ -65,7 +72,10 @@ def offline_pipeline(cfg: ExperimentConfig, run: RunDir, todo: list[Task]) -> Pi
     requests: list[dict[str, Any]] = []
     too_long: dict[str, list[dict]] = {}  # samples not generated, counted wrong
     for task in todo:
-        kept, rejected = render_prompts(tokenizer, template, task.problems.rows, max_len)
+        posed = problems[task.bench.name]
+        kept, rejected = render_prompts(
+            tokenizer, template, posed.rows, max_len, thinking=cfg.thinking
+        )
         if rejected:
             log.warning(
                 "%s on %s: %d prompts exceed max_model_len; counted wrong",
@@ -75,7 +85,7 @@ def offline_pipeline(cfg: ExperimentConfig, run: RunDir, todo: list[Task]) -> Pi
             )
         rendered = {row["prompt_id"]: row for row in kept}
         too_long[task.bench.name] = []
-        for sample in sample_rows(cfg, task):
+        for sample in sample_rows(cfg, task, posed):
             row = rendered.get(sample["prompt_id"])
             if row is None:
                 too_long[task.bench.name].append(
@@ -87,12 +97,14 @@ def offline_pipeline(cfg: ExperimentConfig, run: RunDir, todo: list[Task]) -> Pi
                     **sample,
                     "prompt": row["prompt"],
                     "tokenized_prompt": row["prompt_token_ids"],
-                    "sampling_params": settings.sampling_params(cfg.eval.sampling, sample["seed"]),
+                    "sampling_params": settings.sampling_params(
+                        task.setting.sampling, sample["seed"]
+                    ),
                 }
             )
     tasks = {task.bench.name: task for task in todo}
     expected = Counter(request["benchmark"] for request in requests)
-    seal = _write_benchmark(cfg, run, tasks, too_long)
+    seal = _write_benchmark(cfg, run, tasks, problems, too_long)
     for name in [name for name in tasks if name not in expected]:
         seal(name, [])  # every prompt too long: nothing to generate
     if not requests:
@@ -102,7 +114,7 @@ def offline_pipeline(cfg: ExperimentConfig, run: RunDir, todo: list[Task]) -> Pi
         cfg.eval.engine,
         use_gpu=cfg.use_gpu,
         trust_remote_code=cfg.trust_remote_code,
-        postprocess=_offline_row(cfg, score),
+        postprocess=_offline_row(score, tasks, max_len),
         side_by_side=cfg.eval.concurrent_models > 1,
     )
     groups = Groups(
@@ -116,12 +128,14 @@ def offline_pipeline(cfg: ExperimentConfig, run: RunDir, todo: list[Task]) -> Pi
     return Pipeline(processor, requests, groups, cfg.eval.engine.batch_size)
 
 
-def _write_benchmark(cfg: ExperimentConfig, run: RunDir, tasks: dict, too_long: dict):
+def _write_benchmark(
+    cfg: ExperimentConfig, run: RunDir, tasks: dict, problems: dict, too_long: dict
+):
     """A benchmark's seal (runs in a Ray task): its generated samples and those too long to
     generate, written as its result file."""
 
     def seal(name: str, rows: list[dict[str, Any]]) -> dict[str, int]:
-        write_result(cfg, run, tasks[name], rows + too_long[name], "offline")
+        write_result(cfg, run, tasks[name], problems[name], rows + too_long[name], "offline")
         return {"samples": len(rows) + len(too_long[name])}
 
     return seal
@@ -131,16 +145,19 @@ def _sealed(name: str, facts: dict[str, int]) -> None:
     log.info("sealed %s (%d samples)", name, facts["samples"])
 
 
-def _offline_row(cfg: ExperimentConfig, score):
-    max_tokens, max_len = cfg.eval.sampling.max_tokens, cfg.eval.engine.max_model_len
+def _offline_row(score, tasks: dict[str, Task], max_len: int):
+    """A generated row graded, its response the whole completion: the thought a chat template
+    prefilled (`reasoning_prefill`) and what the model wrote after it."""
+    max_tokens = {name: task.setting.sampling.max_tokens for name, task in tasks.items()}
 
     def postprocess(row: dict[str, Any]) -> dict[str, Any]:
         prompt_tokens, completion_tokens = row["num_input_tokens"], row["num_generated_tokens"]
-        finish = settings.finish_reason(prompt_tokens, completion_tokens, max_tokens, max_len)
+        limit = max_tokens[row["benchmark"]]
+        finish = settings.finish_reason(prompt_tokens, completion_tokens, limit, max_len)
         return score(
             {
                 **row,
-                "response": row["generated_text"],
+                "response": reasoning_prefill(row["prompt"]) + row["generated_text"],
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "finish_reason": finish,

@@ -1,7 +1,9 @@
 """The problems a run is evaluated on: each benchmark's rows minus the run's training prompts.
 
 Benchmark problems that are also training prompts of the run are dropped first
-(`eval.decontaminate`), so a procedural benchmark cannot leak into the W2SR training set.
+(`eval.decontaminate`), so a procedural benchmark cannot leak into the W2SR training set. They
+are loaded only to evaluate or to summarise: planning names results by fingerprints of the
+config alone (`w2sr.evaluation.results`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 from w2sr.config import ExperimentConfig
 from w2sr.data.prompt_set import prepare_problems
-from w2sr.data.sources import load_benchmark
+from w2sr.data.sources import load_benchmark, normal_text
 from w2sr.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -35,10 +37,10 @@ def load_problems(cfg: ExperimentConfig, run: RunDir) -> dict[str, Problems]:
     training = _training_problems(cfg, run) if cfg.eval.decontaminate else set()
     out = {}
     for bench in cfg.eval.benchmarks:
-        rows, rejected = load_benchmark(bench.name, bench.path, bench.split)
+        rows, rejected = load_benchmark(bench)
         if rejected:
             log.warning("%s: %d rows rejected by validation", bench.name, len(rejected))
-        kept = [row for row in rows if _normal(row["problem"]) not in training]
+        kept = [row for row in rows if normal_text(row["problem"]) not in training]
         if len(kept) < len(rows):
             log.warning(
                 "%s: %d problems are training prompts of this run; left out",
@@ -51,12 +53,8 @@ def load_problems(cfg: ExperimentConfig, run: RunDir) -> dict[str, Problems]:
     return out
 
 
-def _normal(text: str) -> str:
-    return " ".join(text.split()).lower()
-
-
 def _training_problems(cfg: ExperimentConfig, run: RunDir) -> set[str]:
     """The config's training problems (prepared here if no stage has yet), so a model is
     evaluated on the same problems whether it is evaluated before or after generation."""
     problems = prepare_problems(cfg, run).column("problem")
-    return {_normal(p) for p in problems.to_pylist()}
+    return {normal_text(p) for p in problems.to_pylist()}

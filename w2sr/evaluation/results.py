@@ -1,9 +1,11 @@
 """Evaluation results: one Parquet file per (model, benchmark) and what is computed from them.
 
 A result file is named by a fingerprint of everything that decides its content (the weights, the
-problem set, sampling, template, grader, context length), so a rerun evaluates only what is
-missing and a changed setting never reuses a stale file. Both backends shape and grade their rows
-here, with the run's grader, exactly as for the teacher's traces.
+benchmark's source, the decoding setting, template, grader, context length), made from the
+config alone: planning (`w2sr sweep --plan`, `w2sr gc`) names every result without loading a
+benchmark or touching the run dir, so a rerun evaluates only what is missing and a changed
+setting never reuses a stale file. Both backends shape and grade their rows here, with
+evaluation's grading policy.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from w2sr import grading, layout, lineage, metrics
-from w2sr.config import ConfigError, EvalBenchmark, ExperimentConfig
+from w2sr.config import ConfigError, EvalBenchmark, EvalSetting, ExperimentConfig
 from w2sr.engines.settings import sample_seed
 from w2sr.evaluation.problems import Problems, load_problems
-from w2sr.grading import GRADERS, extract_answer
+from w2sr.grading import GRADERS, extract_answer, split_reasoning
+from w2sr.identity import source_identity
 from w2sr.registry import Model, model_table, parameter_count
 from w2sr.rundir import RunDir
 from w2sr.schemas import EVAL_SCHEMA, TOO_LONG
@@ -31,11 +35,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Task:
-    """One (model, benchmark) result: where it lives and what it covers."""
+    """One (model, benchmark) result: where it lives and how it is decoded. It holds no problems:
+    those are loaded (`load_problems`) only to evaluate or summarise."""
 
     model: Model
     bench: EvalBenchmark
-    problems: Problems
+    setting: EvalSetting
     fingerprint: str
 
     @property
@@ -44,10 +49,10 @@ class Task:
 
 
 def plan_tasks(
-    cfg: ExperimentConfig, run: RunDir, labels: tuple[str, ...] | None = None
-) -> tuple[list[Task], dict[str, Problems], dict[str, str]]:
+    cfg: ExperimentConfig, labels: tuple[str, ...] | None = None
+) -> tuple[list[Task], dict[str, str]]:
     """Every (model, benchmark) result the config asks for (of the `labels` models only, when
-    given), each benchmark's problems, and the models left out with the reason."""
+    given), and the models left out with the reason. Reads no benchmark and writes nothing."""
     models, skipped = model_table(cfg)
     if labels is not None:
         unknown = sorted(set(labels) - set(models) - set(skipped))
@@ -55,36 +60,55 @@ def plan_tasks(
             raise ConfigError(f"--models: {unknown} are not models of this run ({sorted(models)})")
         models = {label: m for label, m in models.items() if label in labels}
         skipped = {label: why for label, why in skipped.items() if label in labels}
-    problems = load_problems(cfg, run)
-    tasks = []
-    for model in models.values():
-        for bench in cfg.eval.benchmarks:
-            rows = problems[bench.name]
-            tasks.append(Task(model, bench, rows, result_fingerprint(cfg, model, bench.name, rows)))
-    return tasks, problems, skipped
+    tasks = [
+        Task(
+            model,
+            bench,
+            cfg.eval.setting(bench, model.label),
+            result_fingerprint(cfg, model, bench),
+        )
+        for model in models.values()
+        for bench in cfg.eval.benchmarks
+    ]
+    return tasks, skipped
 
 
-def result_fingerprint(cfg: ExperimentConfig, model: Model, name: str, problems: Problems) -> str:
-    ev = cfg.eval
+def result_fingerprint(cfg: ExperimentConfig, model: Model, bench: EvalBenchmark) -> str:
+    """What decides a result, from the config alone: the benchmark's source (a local copy by its
+    content), the training prompts it is decontaminated against, the model, the setting and how
+    responses are rendered and graded. A protocol's name is not in it, only the values it sets."""
+    setting = cfg.eval.setting(bench, model.label)
     fields = {
-        "benchmark": name,
-        "problems": problems.digest(),
-        "samples": ev.samples,
-        "sampling": ev.sampling.model_dump(mode="json"),
+        "benchmark": {
+            "name": bench.name,
+            "source": source_identity(bench.path) if bench.path else None,
+            "split": bench.split,
+            "fields": bench.fields_given(),
+            "limit": bench.limit,
+        },
+        "decontaminated_against": (
+            lineage.problems(cfg).fingerprint if cfg.eval.decontaminate else None
+        ),
+        "samples": setting.samples,
+        "sampling": setting.sampling.model_dump(mode="json"),
+        "greedy": setting.greedy,
         "seed": cfg.seed,
         "template": cfg.template,
         "grader": cfg.grader,
-        "grading_policy": cfg.grading_policy,
+        "grading_policy": cfg.eval_grading_policy,
         "grader_version": grading.VERSION,
-        "max_model_len": ev.engine.max_model_len,
-        "dtype": ev.engine.dtype,
+        "max_model_len": cfg.eval.engine.max_model_len,
+        "dtype": cfg.eval.engine.dtype,
     }
+    if cfg.thinking is not None:
+        fields["thinking"] = cfg.thinking
     return layout.fingerprint(fields, model.identity)
 
 
 def scorer(cfg: ExperimentConfig, label: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """Shape one completion into an EVAL_SCHEMA row and grade it (runs in Ray or the driver)."""
-    grader, policy = GRADERS[cfg.grader], cfg.grading_policy
+    """Shape one completion into an EVAL_SCHEMA row and grade it (runs in Ray or the driver).
+    The response is the whole completion, with the thought a chat template prefilled."""
+    grader, policy = GRADERS[cfg.grader], cfg.eval_grading_policy
 
     def score(row: dict[str, Any]) -> dict[str, Any]:
         response = row["response"]
@@ -99,12 +123,13 @@ def scorer(cfg: ExperimentConfig, label: str) -> Callable[[dict[str, Any]], dict
     return score
 
 
-def sample_rows(cfg: ExperimentConfig, task: Task) -> list[dict[str, Any]]:
-    """The k sample requests of every problem, each with its own reproducible seed.
+def sample_rows(cfg: ExperimentConfig, task: Task, problems: Problems) -> list[dict[str, Any]]:
+    """The sample requests of every problem (as many as the task's setting says), each with its
+    own reproducible seed.
 
     No `model` key: Ray Data's engine stage would read it as the name of a LoRA adapter.
     """
-    base = cfg.eval.sampling.seed + cfg.seed
+    base = task.setting.sampling.seed + cfg.seed
     return [
         {
             "benchmark": task.bench.name,
@@ -112,37 +137,53 @@ def sample_rows(cfg: ExperimentConfig, task: Task) -> list[dict[str, Any]]:
             "sample_index": k,
             "seed": sample_seed(base, f"{task.bench.name}/{row['prompt_id']}", k),
         }
-        for row in task.problems.rows
-        for k in range(cfg.eval.samples)
+        for row in problems.rows
+        for k in range(task.setting.samples)
     ]
 
 
-def write_result(cfg: ExperimentConfig, run: RunDir, task: Task, rows: list, backend: str):
-    """A result file: rows in (problem, sample) order, provenance in the Parquet metadata.
+def write_result(
+    cfg: ExperimentConfig, run: RunDir, task: Task, problems: Problems, rows: list, backend: str
+) -> None:
+    """A result file: rows in (problem, sample) order, provenance in the Parquet metadata (with
+    the digest of the problems, which the fingerprint does not hold: `is_current`).
 
     It must hold every (problem, sample) of the task exactly once."""
     rows.sort(key=lambda r: (r["prompt_id"], r["sample_index"]))
     layout.check_keys(
         f"{task.model.label} on {task.bench.name}",
         [(r["prompt_id"], r["sample_index"]) for r in rows],
-        {(p["prompt_id"], k) for p in task.problems.rows for k in range(cfg.eval.samples)},
+        {(p["prompt_id"], k) for p in problems.rows for k in range(task.setting.samples)},
     )
     meta = {
         "label": task.model.label,
         "spec": task.model.spec,
         "benchmark": task.bench.name,
         "fingerprint": task.fingerprint,
+        "problems": problems.digest(),
         "backend": backend,
-        "samples": cfg.eval.samples,
-        "sampling": cfg.eval.sampling.model_dump(mode="json"),
+        "samples": task.setting.samples,
+        "sampling": task.setting.sampling.model_dump(mode="json"),
+        "greedy": task.setting.greedy,
         "template": cfg.template,
+        "thinking": cfg.thinking,
         "grader": cfg.grader,
-        "grading_policy": cfg.grading_policy,
+        "grading_policy": cfg.eval_grading_policy,
         "grader_version": grading.VERSION,
     }
     schema = EVAL_SCHEMA.with_metadata({"w2sr": json.dumps(meta)})
     run.write_parquet(pa.Table.from_pylist(rows, schema=schema), *task.parts)
     log.info("wrote %s (%d samples)", "/".join(task.parts), len(rows))
+
+
+def is_current(run: RunDir, task: Task, problems: Problems) -> bool:
+    """Whether the task's result file exists and was made from these problems: a benchmark whose
+    rows changed under the same config (a loader fixed, a hub dataset updated) is evaluated
+    again. Reads the file's footer only."""
+    if not run.exists(*task.parts):
+        return False
+    meta = pq.read_schema(run.path(*task.parts), filesystem=run.fs).metadata or {}
+    return json.loads(meta.get(b"w2sr", b"{}")).get("problems") == problems.digest()
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -169,6 +210,7 @@ def benchmark_metrics(
     samples = correct.shape[1]
     majority = [metrics.majority_vote(a, c) for a, c in zip(answers, correct, strict=True)]
     finish = table.column("finish_reason").to_pylist()
+    responses = table.column("response").to_pylist()
     ci = metrics.bootstrap_ci(per_problem, resamples=resamples, confidence=confidence, seed=seed)
     return {
         "problems": int(correct.shape[0]),
@@ -183,6 +225,8 @@ def benchmark_metrics(
         f"maj@{samples}": float(np.mean(majority)),
         "no_answer": float(np.mean([a is None for a in answers.ravel()])),
         "truncated": finish.count("length") / len(finish),
+        # a `<think>` never closed: the thought ran into the token limit, or never ended
+        "unclosed_thought": float(np.mean([split_reasoning(r)[1] is None for r in responses])),
         "prompt_too_long": finish.count(TOO_LONG) / len(finish),
         "mean_completion_tokens": float(
             np.mean([t or 0 for t in table.column("completion_tokens").to_pylist()])
@@ -190,22 +234,47 @@ def benchmark_metrics(
     }
 
 
+def _setting(setting: EvalSetting, with_ks: bool) -> dict[str, Any]:
+    out = {"samples": setting.samples, "sampling": setting.sampling.model_dump(mode="json")}
+    return {**out, "pass_k": setting.ks} if with_ks else {**out, "greedy": setting.greedy}
+
+
+def _source(cfg: ExperimentConfig, model: Model) -> dict[str, Any]:
+    """Where a model comes from: a stage of this run dir (its folder and fingerprint, from its
+    done record), or outside it (the config's spec and what the result cache knows it by)."""
+    if model.done is not None:
+        stage = lineage.trained(cfg)[model.label].folder
+        return {"kind": "trained", "stage": stage, "fingerprint": model.done["fingerprint"]}
+    return {"kind": "outside", "spec": model.spec, "identity": model.identity}
+
+
 def summary(
     cfg: ExperimentConfig,
     run: RunDir,
-    problems: dict[str, Problems],
     done: list[Task],
     skipped: dict[str, str],
+    problems: dict[str, Problems] | None = None,
 ) -> dict[str, Any]:
+    """eval/summary.json: the settings, each benchmark's problems, and each model's source and
+    results. `problems`: the benchmarks' problems when the caller has them; else loaded here."""
     ev = cfg.eval
+    if problems is None:
+        problems = load_problems(cfg, run)
     out: dict[str, Any] = {
         "settings": {
+            "protocol": ev.protocol,
             "samples": ev.samples,
-            "pass_k": ev.ks,
+            "pass_k": ev.pass_k,
             "sampling": ev.sampling.model_dump(mode="json"),
+            "greedy": ev.greedy,
+            # how the models not decoded greedily are evaluated on each benchmark ("" is no
+            # model's label)
+            "benchmarks": {
+                bench.name: _setting(ev.setting(bench, ""), with_ks=True) for bench in ev.benchmarks
+            },
             "template": cfg.template,
             "grader": cfg.grader,
-            "grading_policy": cfg.grading_policy,
+            "grading_policy": cfg.eval_grading_policy,
             "max_model_len": ev.engine.max_model_len,
             "bootstrap_resamples": ev.bootstrap_resamples,
             "confidence": ev.confidence,
@@ -223,6 +292,8 @@ def summary(
         "skipped": skipped,
         "traces": lineage.traces(cfg).folder,  # the teacher's traces the students learned from
     }
+    if cfg.thinking is not None:
+        out["settings"]["thinking"] = cfg.thinking
     for task in done:
         model = task.model
         if model.label not in out["models"]:
@@ -230,15 +301,18 @@ def summary(
                 "spec": model.spec,
                 "parameters": parameter_count(model.spec),
                 "done": model.done,
+                "source": _source(cfg, model),
                 "results": {},
             }
         entry = out["models"][model.label]
         table = run.read_parquet(*task.parts)
-        result = benchmark_metrics(table, ev.ks, ev.bootstrap_resamples, ev.confidence, cfg.seed)
+        ks = task.setting.ks
+        result = benchmark_metrics(table, ks, ev.bootstrap_resamples, ev.confidence, cfg.seed)
         meta = json.loads(table.schema.metadata[b"w2sr"])
         entry["results"][task.bench.name] = {
             "file": "/".join(task.parts),
             "backend": meta["backend"],
+            "setting": _setting(task.setting, with_ks=False),
             **result,
         }
     return out

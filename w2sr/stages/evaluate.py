@@ -5,7 +5,8 @@
 Models are found by label (`w2sr.registry`): the teacher, the base student, the W2SR / W2SR-P /
 W2SR-N students and the RL student when the run has them, and any `eval.models` extras. Each
 (model, benchmark) result is one file named by its fingerprint (`w2sr.evaluation.results`), so a
-rerun evaluates only what is missing. Offline, one Ray Data + vLLM pipeline per model runs its
+rerun evaluates only what is missing, or what was made from other problems than the benchmark
+gives now. Offline, one Ray Data + vLLM pipeline per model runs its
 missing benchmarks, `eval.concurrent_models` models side by side; through an endpoint, the
 server does the generation.
 """
@@ -24,7 +25,8 @@ from w2sr import layout
 from w2sr.config import ExperimentConfig
 from w2sr.evaluation.endpoint import evaluate_endpoint, served_models
 from w2sr.evaluation.offline import evaluate_offline, offline_pipeline
-from w2sr.evaluation.results import Task, plan_tasks, summary
+from w2sr.evaluation.problems import Problems, load_problems
+from w2sr.evaluation.results import Task, is_current, plan_tasks, summary
 from w2sr.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -40,10 +42,13 @@ def evaluate(
     label it does not serve is skipped; results already on disk are used whatever made them.
     """
     run = RunDir(cfg.run_dir)
-    tasks, problems, skipped = plan_tasks(cfg, run, labels)
+    tasks, skipped = plan_tasks(cfg, labels)
+    problems = load_problems(cfg, run)
     missing: dict[str, list[Task]] = defaultdict(list)
     for task in tasks:
-        if not run.exists(*task.parts):
+        if not is_current(run, task, problems[task.bench.name]):
+            if run.exists(*task.parts):
+                log.warning("%s: made from other problems; evaluated again", run.path(*task.parts))
             missing[task.model.label].append(task)
     log.info("%d of %d results to compute", sum(map(len, missing.values())), len(tasks))
     if missing and endpoint:
@@ -55,25 +60,32 @@ def evaluate(
             del missing[label]
     if endpoint:
         for label, todo in missing.items():
-            _timed(label, asyncio.run, evaluate_endpoint(cfg, run, todo, endpoint))
+            _timed(label, asyncio.run, evaluate_endpoint(cfg, run, todo, problems, endpoint))
     elif missing:
-        _side_by_side(cfg, run, missing)
-    done = [task for task in tasks if run.exists(*task.parts)]
-    result = summary(cfg, run, problems, done, skipped)
+        _side_by_side(cfg, run, missing, problems)
+    done = [task for task in tasks if is_current(run, task, problems[task.bench.name])]
+    result = summary(cfg, run, done, skipped, problems)
     if labels is None:  # the run's summary covers every model; a partial one is only returned
         run.write_json(result, *layout.EVAL_SUMMARY)
     return result
 
 
-def _side_by_side(cfg: ExperimentConfig, run: RunDir, missing: dict[str, list[Task]]) -> None:
+def _side_by_side(
+    cfg: ExperimentConfig,
+    run: RunDir,
+    missing: dict[str, list[Task]],
+    problems: dict[str, Problems],
+) -> None:
     """Each model's pipeline in a thread of its own, `eval.concurrent_models` at a time, once
     every one is set up (in this thread). A model that fails does not stop the others (their
     results are kept); the first failure is raised once all have ended."""
     if cfg.eval.concurrent_models == 1 or len(missing) == 1:
         for label, todo in missing.items():
-            _timed(label, evaluate_offline, cfg, run, todo)
+            _timed(label, evaluate_offline, cfg, run, todo, problems)
         return
-    pipelines = {label: offline_pipeline(cfg, run, todo) for label, todo in missing.items()}
+    pipelines = {
+        label: offline_pipeline(cfg, run, todo, problems) for label, todo in missing.items()
+    }
     failed: dict[str, BaseException] = {}
     with ThreadPoolExecutor(cfg.eval.concurrent_models, thread_name_prefix="eval") as pool:
         futures = {

@@ -112,12 +112,12 @@ def _summarise(run: RunDir, members: list[Cell]) -> dict[str, Any] | None:
     result yet."""
     config = members[0].config
     labels = tuple(dict.fromkeys(label for cell in members for label in cell.labels))
-    tasks, problems, skipped = plan_tasks(config, run, labels=labels)
+    tasks, skipped = plan_tasks(config, labels=labels)
     done = [task for task in tasks if run.exists(*task.parts)]
     if not done:
         return None
     skipped = {label: why for label, why in skipped.items() if label in labels}
-    return summary(config, run, problems, done, skipped)
+    return summary(config, run, done, skipped)
 
 
 def _cell_state(cell: Cell, nodes: dict[str, Node], outcomes: dict[str, Outcome]) -> str:

@@ -133,7 +133,7 @@ def is_complete(node: Node, run: RunDir) -> bool:
     models, _ = model_table(cfg)
     if node.label not in models:
         return False
-    tasks, _, _ = plan_tasks(cfg, run, labels=(node.label,))
+    tasks, _ = plan_tasks(cfg, labels=(node.label,))
     return all(run.exists(*task.parts) for task in tasks)
 
 
