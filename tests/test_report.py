@@ -1,8 +1,7 @@
 """The report of a small hand-built run (and sweep) whose numbers are known in advance.
 
-Result files are written where `w2sr eval` writes them, with the eval/summary.json it writes
-beside them (the settings, each model's source and each result's setting and rates), so the
-report reads what a real run leaves behind.
+Result files are written where `w2sr eval` caches them, so `evaluate` only summarises them (no
+engine starts) and the report reads exactly what a real run leaves behind.
 """
 
 from __future__ import annotations
@@ -13,18 +12,19 @@ from pathlib import Path
 
 import datasets
 import matplotlib.image
-import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from w2sr import layout, lineage, metrics
+from w2sr import lineage
 from w2sr.config import ExperimentConfig, validate
+from w2sr.evaluation.problems import load_problems
+from w2sr.evaluation.results import plan_tasks, write_result
 from w2sr.identity import content_digest
-from w2sr.registry import model_table, parameter_count
+from w2sr.registry import model_table
 from w2sr.rundir import RunDir
-from w2sr.schemas import EVAL_SCHEMA
+from w2sr.stages.evaluate import evaluate
 from w2sr.stages.report import report
 from w2sr.sweep.config import SweepConfig
 from w2sr.sweep.plan import plan
@@ -126,106 +126,16 @@ def build_run(
 
 
 def write_summary(cfg: ExperimentConfig, run: RunDir, labels: tuple[str, ...]) -> None:
-    """Each model's result files at the decoding its setting gives, and eval/summary.json."""
-    ev = cfg.eval
-    models, skipped = model_table(cfg)
-    trained = lineage.trained(cfg)
-    problems = {
-        b.name: [
-            {"prompt_id": f"{i:02d}", "problem": f"Q{i}?", "answer": str(i)}
-            for i in range(PROBLEMS)
-        ]
-        for b in ev.benchmarks
-    }
-    sampled = {b.name: ev.setting(b, "") for b in ev.benchmarks}  # no greedy list names ""
-    summary = {
-        "settings": {
-            "protocol": ev.protocol,
-            "grading_policy": cfg.eval_grading_policy,
-            "greedy": ev.greedy,
-            "benchmarks": {
-                name: {
-                    "samples": s.samples,
-                    "sampling": s.sampling.model_dump(mode="json"),
-                    "pass_k": s.ks,
-                }
-                for name, s in sampled.items()
-            },
-            "samples": ev.samples,
-            "pass_k": ev.pass_k,
-            "sampling": ev.sampling.model_dump(mode="json"),
-            "template": cfg.template,
-            "grader": cfg.grader,
-            "max_model_len": ev.engine.max_model_len,
-            "bootstrap_resamples": ev.bootstrap_resamples,
-            "confidence": ev.confidence,
-            "seed": cfg.seed,
-        },
-        "benchmarks": {
-            name: {"problems": PROBLEMS, "rejected": 0, "decontaminated": 0} for name in problems
-        },
-        "models": {},
-        "skipped": skipped,
-        "traces": lineage.traces(cfg).folder,
-    }
-    for label in [label for label in labels if label in models]:
-        model = models[label]
-        if label in trained:
-            stage = trained[label]
-            source = {"kind": "trained", "stage": stage.folder, "fingerprint": stage.fingerprint}
-        else:
-            source = {"kind": "outside", "spec": model.spec, "identity": model.identity}
-        entry = {
-            "spec": model.spec,
-            "parameters": parameter_count(model.spec),
-            "done": model.done,
-            "source": source,
-            "results": {},
-        }
-        for bench in ev.benchmarks:
-            setting = ev.setting(bench, label)
-            rows = result_rows(label, bench.name, problems[bench.name], setting.samples)
-            parts = layout.eval_result(label, bench.name, layout.fingerprint({}, label, bench.name))
-            run.write_parquet(pa.Table.from_pylist(rows, schema=EVAL_SCHEMA), *parts)
-            entry["results"][bench.name] = {
-                "file": "/".join(parts),
-                "backend": "offline",
-                "setting": {
-                    "samples": setting.samples,
-                    "sampling": setting.sampling.model_dump(mode="json"),
-                    "greedy": setting.greedy,
-                },
-                **result_metrics(cfg, rows, setting.samples, setting.ks),
-            }
-        summary["models"][label] = entry
-    run.write_json(summary, *layout.EVAL_SUMMARY)
-
-
-def result_metrics(cfg: ExperimentConfig, rows: list[dict], samples: int, ks: list[int]) -> dict:
-    """A result's statistics as evaluation computes them, from rows in (problem, sample) order."""
-    correct = np.array([r["correct"] for r in rows]).reshape(-1, samples)
-    answers = np.array([r["extracted_answer"] for r in rows], dtype=object).reshape(-1, samples)
-    per_problem = correct.mean(axis=1)
-    ev, responses = cfg.eval, [r["response"] for r in rows]
-    ci = metrics.bootstrap_ci(
-        per_problem, resamples=ev.bootstrap_resamples, confidence=ev.confidence, seed=cfg.seed
-    )
-    majority = [metrics.majority_vote(a, c) for a, c in zip(answers, correct, strict=True)]
-    return {
-        "problems": len(per_problem),
-        "samples": samples,
-        "pass@1": float(per_problem.mean()),
-        "pass@1_ci": list(ci),
-        "pass@k": {str(k): float(metrics.pass_at_k_per_problem(correct, k).mean()) for k in ks},
-        f"maj@{samples}": float(np.mean(majority)),
-        "no_answer": float(np.mean([r["extracted_answer"] is None for r in rows])),
-        "truncated": float(np.mean([r["finish_reason"] == "length" for r in rows])),
-        "unclosed_thought": float(
-            np.mean(["<think>" in t and "</think>" not in t for t in responses])
-        ),
-        "prompt_too_long": 0.0,
-        "mean_completion_tokens": float(np.mean([r["completion_tokens"] for r in rows])),
-    }
+    """Each model's result files where `w2sr eval` caches them, at the decoding its setting
+    gives; `evaluate` then only summarises them (no engine starts) into eval/summary.json."""
+    models, _ = model_table(cfg)
+    tasks, _ = plan_tasks(cfg, labels=tuple(label for label in labels if label in models))
+    problems = load_problems(cfg, run)
+    for task in tasks:
+        rows = problems[task.bench.name].rows
+        found = result_rows(task.model.label, task.bench.name, rows, task.setting.samples)
+        write_result(cfg, run, task, problems[task.bench.name], found, "offline")
+    evaluate(cfg)
 
 
 def result_rows(label: str, bench: str, problems: list[dict], samples: int) -> list[dict]:
