@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from w2sr.config import PromptsConfig
+from w2sr.config import EvalBenchmark, PromptsConfig
 from w2sr.data.sources import load_benchmark, load_prompts
 from w2sr.data.world import (
     MODELS,
@@ -66,7 +66,7 @@ def test_a_solution_chains_facts_and_ends_with_the_answer():
 def test_prompt_sources_and_the_benchmark_agree_with_the_world():
     world = World()
     rows, rejected = load_prompts(PromptsConfig(source={"type": "khop", "split": "train"}))
-    bench, _ = load_benchmark("khop")
+    bench, _ = load_benchmark(EvalBenchmark(name="khop"))
     assert not rejected
     assert {r["prompt_id"] for r in rows}.isdisjoint({r["prompt_id"] for r in bench})
     assert bench == prompt_rows("heldout")

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 # Bump on any change to JUDGE_PROMPT: cached replies belong to the prompt that was asked.
 PROMPT_VERSION = "1"
-CACHE = (layout.REPORT, "judge", "labels.jsonl")
+CACHE = layout.JUDGE_LABELS
 MAX_REPLY_CHARS = 100_000  # a longer reply is not an answer to this prompt; read none of it
 MAX_COUNT = 10_000  # more instances than any benchmark response holds: a confused judge
 MAX_STORED_REPLY = 2_000  # of a reply, kept in the cache to show what a parse failure read

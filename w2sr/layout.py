@@ -26,6 +26,7 @@ side by side and nothing finished is replaced; `w2sr gc` removes what no config 
                                         its rows as workers wrote them, until it is sealed
     eval/summary.json                   written last by `w2sr eval`
     report/report.md, report/*.png      `w2sr report`
+    report/judge/labels.jsonl           a judge model's behaviour labels (`report.behaviors`)
     <stage folder>/_DONE.json           written last: the stage's fingerprint and counts
     <stage folder>/_RUN.json            what the stage's attempts have cost so far
     <stage folder>/_LEASE.json          who works on the stage now
@@ -65,6 +66,7 @@ EVAL = "eval"
 PARTS = "_parts"  # results written by the workers, not yet sealed into their artifact
 EVAL_SUMMARY = (EVAL, "summary.json")
 REPORT = "report"
+JUDGE_LABELS = (REPORT, "judge", "labels.jsonl")
 
 
 def problems(fingerprint: str) -> str:

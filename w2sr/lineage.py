@@ -30,9 +30,15 @@ def problems(cfg: ExperimentConfig) -> Artifact:
     return Artifact(layout.problems(fp), fp)
 
 
+def _rendering(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The config fields that decide how prompts are rendered; `thinking` only when set, so the
+    fingerprints of configs without it are those they had before it existed."""
+    return ("template", *(["thinking"] if cfg.thinking is not None else []))
+
+
 def prompts(cfg: ExperimentConfig) -> Artifact:
     """The problems rendered for the teacher: its tokenizer (the folder's content) and template."""
-    fields = cfg.fields("template", "teacher")
+    fields = cfg.fields("teacher", *_rendering(cfg))
     fields["max_model_len"] = cfg.generation.engine.max_model_len
     fields["prompts_per_shard"] = cfg.generation.prompts_per_shard
     fp = layout.fingerprint(fields, problems(cfg).fingerprint, model_identity(cfg.teacher))
@@ -54,7 +60,9 @@ def sft(cfg: ExperimentConfig) -> Artifact:
 def student(cfg: ExperimentConfig, variant: str) -> Artifact:
     """The student fine-tuned on one training set (`cfg.student` must be set)."""
     train = cfg.train.model_copy(update={"variant": variant})
-    fields = cfg.model_copy(update={"train": train}).fields("train", "student", "template", "seed")
+    fields = cfg.model_copy(update={"train": train}).fields(
+        "train", "student", "seed", *_rendering(cfg)
+    )
     fp = layout.fingerprint(fields, sft(cfg).fingerprint, model_identity(cfg.student))
     return Artifact(layout.student(variant, fp), fp)
 
@@ -62,7 +70,7 @@ def student(cfg: ExperimentConfig, variant: str) -> Artifact:
 def rl(cfg: ExperimentConfig) -> Artifact:
     """The GRPO student (`cfg.student` and `cfg.grpo` must be set). It reads the problems, not the
     teacher's prompts: the RL baseline is the same whichever teacher a run has."""
-    fields = cfg.fields("grpo", "student", "template", "grader", "grading_policy", "seed")
+    fields = cfg.fields("grpo", "student", "grader", "grading_policy", "seed", *_rendering(cfg))
     fields["grader_version"] = grading.VERSION
     fp = layout.fingerprint(fields, problems(cfg).fingerprint, model_identity(cfg.student))
     return Artifact(layout.rl(fp), fp)
