@@ -21,10 +21,12 @@ from faults import kill_when
 from w2sr import layout, lineage
 from w2sr.config import ConfigError, validate
 from w2sr.data.prompt_set import RENDER_ROWS, prepare_prompts, write_prompt_set
-from w2sr.grading import is_correct
+from w2sr.data.prompts import load_tokenizer
+from w2sr.data.templates import TEMPLATES, reasoning_prefill
+from w2sr.grading import extract_answer, is_correct
 from w2sr.rundir import RunDir
 from w2sr.schemas import TRACE_SCHEMA
-from w2sr.stages.generate import generate
+from w2sr.stages.generate import _trace_row, generate
 from w2sr.stages.select import match_sizes, select, select_variant
 
 # Long enough that one engine step cannot prefill every prompt at once: a prompt gets split or
@@ -152,6 +154,96 @@ def test_the_prompt_set_rendered_in_batches_is_the_prompt_set_rendered_at_once(
     assert batched["shard"].to_pylist() == [i // 3 for i in range(len(PROBLEMS))]
     # the 8th problem: its index is its place in the problem set, not in its batch
     assert [(r["index"], r["prompt_id"]) for r in batched_rejected.to_pylist()] == [(7, "too-long")]
+
+
+@pytest.fixture(scope="module")
+def tiny_thinking(tmp_path_factory) -> str:
+    """A tiny reasoning model: its chat template prefills `<think>` unless thinking is off."""
+    from w2sr.models import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "thinking", thinking=True))
+
+
+def test_the_prefill_is_the_think_a_reasoning_template_opens_the_answer_with(
+    tiny_model, tmp_path, monkeypatch
+):
+    from w2sr.models import resolve_model
+
+    monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))
+    thinker = load_tokenizer(resolve_model("builtin:tiny-thinking"), False)
+    plain = load_tokenizer(tiny_model, False)
+    for thinking, prefill in ((None, "<think>\n"), (True, "<think>\n"), (False, "")):
+        prompt = TEMPLATES["paper"].render(thinker, PROBLEMS[0], thinking)
+        assert prompt.endswith("<|im_start|>assistant\n" + prefill)
+        assert reasoning_prefill(prompt) == prefill
+        # a template without the switch ignores it and prefills nothing
+        assert reasoning_prefill(TEMPLATES["paper"].render(plain, PROBLEMS[0], thinking)) == ""
+    # `<think>` and `</think>` are single tokens, kept when decoded
+    ids = thinker("<think>\n1</think>2", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 5 and thinker.decode(ids, skip_special_tokens=True) == "<think>\n1</think>2"
+    # a problem that mentions the tag is not a prefill
+    asked = TEMPLATES["paper"].render(thinker, "What does <think> mean?", False)
+    assert reasoning_prefill(asked) == ""
+
+
+def test_the_prompt_set_is_rendered_with_thinking(tmp_path, tiny_thinking):
+    for thinking, ending in ((None, "assistant\n<think>\n"), (False, "assistant\n")):
+        (tmp_path / str(thinking)).mkdir()
+        cfg = validate(experiment(tmp_path / str(thinking), tiny_thinking) | {"thinking": thinking})
+        run = RunDir(cfg.run_dir)
+        write_prompt_set(cfg, run)
+        prompts = run.read_parquet(lineage.prompts(cfg).folder, layout.PROMPT_SET)
+        assert prompts.num_rows == len(PROBLEMS)
+        assert all(prompt.endswith(ending) for prompt in prompts["prompt"].to_pylist())
+
+
+def test_a_trace_is_the_completion_behind_the_prefilled_think(tmp_path, tiny_model):
+    cfg = validate(experiment(tmp_path, tiny_model) | {"grading_policy": "standard"})
+    postprocess = _trace_row(cfg)
+    row = {"prompt_id": "p", "problem": "1 + 2?", "answer": "3", "sample_index": 0, "seed": 0}
+    row |= {"num_input_tokens": 9, "num_generated_tokens": 5, "shard": 0}
+    cases = [  # (prompt's end, completion, stored trace, extracted answer)
+        ("<think>\n", "1 + 2 = 3</think> \\boxed{3}", "<think>\n1 + 2 = 3</think> \\boxed{3}", "3"),
+        ("<think>\n", "1 + 2 = \\boxed{3}", "<think>\n1 + 2 = \\boxed{3}", None),  # unclosed
+        ("", "1 + 2 = \\boxed{3}", "1 + 2 = \\boxed{3}", "3"),
+    ]
+    for end, completion, trace, answer in cases:
+        prompt = "<|im_start|>assistant\n" + end
+        out = postprocess(row | {"prompt": prompt, "generated_text": completion})
+        assert (out["prompt"], out["trace"], out["extracted_answer"]) == (prompt, trace, answer)
+        assert out["correct"] == (answer == "3")
+        assert out["completion_tokens"] == 5  # what the teacher generated, not the prefill
+
+
+@pytest.mark.slow
+def test_a_thinking_teachers_traces_hold_its_prefilled_think(tmp_path, tiny_thinking, ray_session):
+    """A reasoning teacher whose template prefills `<think>`: every stored trace starts with it
+    and is graded whole, so a thought the tiny model never closed gives no answer (read alone,
+    its completion would give the last number); with thinking off, the template prefills
+    nothing and no trace starts with it."""
+    for thinking in (None, False):
+        (tmp_path / str(thinking)).mkdir()
+        data = experiment(tmp_path / str(thinking), tiny_thinking)
+        data |= {"thinking": thinking, "grading_policy": "standard"}
+        data["generation"]["sampling"]["max_tokens"] = 64
+        cfg = validate(data)
+        generate(cfg)
+        rows = read_traces(cfg).to_pylist()
+        assert len(rows) == len(PROBLEMS) * SAMPLES
+        prefill = "<think>\n" if thinking is None else ""
+        assert all(row["prompt"].endswith("assistant\n" + prefill) for row in rows)
+        prefilled = [row["trace"].startswith("<think>\n") for row in rows]
+        assert prefilled == [thinking is None] * len(rows)
+        for row in rows:
+            assert row["extracted_answer"] == extract_answer(row["trace"], "standard")
+            assert row["correct"] == is_correct(row["trace"], row["answer"], "standard")
+        if thinking is None:
+            open_thoughts = [row["trace"] for row in rows if "</think>" not in row["trace"]]
+            assert open_thoughts and all(
+                extract_answer(trace, "standard") is None for trace in open_thoughts
+            )
+            completions = [trace.removeprefix(prefill) for trace in open_thoughts]
+            assert any(extract_answer(text, "standard") is not None for text in completions)
 
 
 @pytest.mark.slow

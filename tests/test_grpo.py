@@ -25,12 +25,14 @@ import torch
 
 from w2sr import layout, lineage
 from w2sr.config import ConfigError, GRPOConfig, validate
+from w2sr.data.prompts import load_tokenizer, render_prompts
 from w2sr.data.templates import TEMPLATES
 from w2sr.learner.batches import RolloutBatch, rollout_rows
 from w2sr.learner.rl_loss import group_advantages, policy_loss
+from w2sr.learner.rollouts import graded
 from w2sr.registry import model_table
 from w2sr.rundir import RunDir
-from w2sr.stages.grpo import grpo
+from w2sr.stages.grpo import _requests, grpo
 
 PROBLEMS = [f"What is {a} + {7 - a}?" for a in range(8)] + [
     f"What is {a + 7} - {a}?" for a in range(8)
@@ -162,6 +164,28 @@ def test_padded_and_packed_rows_give_the_same_logprobs(tiny_student):
             for row in (rollout_rows(batch, [0, 1], p) for p in (True, False))
         ]
     torch.testing.assert_close(out[0], out[1], atol=1e-4, rtol=1e-4)
+
+
+def test_rollouts_are_graded_behind_the_prefilled_think(tmp_path):
+    """A completion is what the policy wrote; it is graded behind the `<think>` the student's
+    template prefilled, so one that never closes its thought has no answer, and the held-out
+    accuracy reads completions the same way."""
+    from w2sr.models import build_tiny_model
+
+    tokenizer = load_tokenizer(str(build_tiny_model(tmp_path / "thinking", thinking=True)), False)
+    rows = [{"prompt_id": "p", "problem": "What is 1 + 2?", "answer": "3"}]
+    completions = [
+        {"text": "1 + 2 = 3.</think>\n\n\\boxed{3}"},
+        {"text": "1 + 2 = \\boxed{3}"},  # still thinking
+        {"text": "</think>\\boxed{4}"},
+    ]
+    expected = {None: ([1, 0, 0], [1, 0, 1]), False: ([1, 1, 0], [1, 1, 1])}
+    for thinking, (correct, answered) in expected.items():
+        rendered, _ = render_prompts(tokenizer, TEMPLATES["paper"], rows, 256, thinking=thinking)
+        prompts = _requests(rendered)
+        assert prompts[0]["prefill"] == ("<think>\n" if thinking is None else "")
+        got = graded(prompts, [completions], "math", "strict")
+        assert [a.tolist() for a in got] == [list(map(bool, correct)), list(map(bool, answered))]
 
 
 def test_config_errors_come_before_any_ray_work(tmp_path):

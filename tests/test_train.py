@@ -29,6 +29,7 @@ import torch
 from w2sr import layout, lineage
 from w2sr.config import ConfigError, validate
 from w2sr.data.templates import TEMPLATES
+from w2sr.grading import extract_answer
 from w2sr.learner.attention import attention as attention_for
 from w2sr.learner.batches import (
     IGNORE,
@@ -36,6 +37,7 @@ from w2sr.learner.batches import (
     epoch_permutation,
     micro_batch_plan,
     sft_rows,
+    sft_target,
     step_samples,
     total_steps,
 )
@@ -177,6 +179,88 @@ def test_truncation_is_counted_and_unfinished_traces_do_not_end(tiny_student):
 
     tight = build_sft_set(tokenizer, TEMPLATES["paper"], pa.Table.from_pylist(rows), cutoff_len=20)
     assert len(tight) == 0 and tight.dropped == 3  # the prompt alone fills the cutoff
+
+
+THOUGHT = "<think>\nFirst, compute 1 + 2. Wait, verify.</think>\n\nThe answer is \\boxed{3}."
+ANSWER = "\n\nThe answer is \\boxed{3}."
+
+
+@pytest.mark.parametrize(
+    ("trace", "reasoning", "prefill", "target"),
+    [
+        (THOUGHT, "keep", "", THOUGHT),  # a student that opens its thought itself
+        (THOUGHT, "strip", "", ANSWER),
+        (THOUGHT, "keep", "<think>\n", THOUGHT.removeprefix("<think>\n")),  # not learned twice
+        ("<think>3</think>\\boxed{3}", "keep", "<think>\n", "3</think>\\boxed{3}"),
+        ("3</think>\\boxed{3}", "keep", "<think>\n", "3</think>\\boxed{3}"),  # opened unseen
+        (THOUGHT, "strip", "<think>\n", "</think>" + ANSWER),  # the prefilled thought closed
+        ("\\boxed{3}", "keep", "<think>\n", "</think>\\boxed{3}"),  # a teacher that does not think
+        ("\\boxed{3}", "strip", "", "\\boxed{3}"),
+        ("<think>\nFirst, compute", "keep", "", "<think>\nFirst, compute"),
+        ("<think>\nFirst, compute", "keep", "<think>\n", "First, compute"),
+        ("<think>\nFirst, compute", "strip", "", None),  # a thought never closed: no answer
+        ("<think>\nFirst, compute", "strip", "<think>\n", None),
+        ("<think>\n3</think>\n", "strip", "", None),  # nothing after the thought
+    ],
+)
+def test_sft_targets_keep_or_strip_the_thought_and_read_the_teachers_answer(
+    trace, reasoning, prefill, target
+):
+    assert sft_target(trace, reasoning, prefill) == target
+    if target is not None:  # the student's response, read behind its prefill as evaluation does
+        assert extract_answer(prefill + target) == extract_answer(trace)
+
+
+@pytest.fixture(scope="module")
+def tiny_thinking(tmp_path_factory) -> str:
+    """A tiny reasoning model: its chat template prefills `<think>` unless thinking is off."""
+    from w2sr.models import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "thinking", thinking=True))
+
+
+def thinking_traces() -> pa.Table:
+    rows = trace_rows(2)
+    rows[0] |= {"problem": "What is 1 + 2?", "trace": THOUGHT}
+    rows[1] |= {"trace": "<think>\nFirst, compute the sum. Then", "finish_reason": "length"}
+    return pa.Table.from_pylist(rows)
+
+
+def test_sft_samples_of_a_thinking_student_under_keep_and_strip(tiny_thinking):
+    """The prompt is the student's own, rendered with `thinking`; what follows it is the target
+    `train.reasoning` asks for, behind the `<think>` the prompt holds already."""
+    tokenizer = tokenizer_of(tiny_thinking)
+
+    def samples(reasoning: str, thinking: bool | None) -> list[tuple[str, str]]:
+        data = build_sft_set(
+            tokenizer,
+            TEMPLATES["paper"],
+            thinking_traces(),
+            4096,
+            thinking=thinking,
+            reasoning=reasoning,
+        )
+        assert data.truncated == data.dropped == 0
+        assert data.unanswered == (1 if reasoning == "strip" else 0)
+        return [
+            (tokenizer.decode(data.ids(i)[:p]), tokenizer.decode(data.ids(i)[p:]))
+            for i, p in enumerate(data.prompt_lens.tolist())
+        ]
+
+    kept = samples("keep", None)
+    assert [prompt.endswith("<|im_start|>assistant\n<think>\n") for prompt, _ in kept] == [True] * 2
+    assert [target for _, target in kept] == [
+        THOUGHT.removeprefix("<think>\n") + "<|im_end|>",
+        "First, compute the sum. Then",  # unfinished: no end of turn
+    ]
+    [(prompt, target)] = samples("strip", None)  # the unclosed thought is left out
+    assert prompt == kept[0][0] and target == "</think>" + ANSWER + "<|im_end|>"
+
+    off = samples("keep", False)
+    assert [prompt.endswith("<|im_start|>assistant\n") for prompt, _ in off] == [True] * 2
+    assert off[0][1] == THOUGHT + "<|im_end|>"
+    [(_, target)] = samples("strip", False)
+    assert target == ANSWER + "<|im_end|>"
 
 
 def test_data_order_is_deterministic_under_the_seed():

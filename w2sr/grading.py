@@ -83,7 +83,8 @@ def extract_answer(text: str, policy: str = "strict") -> str | None:
     return _standard_answer(text)
 
 
-_THINK, _END_THINK = "<think>", "</think>"
+# A reasoning model's thought (DeepSeek-R1, Qwen3): the answer stands after it.
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 def _answer_start(text: str) -> int | None:
@@ -91,9 +92,9 @@ def _answer_start(text: str) -> int | None:
     a `<think>` after that is never closed. The tags are looked for in the whole text, so that a
     thought opened before the last MAX_RESPONSE_CHARS counts: two reverse substring scans, a
     fraction of a millisecond on a megabyte."""
-    close = text.rfind(_END_THINK)
-    start = 0 if close < 0 else close + len(_END_THINK)
-    return None if text.rfind(_THINK, start) >= 0 else start
+    close = text.rfind(THINK_CLOSE)
+    start = 0 if close < 0 else close + len(THINK_CLOSE)
+    return None if text.rfind(THINK_OPEN, start) >= 0 else start
 
 
 def split_reasoning(text: str) -> tuple[str | None, str | None]:

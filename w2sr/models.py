@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from w2sr.data import world
+from w2sr.grading import THINK_CLOSE, THINK_OPEN
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -26,6 +27,13 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# A reasoning model's template, as Qwen3's and DeepSeek-R1-Distill's: the answer opens with a
+# prefilled `<think>` unless `enable_thinking` is false.
+THINKING_TEMPLATE = CHATML_TEMPLATE.replace(
+    "<|im_start|>assistant\n{% endif %}",
+    "<|im_start|>assistant\n{% if enable_thinking is not defined or enable_thinking %}"
+    "<think>\n{% endif %}{% endif %}",
+)
 
 # Text the tiny tokenizer is fitted to: enough of math prompts that they encode compactly.
 _CORPUS = [
@@ -50,13 +58,18 @@ def build_tiny_model(
     num_heads: int = 2,
     vocab_size: int = 512,
     seed: int = 0,
+    thinking: bool = False,
 ) -> Path:
     """A random Qwen2 model with a byte-level BPE tokenizer and a ChatML template.
 
     Heads are 64 wide by default because vLLM's CPU attention rejects narrower ones.
+    `thinking`: a reasoning model's template (THINKING_TEMPLATE), with `<think>` and `</think>`
+    added to the vocabulary as Qwen3 and R1-Distill have them: one token each, not special (so
+    decoding keeps them in the text), which a random model emits now and then, closing some
+    thoughts and leaving others open.
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = Tokenizer(models.BPE())
@@ -73,8 +86,12 @@ def build_tiny_model(
         tokenizer_object=tokenizer,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        chat_template=CHATML_TEMPLATE,
+        chat_template=THINKING_TEMPLATE if thinking else CHATML_TEMPLATE,
     )
+    if thinking:
+        hf_tokenizer.add_tokens(
+            [AddedToken(tag, special=False, normalized=False) for tag in (THINK_OPEN, THINK_CLOSE)]
+        )
     config = Qwen2Config(
         vocab_size=len(hf_tokenizer),
         hidden_size=hidden_size,
@@ -132,6 +149,7 @@ def convert_smollm2(out_dir: str | Path) -> Path:
 BUILTINS: dict[str, Callable[[Path], Path]] = {
     **{name: functools.partial(world.build, name) for name in world.MODELS},
     "tiny-random": build_tiny_model,
+    "tiny-thinking": functools.partial(build_tiny_model, thinking=True),
     "smollm2-135m-instruct": convert_smollm2,
 }
 

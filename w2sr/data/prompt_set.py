@@ -1,9 +1,9 @@
 """The run's problem set and prompt set, made once and then read from the run dir.
 
 The problems (validated source rows) are what GRPO trains on and what evaluation is
-decontaminated against; the prompts are those problems rendered for the teacher, in shards, and
-what generation reads. Each artifact is written whole, then marked done: a preparation that fails
-leaves nothing the next run trusts.
+decontaminated against; the prompts are those problems rendered for the teacher (with `thinking`
+where its chat template has the switch), in shards, and what generation reads. Each artifact is
+written whole, then marked done: a preparation that fails leaves nothing the next run trusts.
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ def write_prompt_set(cfg: ExperimentConfig, run: RunDir, batch_rows: int = RENDE
         nonlocal kept
         for start in range(0, problems.num_rows, batch_rows):
             rows = problems.slice(start, batch_rows).to_pylist()
-            rows, rejected = render_prompts(tokenizer, template, rows, max_len, start)
+            rows, rejected = render_prompts(
+                tokenizer, template, rows, max_len, start, thinking=cfg.thinking
+            )
             too_long.extend(rejected)
             for row in rows:
                 row["shard"] = kept // per_shard

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from w2sr.grading import THINK_OPEN
+
 
 @dataclass(frozen=True)
 class Template:
@@ -25,9 +27,6 @@ class Template:
         return tokenizer.apply_chat_template(
             self.messages(problem), tokenize=False, add_generation_prompt=True, **switch
         )
-
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 def reasoning_prefill(prompt: str) -> str:

@@ -2,10 +2,11 @@
 batches, and the model inputs of a micro-batch for both.
 
 A sample is the prompt exactly as generation rendered it (the template's messages through the
-student's chat template, with the generation prompt) followed by the trace and the text the chat
-template closes an assistant turn with (`<|im_end|>` for ChatML). Only the assistant part carries
-loss. A trace the teacher did not finish (`finish_reason == "length"`) gets no end-of-turn: the
-student should not learn to stop mid-thought.
+student's chat template, with the generation prompt) followed by its target, the trace as
+`train.reasoning` has it (`sft_target`), and the text the chat template closes an assistant turn
+with (`<|im_end|>` for ChatML). Only the assistant part carries loss. A trace the teacher did not
+finish (`finish_reason == "length"`) gets no end-of-turn: the student should not learn to stop
+mid-thought.
 
 Order: one optimizer step takes the next `global_batch` samples of a stream made of one fresh
 permutation per epoch (seeded by `(seed, epoch)`), so the data position of a step is
@@ -28,7 +29,8 @@ import numpy as np
 import pyarrow as pa
 
 from w2sr.data.prompts import render
-from w2sr.data.templates import Template
+from w2sr.data.templates import Template, reasoning_prefill
+from w2sr.grading import THINK_CLOSE, THINK_OPEN, split_reasoning
 
 IGNORE = -100
 _PROBE = "W2SR-ASSISTANT-PROBE"
@@ -63,6 +65,7 @@ class SFTSet:
     prompt_lens: np.ndarray  # int32
     truncated: int  # samples cut at cutoff_len
     dropped: int  # samples whose prompt alone fills cutoff_len: nothing left to learn
+    unanswered: int  # `strip`: traces with no answer after their thought, left out
 
     def __len__(self) -> int:
         return len(self.prompt_lens)
@@ -91,10 +94,46 @@ class SFTSet:
         return self.lengths - self.prompt_lens
 
 
+def sft_target(trace: str, reasoning: str, prefill: str) -> str | None:
+    """What the student learns to write behind its prompt, from a stored trace (which holds the
+    teacher's whole thought, a prefilled `<think>` included).
+
+    `keep`: the trace. `strip`: its answer part alone (`split_reasoning`); None where there is
+    none, a thought never closed or nothing after it: trained on, an empty target would teach
+    the student to end its turn at once. A student whose chat template prefills `prefill` (a
+    `<think>`) has it in its prompt already, so it is not learned again; a target with no thought
+    (stripped, or a teacher that does not think) closes that one empty first, as Qwen3 does with
+    thinking off, so that the student's response behind its prefill has an answer to read.
+    """
+    thought, answer = split_reasoning(trace)
+    if reasoning == "strip":
+        if answer is None or not answer.strip():
+            return None
+        trace, thought = answer, None
+    if not prefill:
+        return trace
+    if thought is None:
+        return THINK_CLOSE + trace
+    if trace.startswith(prefill):
+        return trace[len(prefill) :]
+    head = trace.lstrip()
+    if head.startswith(THINK_OPEN):  # opened with other blanks than the prefill's
+        return head[len(THINK_OPEN) :].lstrip()
+    return trace  # a thought whose `<think>` was not stored: the prefill opens it
+
+
 def build_sft_set(
-    tokenizer, template: Template, traces: pa.Table, cutoff_len: int, batch_size: int = 1024
+    tokenizer,
+    template: Template,
+    traces: pa.Table,
+    cutoff_len: int,
+    *,
+    thinking: bool | None = None,
+    reasoning: str = "keep",
+    batch_size: int = 1024,
 ) -> SFTSet:
-    """Tokenize a trace table (columns problem, trace and optionally finish_reason)."""
+    """Tokenize a trace table (columns problem, trace and optionally finish_reason), the prompts
+    rendered with `thinking` and the targets made by `sft_target` under `reasoning`."""
     end_ids = tokenizer(assistant_end(tokenizer), add_special_tokens=False)["input_ids"]
     problems = traces.column("problem").to_pylist()
     texts = traces.column("trace").to_pylist()
@@ -104,12 +143,22 @@ def build_sft_set(
         else [True] * len(texts)
     )
     chunks, lengths, prompt_lens = [], [], []
-    truncated = dropped = 0
+    truncated = dropped = unanswered = 0
     for start in range(0, len(texts), batch_size):
         stop = start + batch_size
-        _, prompt_ids = render(tokenizer, template, problems[start:stop])
-        trace_ids = tokenizer(texts[start:stop], add_special_tokens=False)["input_ids"]
-        for p_ids, t_ids, done in zip(prompt_ids, trace_ids, finished[start:stop], strict=True):
+        prompts, prompt_ids = render(tokenizer, template, problems[start:stop], thinking)
+        targets, kept = [], []
+        for prompt, p_ids, trace, done in zip(
+            prompts, prompt_ids, texts[start:stop], finished[start:stop], strict=True
+        ):
+            target = sft_target(trace, reasoning, reasoning_prefill(prompt))
+            if target is None:
+                unanswered += 1
+                continue
+            targets.append(target)
+            kept.append((p_ids, done))
+        target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"] if targets else []
+        for (p_ids, done), t_ids in zip(kept, target_ids, strict=True):
             ids = p_ids + t_ids + (end_ids if done else [])
             if len(p_ids) >= min(len(ids), cutoff_len):
                 dropped += 1
@@ -123,7 +172,8 @@ def build_sft_set(
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
-    return SFTSet(tokens, offsets, np.asarray(prompt_lens, dtype=np.int32), truncated, dropped)
+    prompt_lens = np.asarray(prompt_lens, dtype=np.int32)
+    return SFTSet(tokens, offsets, prompt_lens, truncated, dropped, unanswered)
 
 
 # --- order -----------------------------------------------------------------------------------

@@ -15,6 +15,20 @@ from w2sr.learner.batches import RolloutBatch, step_samples
 from w2sr.learner.rl_loss import group_advantages
 
 
+def graded(
+    prompts: list[dict], groups: list[list[dict]], grader: str, policy: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(correct, answered) of each completion, the groups' in order. A completion is what the
+    policy wrote and what the loss covers; it is graded behind the `<think>` its prompt's chat
+    template prefilled, so that a thought it never closed reads as one."""
+    pairs = [(p, o) for p, group in zip(prompts, groups, strict=True) for o in group]
+    texts = [p["prefill"] + o["text"] for p, o in pairs]
+    golds = [p["answer"] for p, _ in pairs]
+    correct = np.array(grade_batch(texts, golds, grader, policy), dtype=bool)
+    answered = np.array([extract_answer(t, policy) is not None for t in texts], dtype=bool)
+    return correct, answered
+
+
 class Rollouts:
     """The rollout engines of a run and the step's groups: samples, rewards and advantages."""
 
@@ -49,11 +63,7 @@ class Rollouts:
         ]
         seeds = [sample_seed(seed + g.sampling.seed, f"{step}/{p['prompt_id']}", 0) for p in chosen]
         groups = self._generate(chosen, g.sampling, g.group_size, seeds)
-        texts = [o["text"] for group in groups for o in group]
-        golds = [p["answer"] for p, group in zip(chosen, groups, strict=True) for _ in group]
-        policy = self.cfg.grading_policy
-        correct = np.array(grade_batch(texts, golds, self.cfg.grader, policy), dtype=bool)
-        answered = np.array([extract_answer(t, policy) is not None for t in texts], dtype=bool)
+        correct, answered = graded(chosen, groups, self.cfg.grader, self.cfg.grading_policy)
         rewards = np.where(correct, 1.0, np.where(answered, g.format_reward, 0.0))
         return RolloutBatch(
             prompt_ids=[p["prompt_token_ids"] for p in chosen for _ in range(g.group_size)],
@@ -67,15 +77,15 @@ class Rollouts:
 
     def evaluate(self, benchmarks: dict[str, list[dict]]) -> dict[str, float]:
         """Accuracy on each benchmark's problems, one answer each at `eval.sampling` with the
-        evaluation's seeds: the current policy measured as `w2sr eval` measures a model."""
+        evaluation's seeds and grading policy: the current policy measured as `w2sr eval`
+        measures a model."""
         sampling, base = self.cfg.eval.sampling, self.cfg.eval.sampling.seed + self.cfg.seed
         out = {}
         for name, problems in benchmarks.items():
             seeds = [sample_seed(base, f"{name}/{p['prompt_id']}", 0) for p in problems]
-            texts = [group[0]["text"] for group in self._generate(problems, sampling, 1, seeds)]
-            golds = [p["answer"] for p in problems]
-            graded = grade_batch(texts, golds, self.cfg.grader, self.cfg.grading_policy)
-            out[name] = float(np.mean(graded))
+            groups = self._generate(problems, sampling, 1, seeds)
+            correct, _ = graded(problems, groups, self.cfg.grader, self.cfg.eval_grading_policy)
+            out[name] = float(np.mean(correct))
         return out
 
     def _generate(self, prompts: list[dict], sampling, n: int, seeds: list[int]) -> list[list]:

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from w2sr import layout, lineage
 from w2sr.config import EngineConfig, ExperimentConfig
 from w2sr.data.prompt_set import prepare_prompts
+from w2sr.data.templates import reasoning_prefill
 from w2sr.engines import settings
 from w2sr.engines.generator import Groups, build_generator, generate_groups
 from w2sr.grading import GRADERS, extract_answer
@@ -193,14 +194,17 @@ def _facts(table: pa.Table) -> dict[str, int]:
 
 
 def _trace_row(cfg: ExperimentConfig):
-    """The per-row postprocess: shape the engine output into a graded trace (runs in Ray)."""
+    """The per-row postprocess: shape the engine output into a graded trace (runs in Ray).
+
+    The trace is the completion behind the `<think>` a reasoning model's chat template
+    prefilled, so that it holds the whole thought and one never closed is graded as such."""
     grader, policy = GRADERS[cfg.grader], cfg.grading_policy
     max_tokens = cfg.generation.sampling.max_tokens
     max_len = cfg.generation.engine.max_model_len
     teacher = cfg.teacher
 
     def postprocess(row: dict[str, Any]) -> dict[str, Any]:
-        trace = row["generated_text"]
+        trace = reasoning_prefill(row["prompt"]) + row["generated_text"]
         prompt_tokens, completion_tokens = row["num_input_tokens"], row["num_generated_tokens"]
         return {
             "prompt_id": row["prompt_id"],

@@ -7,9 +7,10 @@ One Ray Train worker group (DeepSpeed ZeRO) is the learner and lives for the who
 in-process by Ray actors (`w2sr.learner.rollouts`). Each step:
 
 1. rollout: rank 0 has the engines sample `group_size` completions for each of the step's
-   `prompts_per_step` prompts (the run's problems, rendered with the student's chat template),
-   grades them (1 correct; `format_reward` for a readable wrong answer; else 0) and normalises
-   rewards within each group into advantages;
+   `prompts_per_step` prompts (the run's problems, rendered with the student's chat template
+   and `thinking`), grades them behind the `<think>` the template prefilled, if any (1 correct;
+   `format_reward` for a readable wrong answer; else 0) and normalises rewards within each group
+   into advantages;
 2. learner: every rank takes its share of the samples and takes `mini_batches` optimizer
    steps on the clipped policy-gradient loss averaged over all response tokens of a mini-batch,
    plus `kl_coef` x the k3 estimate of KL to the frozen reference, minus `entropy_coef` x entropy
@@ -38,7 +39,7 @@ from w2sr import layout, lineage
 from w2sr.config import ConfigError, ExperimentConfig
 from w2sr.data.prompt_set import prepare_problems
 from w2sr.data.prompts import load_tokenizer, render_prompts
-from w2sr.data.templates import TEMPLATES
+from w2sr.data.templates import TEMPLATES, reasoning_prefill
 from w2sr.evaluation.problems import load_problems
 from w2sr.learner.fit import fit
 from w2sr.learner.grpo import worker_loop
@@ -72,7 +73,11 @@ def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
     # The student is the policy: its own chat template, not the teacher's rendering.
     tokenizer = load_tokenizer(resolve_model(cfg.student), cfg.trust_remote_code)
     rendered, too_long = render_prompts(
-        tokenizer, TEMPLATES[cfg.template], table.to_pylist(), g.engine.max_model_len
+        tokenizer,
+        TEMPLATES[cfg.template],
+        table.to_pylist(),
+        g.engine.max_model_len,
+        thinking=cfg.thinking,
     )
     if too_long:
         log.warning(
@@ -121,7 +126,15 @@ def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def _requests(rendered: list[dict]) -> list[dict]:
-    return [{k: row[k] for k in ("prompt_id", "answer", "prompt_token_ids")} for row in rendered]
+    """What the rollouts need of each prompt: its tokens, its gold answer, and the `<think>` its
+    chat template prefilled, which the completions are graded behind."""
+    return [
+        {
+            **{k: row[k] for k in ("prompt_id", "answer", "prompt_token_ids")},
+            "prefill": reasoning_prefill(row["prompt"]),
+        }
+        for row in rendered
+    ]
 
 
 def _heldout_prompts(cfg: ExperimentConfig, run: RunDir, tokenizer) -> dict[str, list[dict]]:
@@ -130,7 +143,11 @@ def _heldout_prompts(cfg: ExperimentConfig, run: RunDir, tokenizer) -> dict[str,
     out = {}
     for name, problems in load_problems(cfg, run).items():
         rendered, _ = render_prompts(
-            tokenizer, TEMPLATES[cfg.template], problems.rows, cfg.grpo.engine.max_model_len
+            tokenizer,
+            TEMPLATES[cfg.template],
+            problems.rows,
+            cfg.grpo.engine.max_model_len,
+            thinking=cfg.thinking,
         )
         out[name] = _requests(rendered)
     return out

@@ -9,7 +9,10 @@ Per-step metrics go to stdout and to its `metrics.jsonl` (and MLflow / W&B when 
 checkpoints go through Ray Train under its `ray/`, so a failed worker (within `max_failures`) or
 a rerun of the same config resumes at the last checkpoint's step and data position, with its
 optimizer and schedule. The result is a Hugging Face folder, `model/`; `_DONE.json` beside it
-holds the fingerprint, steps, final loss, truncated samples and cost.
+holds the fingerprint, steps, final loss, truncated and left-out samples and cost.
+
+Prompts are the student's own chat template's, rendered with `thinking`; `train.reasoning` says
+whether the teacher's thought is in the targets (`w2sr.learner.batches.sft_target`).
 """
 
 from __future__ import annotations
@@ -61,9 +64,23 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
     tokenizer = load_tokenizer(resolve_model(cfg.student), cfg.trust_remote_code)
     traces = run.read_parquet(sets.folder, layout.sft_set(variant))
-    data = build_sft_set(tokenizer, TEMPLATES[cfg.template], traces, tcfg.cutoff_len)
+    data = build_sft_set(
+        tokenizer,
+        TEMPLATES[cfg.template],
+        traces,
+        tcfg.cutoff_len,
+        thinking=cfg.thinking,
+        reasoning=tcfg.reasoning,
+    )
     if not len(data):
         raise RuntimeError(f"the {variant} set has no trainable sample ({traces.num_rows} rows)")
+    if data.unanswered:
+        log.warning(
+            "%d of %d traces left out: reasoning is stripped and they have no answer after "
+            "their thought (one never closed, or nothing after it)",
+            data.unanswered,
+            traces.num_rows,
+        )
     if data.truncated or data.dropped:
         log.warning(
             "%d of %d samples truncated at cutoff_len %d; %d dropped (prompt alone fills it)",
@@ -108,6 +125,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         "samples": len(data),
         "truncated": data.truncated,
         "dropped": data.dropped,
+        "unanswered": data.unanswered,
         "steps": final["step"],
         "final_loss": final["loss"],
         "tokens": tokens,
