@@ -230,12 +230,42 @@ def test_more_cpus_or_gpus_than_a_local_session_has_fail_before_ray_starts(
     [
         ({"run_dir": "s3://AKIA123:secret@bucket/run"}, "run_dir"),
         ({"train": {"mlflow_tracking_uri": "https://me:pw@mlflow.example"}}, "train.mlflow"),
+        ({"teacher": "s3://AKIA1:s3cret@bucket/teacher"}, "teacher"),
+        ({"student": "s/m", "rl": "gs://u:tok@bucket/rl"}, "rl"),
+        (
+            {"prompts": {"source": {"type": "file", "path": "s3://k:s@b/p.jsonl"}}},
+            "prompts.source.path",
+        ),
+        (
+            {"eval": {"benchmarks": [{"name": "aime24", "path": "https://u:p@h/aime.jsonl"}]}},
+            "eval.benchmarks.0.path",
+        ),
+        (
+            {
+                "report": {
+                    "behaviors": "judge",
+                    "judge": {"endpoint": "https://u:key@api.example/v1", "model": "m"},
+                }
+            },
+            "report.judge.endpoint",
+        ),  # fmt: skip
     ],
 )
 def test_credentials_in_a_config_are_refused(data, key):
     with pytest.raises(ConfigError, match=f"{key}.*holds credentials"):
         validate({**BASE, **data})
     validate({**BASE, "run_dir": "s3://bucket/run"})  # the same store, keys from the environment
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "abfs://container@account.dfs.core.windows.net/runs/x",  # Azure: a container, no secret
+        "hdfs://w2sr@namenode:8020/runs/x",  # HDFS: a user name, no secret
+    ],
+)
+def test_a_user_name_alone_is_not_a_credential(uri):
+    assert validate({**BASE, "run_dir": uri}).run_dir == uri
 
 
 def no_cluster() -> dict:

@@ -442,6 +442,9 @@ class GRPOConfig(LearnerConfig):
 # --- evaluation and serving ------------------------------------------------------------------
 
 _LABEL_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"  # a label names a folder and a served model id
+# A URI whose user part has a secret (`scheme://user:secret@host`). A user name alone is not one:
+# Azure's `abfs://container@account...` and HDFS's `hdfs://user@namenode` name no secret.
+_CREDENTIALS = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@:]*:[^/@]*@", re.IGNORECASE)
 
 
 class EvalBenchmark(BenchmarkRef):
@@ -715,14 +718,8 @@ class ExperimentConfig(Strict):
 
         if self.template not in TEMPLATES:
             raise ValueError(f"template: unknown {self.template!r}; one of {sorted(TEMPLATES)}")
-        uris = {"run_dir": self.run_dir}
-        if self.report.judge is not None:
-            uris["report.judge.endpoint"] = self.report.judge.endpoint
-        for name in ("train", "grpo"):
-            if (section := getattr(self, name)) and section.mlflow_tracking_uri:
-                uris[f"{name}.mlflow_tracking_uri"] = section.mlflow_tracking_uri
-        for key, uri in uris.items():
-            if re.match(r"^[a-z][a-z0-9+.-]*://[^/@]*@", uri, re.IGNORECASE):
+        for key, uri in self._locations().items():
+            if _CREDENTIALS.match(uri):
                 raise ValueError(
                     f"{key}: holds credentials; give them through the environment instead "
                     "(AWS_ACCESS_KEY_ID, MLFLOW_TRACKING_USERNAME, ...), never in a config, "
@@ -758,6 +755,28 @@ class ExperimentConfig(Strict):
                 "learner worker, which share a GPU; use object_store or placement: separate"
             )
         return self
+
+    def _locations(self) -> dict[str, str]:
+        """Every path or URI the config names, by key: the run dir, models, data, trackers and
+        the judge's endpoint."""
+        found = {"run_dir": self.run_dir, "teacher": self.teacher}
+        found |= {key: spec for key, spec in (("student", self.student), ("rl", self.rl)) if spec}
+        found |= {f"eval.models.{label}": spec for label, spec in self.eval.models.items()}
+        source = self.prompts.source
+        if path := getattr(source, "path", None):
+            found["prompts.source.path"] = path
+        for i, ref in enumerate(getattr(source, "exclude", [])):
+            if ref.path:
+                found[f"prompts.source.exclude.{i}.path"] = ref.path
+        for i, bench in enumerate(self.eval.benchmarks):
+            if bench.path:
+                found[f"eval.benchmarks.{i}.path"] = bench.path
+        for name in ("train", "grpo"):
+            if (section := getattr(self, name)) and section.mlflow_tracking_uri:
+                found[f"{name}.mlflow_tracking_uri"] = section.mlflow_tracking_uri
+        if self.report.judge is not None:
+            found["report.judge.endpoint"] = self.report.judge.endpoint
+        return found
 
     @property
     def eval_grading_policy(self) -> str:
