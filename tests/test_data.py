@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import datasets
@@ -14,7 +15,7 @@ import pytest
 
 from w2sr.config import ConfigError, EvalBenchmark, PromptsConfig
 from w2sr.data.benchmarks import BENCHMARKS
-from w2sr.data.sources import load_benchmark, load_prompts
+from w2sr.data.sources import Fields, load_benchmark, load_prompts, validate_rows
 
 # Small copies in the layout of the files SimpleRL-Zoo's evaluator ships
 # (examples/simplelr_math_eval/data/<name>/test.jsonl): the real columns and answer formats,
@@ -181,6 +182,66 @@ def test_bad_bytes_and_unicode_line_separators_cost_one_row_at_most(tmp_path):
     assert rows[1]["problem"] == good[1]["problem"]
     assert [(r["index"], r["reason"]) for r in rejected] == [(2, "invalid UTF-8 at byte 17")]
     assert "bad" in rejected[0]["row"]
+
+
+def test_json_python_will_not_hold_costs_its_own_row(tmp_path):
+    """A 5,000-digit integer (over Python's int-to-str limit) and arrays nested 100,000 deep are
+    valid JSON that `json.loads` refuses: each rejects its own line, never the set."""
+    big = "7" * 5000
+    lines = [
+        {"problem": "p0", "answer": "0"},
+        f'{{"problem": "huge answer", "answer": {big}}}',
+        {"problem": "p2", "answer": "2"},
+        '{"problem": "deep", "answer": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        f'{{"id": {big}, "problem": "huge id", "answer": "4"}}',
+        {"problem": "p5", "answer": "5"},
+    ]
+    rows, rejected = load(type="file", path=write_jsonl(tmp_path / "p.jsonl", lines))
+    assert [r["prompt_id"] for r in rows] == ["p-0", "p-2", "p-5"]
+    got = reasons(rejected)
+    assert set(got) == {1, 3, 4}
+    assert "digits" in got[1] and "digits" in got[4]
+    assert "nested too deeply" in got[3]
+    assert {r["row"] for r in rejected} == {lines[1], lines[3], lines[4]}  # as written
+
+
+def test_values_python_cannot_write_reject_their_row_in_every_source():
+    """Rows that arrive as Python objects (Parquet, datasets, reasoning_gym, a benchmark's own
+    preparation) are validated alike: an id or answer too long to write out, or a row too deep
+    for JSON to record, is a rejection with its reason, not an error for the set."""
+    huge = 10**5000
+    deep: list = [1]
+    for _ in range(100_000):
+        deep = [deep]
+    records = [
+        (0, {"id": 1, "problem": "p", "answer": 2}),
+        (1, {"id": 2, "problem": "huge answer", "answer": huge}),
+        (2, {"id": huge, "problem": "huge id", "answer": "3"}),
+        (3, {"id": 4, "problem": "deep answer", "answer": deep}),
+        (4, {"id": 5, "problem": "q", "answer": 5.0}),
+    ]
+    rows, rejected = validate_rows([(records, Fields("problem", "answer", "id", "x"))])
+    assert rows == [
+        {"prompt_id": "1", "problem": "p", "answer": "2"},
+        {"prompt_id": "5", "problem": "q", "answer": "5"},
+    ]
+    got = reasons(rejected)
+    assert got[1] == f"answer is an integer of more than {sys.get_int_max_str_digits()} digits"
+    assert got[2] == f"id is an integer of more than {sys.get_int_max_str_digits()} digits"
+    assert got[3] == "wrong type: answer is list"
+    for r in rejected:
+        assert isinstance(r["row"], str) and r["row"]
+
+
+def test_a_level_of_thousands_of_digits_is_no_level(tmp_path):
+    rows_in = [
+        {"problem": "P1", "answer": "1", "level": 3, "unique_id": "a"},
+        {"problem": "P2", "answer": "2", "level": "Level " + "9" * 5000, "unique_id": "b"},
+        {"problem": "P3", "answer": "3", "level": "Level 3", "unique_id": "c"},
+    ]
+    path = write_jsonl(tmp_path / "test.jsonl", rows_in)
+    rows, rejected = load(type="benchmark", name="math500", path=path, levels=[3])
+    assert [r["prompt_id"] for r in rows] == ["a", "c"] and rejected == []
 
 
 def test_limit_keeps_first_good_rows(tmp_path):

@@ -23,11 +23,11 @@ from artifacts import prepared_problems, trained_student
 from faults import descendants, kill_when
 
 from w2sr import layout, lineage
-from w2sr.config import BenchmarkRef, PromptsConfig, validate
+from w2sr.config import BenchmarkRef, ConfigError, PromptsConfig, validate
 from w2sr.data.benchmarks import OFFLINE_TASKS
 from w2sr.data.sources import load_benchmark, load_prompts
 from w2sr.evaluation import offline
-from w2sr.evaluation.endpoint import EndpointError, chat_completion
+from w2sr.evaluation.endpoint import EndpointError, chat_completion, endpoint_key
 from w2sr.evaluation.problems import Problems, load_problems
 from w2sr.evaluation.results import (
     benchmark_metrics,
@@ -545,6 +545,7 @@ class FlakyServer:
 
         self.refuse: set[int] = set()
         self.requests = 0
+        self.listings = 0  # GET /v1/models
         self.bodies: list[dict] = []
         self.delay = 0.0  # seconds per reply
         server = self
@@ -562,6 +563,7 @@ class FlakyServer:
                 self.wfile.write(data)
 
             def do_GET(self):
+                server.listings += 1
                 self._send(200, {"data": [{"id": "teacher"}]})
 
             def do_POST(self):
@@ -685,6 +687,89 @@ def test_a_killed_endpoint_evaluation_keeps_the_replies_it_got(tmp_path):
     table = run.read_parquet(*task.parts)
     keys = list(zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True))
     assert len(keys) == len(set(keys)) == 16 and not partial.exists()
+
+
+def endpoint_config(tmp_path: Path):
+    return validate(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "teacher": "org/teacher",
+            "eval": {"benchmarks": [{"name": "offline", "limit": 1}], "samples": 1},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "secret_part", ["user:s3cret@", "s3cret@", "/v1?api-key=s3cret", "/v1#s3cret"]
+)
+def test_an_endpoint_url_that_holds_a_secret_is_refused_before_any_request(tmp_path, secret_part):
+    """Every result records its endpoint, and the summary with it: a URL with credentials (or a
+    query or fragment that may hold a token) is refused before anything is asked or written,
+    with the key's variable named and the secret not repeated."""
+    cfg = endpoint_config(tmp_path)
+    server = FlakyServer()
+    port = server.httpd.server_address[1]
+    if secret_part.endswith("@"):
+        url = f"http://{secret_part}127.0.0.1:{port}/v1"
+    else:
+        url = f"http://127.0.0.1:{port}{secret_part}"
+    try:
+        with pytest.raises(ConfigError, match="environment variable W2SR_API_KEY") as refused:
+            evaluate(cfg, endpoint=url)
+    finally:
+        server.httpd.shutdown()
+    assert "s3cret" not in str(refused.value) and len(str(refused.value).splitlines()) == 1
+    assert server.listings == server.requests == 0
+    assert not Path(cfg.run_dir, "eval").exists()  # no result, no summary
+
+
+_connects: list | None = None  # while a test watches: the addresses sockets tried to reach
+_hooked = False  # audit hooks cannot be removed: one is installed once, when first needed
+
+
+def _refuse_connects(event: str, args: tuple) -> None:
+    if event == "socket.connect" and _connects is not None:
+        _connects.append(args[1])
+        raise ConnectionRefusedError("this test allows no connection")
+
+
+@pytest.fixture
+def no_connections():
+    """Sockets may not connect while the test runs (an audit hook refuses, so nothing is sent);
+    yields the addresses they tried."""
+    global _connects, _hooked
+    if not _hooked:
+        sys.addaudithook(_refuse_connects)
+        _hooked = True
+    _connects = []
+    try:
+        yield _connects
+    finally:
+        _connects = None
+
+
+def test_the_api_key_goes_over_plain_http_only_to_loopback(tmp_path, monkeypatch, no_connections):
+    """With a key set, plain http to another host is refused before any connection is tried;
+    https anywhere and http to localhost, 127.0.0.0/8 or ::1 get the key."""
+    cfg = endpoint_config(tmp_path)
+    monkeypatch.setenv("W2SR_API_KEY", "sk-test")
+    with pytest.raises(ConfigError, match="10.255.255.1 would receive the key in W2SR_API_KEY"):
+        evaluate(cfg, endpoint="http://10.255.255.1:9/v1")
+    assert no_connections == []
+    for url in [
+        "https://api.example.com/v1",
+        "http://localhost:8000/v1",
+        "http://127.8.9.10:8000",
+        "http://[::1]:8000/v1",
+    ]:
+        assert endpoint_key(url, cfg) == "sk-test", url
+    for url in ["http://example.com/v1", "http://127.0.0.1.example.com/v1"]:
+        with pytest.raises(ConfigError, match="in clear over http"):
+            endpoint_key(url, cfg)
+    monkeypatch.delenv("W2SR_API_KEY")
+    assert endpoint_key("http://example.com/v1", cfg) is None  # no key, nothing to leak
+    with pytest.raises(ConfigError, match="not an http"):
+        endpoint_key("ftp://example.com/v1", cfg)
 
 
 # --- a real offline evaluation ---------------------------------------------------------------

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from numbers import Integral, Real
@@ -71,10 +72,11 @@ Part = tuple[list[Record], Fields]  # the rows of one split, and how to read the
 
 @dataclass(frozen=True)
 class _Unparsed:
-    """A line of a JSON-lines file that is not UTF-8 JSON: rejected, never a crash."""
+    """A line of a JSON-lines file that cannot be read (not UTF-8, not JSON, or JSON that Python
+    will not hold): rejected with `reason`, never a crash."""
 
     line: str
-    error: str
+    reason: str
 
 
 def load_prompts(cfg: PromptsConfig) -> tuple[list[dict], list[dict]]:
@@ -127,10 +129,7 @@ def validate_rows(parts: Iterable[Part]) -> tuple[list[dict], list[dict]]:
 def _check(index: int, raw: Any, fields: Fields) -> tuple[str | None, str, str, str | None]:
     """(prompt_id, problem, answer, reason); reason is None for a good row."""
     if isinstance(raw, _Unparsed):
-        reason = (
-            raw.error if raw.error.startswith("invalid UTF-8") else f"invalid JSON: {raw.error}"
-        )
-        return None, "", "", reason
+        return None, "", "", raw.reason
     if not isinstance(raw, dict):
         return None, "", "", f"wrong type: row is {type(raw).__name__}, not an object"
     prompt_id, reason = _id(index, raw, fields)
@@ -155,9 +154,12 @@ def _id(index: int, raw: dict, fields: Fields) -> tuple[str | None, str | None]:
         return None, "missing id"
     if isinstance(value, bool) or not isinstance(value, str | Integral):
         return None, f"wrong type: id is {type(value).__name__}"
-    if not str(value).strip():
+    text, reason = _text(value, "id")
+    if reason:
+        return None, reason
+    if not text.strip():
         return None, "empty id"
-    return str(value).strip(), None
+    return text.strip(), None
 
 
 def _answer(value: Any, fields: Fields) -> tuple[str, str | None]:
@@ -172,7 +174,10 @@ def _answer(value: Any, fields: Fields) -> tuple[str, str | None]:
             return "", "missing answer"
         if value.is_integer():
             value = int(value)
-    text = str(value).strip()
+    text, reason = _text(value, "answer")
+    if reason:
+        return "", reason
+    text = text.strip()
     if not text:
         return "", "empty answer"
     if fields.extract is not None:
@@ -182,10 +187,33 @@ def _answer(value: Any, fields: Fields) -> tuple[str, str | None]:
     return text, None
 
 
+def _text(value: str | Real, what: str) -> tuple[str, str | None]:
+    """`str(value)`, or the reason it cannot be: Python refuses to write out an integer of more
+    digits than `sys.get_int_max_str_digits()` (a guard against quadratic-time conversion)."""
+    try:
+        return str(value), None
+    except ValueError:
+        return "", f"{what} is {_too_long()}"
+
+
+def _too_long() -> str:
+    return f"an integer of more than {sys.get_int_max_str_digits()} digits"
+
+
+def _unwritable(error: ValueError | RecursionError) -> str:
+    """Why `json` could not read or write a value that is itself well-formed JSON."""
+    return _too_long() if isinstance(error, ValueError) else "arrays or objects nested too deeply"
+
+
 def _dump(raw: Any) -> str:
+    """The row as JSON text for the rejection record; a row JSON cannot write (an integer too long,
+    nesting too deep) is named by its type, so reporting it never fails."""
     if isinstance(raw, _Unparsed):
         return raw.line
-    return json.dumps(raw, default=str, ensure_ascii=False)
+    try:
+        return json.dumps(raw, default=str, ensure_ascii=False)
+    except (ValueError, RecursionError) as error:
+        return f"<a {type(raw).__name__} JSON cannot write: {_unwritable(error)}>"
 
 
 # --- sources ---------------------------------------------------------------------------------
@@ -363,7 +391,10 @@ def _level(value: Any) -> int | None:
     """MATH writes "Level 3", MATH-500 writes 3; anything else has no level."""
     if isinstance(value, Integral) and not isinstance(value, bool):
         return int(value)
-    match = re.fullmatch(r"\s*(?:Level\s*)?(\d+)\s*", value) if isinstance(value, str) else None
+    if not isinstance(value, str):
+        return None
+    # At most 9 digits: int() of thousands raises, and no level is that high.
+    match = re.fullmatch(r"\s*(?:Level\s*)?(\d{1,9})\s*", value)
     return int(match.group(1)) if match else None
 
 
@@ -408,7 +439,9 @@ def _file_records(path: str) -> Iterator[Record]:
             try:
                 yield index, json.loads(line)
             except json.JSONDecodeError as error:
-                yield index, _Unparsed(line, str(error))
+                yield index, _Unparsed(line, f"invalid JSON: {error}")
+            except (ValueError, RecursionError) as error:  # valid JSON that Python will not hold
+                yield index, _Unparsed(line, f"unreadable JSON: {_unwritable(error)}")
     else:
         raise ValueError(f"unsupported prompt file {path!r}: expected .jsonl, .json or .parquet")
 

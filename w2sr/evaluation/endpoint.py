@@ -6,18 +6,23 @@ Prompts are the run's template messages; the server applies the model's chat tem
 so a response is stored as the server returns it, without a `<think>` its chat template may have
 prefilled. A benchmark's replies are saved as they arrive in a `.partial.json` beside its
 result, so one that loses requests or is killed keeps them, and a rerun asks only for the rest.
+
+The URL is recorded with each result, so it may carry no credentials, and the API key (from the
+variable `eval.endpoint.api_key_env` names) goes only over https or to this machine's loopback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import random
 import re
 import time
+from urllib.parse import urlsplit
 
-from w2sr.config import ExperimentConfig
+from w2sr.config import ConfigError, ExperimentConfig
 from w2sr.data.templates import TEMPLATES
 from w2sr.evaluation.problems import Problems
 from w2sr.evaluation.results import Task, sample_rows, scorer, write_result
@@ -36,8 +41,50 @@ def api_base(endpoint: str) -> str:
     return re.sub(r"/v1/?$", "", endpoint.rstrip("/"))
 
 
-def _headers(cfg: ExperimentConfig) -> dict[str, str]:
-    key = os.environ.get(cfg.eval.endpoint.api_key_env)
+def endpoint_key(endpoint: str, cfg: ExperimentConfig) -> str | None:
+    """The API key (none when its variable is unset), once `endpoint` is known to be a URL that
+    may be recorded and a place the key may go: raises ConfigError, before any request, for a URL
+    holding credentials, a query or a fragment, and for a key bound for plain http off loopback.
+    The messages never repeat the URL, which may hold a secret."""
+    env = cfg.eval.endpoint.api_key_env
+    try:
+        parts = urlsplit(endpoint)
+        hostname = parts.hostname
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        hostname = None
+    if not hostname or parts.scheme not in ("http", "https"):
+        raise ConfigError("--endpoint: not an http(s) URL; give one like http://host:8000/v1")
+    if "@" in parts.netloc:
+        raise ConfigError(
+            "--endpoint: holds credentials, which would be recorded with every result; give "
+            f"the key through the environment variable {env} (eval.endpoint.api_key_env) instead"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(
+            "--endpoint: takes no query or fragment (they would be recorded with every result); "
+            f"give the server's base URL, and a key through the environment variable {env}"
+        )
+    key = os.environ.get(env) or None
+    if key and parts.scheme == "http" and not _loopback(hostname):
+        raise ConfigError(
+            f"--endpoint: {hostname} would receive the key in {env} in clear over http; "
+            "use https, or a server on this machine's loopback"
+        )
+    return key
+
+
+def _loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1; any other name may resolve anywhere."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _headers(endpoint: str, cfg: ExperimentConfig) -> dict[str, str]:
+    key = endpoint_key(endpoint, cfg)
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
@@ -49,9 +96,10 @@ def served_models(endpoint: str, cfg: ExperimentConfig) -> set[str]:
     """The model ids the server lists at /v1/models."""
     import httpx
 
+    headers = _headers(endpoint, cfg)
     url = f"{api_base(endpoint)}/v1/models"
     try:
-        response = httpx.get(url, headers=_headers(cfg), timeout=cfg.eval.endpoint.timeout_s)
+        response = httpx.get(url, headers=headers, timeout=cfg.eval.endpoint.timeout_s)
         response.raise_for_status()
     except httpx.HTTPError as error:
         raise EndpointError(f"cannot list the models at {url}: {error}") from error
@@ -100,8 +148,9 @@ async def evaluate_endpoint(
     score = scorer(cfg, label)
     gate = asyncio.Semaphore(ep.concurrency)
     limits = httpx.Limits(max_connections=ep.concurrency, max_keepalive_connections=ep.concurrency)
+    headers = _headers(endpoint, cfg)
     async with httpx.AsyncClient(
-        base_url=api_base(endpoint), headers=_headers(cfg), timeout=ep.timeout_s, limits=limits
+        base_url=api_base(endpoint), headers=headers, timeout=ep.timeout_s, limits=limits
     ) as client:
 
         async def complete(sample: dict, task: Task, progress: list[int]) -> dict:
