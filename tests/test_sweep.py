@@ -27,6 +27,7 @@ from network import free_port
 
 from w2sr import layout, lineage
 from w2sr.config import ConfigError
+from w2sr.evaluation.results import plan_tasks
 from w2sr.identity import content_digest
 from w2sr.models import _builtin_folder, cache_dir
 from w2sr.rundir import RunDir
@@ -136,9 +137,50 @@ def test_a_student_with_an_outside_rl_reference_runs_no_grpo_and_evaluates_it(tm
     assert all("rl" in c.labels for c in cells)
     grpo = [n for n in nodes.values() if n.command == "grpo"]
     assert [n.config.student for n in grpo] == ["org/t"]  # only the student without one
-    rl = nodes["eval/rl/s"]
-    assert rl.command == "eval" and rl.label == "rl" and not rl.needs
+    (rl,) = [n for n in nodes.values() if n.label == "rl" and n.config.student == "org/s"]
+    assert rl.command == "eval" and rl.key.startswith("eval/rl/") and not rl.needs
     assert len(rl.cells) == 3  # every variant of that student compares with it
+
+
+def test_an_evaluation_is_a_node_per_setting_of_its_model(tmp_path):
+    """A student whose overrides change the evaluation has the teacher evaluated at its setting
+    too: a node of its own, whose results are those its cells' summary reads."""
+    data = {
+        "base": {**base(tmp_path), "grpo": {}},
+        "run_dir": str(tmp_path / "study"),
+        "teachers": [{"label": "a", "model": "org/a"}],
+        "students": [
+            {"label": "s", "model": "org/s"},
+            {"label": "t", "model": "org/t", "overrides": {"eval.sampling.max_tokens": 16}},
+            {"label": "u", "model": "org/u"},
+        ],
+        "variants": ["all"],
+    }
+    cells, nodes = plan(SweepConfig.model_validate(data))
+    teacher = [n for n in nodes.values() if n.command == "eval" and n.label == "teacher"]
+    assert sorted(sorted(n.cells) for n in teacher) == [
+        ["a.s.all.s0", "a.u.all.s0"],
+        ["a.t.all.s0"],
+    ]
+    for node in teacher:
+        assert node.key.startswith("eval/teacher/")
+        for cell in [c for c in cells if c.name in node.cells]:  # the node makes what they read
+            wanted, _ = plan_tasks(cell.config, labels=("teacher",))
+            made, _ = plan_tasks(node.config, labels=("teacher",))
+            assert [t.parts for t in wanted] == [t.parts for t in made]
+    # One GRPO student for two teachers, one of which evaluates at another setting
+    data |= {
+        "teachers": [
+            {"label": "a", "model": "org/a"},
+            {"label": "b", "model": "org/b", "overrides": {"eval.sampling.max_tokens": 16}},
+        ],
+        "students": [{"label": "s", "model": "org/s"}],
+    }
+    _, nodes = plan(SweepConfig.model_validate(data))
+    (grpo,) = [n.key for n in nodes.values() if n.command == "grpo"]
+    rl = [n for n in nodes.values() if n.command == "eval" and n.label == "rl"]
+    assert sorted(n.cells for n in rl) == [["a.s.all.s0"], ["b.s.all.s0"]]
+    assert all(n.needs == (grpo,) for n in rl)
 
 
 def test_the_paper_sweep_plans_offline_without_data_models_or_writes(tmp_path, monkeypatch):
@@ -370,6 +412,20 @@ def test_a_failing_teacher_fails_only_its_cells(study, tiny_model):
     report = run.read_text("report", "report.md")
     assert "## Failures" in report and "broken.student.all.s0" in report
     assert "| a | reasoner |" in report and "| broken | non_reasoner |" in report
+    # gc on the study, where no hub cache and no built model are: the run dir's config.yaml is
+    # the broken teacher's last stage's, yet nothing either teacher's cells need is listed, and
+    # no identity is recomputed (nothing is built or hashed into the empty caches)
+    elsewhere = tmp / "elsewhere"
+    elsewhere.mkdir()
+    gc = subprocess.run(
+        [sys.executable, "-m", "w2sr.cli", "gc", run.uri],
+        env={**os.environ, "HF_HUB_CACHE": str(elsewhere / "hub"),
+             "W2SR_CACHE": str(elsewhere / "w2sr")},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert gc.returncode == 0, gc.stderr[-3000:]
+    assert gc.stdout.splitlines() == ["0 items, 0 bytes would be removed (pass --delete)"]
+    assert list(elsewhere.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -8,8 +8,10 @@ The config is validated before anything starts, so a bad key costs a second, not
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import operator
 import sys
 from collections.abc import Callable
 
@@ -156,10 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="a run directory, or a folder of runs (one per teacher)")
     gc = commands.add_parser(
         "gc",
-        help="list (and with --delete remove) what no kept config refers to",
-        description="List the stage folders, evaluation results and stale temporary files that "
-        "neither the run dir's config.yaml nor a --keep config refers to; remove them with "
-        "--delete.",
+        help="list (and with --delete remove) what nothing the run dir records refers to",
+        description="List the stage folders, published built-ins, evaluation results (and what "
+        "killed evaluations left) and stale temporary files that nothing the run dir records "
+        "refers to, nor a --keep config; remove them with --delete. The records are the latest "
+        "command's lineage.json and a sweep's sweep/lineage.json, written with the identities "
+        "(hub revisions, content digests) of the machine the work ran on, so gc gives the same "
+        "answer from any machine. Nothing at work (a live lease) is listed.",
     )
     gc.add_argument("run_dir", help="a run directory")
     gc.add_argument(
@@ -167,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="CONFIG",
-        help="a config whose artifacts stay (repeatable)",
+        help="an experiment config whose artifacts stay too, computed on this machine; refused "
+        "when it resolves to nothing in the run dir (repeatable)",
     )
     gc.add_argument("--delete", action="store_true", help="remove what is listed")
     sweep = commands.add_parser(
@@ -197,18 +203,27 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _gc(args: argparse.Namespace) -> int:
-    from w2sr.gc import collect, find_garbage
+    from w2sr.gc import collect, computed, find_garbage, recorded
 
     run = RunDir(args.run_dir)
-    configs = [load_config(path) for path in args.keep]
-    if run.exists(layout.CONFIG):
-        configs.append(validate(yaml.safe_load(run.read_text(layout.CONFIG))))
-    configs = [cfg.model_copy(update={"run_dir": args.run_dir}) for cfg in configs]
-    if not configs:
+    kept = [found] if (found := recorded(run)) is not None else []
+    if not kept and run.exists(layout.CONFIG):  # written before commands recorded lineage
+        logging.warning(
+            "%s has no %s: keeping what its %s refers to as computed on this machine",
+            args.run_dir,
+            layout.LINEAGE,
+            layout.CONFIG,
+        )
+        own = validate(yaml.safe_load(run.read_text(layout.CONFIG)))
+        kept.append(computed(run, own.model_copy(update={"run_dir": args.run_dir}), layout.CONFIG))
+    for path in args.keep:
+        cfg = load_config(path).model_copy(update={"run_dir": args.run_dir})
+        kept.append(computed(run, cfg, f"--keep {path}"))
+    if not kept:
         raise ConfigError(
             f"{args.run_dir} has no {layout.CONFIG}; name the configs to keep with --keep"
         )
-    garbage = find_garbage(run, configs)
+    garbage = find_garbage(run, functools.reduce(operator.or_, kept))
     for item in garbage:
         print(f"{item.state:10} {item.size:>14,d}  {item.path}")
     total = sum(item.size for item in garbage)
@@ -217,6 +232,16 @@ def _gc(args: argparse.Namespace) -> int:
     if args.delete:
         collect(run, garbage)
     return 0
+
+
+def _record(cfg: ExperimentConfig) -> None:
+    """The command's config, and first what it refers to, with identities as this machine
+    resolves them now: `w2sr gc` keeps by this record and never recomputes it."""
+    from w2sr.gc import record
+
+    run = RunDir(cfg.run_dir)
+    run.write_json(record(cfg).to_json(), layout.LINEAGE)
+    run.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), layout.CONFIG)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,9 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if not (args.command == "eval" and args.endpoint):
             check_local_resources(cfg, RESOURCES[args.command])
-        RunDir(cfg.run_dir).write_text(
-            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), layout.CONFIG
-        )
+        _record(cfg)
         result = STAGES[args.command][0](cfg, args)
     except ConfigError as error:  # raised before any work that could be lost
         print(f"w2sr: {error}", file=sys.stderr)

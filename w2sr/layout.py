@@ -3,9 +3,11 @@
 Stages exchange artifacts, not objects: each stage reads what earlier stages wrote through the
 names below and never imports another stage. Every stage writes into a folder named by its
 fingerprint (`w2sr.lineage` computes them from a config), so artifacts of different configs live
-side by side and nothing finished is replaced; `w2sr gc` removes what no config refers to.
+side by side and nothing finished is replaced; `w2sr gc` removes what no recorded config refers to.
 
     config.yaml                         the resolved config of the latest command
+    lineage.json                        what that config refers to (folders, results), as
+                                        computed when it ran: what `w2sr gc` keeps
     problems/<fp>/problems.parquet      the validated problem set
     problems/<fp>/rejected.parquet      source rows set aside, with the reason
     prompts/<fp>/prompts.parquet        the problems rendered for the teacher, in shards
@@ -24,9 +26,13 @@ side by side and nothing finished is replaced; `w2sr gc` removes what no config 
                                         one model on one benchmark, k graded samples per problem
     eval/{label}/_parts/{benchmark}-{fp}/
                                         its rows as workers wrote them, until it is sealed
+    eval/{label}/{benchmark}-{fp}.partial.json
+                                        an endpoint evaluation's replies so far, likewise
     eval/summary.json                   written last by `w2sr eval`
     report/report.md, report/*.png      `w2sr report`
     report/judge/labels.jsonl           a judge model's behaviour labels (`report.behaviors`)
+    sweep/sweep.yaml                    `w2sr sweep`: its config, as run (`w2sr.sweep.job`)
+    sweep/lineage.json                  what all its cells refer to, like lineage.json
     <stage folder>/_DONE.json           written last: the stage's fingerprint and counts
     <stage folder>/_RUN.json            what the stage's attempts have cost so far
     <stage folder>/_LEASE.json          who works on the stage now
@@ -46,6 +52,10 @@ from w2sr.rundir import RunDir
 from w2sr.schemas import TRACE_SCHEMA
 
 CONFIG = "config.yaml"
+LINEAGE = "lineage.json"
+SWEEP = "sweep"
+SWEEP_CONFIG = (SWEEP, "sweep.yaml")
+SWEEP_LINEAGE = (SWEEP, "lineage.json")
 
 PROBLEMS = "problems"
 PROMPTS = "prompts"
@@ -64,6 +74,7 @@ MODEL = "model"  # the Hugging Face folder a training stage exports
 CHECKPOINTS = "ray"  # a training stage's Ray Train storage
 EVAL = "eval"
 PARTS = "_parts"  # results written by the workers, not yet sealed into their artifact
+EVAL_PARTIAL = ".partial.json"  # an endpoint evaluation's replies, beside its result's name
 EVAL_SUMMARY = (EVAL, "summary.json")
 REPORT = "report"
 JUDGE_LABELS = (REPORT, "judge", "labels.jsonl")

@@ -86,6 +86,18 @@ def trained(cfg: ExperimentConfig) -> dict[str, Artifact]:
     return out
 
 
+def builtins(cfg: ExperimentConfig) -> list[Artifact]:
+    """The built-in models the config names, as a run dir in object storage publishes them for
+    every node (`registry.published`), named by their content."""
+    specs = [cfg.teacher, cfg.student, cfg.rl, *cfg.eval.models.values()]
+    out = []
+    for spec in dict.fromkeys(s for s in specs if s and s.startswith("builtin:")):
+        digest = model_identity(spec)
+        out.append(Artifact(layout.builtin(spec.removeprefix("builtin:"), digest), digest))
+    return out
+
+
 def artifacts(cfg: ExperimentConfig) -> list[Artifact]:
-    """Every stage folder the config refers to."""
-    return [problems(cfg), prompts(cfg), traces(cfg), sft(cfg), *trained(cfg).values()]
+    """Every folder the config refers to: its stages' and its published built-ins."""
+    stages = [problems(cfg), prompts(cfg), traces(cfg), sft(cfg), *trained(cfg).values()]
+    return stages + builtins(cfg)

@@ -6,6 +6,8 @@
 Artifacts (in the sweep's run dir, beside the stages' own):
 
     sweep/sweep.yaml                    the sweep config, as run
+    sweep/lineage.json                  what its cells refer to, as computed when it started:
+                                        what `w2sr gc` keeps for them
     sweep/logs/<stage>.log              each stage's output
     sweep/groups/<teacher>.<student>[.<match>-matched].s<seed>/summary.json
                                         the evaluation summary of one (teacher, student, seed)
@@ -15,14 +17,18 @@ Artifacts (in the sweep's run dir, beside the stages' own):
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 import os
 import time
 from typing import Any
 
 import yaml
 
+from w2sr import layout
 from w2sr.evaluation.results import plan_tasks, summary
+from w2sr.gc import record
 from w2sr.reporting.results import load_results
 from w2sr.rundir import RunDir
 from w2sr.session import RESOURCES, check_local_resources
@@ -72,8 +78,9 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
             check_local_resources(node.config, RESOURCES[node.command])
     run = RunDir(cfg.run_dir)
     run.write_text(
-        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "sweep", "sweep.yaml"
+        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), *layout.SWEEP_CONFIG
     )
+    write_lineage(run, cells)
     started = time.time()
     outcomes = run_graph(nodes, run, cfg.max_concurrent_stages)
     wall = time.time() - started
@@ -98,6 +105,14 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
     run.write_json(record, "sweep", "summary.json")
     written = write_report(run, cell_rows(cells, groups), facts, failures)
     return {**facts, "cells": record["cells"], "report": written["report"]}
+
+
+def write_lineage(run: RunDir, cells: list[Cell]) -> None:
+    """What every cell refers to, with identities as this machine resolves them now. Each stage's
+    command records only its own cell's config beside `config.yaml`; this is what `w2sr gc`
+    keeps for the others."""
+    kept = functools.reduce(operator.or_, (record(cell.config) for cell in cells))
+    run.write_json(kept.to_json(), *layout.SWEEP_LINEAGE)
 
 
 def _groups(cells: list[Cell]) -> dict[str, list[Cell]]:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from w2sr import layout, lineage
 from w2sr.config import ConfigError, ExperimentConfig, apply_override, validate
-from w2sr.evaluation.results import plan_tasks
-from w2sr.registry import model_table
+from w2sr.evaluation.results import plan_tasks, result_fingerprint
+from w2sr.registry import Model, model_table
 from w2sr.rundir import RunDir
 from w2sr.sweep.config import StudentAxis, SweepConfig, TeacherAxis
 
@@ -47,7 +47,7 @@ class Cell:
 @dataclass
 class Node:
     """One command of the sweep: a stage that makes `key` (its folder), or the evaluation of one
-    model (`key` names the model)."""
+    model (`key` names the model and its results: `eval_key`)."""
 
     key: str
     command: str  # generate, select, train, grpo or eval
@@ -111,17 +111,28 @@ def plan(sweep: SweepConfig) -> tuple[list[Cell], dict[str, Node]]:
         trained = {cell.labels[2]: student}
         if cfg.grpo is not None:
             trained["rl"] = add(Node(lineage.rl(cfg).folder, "grpo", cfg), cell)
-        evals = {
-            "teacher": f"eval/teacher/{cell.teacher.label}",
-            "base": f"eval/base/{cell.student.label}",
-        }
+        configured = ["teacher", "base"]
         if cfg.rl is not None:  # an outside checkpoint, evaluated like the base it came from
-            evals["rl"] = f"eval/rl/{cell.student.label}"
-        evals |= {label: f"eval/{label}/{folder}" for label, folder in trained.items()}
-        for label, key in evals.items():
-            needs = (trained[label],) if label in trained else ()
-            add(Node(key, "eval", cfg, needs, label), cell)
+            configured.append("rl")
+        for label in [*configured, *trained]:
+            folder = trained.get(label)
+            needs = (folder,) if folder else ()
+            add(Node(eval_key(cfg, label, folder), "eval", cfg, needs, label), cell)
     return all_cells, nodes
+
+
+def eval_key(cfg: ExperimentConfig, label: str, trained: str | None) -> str:
+    """An evaluation node's key: the model's label and a hash of its results' fingerprints, so
+    that cells evaluating one model under different settings (a student's overrides of `eval`)
+    get a node each, and cells that share every result share the node. A trained model's
+    results are named by its done record, which does not exist yet: its folder stands in."""
+    if trained is None:
+        tasks, _ = plan_tasks(cfg, labels=(label,))
+        fingerprints = [task.fingerprint for task in tasks]
+    else:
+        model = Model(label, trained, trained)
+        fingerprints = [result_fingerprint(cfg, model, bench) for bench in cfg.eval.benchmarks]
+    return f"{layout.EVAL}/{label}/{layout.fingerprint({}, *sorted(fingerprints))}"
 
 
 def is_complete(node: Node, run: RunDir) -> bool:
