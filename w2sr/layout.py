@@ -131,6 +131,11 @@ def eval_result(label: str, benchmark: str, fingerprint: str) -> tuple[str, str,
     return (EVAL, label, f"{eval_name(benchmark, fingerprint)}.parquet")
 
 
+def eval_partial(label: str, benchmark: str, fingerprint: str) -> tuple[str, str, str]:
+    """An endpoint evaluation's replies so far, beside the result they will become."""
+    return (EVAL, label, f"{eval_name(benchmark, fingerprint)}{EVAL_PARTIAL}")
+
+
 def eval_name(benchmark: str, fingerprint: str) -> str:
     return f"{benchmark}-{fingerprint}"
 

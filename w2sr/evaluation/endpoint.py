@@ -22,6 +22,7 @@ import re
 import time
 from urllib.parse import urlsplit
 
+from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig
 from w2sr.data.templates import TEMPLATES
 from w2sr.evaluation.problems import Problems
@@ -184,7 +185,7 @@ async def evaluate_endpoint(
         async def one_benchmark(task: Task) -> None:
             # Replies are saved as they arrive: an attempt that lost some requests, or was
             # killed, leaves them here for a rerun, which asks only for the rest.
-            partial = (*task.parts[:-1], task.parts[-1].removesuffix(".parquet") + ".partial.json")
+            partial = layout.eval_partial(task.model.label, task.bench.name, task.fingerprint)
             replies = run.read_json(*partial) if run.exists(*partial) else []
             have = {(r["prompt_id"], r["sample_index"]) for r in replies}
             posed = problems[task.bench.name]
