@@ -5,6 +5,10 @@ by the learner reach the model as tensors, through the worker extension of
 `w2sr.engines.weight_sync`, without restarting anything. An engine colocated with a learner
 worker on a GPU shares its device and sleeps (weights to host memory, KV cache freed) while the
 learner updates.
+
+Every wait on the engines is bounded (`answers`): an engine that hangs (a stuck device, a lost
+node whose actor Ray has not yet declared dead) fails the step with an error naming the call and
+the engines, instead of holding the run until its job's deadline.
 """
 
 from __future__ import annotations
@@ -15,6 +19,13 @@ from typing import Any
 from w2sr.config import EngineConfig
 from w2sr.engines import settings
 from w2sr.engines.weight_sync import EXTENSION
+
+# Bounds of the waits on the engines, in seconds. Generation covers a step's groups or a held-out
+# evaluation of long sequences on a large model, and the engines' start before their first call;
+# the others move or free weights.
+GENERATE_TIMEOUT_S = 3600.0
+SLEEP_TIMEOUT_S = 600.0  # sleep and wake-up
+SYNC_TIMEOUT_S = 1800.0  # a weight sync: loading the learner's weights, joining the weight group
 
 
 class RolloutEngine:
@@ -98,6 +109,23 @@ class RolloutEngine:
 
     def wake_up(self) -> None:
         self.llm.wake_up()
+
+
+def answers(refs: list, call: str, timeout_s: float) -> list:
+    """`ray.get` of one call's results, one per engine in order, within `timeout_s`; past it,
+    `GetTimeoutError` names the call and the engines that had not answered."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except GetTimeoutError:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        late = [str(i) for i, ref in enumerate(refs) if ref not in ready]
+        raise GetTimeoutError(
+            f"rollout engine(s) {', '.join(late)} of {len(refs)} did not answer {call} within "
+            f"{timeout_s:g}s"
+        ) from None
 
 
 def actor_options(engine: EngineConfig, *, use_gpu: bool, beside: dict | None = None) -> dict:

@@ -112,8 +112,11 @@ class ObjectStoreSender:
         """How many tensors each engine loaded."""
         import ray
 
+        from w2sr.engines import rollout
+
         ref = ray.put(self.named)
-        return ray.get([actor.load_weights.remote(ref) for actor in self.actors])
+        loads = [actor.load_weights.remote(ref) for actor in self.actors]
+        return rollout.answers(loads, "load_weights", rollout.SYNC_TIMEOUT_S)
 
 
 class CollectiveSender:
@@ -134,6 +137,8 @@ class CollectiveSender:
         import ray
         import torch.distributed as dist
 
+        from w2sr.engines import rollout
+
         host = ray.util.get_node_ip_address()
         listener = socket.create_server((host, 0))
         port = listener.getsockname()[1]
@@ -152,7 +157,7 @@ class CollectiveSender:
             for rank, actor in enumerate(actors, start=1)
         ]
         group = process_group(store, 0, world, backend, secret)  # returns once all have joined
-        ray.get(joined)
+        rollout.answers(joined, "join_weight_group", rollout.SYNC_TIMEOUT_S)
         return cls(actors, group, store, listener)
 
     def start(self, specs: list[tuple[str, str, list[int]]]) -> CollectiveSender:
@@ -164,6 +169,6 @@ class CollectiveSender:
 
     def finish(self) -> list[int]:
         """How many tensors each engine loaded."""
-        import ray
+        from w2sr.engines import rollout
 
-        return ray.get(self.pending)
+        return rollout.answers(self.pending, "receive_weights", rollout.SYNC_TIMEOUT_S)

@@ -56,7 +56,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     # Engines start in their actors while DeepSpeed initializes here; each finds the model on
     # its own node.
     places = learner_places()
-    rollouts = Rollouts(cfg, config["model"], places) if rank == 0 else None
+    rollouts = Rollouts.start(cfg, config["model"], places) if rank == 0 else None
     engine, _ds_config = build_engine(
         model,
         g,

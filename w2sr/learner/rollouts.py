@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from w2sr.config import ExperimentConfig
-from w2sr.engines.rollout import rollout_actor
+from w2sr.engines import rollout
+from w2sr.engines.rollout import answers, rollout_actor
 from w2sr.engines.settings import sample_seed, sampling_params
 from w2sr.engines.weight_sync import CollectiveSender, ObjectStoreSender, transport
 from w2sr.grading import extract_answer, grade_batch
@@ -30,13 +31,17 @@ def graded(
 
 
 class Rollouts:
-    """The rollout engines of a run and the step's groups: samples, rewards and advantages."""
+    """The rollout engines of a run and the step's groups: samples, rewards and advantages.
 
-    def __init__(self, cfg: ExperimentConfig, model: str, learners: list[dict]):
-        """`learners`: each learner worker's `node_id`, `cpus` and `gpu_ids`, by rank."""
+    Every wait on the engines is bounded (`w2sr.engines.rollout.answers`)."""
+
+    @classmethod
+    def start(cls, cfg: ExperimentConfig, model: str, learners: list[dict]) -> Rollouts:
+        """Start the run's engines. `learners`: each learner worker's `node_id`, `cpus` and
+        `gpu_ids`, by rank."""
         g = cfg.grpo
         colocated = g.placement == "colocated"
-        self.actors = [
+        actors = [
             rollout_actor(
                 model,
                 g.engine,
@@ -47,6 +52,13 @@ class Rollouts:
             )
             for i in range(g.engine.replicas.max)
         ]
+        return cls(cfg, actors)
+
+    def __init__(self, cfg: ExperimentConfig, actors: list):
+        """`actors`: the engines (`RolloutEngine` actors)."""
+        g = cfg.grpo
+        colocated = g.placement == "colocated"
+        self.actors = actors
         self.sleeps = colocated and cfg.use_gpu
         self.transport = transport(g.weight_sync, use_gpu=cfg.use_gpu, colocated=colocated)
         self.backend = "nccl" if cfg.use_gpu else "gloo"
@@ -90,8 +102,6 @@ class Rollouts:
 
     def _generate(self, prompts: list[dict], sampling, n: int, seeds: list[int]) -> list[list]:
         """`n` completions of each prompt, the prompts dealt round-robin to the engines."""
-        import ray
-
         shares = [list(range(i, len(prompts), len(self.actors))) for i in range(len(self.actors))]
         pending = [
             actor.generate.remote(
@@ -103,7 +113,8 @@ class Rollouts:
             for actor, share in zip(self.actors, shares, strict=True)
         ]
         groups: list[list[dict]] = [[] for _ in prompts]
-        for share, outputs in zip(shares, ray.get(pending), strict=True):
+        results = answers(pending, "generate", rollout.GENERATE_TIMEOUT_S)
+        for share, outputs in zip(shares, results, strict=True):
             for i, group in zip(share, outputs, strict=True):
                 groups[i] = group
         return groups
@@ -117,16 +128,14 @@ class Rollouts:
         return self.collective.start(specs)
 
     def sleep(self) -> None:
-        import ray
-
         if self.sleeps:
-            ray.get([actor.sleep.remote() for actor in self.actors])
+            refs = [actor.sleep.remote() for actor in self.actors]
+            answers(refs, "sleep", rollout.SLEEP_TIMEOUT_S)
 
     def wake_up(self) -> None:
-        import ray
-
         if self.sleeps:
-            ray.get([actor.wake_up.remote() for actor in self.actors])
+            refs = [actor.wake_up.remote() for actor in self.actors]
+            answers(refs, "wake_up", rollout.SLEEP_TIMEOUT_S)
 
     def close(self) -> None:
         import ray

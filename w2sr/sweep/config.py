@@ -11,9 +11,14 @@
     variants: [all, correct, incorrect]
     seeds: [0]                   # SFT (and GRPO) seeds; the traces are shared across them
     match: [none, traces]        # training sets as selected, and cut to one size (select.match)
+    stage_timeout_s: 86400       # a stage still running after a day is stopped and counted failed
 
 A teacher or student entry may carry `overrides` (dotted keys, as on the command line) for its
 cells: a 32B teacher's engine spans two GPUs, a 14B student trains on more workers.
+
+`stage_timeout_s` bounds each stage the sweep runs (absent or null: no bound but the job's own
+deadline): one that runs longer is stopped with every process it started, and reported failed
+naming the bound. What it wrote so far stays, and the sweep's next run resumes it.
 
 A cell is one (teacher, student, variant, seed, match): one SFT and its evaluation. Every cell's
 experiment config is built and validated when the sweep is loaded, so a bad key fails before Ray
@@ -66,6 +71,8 @@ class SweepConfig(Strict):
     match: Annotated[list[Literal[MATCHES]], Field(min_length=1)] | None = None
     # Stages that run at once; on a local session also bounded by its CPUs.
     max_concurrent_stages: PositiveInt = 4
+    # Seconds a stage may run before it is stopped and counted failed; null: no bound.
+    stage_timeout_s: Annotated[float, Field(gt=0)] | None = None
 
     @field_validator("teachers", "students")
     @classmethod

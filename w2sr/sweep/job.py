@@ -82,7 +82,7 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
     )
     write_lineage(run, cells)
     started = time.time()
-    outcomes = run_graph(nodes, run, cfg.max_concurrent_stages)
+    outcomes = run_graph(nodes, run, cfg.max_concurrent_stages, cfg.stage_timeout_s)
     wall = time.time() - started
     groups = {}
     for name, members in _groups(cells).items():
@@ -93,7 +93,7 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
     failures = [
         {"stage": key, "command": nodes[key].command, "cells": nodes[key].cells, "error": o.error}
         for key, o in outcomes.items()
-        if o.state == "failed"
+        if o.state == "failed" or (o.state == "blocked" and not _waited_on_a_need(o))
     ]
     facts = _facts(cells, outcomes, wall)
     record = {
@@ -113,6 +113,12 @@ def write_lineage(run: RunDir, cells: list[Cell]) -> None:
     keeps for the others."""
     kept = functools.reduce(operator.or_, (record(cell.config) for cell in cells))
     run.write_json(kept.to_json(), *layout.SWEEP_LINEAGE)
+
+
+def _waited_on_a_need(outcome: Outcome) -> bool:
+    """A stage blocked because what it needs failed (reported there), not by a lease it never
+    got, which is a failure of its own."""
+    return (outcome.error or "").startswith("needs ")
 
 
 def _groups(cells: list[Cell]) -> dict[str, list[Cell]]:

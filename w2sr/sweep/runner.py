@@ -5,13 +5,19 @@ A stage runs in its own process so that a crash fails that stage alone: the cell
 are reported blocked, every other cell finishes. Each command joins the same cluster (the one
 `ray job submit` runs in, `ray.address`, or a local one this process starts) and asks it for its
 own engines and workers, so an autoscaling cluster grows to the queued work. On a local session,
-whose size is fixed, a stage starts only when the CPUs it asks for are free. A stage whose lease
-another submission holds (exit status 3) is retried once that one is done with it; a rerun of a
-killed sweep skips every complete stage.
+whose size is fixed, a stage starts only when the CPUs it asks for are free. A rerun of a killed
+sweep skips every complete stage.
+
+Every wait is bounded. A stage that runs past the sweep's `stage_timeout_s` is stopped with every
+process it started and counted failed; what it wrote stays for a rerun. A stage whose lease
+another submission holds (exit status 3) is retried for `LEASE_WAIT_S`, long enough for the lease
+of a killed holder to lapse; a holder still renewing by then is at work, and the stage is
+reported blocked with the holder's message instead of waiting for as long as that work takes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -21,9 +27,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import yaml
 
-from w2sr.rundir import RunDir
+from w2sr.rundir import LEASE_TTL_S, RunDir
 from w2sr.session import RESOURCES, resource_request
 from w2sr.sweep.plan import Node, is_complete, skip_reason
 
@@ -31,6 +38,8 @@ log = logging.getLogger(__name__)
 
 LOGS = ("sweep", "logs")
 LEASE_RETRY_S = 10.0
+LEASE_WAIT_S = 5 * LEASE_TTL_S  # a killed holder's lease lapses one TTL after its last renewal
+STOP_GRACE_S = 10.0  # between SIGTERM and SIGKILL when a stage is stopped
 POLL_S = 0.5
 
 
@@ -45,8 +54,14 @@ class Outcome:
     error: str | None = None
 
 
-def run_graph(nodes: dict[str, Node], run: RunDir, max_concurrent: int) -> dict[str, Outcome]:
-    """Run every incomplete node once its needs are done; returns each node's outcome."""
+def run_graph(
+    nodes: dict[str, Node],
+    run: RunDir,
+    max_concurrent: int,
+    stage_timeout_s: float | None = None,
+) -> dict[str, Outcome]:
+    """Run every incomplete node once its needs are done; returns each node's outcome. A stage
+    still running `stage_timeout_s` after it started is stopped and counted failed."""
     outcomes: dict[str, Outcome] = {}
     for key, node in nodes.items():  # in an order that respects `needs`
         if all(n in outcomes for n in node.needs) and is_complete(node, run):
@@ -58,6 +73,7 @@ def run_graph(nodes: dict[str, Node], run: RunDir, max_concurrent: int) -> dict[
     address, capacity = _cluster(nodes)
     running: dict[str, tuple[subprocess.Popen, Path, float]] = {}
     retry_at: dict[str, float] = {}
+    held_since: dict[str, float] = {}  # when a stage was first found held by another submission
     with tempfile.TemporaryDirectory(prefix="w2sr-sweep-") as scratch:
         while pending or running:
             for key in list(pending):
@@ -90,25 +106,77 @@ def run_graph(nodes: dict[str, Node], run: RunDir, max_concurrent: int) -> dict[
                 pending.remove(key)
                 log.info("started %s %s", node.command, key)
             for key, (proc, log_path, started) in list(running.items()):
+                overdue = None
                 if proc.poll() is None:
-                    continue
+                    if stage_timeout_s is None or time.time() - started <= stage_timeout_s:
+                        continue
+                    stop(proc)
+                    overdue = (
+                        f"{key} ran past the sweep's stage_timeout_s of {stage_timeout_s:g}s and "
+                        "was stopped; what it wrote is kept, and a rerun resumes it"
+                    )
                 del running[key]
                 ended = time.time()
                 text = log_path.read_text(errors="replace")
+                if overdue:
+                    text += f"\nw2sr sweep: {overdue}\n"
                 run.write_text(text, *LOGS, _slug(key) + ".log")
-                if proc.returncode == 0:
+                if overdue:
+                    outcomes[key] = Outcome("failed", ended - started, started, ended, overdue)
+                    log.error("%s", overdue)
+                elif proc.returncode == 0:
                     outcomes[key] = Outcome("done", ended - started, started, ended)
                     log.info("finished %s in %.0fs", key, ended - started)
-                elif proc.returncode == 3:  # another submission holds the stage: wait for it
-                    retry_at[key] = ended + LEASE_RETRY_S
-                    pending.append(key)
-                    log.info("%s is held by another submission; retrying", key)
+                elif proc.returncode == 3:  # another submission holds the stage
+                    first = held_since.setdefault(key, ended)
+                    if ended - first < LEASE_WAIT_S:
+                        retry_at[key] = ended + LEASE_RETRY_S
+                        pending.append(key)
+                        log.info("%s is held by another submission; retrying", key)
+                        continue
+                    error = (
+                        f"{key} is still held by another submission after {ended - first:.0f}s "
+                        f"of retries (LEASE_WAIT_S {LEASE_WAIT_S:g}s): {_held_by(text)}"
+                    )
+                    outcomes[key] = Outcome("blocked", ended - started, started, ended, error)
+                    log.error("%s", error)
                 else:
                     error = _error(text)
                     outcomes[key] = Outcome("failed", ended - started, started, ended, error)
                     log.error("%s failed (exit %d):\n%s", key, proc.returncode, error)
             time.sleep(POLL_S)
     return outcomes
+
+
+def stop(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """End a stage and every process it started: SIGTERM first (a Ray driver then disconnects,
+    and Ray ends the workers and actors it owns), SIGKILL for what is left after `grace_s`.
+    The stage shares the sweep's process group, so that a sweep killed with its group takes its
+    stages along; its own processes are found as its descendants."""
+    try:
+        parent = psutil.Process(proc.pid)
+        tree = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:  # it ended on its own just now
+        tree = []
+    for process in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    deadline = time.time() + grace_s
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    _, alive = psutil.wait_procs(tree[1:], timeout=max(0.0, deadline - time.time()))
+    if tree and proc.poll() is None:
+        alive.append(tree[0])
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    proc.wait()
+
+
+def _held_by(log_text: str) -> str:
+    """The holder's message a stage printed when it found its lease taken."""
+    lines = [line for line in log_text.splitlines() if line.startswith("w2sr: ")]
+    return lines[-1].removeprefix("w2sr: ") if lines else _error(log_text)
 
 
 def _error(log_text: str) -> str:
