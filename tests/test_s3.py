@@ -5,9 +5,11 @@ that hides nothing finished, and built-in models published for every node."""
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 
+import boto3
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
@@ -136,3 +138,44 @@ def test_a_builtin_model_is_published_once_for_every_node(s3_run, tmp_path, monk
     local = RunDir(str(tmp_path / "run"))
     assert published("builtin:tiny-random", local) == resolve_model("builtin:tiny-random")
     assert not local.exists(layout.BUILTINS)
+
+
+def test_a_metrics_log_on_the_store_drops_a_torn_last_line(s3_run):
+    run = RunDir(s3_run)
+    whole = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2))
+    run.write_text(whole + '{"step": 3, "lo', "rl", "fp", "metrics.jsonl")
+    metrics = MetricsLog(run, "rl/fp")
+    metrics.write({"step": 3, "loss": 0.5})
+    metrics.flush()
+    records = [json.loads(line) for line in run.read_text("rl/fp", "metrics.jsonl").splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["loss"] == 0.5
+
+
+def test_a_file_is_uploaded_to_its_key_never_copied_there(s3_bucket):
+    """S3 refuses a CopyObject over 5 GiB, and a move on S3 is one: each file is uploaded to its
+    own key (in parts, when large), and an error while it is made leaves no object. A versioned
+    bucket keeps every object ever written, so it shows that no other key was written."""
+    s3 = boto3.client("s3")  # the test server, through the fixture's environment
+    bucket = f"w2sr-versions-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    run = RunDir(f"s3://{bucket}/run")
+    data = os.urandom(12 << 20)  # more than one part of pyarrow's multipart upload
+    run.write_bytes(data, "traces", "fp", "shard-00000.parquet")
+    assert run.read_bytes("traces", "fp", "shard-00000.parquet") == data
+    etag = s3.head_object(Bucket=bucket, Key="run/traces/fp/shard-00000.parquet")["ETag"]
+    parts = etag.strip('"').partition("-")[2]  # a multipart upload's ETag ends in -<parts>
+    assert parts and int(parts) > 1
+
+    table = pa.table({"x": [1, 2]})
+
+    def tables():
+        yield table
+        raise RuntimeError("the second table could not be made")
+
+    with pytest.raises(RuntimeError, match="could not be made"):
+        run.write_parquet_stream(tables(), table.schema, "prompts", "fp", "prompts.parquet")
+    versions = s3.list_object_versions(Bucket=bucket, Prefix="run/")
+    files = [v["Key"] for v in versions.get("Versions", []) if not v["Key"].endswith("/")]
+    deleted = [m["Key"] for m in versions.get("DeleteMarkers", []) if not m["Key"].endswith("/")]
+    assert files == ["run/traces/fp/shard-00000.parquet"] and deleted == []

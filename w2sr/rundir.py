@@ -1,8 +1,8 @@
 """The run directory: every artifact of an experiment, on a local disk or any pyarrow filesystem.
 
 What lives where is `w2sr.layout`'s to say; this module is how it is stored. Files are written to
-a temporary name and renamed, so a reader sees a whole file or none, and a stage that finds its
-done record with the same fingerprint has nothing left to do.
+a temporary name and renamed (on S3, uploaded whole to their key), so a reader sees a whole file
+or none, and a stage that finds its done record with the same fingerprint has nothing left to do.
 """
 
 from __future__ import annotations
@@ -66,12 +66,28 @@ class RunDir:
         return sorted(n for n in names if n.endswith(suffix) and ".tmp-" not in n)
 
     def _atomic(self, parts: tuple[str, ...], write) -> None:
-        """Call `write(tmp)` to fill a temporary file, then move it to `parts`."""
+        """Call `write(fs, path)` to fill a temporary file, then publish it whole at `parts`.
+
+        S3 would move the file with a CopyObject, which it refuses over 5 GiB: there the file is
+        made on local disk and uploaded to its key, an upload S3 shows only once complete (a
+        crash leaves no object, an error in `write` nothing at all)."""
+        self._check_lease(parts)
         final = self.path(*parts)
         self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+        if isinstance(self.fs, pafs.S3FileSystem):
+            with tempfile.TemporaryDirectory(prefix="w2sr-upload-") as local:
+                staged = os.path.join(local, "file")
+                write(pafs.LocalFileSystem(), staged)
+                pafs.copy_files(
+                    staged,
+                    final,
+                    source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=self.fs,
+                )
+            return
         tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            write(tmp)
+            write(self.fs, tmp)
             self.fs.move(tmp, final)
         except BaseException:
             if self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
@@ -79,14 +95,14 @@ class RunDir:
             raise
 
     def write_parquet(self, table: pa.Table, *parts: str) -> None:
-        self._atomic(parts, lambda tmp: pq.write_table(table, tmp, filesystem=self.fs))
+        self._atomic(parts, lambda fs, tmp: pq.write_table(table, tmp, filesystem=fs))
 
     def write_parquet_stream(self, tables: Iterable[pa.Table], schema: pa.Schema, *parts: str):
         """One file from tables made one after another, so that its writer never holds them all.
         An error raised while the tables are made leaves no file."""
 
-        def write(tmp: str) -> None:
-            with pq.ParquetWriter(tmp, schema, filesystem=self.fs) as writer:
+        def write(fs: pafs.FileSystem, tmp: str) -> None:
+            with pq.ParquetWriter(tmp, schema, filesystem=fs) as writer:
                 for table in tables:
                     writer.write_table(table)
 
@@ -98,8 +114,8 @@ class RunDir:
         )
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
-        def write(tmp: str) -> None:
-            with self.fs.open_output_stream(tmp) as out:
+        def write(fs: pafs.FileSystem, tmp: str) -> None:
+            with fs.open_output_stream(tmp) as out:
                 out.write(data)
 
         self._atomic(parts, write)
@@ -130,6 +146,7 @@ class RunDir:
         return sum(i.size for i in found if i.type == pafs.FileType.File)
 
     def delete(self, *parts: str) -> None:
+        self._check_lease(parts)
         target = self.path(*parts)
         info = self.fs.get_file_info(target)
         if info.type == pafs.FileType.Directory:
@@ -142,10 +159,11 @@ class RunDir:
         """A local folder to write into, published at `parts` when the block ends.
 
         On a local disk the folder is renamed into place; object stores cannot move a folder, so
-        there its files are copied to `parts`. Either way a reader trusts the folder only once
-        the stage's done record, written after, names it: a publication cut short is redone by
-        the next attempt and hides nothing finished, because a stage folder belongs to one
-        fingerprint."""
+        there each of its files is uploaded to `parts` (an upload, not a copy on the store, which
+        S3 refuses over 5 GiB). Either way a reader trusts the folder only once the stage's done
+        record, written after, names it: a publication cut short is redone by the next attempt
+        and hides nothing finished, because a stage folder belongs to one fingerprint."""
+        self._check_lease(parts)
         final = self.path(*parts)
         if isinstance(self.fs, pafs.LocalFileSystem):
             staged = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
@@ -185,8 +203,9 @@ class RunDir:
         dir (a retried RayJob, a job submitted twice) stops with a clear message instead of
         interleaving its shards and checkpoints with ours. The lease is renewed every third of
         `ttl_s`; one whose owner stops renewing (killed) lapses `ttl_s` later, or at once when
-        the owner was a process of this machine that is gone."""
-        held = self.read_json(stage, LEASE) if self.exists(stage, LEASE) else None
+        the owner was a process of this machine that is gone. An owner that could not renew it
+        for `ttl_s`, or finds it taken, stops at its next write into the folder (`LeaseLost`)."""
+        held = self._lease_record(stage)
         if held and not lapsed(held):
             age = time.time() - held["heartbeat"]
             raise LeaseHeld(
@@ -195,33 +214,47 @@ class RunDir:
             )
         key = (self.uri, stage)
         if key in _RENEWING:  # this process's own earlier claim, of an attempt that failed
-            _stop(_RENEWING.pop(key))
-        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-        def renew() -> None:
-            record = {"owner": owner, "heartbeat": time.time(), "ttl_s": ttl_s}
-            self.write_json(record, stage, LEASE)
-
-        renew()
+            _RENEWING.pop(key).end()
+        lease = _Lease(self, stage, ttl_s)
+        lease.write()
         # Object stores have no create-if-absent: of two that wrote at once, the later stands.
         time.sleep(LEASE_SETTLE_S)
-        if self.read_json(stage, LEASE)["owner"] != owner:
+        if (self._lease_record(stage) or {}).get("owner") != lease.owner:
             raise LeaseHeld(f"{self.path(stage)} was claimed by another submission just now")
-        stop = threading.Event()
-
-        def keep() -> None:
-            while not stop.wait(ttl_s / 3):
-                renew()
-
-        thread = threading.Thread(target=keep, daemon=True, name=f"w2sr-lease-{stage}")
-        _RENEWING[key] = (stop, thread)
-        thread.start()
+        _RENEWING[key] = lease
+        lease.thread.start()
 
     def _release(self, stage: str) -> None:
-        held = _RENEWING.pop((self.uri, stage), None)
-        if held is not None:
-            _stop(held)
-            self.delete(stage, LEASE)
+        """Stop renewing, then delete the lease if it is still ours: once lost, it is not."""
+        lease = _RENEWING.pop((self.uri, stage), None)
+        if lease is not None:
+            lease.end()
+            if (self._lease_record(stage) or {}).get("owner") == lease.owner:
+                self.fs.delete_file(self.path(stage, LEASE))
+
+    @contextlib.contextmanager
+    def leased(self, folders: Iterable[str]):
+        """Hold the lease of each folder for the block, for work with no done record of its
+        own: `LeaseHeld` when another live submission holds one."""
+        held: list[str] = []
+        try:
+            for folder in folders:
+                self._claim(folder)
+                held.append(folder)
+            yield
+        finally:
+            for folder in held:
+                self._release(folder)
+
+    def _lease_record(self, stage: str) -> dict[str, Any] | None:
+        return self.read_json(stage, LEASE) if self.exists(stage, LEASE) else None
+
+    def _check_lease(self, parts: tuple[str, ...]) -> None:
+        """Raise `LeaseLost` for a write into a stage folder whose lease this process lost."""
+        path = "/".join(parts)
+        for (uri, stage), lease in list(_RENEWING.items()):
+            if uri == self.uri and path.startswith(f"{stage}/"):
+                lease.check()
 
     def done(self, stage: str, fingerprint: str) -> dict[str, Any] | None:
         """The stage's completion record if it finished with this fingerprint, else None."""
@@ -235,19 +268,77 @@ class RunDir:
         self._release(stage)
 
 
-# This process's leases by (run dir, stage): the event that stops the renewals, and their thread.
-_RENEWING: dict[tuple[str, str], tuple[threading.Event, threading.Thread]] = {}
+class _Lease:
+    """This process's hold on a stage folder, renewed by a thread of its own until `end`."""
+
+    def __init__(self, run: RunDir, stage: str, ttl_s: float):
+        self.run, self.stage, self.ttl_s = run, stage, ttl_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.renewed = 0.0  # the heartbeat of the last record written
+        self.lost: str | None = None  # why the lease is no longer ours
+        self.failure: BaseException | None = None  # the last renewal's error, if it failed
+        self.ended = threading.Event()
+        self.thread = threading.Thread(target=self._keep, daemon=True, name=f"w2sr-lease-{stage}")
+
+    def write(self) -> None:
+        heartbeat = time.time()
+        record = {"owner": self.owner, "heartbeat": heartbeat, "ttl_s": self.ttl_s}
+        self.run.write_json(record, self.stage, LEASE)
+        self.renewed = heartbeat
+
+    def check(self) -> None:
+        """Raise `LeaseLost` once the lease is not ours: taken, or not renewed for `ttl_s`, after
+        which another submission may have judged it lapsed and taken the stage."""
+        since = time.time() - self.renewed
+        if self.lost is None and since > self.ttl_s:
+            failure = f"; last error: {self.failure!r}" if self.failure else ""
+            self.lost = f"not renewed for {since:.1f}s, longer than its {self.ttl_s:g}s{failure}"
+        if self.lost is not None:
+            raise LeaseLost(
+                f"{self.run.path(self.stage)}: this process lost its lease on the stage "
+                f"({self.lost}); the stage stops so as not to write over whoever holds it now"
+            )
+
+    def renew(self) -> None:
+        self.check()
+        held = self.run._lease_record(self.stage)
+        if held is not None and held["owner"] != self.owner:
+            self.lost = f"{held['owner']} holds it now"
+            self.check()
+        self.write()
+
+    def _keep(self) -> None:
+        """Renew every third of the ttl; a renewal that fails (the store out of reach) is tried
+        again after a short backoff, until the lease is renewed or known lost."""
+        every, failures = self.ttl_s / 3, 0
+        while not self.ended.wait(min(every, every * 2**failures / 16) if failures else every):
+            try:
+                self.renew()
+                failures, self.failure = 0, None
+            except LeaseLost as error:
+                log.error("%s", error)
+                return
+            except Exception as error:
+                failures, self.failure = failures + 1, error
+                log.warning("%s: lease renewal failed (%r); retrying", self.stage, error)
+
+    def end(self) -> None:
+        """Stop renewing, and wait for a renewal under way, so it cannot rewrite a deleted lease."""
+        self.ended.set()
+        if self.thread.is_alive():
+            self.thread.join()
 
 
-def _stop(held: tuple[threading.Event, threading.Thread]) -> None:
-    """Stop renewing, and wait for a renewal under way, so it cannot rewrite a deleted lease."""
-    stop, thread = held
-    stop.set()
-    thread.join()
+# This process's leases by (run dir, stage).
+_RENEWING: dict[tuple[str, str], _Lease] = {}
 
 
 class LeaseHeld(RuntimeError):
     """Another live submission is working on the stage."""
+
+
+class LeaseLost(RuntimeError):
+    """This process no longer holds the lease of a stage it works on."""
 
 
 def lapsed(held: dict[str, Any]) -> bool:
@@ -277,14 +368,30 @@ class MetricsLog:
     def __init__(self, run: RunDir, stage: str, flush_seconds: float = 10.0):
         self.run, self.parts = run, (stage, METRICS)
         self.local = isinstance(run.fs, pafs.LocalFileSystem)
-        self.lines = (
-            []
-            if self.local or not run.exists(*self.parts)
-            else [line + "\n" for line in run.read_text(*self.parts).splitlines()]
-        )
+        self.lines: list[str] = []
         self.flush_seconds, self.flushed = flush_seconds, time.time()
         if self.local:
             os.makedirs(os.path.dirname(run.path(*self.parts)), exist_ok=True)
+            self._cut_torn_line()
+        elif run.exists(*self.parts):
+            text = run.read_text(*self.parts)
+            whole = text[: text.rfind("\n") + 1]
+            if whole != text:
+                log.warning("%s: dropped a torn last line", run.path(*self.parts))
+            self.lines = whole.splitlines(keepends=True)
+
+    def _cut_torn_line(self) -> None:
+        """A crash mid-append can leave a last line without its newline: appended to, it would
+        become one line of two records, which no reader of the log can parse."""
+        path = self.run.path(*self.parts)
+        if not os.path.exists(path):
+            return
+        with open(path, "rb+") as log_file:
+            data = log_file.read()
+            whole = data.rfind(b"\n") + 1
+            if whole < len(data):
+                log_file.truncate(whole)
+                log.warning("%s: cut a torn last line (%d bytes)", path, len(data) - whole)
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record) + "\n"

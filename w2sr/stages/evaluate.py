@@ -58,11 +58,14 @@ def evaluate(
             skipped[label] = f"{names}: not cached, not served at {endpoint} ({sorted(served)})"
             log.warning("model %s skipped: %s", label, skipped[label])
             del missing[label]
-    if endpoint:
-        for label, todo in missing.items():
-            _timed(label, asyncio.run, evaluate_endpoint(cfg, run, todo, problems, endpoint))
-    elif missing:
-        _side_by_side(cfg, run, missing, problems)
+    # A model's evaluation is leased: a second one of it (another sweep on this run dir, a manual
+    # `w2sr eval`) stops with LeaseHeld instead of deleting the parts the first is writing.
+    with run.leased(f"{layout.EVAL}/{label}" for label in missing):
+        if endpoint:
+            for label, todo in missing.items():
+                _timed(label, asyncio.run, evaluate_endpoint(cfg, run, todo, problems, endpoint))
+        elif missing:
+            _side_by_side(cfg, run, missing, problems)
     done = [task for task in tasks if is_current(run, task, problems[task.bench.name])]
     result = summary(cfg, run, done, skipped, problems)
     if labels is None:  # the run's summary covers every model; a partial one is only returned
