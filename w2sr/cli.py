@@ -19,7 +19,7 @@ import yaml
 
 from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig, load_config, validate
-from w2sr.rundir import LeaseHeld, RunDir
+from w2sr.rundir import LeaseHeld, LeaseLost, RunDir
 from w2sr.session import RESOURCES, check_local_resources
 
 
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:  # raised before any work that could be lost
         print(f"w2sr: {error}", file=sys.stderr)
         return 2
-    except LeaseHeld as error:  # another submission is at work on the same stage
+    except (LeaseHeld, LeaseLost) as error:  # another submission works (or took over) there
         print(f"w2sr: {error}", file=sys.stderr)
         return 3
     print(json.dumps(result, indent=2, default=str))

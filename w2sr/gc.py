@@ -127,7 +127,7 @@ def find_garbage(run: RunDir, kept: Record) -> list[Garbage]:
     for label, folder in kept.untrained:
         untrained.setdefault(label, []).append(f"/{folder}/{layout.MODEL}")
     labels = [name for name in run.list(layout.EVAL) if name != summary]
-    for label in [label for label in labels if not _at_work(run, f"{layout.EVAL}/{label}")]:
+    for label in [label for label in labels if not _at_work(run, layout.eval_folder(label))]:
         waiting = tuple(untrained.get(label, ()))
         for name in run.list(layout.EVAL, label, suffix=".parquet"):
             path = f"{layout.EVAL}/{label}/{name}"

@@ -28,6 +28,7 @@ side by side and nothing finished is replaced; `w2sr gc` removes what no recorde
                                         its rows as workers wrote them, until it is sealed
     eval/{label}/{benchmark}-{fp}.partial.json
                                         an endpoint evaluation's replies so far, likewise
+    eval/{label}/_LEASE.json            who evaluates the model now
     eval/summary.json                   written last by `w2sr eval`
     report/report.md, report/*.png      `w2sr report`
     report/judge/labels.jsonl           a judge model's behaviour labels (`report.behaviors`)
@@ -125,6 +126,11 @@ def shard_name(shard: int) -> str:
 
 def sft_set(variant: str) -> str:
     return f"{variant}.parquet"
+
+
+def eval_folder(label: str) -> str:
+    """One model's results, the samples its evaluation has written so far, and its lease."""
+    return f"{EVAL}/{label}"
 
 
 def eval_result(label: str, benchmark: str, fingerprint: str) -> tuple[str, str, str]:

@@ -119,7 +119,7 @@ def offline_pipeline(
     )
     groups = Groups(
         run=run,
-        folder=f"{layout.EVAL}/{model.label}/{layout.PARTS}",
+        folder=f"{layout.eval_folder(model.label)}/{layout.PARTS}",
         column="benchmark",
         subfolders={name: layout.eval_name(name, tasks[name].fingerprint) for name in expected},
         expected=dict(expected),

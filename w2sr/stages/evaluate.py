@@ -60,7 +60,7 @@ def evaluate(
             del missing[label]
     # A model's evaluation is leased: a second one of it (another sweep on this run dir, a manual
     # `w2sr eval`) stops with LeaseHeld instead of deleting the parts the first is writing.
-    with run.leased(f"{layout.EVAL}/{label}" for label in missing):
+    with run.leased(layout.eval_folder(label) for label in missing):
         if endpoint:
             for label, todo in missing.items():
                 _timed(label, asyncio.run, evaluate_endpoint(cfg, run, todo, problems, endpoint))
