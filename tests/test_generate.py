@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from faults import kill_when
+from ray.exceptions import ActorDiedError
 
 from w2sr import layout, lineage
 from w2sr.config import ConfigError, validate
@@ -139,7 +140,7 @@ def test_the_prompt_set_rendered_in_batches_is_the_prompt_set_rendered_at_once(
         (tmp_path / str(batch_rows)).mkdir()
         cfg = validate(experiment(tmp_path / str(batch_rows), tiny_model))
         run = RunDir(cfg.run_dir)
-        write_prompt_set(cfg, run, batch_rows)
+        write_prompt_set(cfg, run, lineage.prompts(cfg), lineage.problems(cfg), batch_rows)
         folder = lineage.prompts(cfg).folder
         sets.append(
             (
@@ -154,6 +155,24 @@ def test_the_prompt_set_rendered_in_batches_is_the_prompt_set_rendered_at_once(
     assert batched["shard"].to_pylist() == [i // 3 for i in range(len(PROBLEMS))]
     # the 8th problem: its index is its place in the problem set, not in its batch
     assert [(r["index"], r["prompt_id"]) for r in batched_rejected.to_pylist()] == [(7, "too-long")]
+
+
+def test_the_prompt_set_is_written_where_the_driver_fingerprinted_it(tmp_path, tiny_model):
+    """The writer runs in a Ray task, on a node that may resolve the teacher or the source to
+    other fingerprints than the driver (another hub cache): it writes the artifacts it is given,
+    and the driver finds the prompts where it looks."""
+    cfg = validate(experiment(tmp_path, tiny_model))
+    run = RunDir(cfg.run_dir)
+    problems = lineage.Artifact(layout.problems("driver-problems"), "driver-problems")
+    prompts = lineage.Artifact(layout.prompts("driver-prompts"), "driver-prompts")
+
+    write_prompt_set(cfg, run, prompts, problems)
+
+    assert run.done(problems.folder, problems.fingerprint)["problems"] == len(PROBLEMS) + 1
+    assert run.done(prompts.folder, prompts.fingerprint)["prompts"] == len(PROBLEMS)
+    assert run.read_parquet(prompts.folder, layout.PROMPT_SET).num_rows == len(PROBLEMS)
+    assert not run.exists(lineage.problems(cfg).folder)  # nothing where this node would look
+    assert not run.exists(lineage.prompts(cfg).folder)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +210,7 @@ def test_the_prompt_set_is_rendered_with_thinking(tmp_path, tiny_thinking):
         (tmp_path / str(thinking)).mkdir()
         cfg = validate(experiment(tmp_path / str(thinking), tiny_thinking) | {"thinking": thinking})
         run = RunDir(cfg.run_dir)
-        write_prompt_set(cfg, run)
+        write_prompt_set(cfg, run, lineage.prompts(cfg), lineage.problems(cfg))
         prompts = run.read_parquet(lineage.prompts(cfg).folder, layout.PROMPT_SET)
         assert prompts.num_rows == len(PROBLEMS)
         assert all(prompt.endswith(ending) for prompt in prompts["prompt"].to_pylist())
@@ -410,10 +429,13 @@ def test_an_engine_that_dies_past_its_restart_bound_fails_the_stage_and_loses_no
     watcher = kill_when(
         lambda: len(list(traces.glob("shard-*.parquet"))), "vLLMEngineStageUDF", killed
     )
-    with pytest.raises(Exception):  # noqa: B017 - Ray's error for a dead actor, whichever it is
+    # The bound's own error: Ray declares the engine's actor dead (a restart still allowed
+    # would leave it unavailable for a while, then replaced), and Ray Data stops on it.
+    with pytest.raises(ActorDiedError, match="vLLMEngineStageUDF") as died:
         generate(cfg)
     watcher.join(timeout=1)
     assert killed and killed[0] < len(PROBLEMS), "the kill did not land mid-generation"
+    assert not died.value.actor_init_failed  # killed at work, not failing to start
     assert not (traces / "_DONE.json").exists()
     before = {p.name: p.stat().st_mtime_ns for p in traces.glob("shard-*.parquet")}
     assert 0 < len(before) < len(PROBLEMS)
@@ -431,9 +453,13 @@ def test_an_engine_that_dies_past_its_restart_bound_fails_the_stage_and_loses_no
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_without_losing_or_repeating_traces(tmp_path, tiny_model, ray_session):
+    """SIGKILL of the `w2sr generate` driver (and the Ray session it started) as soon as its
+    first shard is sealed, with shards still to generate: the rerun keeps every sealed shard as
+    it is and generates the rest, each (prompt, sample) once."""
     data = experiment(tmp_path, tiny_model)
-    data["generation"]["prompts_per_shard"] = 1
-    data["generation"]["engine"]["batch_size"] = 1
+    data["generation"] |= {"samples_per_prompt": 16, "prompts_per_shard": 1}
+    data["generation"]["sampling"]["max_tokens"] = 200
+    data["generation"]["engine"]["batch_size"] = 4
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(data))
     traces = traces_dir(validate(data))
@@ -444,27 +470,24 @@ def test_a_killed_run_resumes_without_losing_or_repeating_traces(tmp_path, tiny_
         deadline = time.time() + 300
         while not list(traces.glob("shard-*.parquet")) and time.time() < deadline:
             assert proc.poll() is None, "generation ended before it could be killed"
-            time.sleep(0.2)
+            time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    # Shards of a tiny model finish in bursts, so the kill may land after several of them. Keep
-    # the first one written: the state a kill right after it leaves (writes are atomic).
-    written = sorted(traces.glob("shard-*.parquet"), key=lambda p: p.stat().st_mtime_ns)
-    assert written, "no shard was written before the kill"
-    for late in written[1:]:
-        late.unlink()
-    (traces / "_DONE.json").unlink(missing_ok=True)
-    survivors = {p.name: pq.read_table(p) for p in written[:1]}
+    sealed = sorted(traces.glob("shard-*.parquet"))
+    assert 0 < len(sealed) < len(PROBLEMS), f"the kill did not land mid-generation: {sealed}"
+    assert not (traces / "_DONE.json").exists()
+    survivors = {p.name: (p.stat().st_mtime_ns, pq.read_table(p)) for p in sealed}
 
     generate(validate(data))
     table = read_traces(validate(data))
     pairs = list(
         zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True)
     )
-    assert len(pairs) == len(set(pairs)) == len(PROBLEMS) * SAMPLES
-    for name, before in survivors.items():
-        assert pq.read_table(traces / name).equals(before), f"{name} was rewritten"
+    assert len(pairs) == len(set(pairs)) == len(PROBLEMS) * 16
+    for name, (mtime, before) in survivors.items():
+        path = traces / name
+        assert path.stat().st_mtime_ns == mtime and pq.read_table(path).equals(before), name
 
 
 def test_run_only_one_stage_runs_that_stage_alone(generated, tmp_path, capsys):

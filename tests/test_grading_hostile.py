@@ -2,18 +2,48 @@
 
 One looping trace must not fail a whole generation or evaluation (and every rerun with the same
 seed), so hostile responses are generated: huge numbers, deep nesting, megabyte strings, control
-characters and lone surrogates, unbalanced braces, LaTeX that expands without end.
+characters and lone surrogates, unbalanced braces, LaTeX that expands without end. Every call is
+timed against the grader's own bound, and one that runs past it fails the test at once.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from w2sr.grading import GRADERS, POLICIES, extract_answer, grade_batch, is_correct
+from w2sr.grading import GRADERS, POLICIES, TIMEOUT_S, extract_answer, grade_batch, is_correct
+
+# What one grading call may take: one math-verify check, cut at TIMEOUT_S, plus a margin for
+# starting the check's worker again after a cut and for reading megabytes of response here.
+BOUND_S = TIMEOUT_S + 10.0
+
+
+def bounded(call, *args):
+    """`call(*args)`, failing the test once it has run past BOUND_S, whether it hangs or not."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call(*args)))
+        except BaseException as error:  # re-raised below, in the test's thread
+            outcome.append((False, error))
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(BOUND_S)
+    seconds = time.monotonic() - started
+    assert outcome and seconds <= BOUND_S, f"{call.__name__} ran {seconds:.1f}s, over {BOUND_S}s"
+    returned, value = outcome[0]
+    if not returned:
+        raise value
+    return value
+
 
 MARKERS = [
     "\\boxed{",
@@ -46,10 +76,10 @@ gold = st.one_of(st.sampled_from(["5", "1/2", "\\frac{1}{2}", "x^2", "A"]), digi
 @given(response=response, gold=gold)
 def test_hostile_responses_get_a_verdict(response, gold):
     for policy in POLICIES:
-        answer = extract_answer(response, policy)
+        answer = bounded(extract_answer, response, policy)
         assert answer is None or isinstance(answer, str)
         for name, grader in GRADERS.items():
-            assert isinstance(grader(response, gold, policy), bool), (name, policy)
+            assert isinstance(bounded(grader, response, gold, policy), bool), (name, policy)
 
 
 @pytest.mark.parametrize(
@@ -73,8 +103,8 @@ def test_hostile_responses_get_a_verdict(response, gold):
 )
 def test_each_hostile_case_gets_a_verdict(response):
     for gold, policy in itertools.product(("5", "1", "2"), POLICIES):
-        assert isinstance(is_correct(response, gold, policy), bool)
-    assert len(grade_batch([response] * 3, ["5"] * 3)) == 3
+        assert isinstance(bounded(is_correct, response, gold, policy), bool)
+    assert len(bounded(grade_batch, [response] * 3, ["5"] * 3)) == 3
 
 
 def test_an_answer_past_the_int_limit_is_compared_as_a_string():

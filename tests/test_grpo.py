@@ -38,8 +38,10 @@ PROBLEMS = [f"What is {a} + {7 - a}?" for a in range(8)] + [
     f"What is {a + 7} - {a}?" for a in range(8)
 ]
 STEPS = 14
-KILL_AFTER = 3
-CHECKPOINT_EVERY = 2
+# A kill two steps past a checkpoint: two steps are replayed, the second on weights the
+# restored optimizer state updated.
+KILL_AFTER = 5
+CHECKPOINT_EVERY = 3
 
 
 def config(run_dir: Path | str, student: str, prompts: Path, **grpo_overrides):
@@ -372,7 +374,8 @@ def test_step_metrics_reach_mlflow(killed_run):
 @pytest.mark.slow
 def test_killed_run_resumes_at_its_checkpoint_step(killed_run):
     """After the kill, Ray Train restarts the group (and rank 0 its engines) at the last
-    checkpoint: the replayed step samples the same groups from the same weights."""
+    checkpoint: every replayed step samples the same groups from the same weights, and its
+    update (weights and optimizer state restored) gives the same losses."""
     run_dir, record, _ = killed_run
     records = metrics(run_dir)
     first = [r for r in records if r["resumed_from"] == 0]
@@ -381,11 +384,14 @@ def test_killed_run_resumes_at_its_checkpoint_step(killed_run):
     assert start % CHECKPOINT_EVERY == 0 and start < first[-1]["step"]
     assert record["resumed_from"] == start
     assert [r["step"] for r in resumed] == list(range(start + 1, STEPS + 1))
-    replayed = {r["step"]: r for r in first if r["step"] > start}
-    again = resumed[0]
-    assert again["step"] in replayed
-    assert again["reward_mean"] == replayed[again["step"]]["reward_mean"]
-    assert again["response_length"] == replayed[again["step"]]["response_length"]
+    killed = {r["step"]: r for r in first if r["step"] > start}
+    replayed = {r["step"]: r for r in resumed if r["step"] in killed}
+    assert len(replayed) >= 2 and sorted(replayed) == sorted(killed), sorted(killed)
+    for step, again in replayed.items():
+        for key in ("reward_mean", "accuracy", "response_length"):
+            assert again[key] == killed[step][key], (step, key)
+        for key in ("loss", "pg_loss", "kl", "grad_norm"):
+            assert again[key] == pytest.approx(killed[step][key], rel=1e-6), (step, key)
 
 
 @pytest.mark.slow

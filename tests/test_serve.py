@@ -13,6 +13,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -98,10 +99,50 @@ def test_deployment_uses_the_engine_settings_and_scales_between_the_replica_boun
     assert (scaling["min_replicas"], scaling["max_replicas"]) == (1, 3)
 
 
+def publish_student(cfg) -> str:
+    """The W2SR-N student of `cfg`, with the student's weights, as SFT publishes it in the run
+    dir; its model folder's location."""
+    run, student = RunDir(cfg.run_dir), lineage.student(cfg, "incorrect")
+    with run.staged_folder(student.folder, layout.MODEL) as out:
+        shutil.copytree(cfg.student, out, dirs_exist_ok=True)
+    run.mark_done(student.folder, student.fingerprint)
+    return run.location(student.folder, layout.MODEL)
+
+
+def test_two_students_served_under_one_label_each_load_their_own_files(
+    tmp_path, tiny_model, tiny_student, s3_bucket, monkeypatch
+):
+    """Serve LLM names its download of a store's model by the served label, so two students
+    served as `w2sr_n` on a node would share one folder; the app's start-up hook loads the node
+    copy named by the model's URI instead, whose fingerprinted folder names its content."""
+    monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))
+    run_dir = f"{s3_bucket}/one-label-{uuid.uuid4().hex[:8]}"
+    loaded = {}
+    for student in (tiny_model, tiny_student):  # two configs of one run dir
+        data = experiment(tmp_path, tiny_model, student=student, serve={"models": ["w2sr_n"]})
+        cfg = validate({**data, "run_dir": run_dir})
+        uri = publish_student(cfg)
+        config = llm_config(cfg, hosted_models(cfg)[0])
+        assert (config.model_id, config.model_loading_config.model_source) == ("w2sr_n", uri)
+        hooks = config.callback_config
+        hook = hooks.callback_class(llm_config=config, **hooks.callback_kwargs)
+        asyncio.run(hook.run_callback("on_before_node_init"))  # as a replica starts its engine
+        engine = config.get_engine_config()
+        assert engine.mirror_config is None  # nothing left for Serve LLM to fetch by label
+        loaded[student] = Path(engine.actual_hf_model_id)
+    assert len(set(loaded.values())) == 2
+    for student, folder in loaded.items():
+        files = sorted(f.name for f in Path(student).iterdir())
+        assert sorted(f.name for f in folder.iterdir()) == files
+        for name in files:
+            assert (folder / name).read_bytes() == (Path(student) / name).read_bytes(), name
+
+
 async def load(url: str, clients: int) -> dict:
-    """`clients` chat requests at once on loopback: status counts and latency percentiles."""
+    """`clients` chat requests at once on loopback, each generating 128 tokens: status counts,
+    latencies of the replies (the fastest is one whole generation), and the slowest 503."""
     body = {"model": "w2sr_n", "messages": [{"role": "user", "content": PROBLEMS[0]}]}
-    body |= {"max_tokens": 16, "temperature": 0}
+    body |= {"max_tokens": 128, "ignore_eos": True, "temperature": 0}
 
     async def one(client) -> tuple[int, float]:
         start = time.perf_counter()
@@ -112,10 +153,13 @@ async def load(url: str, clients: int) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=120, headers=headers) as client:
         results = await asyncio.gather(*(one(client) for _ in range(clients)))
     latencies = sorted(seconds for status, seconds in results if status == 200)
+    shed = [seconds for status, seconds in results if status == 503]
     return {
         "status": dict(Counter(status for status, _ in results)),
         "p50_s": round(float(np.percentile(latencies, 50)), 3),
         "p99_s": round(float(np.percentile(latencies, 99)), 3),
+        "fastest_s": round(latencies[0], 3),
+        "max_503_s": round(max(shed), 3) if shed else None,
     }
 
 
@@ -158,9 +202,11 @@ def test_served_and_offline_greedy_evaluation_agree(
     tmp_path, tiny_model, ray_session, monkeypatch, s3_bucket
 ):
     """Offline, the teacher from its folder; served, the same weights as a student published in
-    a run dir on the loopback S3 server, which the Serve replica downloads."""
+    a run dir on the loopback S3 server, which each Serve node copies under its URI. The keyed
+    app is then neither replaced by a keyless one nor moved to another port."""
     from ray import serve as ray_serve
 
+    from w2sr.models import node_copy
     from w2sr.stages.serve import serve
 
     offline_dir = tmp_path / "offline"
@@ -171,26 +217,42 @@ def test_served_and_offline_greedy_evaluation_agree(
     monkeypatch.setenv("W2SR_API_KEY", KEY)
     port = free_port()
     # One replica that takes 2 requests at a time and queues 4 more: the load test's bound.
-    # (W2SR-N's label: Ray Serve LLM downloads a store's model into `./<label>` when that path
-    # exists, and `./w2sr` is this package.)
     hosting = {"models": ["w2sr_n"], "port": port, "max_ongoing_requests": 2}
     hosting["max_queued_requests"] = 4
     served = experiment(tmp_path, tiny_model, student=tiny_model, serve=hosting)
     served["run_dir"] = f"{s3_bucket}/served-{uuid.uuid4().hex[:8]}"
     cfg = validate(served)
-    run, student = RunDir(cfg.run_dir), lineage.student(cfg, "incorrect")
-    with run.staged_folder(student.folder, layout.MODEL) as out:
-        shutil.copytree(tiny_model, out, dirs_exist_ok=True)
-    run.mark_done(student.folder, student.fingerprint)
+    uri = publish_student(cfg)
+    run = RunDir(cfg.run_dir)
+    chat = {"model": "w2sr_n", "messages": [{"role": "user", "content": PROBLEMS[0]}]}
     try:
         info = serve(cfg, blocking=False)
+        deployed_at = time.time()
+        # The replica loaded the node copy named by the URI: a Ray worker finds it there, made
+        # before the deployment returned.
+        copy = ray_session.get(ray_session.remote(node_copy).options(num_cpus=0).remote(uri))
+        assert Path(copy).stat().st_mtime < deployed_at
         assert info["url"] == f"http://127.0.0.1:{port}/v1"
+        moved = cfg.serve.model_copy(update={"port": port + 1})
+        with pytest.raises(ConfigError, match=f"already listens on 127.0.0.1:{port}"):
+            serve(cfg.model_copy(update={"serve": moved}), blocking=False)
+        monkeypatch.delenv("W2SR_API_KEY")
+        with pytest.raises(ConfigError, match=r"already serves \['w2sr'\] behind an API key"):
+            serve(cfg, blocking=False)
+        monkeypatch.setenv("W2SR_API_KEY", KEY)
         assert served_models(info["url"], cfg) == {"w2sr_n"}
         online = evaluate(cfg, endpoint=info["url"])
         refused = [
-            httpx.get(f"{info['url']}/models", headers=headers).status_code
+            httpx.request(method, f"{info['url']}/{path}", headers=headers, json=body).status_code
+            for method, path, body in (("GET", "models", None), ("POST", "chat/completions", chat))
             for headers in ({}, {"Authorization": "Bearer wrong"})
         ]
+        completion = httpx.post(
+            f"{info['url']}/chat/completions",
+            json=chat | {"max_tokens": 8, "temperature": 0},
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=120,
+        )
         under = asyncio.run(load(info["url"], clients=5))  # within 2 ongoing + 4 queued
         over = asyncio.run(load(info["url"], clients=48))
         # The served model as a behaviour judge: its random replies do not parse, which is
@@ -203,10 +265,14 @@ def test_served_and_offline_greedy_evaluation_agree(
     finally:
         ray_serve.shutdown()
 
-    assert refused == [401, 401]
+    assert refused == [401, 401, 401, 401]
+    assert completion.status_code == 200, completion.text
+    assert completion.json()["usage"]["completion_tokens"] > 0, completion.text
     assert under["status"] == {200: 5}, under
-    # Over the bound the server sheds load at once (503), and answers the rest.
+    # Over the bound the server sheds load (503) and answers the rest. At once: each 503 came
+    # back within a second and sooner than one generation, the fastest reply.
     assert set(over["status"]) == {200, 503} and over["status"][200] >= 6, over
+    assert over["max_503_s"] < min(1.0, over["fastest_s"]), over
     print("load:", {"under": under, "over": over})
     assert judged["judged"] + judged["parse_failures"] + judged["errors"] == 3, judged
     assert judged["errors"] == 0, judged

@@ -1,7 +1,9 @@
 """SFT of the student: data rendering and masking, packing, and real Ray Train + DeepSpeed runs.
 
-Two trainings on the same synthetic traces serve every integration test: a padded ZeRO-2 run and a
+Two trainings on the same synthetic traces serve most integration tests: a padded ZeRO-2 run and a
 packed ZeRO-3 run that gets one of its workers SIGKILLed midway and resumes from its checkpoint.
+A shorter packed run is trained twice more: once whole, once with its driver SIGKILLed midway and
+the config run again.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -25,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+import yaml
 
 from w2sr import layout, lineage
 from w2sr.config import ConfigError, validate
@@ -423,30 +427,37 @@ def padded_run(ray_session, tiny_student, tmp_path_factory) -> tuple[Path, dict]
     return run_dir, record
 
 
+def _past_a_checkpoint(stage: Path, steps: int) -> tuple[int, int] | None:
+    """(the checkpoint's step, the last logged step) once Ray Train has registered a checkpoint
+    (a reported one counts only from then on) and a later step, not the last, is logged."""
+    try:
+        snapshot = next(stage.glob("ray/*/checkpoint_manager_snapshot.json")).read_text()
+        registered = json.loads(snapshot)["checkpoint_results"][-1]["metrics"]["step"]
+        lines = (stage / "metrics.jsonl").read_text().splitlines()
+        logged = [json.loads(line)["step"] for line in lines]
+    except (StopIteration, ValueError, IndexError, FileNotFoundError):  # not there yet
+        return None
+    # Not once the last step is logged: its checkpoint may be registered before the restart,
+    # which would then have nothing left to train.
+    if logged and registered < logged[-1] < steps:
+        return registered, logged[-1]
+    return None
+
+
 def _kill_a_worker_after_a_checkpoint(stage: Path, killed: list, timeout: float = 600.0) -> None:
-    """SIGKILL one Ray Train worker (a process this test started) once Ray Train has registered a
-    checkpoint (a reported one counts only from then on) and a later step, not the last, is
-    logged."""
+    """SIGKILL one Ray Train worker (a process this test started) once past a checkpoint."""
     import psutil
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         time.sleep(0.05)
-        try:
-            snapshot = next(stage.glob("ray/*/checkpoint_manager_snapshot.json")).read_text()
-            registered = json.loads(snapshot)["checkpoint_results"][-1]["metrics"]["step"]
-            lines = (stage / "metrics.jsonl").read_text().splitlines()
-            logged = [json.loads(line)["step"] for line in lines]
-        except (StopIteration, ValueError, IndexError):  # not there yet, or being written
-            continue
-        # Not once the last step is logged: its checkpoint may be registered before the restart,
-        # which would then have nothing left to train.
-        if logged and registered < logged[-1] < STEPS:
+        past = _past_a_checkpoint(stage, STEPS)
+        if past:
             spent = json.loads((stage / "_RUN.json").read_text())["worker_seconds"]
             for proc in psutil.Process().children(recursive=True):
                 if "RayTrainWorker" in " ".join(proc.cmdline()):
                     proc.kill()
-                    killed.append(registered)
+                    killed.append(past[0])
                     (stage / "spent-at-kill").write_text(str(spent))
                     return
 
@@ -662,6 +673,54 @@ def test_a_rerun_resumes_from_the_last_checkpoint(killed_run, tiny_student):
     assert metrics(run_dir) == logged  # no step trained again
     assert again["steps"] == STEPS and again["final_loss"] == record["final_loss"]
     assert sha256(stage / "model" / "model.safetensors") == weights
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_from_a_middle_checkpoint(ray_session, tiny_student, tmp_path):
+    """SIGKILL of the `w2sr train` driver (and the Ray session it started) past a middle
+    checkpoint, with steps left to train: a rerun of the config resumes at that checkpoint and
+    trains the rest with the losses of a run that was never interrupted."""
+    steps = 12
+    trained = {**KILLED, "max_steps": steps}
+    reference = config(tmp_path / "uninterrupted", tiny_student, **trained)
+    write_sft_set(reference, trace_rows())
+    train(reference)
+    expected = last_per_step(metrics(tmp_path / "uninterrupted"))
+
+    run_dir = tmp_path / "killed"
+    cfg = config(run_dir, tiny_student, **trained)
+    write_sft_set(cfg, trace_rows())
+    stage = run_dir / lineage.student(cfg, "all").folder
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "w2sr.cli", "train", str(path)]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+    try:
+        deadline, past = time.time() + 600, None
+        while not past and time.time() < deadline:
+            assert proc.poll() is None, "training ended before its driver could be killed"
+            time.sleep(0.05)
+            past = _past_a_checkpoint(stage, steps)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert past, "no checkpoint was registered in time"
+    registered, _ = past
+    assert not (stage / "_DONE.json").exists()
+
+    record = train(cfg)
+    resumed = [r for r in metrics(run_dir) if r["resumed_from"]]
+    start = resumed[0]["resumed_from"]
+    assert start % KILLED["checkpoint_every"] == 0 and registered <= start < steps
+    assert [r["step"] for r in resumed] == list(range(start + 1, steps + 1))
+    for again in resumed:
+        before = expected[again["step"]]
+        assert again["samples_seen"] == before["samples_seen"]
+        assert again["lr"] == pytest.approx(before["lr"], rel=1e-9)
+        assert again["loss"] == pytest.approx(before["loss"], rel=1e-5), again["step"]
+        assert again["grad_norm"] == pytest.approx(before["grad_norm"], rel=1e-4), again["step"]
+    assert record["final_loss"] == pytest.approx(expected[steps]["loss"], rel=1e-5)
 
 
 def test_a_build_lock_left_by_a_killed_process_does_not_hang_training():

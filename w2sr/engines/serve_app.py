@@ -6,18 +6,30 @@ keeps each replica near `target_ongoing_requests`. Requests past a model's queue
 answered 503 at once. Serve's HTTP proxy authenticates nobody, so when an API key is set (the
 variable `serve.api_key_env`) the app itself answers 401 to every request without it; the app
 holds only the key's hash.
+
+A model in object storage is copied to each node under a name made from its URI, whose
+fingerprinted folder names its content: Serve LLM's own download names the copy by the served
+label, so two students served under one label on a node would share a folder and mix files.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
 
+from ray.llm._internal.common.callbacks.base import CallbackBase
+
 from w2sr.config import ExperimentConfig
 from w2sr.engines import settings
+from w2sr.models import node_copy
 from w2sr.registry import Model, model_path
 from w2sr.rundir import RunDir
+
+# The ingress of an app behind an API key, by this deployment name: how `w2sr serve` tells a
+# running keyed app from a keyless one.
+KEYED_INGRESS = "KeyedOpenAiIngress"
 
 
 def llm_config(cfg: ExperimentConfig, model: Model):
@@ -25,11 +37,11 @@ def llm_config(cfg: ExperimentConfig, model: Model):
     from ray.serve.llm import LLMConfig
 
     engine, sv = cfg.serve.engine, cfg.serve
+    source = model_path(model, RunDir(cfg.run_dir))
+    node_copied = {"callback_class": NodeCopy, "callback_kwargs": {"uri": source}}
     return LLMConfig(
-        model_loading_config={
-            "model_id": model.label,
-            "model_source": model_path(model, RunDir(cfg.run_dir)),
-        },
+        model_loading_config={"model_id": model.label, "model_source": source},
+        callback_config=node_copied if "://" in source else {},
         engine_kwargs=settings.engine_kwargs(
             engine, use_gpu=cfg.use_gpu, trust_remote_code=cfg.trust_remote_code
         ),
@@ -46,6 +58,20 @@ def llm_config(cfg: ExperimentConfig, model: Model):
             "max_queued_requests": sv.max_queued_requests,
         },
     )
+
+
+class NodeCopy(CallbackBase):
+    """Serve LLM's start-up hooks for a model in object storage (`uri`): the engine loads the
+    node copy that `models.node_copy` makes, named by the URI, and Serve LLM downloads nothing
+    under the label."""
+
+    async def on_before_node_init(self) -> None:
+        engine = self.llm_config.get_engine_config()
+        engine.hf_model_id = await asyncio.to_thread(node_copy, self.kwargs["uri"])
+        engine.mirror_config = None
+
+    def on_before_download_model_files_distributed(self) -> None:
+        node_copy(self.kwargs["uri"])  # on every node of the replica's placement group
 
 
 def openai_app(cfg: ExperimentConfig, models: list[Model]):
@@ -114,7 +140,7 @@ def keyed_openai_app(llm_configs: list, key: str | None):
     options = maybe_apply_llm_deployment_config_defaults(
         OpenAiIngress.get_deployment_options(configs), {}
     )
-    return serve.deployment(ingress, **options).bind(
+    return serve.deployment(ingress, name=KEYED_INGRESS, **options).bind(
         llm_deployments={c.model_id: build_llm_deployment(c) for c in configs},
         model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},
         lora_paths={},

@@ -6,7 +6,9 @@ Each model is served under its label (`w2sr`, `w2sr_p`, `base`, an `eval.models`
 `/v1/models` lists the labels and `w2sr eval --endpoint URL` finds the same models it would
 evaluate offline. Serve's HTTP proxy does no authentication (Ray's token auth covers the
 cluster's own APIs, not the proxy), hence the default host 127.0.0.1; any other host needs an
-API key (`serve.api_key_env`), which the app checks on every request.
+API key (`serve.api_key_env`), which the app checks on every request. Serve's HTTP options are
+the cluster's, fixed while it runs, so a serve that would not get its own, or a keyless app that
+would join a keyed one, is refused.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import time
 from typing import Any
 
 from w2sr import layout
-from w2sr.config import ConfigError, ExperimentConfig
-from w2sr.engines.serve_app import openai_app
+from w2sr.config import ConfigError, ExperimentConfig, ServeConfig
+from w2sr.engines.serve_app import KEYED_INGRESS, openai_app
 from w2sr.registry import Model, model_table
 from w2sr.session import init_ray
 
@@ -44,6 +46,33 @@ def hosted_models(cfg: ExperimentConfig) -> list[Model]:
     return [models[label] for label in wanted]
 
 
+def check_running_serve(sv: ServeConfig, keyed: bool) -> None:
+    """Refuse to deploy into a Serve instance already running on the cluster where the app
+    would not be what was asked for: Serve keeps the HTTP options it started with and ignores
+    new ones (an app asking for loopback would answer wherever that instance listens), and a
+    keyless app would replace or join a keyed one on the same proxy."""
+    from ray import serve as ray_serve
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return
+    host, port = client.http_config.host, client.http_config.port
+    if (host, port) != (sv.host, sv.port):
+        raise ConfigError(
+            f"serve: Ray Serve already listens on {host}:{port} in this cluster and keeps those "
+            f"HTTP options; set serve.host={host} serve.port={port}, or stop it first "
+            "(`serve shutdown`)"
+        )
+    apps = ray_serve.status().applications
+    keyed_apps = sorted(name for name, app in apps.items() if KEYED_INGRESS in app.deployments)
+    if keyed_apps and not keyed:
+        raise ConfigError(
+            f"serve: Ray Serve already serves {keyed_apps} behind an API key; set "
+            f"{sv.api_key_env} to deploy beside or over it, or stop it first (`serve shutdown`)"
+        )
+
+
 def serve(cfg: ExperimentConfig, blocking: bool = True) -> dict[str, Any]:
     """Deploy the app and return where it answers; with `blocking`, keep it up until Ctrl-C and
     then delete it (a non-blocking call leaves it running in the cluster)."""
@@ -57,7 +86,7 @@ def serve(cfg: ExperimentConfig, blocking: bool = True) -> dict[str, Any]:
             f"set {sv.api_key_env} (requests then need `Authorization: Bearer <key>`)"
         )
     init_ray(cfg)
-    # HTTP options are cluster-wide and fixed once Serve runs; a second app reuses the first's.
+    check_running_serve(sv, keyed=bool(os.environ.get(sv.api_key_env)))
     ray_serve.start(http_options={"host": sv.host, "port": sv.port})
     ray_serve.run(openai_app(cfg, models), name=sv.app_name, route_prefix="/")
     info = {
