@@ -28,8 +28,6 @@ import jsonschema
 import pytest
 import yaml
 
-from w2sr.layout import RUN_LABELS
-
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 CRD_DIR = CLUSTER / "crds"
@@ -577,39 +575,62 @@ def test_every_gpu_job_fits_the_cluster_worker_groups(kind):
 # --- RayService ------------------------------------------------------------------------------
 
 
-def test_rayservice_hosts_students_with_serve_llm():
+def test_rayservice_serves_what_w2sr_serve_would(tmp_path):
+    """The RayService deploys the app of `w2sr serve CONFIG overrides...`, built on the cluster:
+    students live in folders named by fingerprints that only a config computes, so the manifest
+    names a config in the image, and the models it serves are the folders the layout writes."""
+    from w2sr import layout, lineage
+    from w2sr.config import load_config
+    from w2sr.engines.serve_app import llm_config
+    from w2sr.rundir import RunDir
+    from w2sr.stages import serve as w2sr_serve
+
     (service,) = _of_kind("RayService")
     spec = service["spec"]
-    serve = yaml.safe_load(spec["serveConfigV2"])
-    apps = serve["applications"]
-    assert apps and len({a["name"] for a in apps}) == len(apps)
-    app = apps[0]
-    # The students' API is never unauthenticated: the app checks the key of the head's env.
-    assert app["import_path"] == "w2sr.engines.serve_app:build_app"
-    key_env = app["args"]["api_key_env"]
-    configs = app["args"]["llm_configs"]
-    assert configs
-    cluster = spec["rayClusterConfig"]
-    gpu_capacity = sum(g["maxReplicas"] * gpus(g) for n, g in groups(cluster) if n != "head")
-    needed = 0
-    for llm in configs:
-        loading = llm["model_loading_config"]
-        # served under run labels, the names `w2sr eval --endpoint` asks for
-        assert loading["model_id"] in RUN_LABELS and loading["model_source"]
-        scaling = llm["deployment_config"]["autoscaling_config"]
-        assert 0 <= scaling["min_replicas"] <= scaling["max_replicas"]
-        assert isinstance(llm.get("engine_kwargs", {}), dict)
-        needed += scaling["max_replicas"] * llm.get("engine_kwargs", {}).get(
-            "tensor_parallel_size", 1
-        )
-    assert needed <= gpu_capacity, (
-        f"max_replicas need {needed} GPUs; the groups offer {gpu_capacity}"
-    )
-    assert len({c["model_loading_config"]["model_id"] for c in configs}) == len(configs)
+    (app,) = yaml.safe_load(spec["serveConfigV2"])["applications"]
+    assert app["import_path"] == "w2sr.stages.serve:rayservice_app"
+    assert callable(w2sr_serve.rayservice_app)
+    args = app["args"]
+    assert set(args) == {"config", "overrides"}, "the manifest names no model folder itself"
+    workdir = Path(re.findall(r"^WORKDIR\s+(\S+)", dockerfile(), flags=re.M)[-1])
+    assert re.search(r"^COPY\b.*\bjobs/", dockerfile(), flags=re.M)
+    config = Path(args["config"])
+    assert config.is_relative_to(workdir / "jobs"), f"{config} is not a config the image holds"
+    config = REPO / config.relative_to(workdir)
+    cfg = load_config(config, args["overrides"])  # raises naming a bad key
+    assert cfg.use_gpu and cfg.run_dir.startswith(("/mnt/shared/", "s3://", "gs://"))
 
-    # HTTP on the cluster network: the head exposes the serve port the Service forwards to.
+    # The config's trained students where its stages write them, in a run dir here: the serve
+    # code resolves the manifest's models to exactly those folders.
+    here = load_config(config, [*args["overrides"], f"run_dir={tmp_path / 'run'}"])
+    run, trained = RunDir(here.run_dir), lineage.trained(here)
+    wanted = here.serve.models or [x for x in w2sr_serve.DEFAULT_LABELS if x in trained]
+    assert wanted and set(wanted) <= set(trained), f"{wanted}: not students of {config.name}"
+    for label in wanted:
+        run.write_text("{}", trained[label].folder, layout.MODEL, "config.json")
+        run.mark_done(trained[label].folder, trained[label].fingerprint)
+    configs = [llm_config(here, m) for m in w2sr_serve.hosted_models(here)]
+    served = {c.model_id: c.model_loading_config.model_source for c in configs}
+    assert served == {x: run.location(trained[x].folder, layout.MODEL) for x in wanted}
+    for source in served.values():
+        assert re.fullmatch(r"(students/\w+|rl)/[0-9a-f]+/model", source[len(here.run_dir) + 1 :])
+
+    # Every model at its most replicas fits the GPU pods at once.
+    cluster = spec["rayClusterConfig"]
+    bundles = []
+    for c in configs:
+        scaling = c.deployment_config["autoscaling_config"]
+        assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"]
+        ranks = c.engine_kwargs["tensor_parallel_size"] * c.engine_kwargs["pipeline_parallel_size"]
+        bundle = {"GPU": 0.0, **c.placement_group_config["bundle_per_worker"]}
+        bundles += [bundle] * (scaling["max_replicas"] * ranks)
+    pods = _pods(cluster)
+    assert _fits(bundles, pods), f"the models ask {bundles}, the worker groups have {pods}"
+
+    # The app checks the key of the variable `serve.api_key_env` names, which the head has from
+    # the Secret; HTTP on the cluster network, on the serve port the Service forwards to.
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
-    (key,) = [e for e in head["env"] if e["name"] == key_env]
+    (key,) = [e for e in head["env"] if e["name"] == cfg.serve.api_key_env]
     assert key["valueFrom"]["secretKeyRef"] == {"name": "w2sr-api-key", "key": "api_key"}
     serve_ports = {p["containerPort"] for p in head["ports"] if p["name"] == "serve"}
     service_ports = spec["serveService"]["spec"]["ports"]

@@ -179,7 +179,8 @@ def test_the_api_key_is_checked_on_every_request_and_required_on_a_cluster(monke
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
-    from w2sr.engines.serve_app import BearerKey, build_app
+    from w2sr.engines.serve_app import BearerKey
+    from w2sr.stages.serve import rayservice_app
 
     inner = Starlette(routes=[Route("/v1/models", lambda request: PlainTextResponse("ok"))])
     app = BearerKey(inner, key_sha256=hashlib.sha256(KEY.encode()).hexdigest())
@@ -193,8 +194,8 @@ def test_the_api_key_is_checked_on_every_request_and_required_on_a_cluster(monke
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}):
         assert asyncio.run(status(headers)) == 401, headers
     monkeypatch.delenv("W2SR_API_KEY", raising=False)
-    with pytest.raises(ValueError, match="W2SR_API_KEY is not set"):
-        build_app({"llm_configs": [], "api_key_env": "W2SR_API_KEY"})
+    with pytest.raises(ConfigError, match="W2SR_API_KEY is not set"):
+        rayservice_app({"config": str(Path(__file__).parents[1] / "jobs" / "paper.yaml")})
 
 
 @pytest.mark.slow

@@ -80,18 +80,6 @@ def openai_app(cfg: ExperimentConfig, models: list[Model]):
     return keyed_openai_app([llm_config(cfg, m) for m in models], key)
 
 
-def build_app(args: dict):
-    """A RayService's `import_path` (`w2sr.engines.serve_app:build_app`): Serve LLM's builder
-    arguments (`llm_configs`) plus `api_key_env` (default W2SR_API_KEY), the variable that holds
-    the API key on the head pod. There is no unauthenticated app on a cluster: without the key
-    the deployment fails."""
-    args = dict(args)
-    name = args.pop("api_key_env", "W2SR_API_KEY")
-    if not os.environ.get(name):
-        raise ValueError(f"{name} is not set: the students are served only behind an API key")
-    return keyed_openai_app(args.pop("llm_configs"), os.environ[name])
-
-
 class BearerKey:
     """ASGI middleware: an HTTP request gets through only with `Authorization: Bearer <key>`."""
 

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from w2sr import layout
-from w2sr.config import ConfigError, ExperimentConfig, ServeConfig
+from w2sr.config import ConfigError, ExperimentConfig, ServeConfig, load_config
 from w2sr.engines.serve_app import KEYED_INGRESS, openai_app
 from w2sr.registry import Model, model_table
 from w2sr.session import init_ray
@@ -103,3 +103,21 @@ def serve(cfg: ExperimentConfig, blocking: bool = True) -> dict[str, Any]:
             log.info("deleting Serve app %s", sv.app_name)
             ray_serve.delete(sv.app_name)
     return info
+
+
+def rayservice_app(args: dict[str, Any]):
+    """A RayService's `import_path` (`w2sr.stages.serve:rayservice_app`): the app `w2sr serve`
+    deploys, for the config file `args["config"]` with `args["overrides"]` (`key=value`, as on
+    the command line). The models are found in the run dir as `w2sr serve` finds them (trained
+    students live in fingerprinted folders), so a manifest names a config, never a model folder.
+    A cluster's Serve proxy listens beyond loopback: without the key in `serve.api_key_env` the
+    application is not deployed."""
+    unknown = sorted(set(args) - {"config", "overrides"})
+    if unknown or "config" not in args:
+        raise ConfigError(f"RayService args: expected config and overrides, got {sorted(args)}")
+    cfg = load_config(args["config"], list(args.get("overrides", [])))
+    if not os.environ.get(cfg.serve.api_key_env):
+        raise ConfigError(
+            f"{cfg.serve.api_key_env} is not set: a cluster serves models only behind an API key"
+        )
+    return openai_app(cfg, hosted_models(cfg))
