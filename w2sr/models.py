@@ -8,6 +8,7 @@ A model spec in a config is one of
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -160,18 +161,13 @@ def download(uri: str, key: str) -> str:
     content makes new weights at the same URI a new copy."""
     import pyarrow.fs as pafs
 
-    target = cache_dir().parent / "artifacts" / key
-    if not (target / "config.json").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staged = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=target.parent))
-        try:
-            fs, path = pafs.FileSystem.from_uri(uri)
-            pafs.copy_files(path, str(staged), source_filesystem=fs)
-            shutil.rmtree(target, ignore_errors=True)
-            staged.rename(target)
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
-    return str(target)
+    def copy(staged: Path) -> None:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        pafs.copy_files(path, str(staged), source_filesystem=fs)
+        if not (staged / "config.json").exists():
+            raise FileNotFoundError(f"{uri} holds no config.json: not a model folder")
+
+    return str(_made_once(cache_dir().parent / "artifacts" / key, copy))
 
 
 def node_copy(location: str) -> str:
@@ -181,6 +177,33 @@ def node_copy(location: str) -> str:
     if "://" not in location:
         return resolve_model(location)
     return download(location, hashlib.sha256(location.encode()).hexdigest()[:16])
+
+
+def _made_once(target: Path, make: Callable[[Path], object]) -> Path:
+    """`target`, filled by `make(folder)` once per machine, for every process that asks at once
+    (Ray Train workers and engines of several stages on one node).
+
+    The first process to take the lock beside it fills a temporary folder and renames it into
+    place; the others wait for the lock and find it there. A folder appears whole, with its
+    config.json, and is never replaced, so a process reading it never sees a file go."""
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
+        if not (target / "config.json").exists():
+            # No reader trusts a folder without config.json, and only the lock's holder fills
+            # one: what is there was cut short (a process killed while copying).
+            for left in [target, *target.parent.glob(f"{target.name}.*")]:
+                if left.is_dir():
+                    shutil.rmtree(left, ignore_errors=True)
+            staged = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=target.parent))
+            try:
+                make(staged)
+                staged.rename(target)
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
+    return target
 
 
 def _builtin_folder(name: str) -> Path:
@@ -198,17 +221,7 @@ def resolve_model(spec: str) -> str:
         name = spec.removeprefix("builtin:")
         if name not in BUILTINS:
             raise ValueError(f"unknown built-in model {name!r}; one of {sorted(BUILTINS)}")
-        target = _builtin_folder(name)
-        if not (target / "config.json").exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=target.parent))
-            try:
-                BUILTINS[name](tmp)
-                shutil.rmtree(target, ignore_errors=True)
-                tmp.rename(target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        return str(target)
+        return str(_made_once(_builtin_folder(name), BUILTINS[name]))
     local = Path(spec).expanduser()
     if local.exists():
         if not (local / "config.json").exists():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,11 +81,13 @@ def published(spec: str, run: RunDir) -> str:
         return local
     digest = model_identity(spec)
     folder = layout.builtin(spec.removeprefix("builtin:"), digest)
-    # The folder is named by its content, so two stages publishing it at once write the same
-    # bytes; the done record, written last, is what makes it trusted.
     if run.done(folder, digest) is None:
-        with run.staged_folder(folder, layout.MODEL) as staged:
-            shutil.copytree(local, staged, dirs_exist_ok=True)
+        # The folder is named by its content, so stages publishing it at once write the same
+        # bytes, file over file; none deletes anything, so a stage loading what another has
+        # finished never misses a file. The done record, written last, makes it trusted.
+        target = run.path(folder, layout.MODEL)
+        run.fs.create_dir(target, recursive=True)
+        pafs.copy_files(local, target, destination_filesystem=run.fs)
         run.mark_done(folder, digest, spec=spec)
     return run.location(folder, layout.MODEL)
 

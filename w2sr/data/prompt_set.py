@@ -28,7 +28,11 @@ RENDER_ROWS = 4096  # problems rendered at a time: the most prompts a preparatio
 
 def prepare_problems(cfg: ExperimentConfig, run: RunDir) -> pa.Table:
     """The validated problems; loaded and written unless the run dir has them."""
-    artifact = lineage.problems(cfg)
+    return _problem_set(cfg, run, lineage.problems(cfg))
+
+
+def _problem_set(cfg: ExperimentConfig, run: RunDir, artifact: lineage.Artifact) -> pa.Table:
+    """`prepare_problems` for the problem set the caller fingerprinted."""
     if run.done(artifact.folder, artifact.fingerprint):
         return run.read_parquet(artifact.folder, layout.PROBLEM_SET)
     rows, rejected = load_prompts(cfg.prompts)
@@ -49,7 +53,9 @@ def prepare_prompts(cfg: ExperimentConfig, run: RunDir) -> str:
 
     The problems are loaded and rendered in a Ray task, so that the driver never holds the prompt
     set (nor a tokenizer): at millions of prompts it is the largest thing a command would keep.
-    Generation reads the prompts from the folder in its workers.
+    Generation reads the prompts from the folder in its workers. The fingerprints are this
+    process's: a task's node may resolve the teacher or the source differently (another hub
+    cache), and would write the prompts where no stage looks.
     """
     artifact = lineage.prompts(cfg)
     if run.done(artifact.folder, artifact.fingerprint):
@@ -60,7 +66,7 @@ def prepare_prompts(cfg: ExperimentConfig, run: RunDir) -> str:
     # max_calls=1: the worker exits after the task, returning its memory before engines start
     task = ray.remote(num_cpus=1, max_calls=1)(write_prompt_set)
     try:
-        ray.get(task.remote(cfg, run))
+        ray.get(task.remote(cfg, run, artifact, lineage.problems(cfg)))
     except ray.exceptions.RayTaskError as error:
         if isinstance(error.cause, ConfigError):  # the user's to fix: said as plainly as here
             raise error.cause from None
@@ -68,11 +74,17 @@ def prepare_prompts(cfg: ExperimentConfig, run: RunDir) -> str:
     return artifact.folder
 
 
-def write_prompt_set(cfg: ExperimentConfig, run: RunDir, batch_rows: int = RENDER_ROWS) -> None:
+def write_prompt_set(
+    cfg: ExperimentConfig,
+    run: RunDir,
+    artifact: lineage.Artifact,
+    problem_set: lineage.Artifact,
+    batch_rows: int = RENDER_ROWS,
+) -> None:
     """Render the problems `batch_rows` at a time into one file, shard numbers in order of the
-    problem set, and mark it done; the problems are prepared first unless the run dir has them."""
-    artifact = lineage.prompts(cfg)
-    problems = prepare_problems(cfg, run)
+    problem set, and mark `artifact` done; the problems (`problem_set`) are prepared first unless
+    the run dir has them. Both artifacts are the caller's, computed where the stage plans."""
+    problems = _problem_set(cfg, run, problem_set)
     tokenizer = load_tokenizer(resolve_model(cfg.teacher), cfg.trust_remote_code)
     template = TEMPLATES[cfg.template]
     max_len = cfg.generation.engine.max_model_len

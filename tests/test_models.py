@@ -1,0 +1,159 @@
+"""A model's first use on a node by many processes at once (Ray Train workers, the engines of
+several stages): it is copied or built once, appears whole, and is never replaced while read."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+
+def _contents(folder: str) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(folder).iterdir()}
+
+
+_start = None  # a worker process's barrier before its first call
+
+
+def _wait_for_all(barrier) -> None:
+    global _start
+    _start = barrier
+
+
+def _use(spec: str) -> tuple[str, int, dict[str, str]] | str:
+    """What a worker does on its node: get the model's folder, then read every file of it (as an
+    engine loading it would); the folder's path, inode and contents, or the error raised."""
+    global _start
+    from w2sr.models import node_copy
+
+    if _start is not None:  # every process's first call at once: the first use is concurrent
+        _start.wait()
+        _start = None
+    try:
+        folder = node_copy(spec)
+        return folder, os.stat(folder).st_ino, _contents(folder)
+    except Exception as error:  # counted by the test: every call must succeed
+        return f"{type(error).__name__}: {error}"
+
+
+def _use_all(specs: list[str], processes: int) -> list:
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(processes)
+    with context.Pool(processes, _wait_for_all, (barrier,)) as pool:
+        return pool.map(_use, specs, chunksize=1)
+
+
+def _assert_one_whole_folder(results: list, expected: dict[str, str]) -> None:
+    errors = [r for r in results if isinstance(r, str)]
+    assert errors == [], f"{len(errors)} of {len(results)} calls failed: {errors[:3]}"
+    assert {(folder, inode) for folder, inode, _ in results} == {results[0][:2]}  # never replaced
+    incomplete = [files for _, _, files in results if files != expected]
+    assert incomplete == [], f"{len(incomplete)} readers saw a partial model: {incomplete[:2]}"
+
+
+def test_concurrent_node_copies_of_one_model_are_one_whole_folder(s3_bucket, tmp_path, monkeypatch):
+    """160 first uses of one model in object storage by 16 processes of a node, the first 16 at
+    once: none fails, and each finds the one folder, with every file whole."""
+    import pyarrow.fs as pafs
+
+    source = tmp_path / "published"
+    source.mkdir()
+    (source / "config.json").write_text('{"model_type": "qwen2"}')
+    (source / "tokenizer.json").write_text("{}")
+    (source / "model.safetensors").write_bytes(os.urandom(16 << 20))
+    uri = f"{s3_bucket}/models-{uuid.uuid4().hex[:8]}"
+    fs, path = pafs.FileSystem.from_uri(uri)
+    pafs.copy_files(str(source), path, destination_filesystem=fs)
+    monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))  # the spawned workers' too
+
+    results = _use_all([uri] * 160, processes=16)
+
+    _assert_one_whole_folder(results, _contents(str(source)))
+    folders = [p for p in Path(results[0][0]).parent.iterdir() if p.is_dir()]
+    assert folders == [Path(results[0][0])]  # no copy left behind
+
+
+def test_a_copy_cut_short_by_a_killed_process_is_cleared_by_the_next(tmp_path, monkeypatch):
+    from w2sr.models import cache_dir, node_copy
+
+    monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "published"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    (source / "model.safetensors").write_bytes(os.urandom(1 << 20))
+    uri = f"file://{source}"
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]  # the folder node_copy fills
+    killed = cache_dir().parent / "artifacts" / f"{key}.k1ll3d"  # a killed copy's staging
+    killed.mkdir(parents=True)
+    (killed / "model.safetensors").write_bytes(b"half")
+
+    folder = Path(node_copy(uri))
+
+    assert _contents(str(folder)) == _contents(str(source))
+    assert [p for p in folder.parent.iterdir() if p.is_dir()] == [folder]
+
+
+def test_a_uri_without_a_model_is_an_error_not_an_empty_folder(tmp_path, monkeypatch):
+    from w2sr.models import node_copy
+
+    monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        node_copy(f"file://{tmp_path / 'empty'}")
+    assert not any(p.is_dir() for p in (tmp_path / "cache" / "artifacts").iterdir())
+
+
+def test_concurrent_builds_of_a_builtin_are_one_whole_folder(tmp_path, monkeypatch):
+    """Processes that need a built-in not yet built on their machine: one builds it, the others
+    wait and find it whole."""
+    monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))
+
+    results = _use_all(["builtin:tiny-random"] * 8, processes=4)
+
+    assert not isinstance(results[0], str), results[0]
+    _assert_one_whole_folder(results, _contents(results[0][0]))
+    assert "config.json" in results[0][2] and "model.safetensors" in results[0][2]
+
+
+def test_a_second_publisher_of_a_builtin_deletes_nothing_the_first_wrote(
+    s3_bucket, tmp_path, monkeypatch
+):
+    """Two stages publish one built-in to an object-store run dir at once: the second checked
+    for the done record before the first wrote it. Whatever the second does then, it must not
+    delete the first's files, or a stage loading the model once the done record exists finds
+    files missing. The bucket keeps versions, so any delete shows as a delete marker."""
+    import boto3
+
+    from w2sr import layout
+    from w2sr.identity import model_identity
+    from w2sr.models import resolve_model
+    from w2sr.registry import published
+    from w2sr.rundir import DONE, RunDir
+
+    monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))
+    s3 = boto3.client("s3")  # the test server, through the fixture's environment
+    bucket = f"w2sr-publish-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    run = RunDir(f"s3://{bucket}/run")
+    digest = model_identity("builtin:tiny-random")
+    folder = layout.builtin("tiny-random", digest)
+    location = published("builtin:tiny-random", run)
+    run.delete(folder, DONE)  # the first publisher's files are up, its done record not yet
+
+    assert published("builtin:tiny-random", run) == location  # the second one publishes
+
+    model = f"run/{folder}/{layout.MODEL}/"
+    versions = s3.list_object_versions(Bucket=bucket, Prefix=model)
+    assert [m["Key"] for m in versions.get("DeleteMarkers", [])] == []
+    expected = {
+        p.name: p.stat().st_size for p in Path(resolve_model("builtin:tiny-random")).iterdir()
+    }
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=model)["Contents"]
+    files = {o["Key"].removeprefix(model): o["Size"] for o in listed if o["Key"] != model}
+    assert files == expected
+    assert run.done(folder, digest)["spec"] == "builtin:tiny-random"
