@@ -744,3 +744,32 @@ print("loaded", lock.exists())
                           timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("loaded False")
+
+
+def test_a_changed_config_trains_a_second_student_and_leaves_the_first_as_it_was(
+    padded_run, tiny_student, tmp_path
+):
+    """Both configs run for real: the second (fewer steps) writes a folder of its own beside the
+    finished student, whose files and done record stay byte for byte, and each config finds its
+    own student."""
+    from w2sr.registry import model_table
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(padded_run[0], run_dir)
+    padded = {"packing": False, "gradient_checkpointing": True, "offload_optimizer": True}
+    padded |= {"profile_step": 3, "mlflow_tracking_uri": f"file://{padded_run[0]}-mlruns"}
+    first = config(run_dir, tiny_student, zero_stage=2, **padded)
+    second = config(run_dir, tiny_student, zero_stage=2, **{**padded, "max_steps": 2})
+    (old,) = (run_dir / "students" / "all").iterdir()
+    assert old.name == Path(lineage.student(first, "all").folder).name  # the fixture's student
+    before = {p.relative_to(old): sha256(p) for p in old.rglob("*") if p.is_file()}
+
+    record = train(second)
+
+    assert record["steps"] == 2
+    new = run_dir / lineage.student(second, "all").folder
+    assert new != old and (new / layout.MODEL / "config.json").exists()
+    assert {p.relative_to(old): sha256(p) for p in old.rglob("*") if p.is_file()} == before
+    for cfg, folder in ((first, old), (second, new)):
+        models, _ = model_table(cfg)
+        assert models["w2sr"].spec == str(folder / layout.MODEL)
