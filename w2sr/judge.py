@@ -24,20 +24,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import json
 import logging
-import os
 import random
 import re
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 from w2sr import layout
 from w2sr.behaviors import BEHAVIORS
 from w2sr.config import JudgeConfig
-from w2sr.evaluation.endpoint import SAVE_EVERY_S, EndpointError, api_base, chat_completion
+from w2sr.evaluation.endpoint import (
+    SAVE_EVERY_S,
+    EndpointError,
+    api_base,
+    bearer_key,
+    chat_completion,
+)
 from w2sr.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -110,30 +113,7 @@ def _counts(found: dict[str, Any]) -> dict[str, int] | None:
 def judge_key(cfg: JudgeConfig) -> str | None:
     """The API key (from the variable `api_key_env` names, else none), once the endpoint is
     known to be a place it may go: https, or plain http to this machine's loopback."""
-    parts = urlsplit(cfg.endpoint)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"report.judge.endpoint: {cfg.endpoint!r} is not an http(s) URL")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(
-            "report.judge.endpoint: holds credentials; give the key through the environment "
-            f"variable {cfg.api_key_env} instead"
-        )
-    key = os.environ.get(cfg.api_key_env) or None
-    if key and parts.scheme == "http" and not _loopback(parts.hostname):
-        raise ValueError(
-            f"report.judge.endpoint: {cfg.endpoint} would receive the key in {cfg.api_key_env} "
-            "in clear over http; use https, or a judge on this machine's loopback"
-        )
-    return key
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name: it may resolve anywhere
-        return False
+    return bearer_key(cfg.endpoint, "report.judge.endpoint", cfg.api_key_env)
 
 
 def sample_responses(responses: list[str], limit: int | None, seed: int) -> list[str]:

@@ -43,32 +43,36 @@ def api_base(endpoint: str) -> str:
 
 
 def endpoint_key(endpoint: str, cfg: ExperimentConfig) -> str | None:
-    """The API key (none when its variable is unset), once `endpoint` is known to be a URL that
-    may be recorded and a place the key may go: raises ConfigError, before any request, for a URL
-    holding credentials, a query or a fragment, and for a key bound for plain http off loopback.
-    The messages never repeat the URL, which may hold a secret."""
-    env = cfg.eval.endpoint.api_key_env
+    """The API key for `--endpoint` (see `bearer_key`)."""
+    return bearer_key(endpoint, "--endpoint", cfg.eval.endpoint.api_key_env)
+
+
+def bearer_key(url: str, name: str, env: str) -> str | None:
+    """The API key in `env` (none when unset), once `url` (the setting `name`) is known to be a
+    URL that may be recorded and a place the key may go: raises ConfigError, before any request,
+    for a URL holding credentials, a query or a fragment, and for a key bound for plain http off
+    loopback. The messages never repeat the URL, which may hold a secret."""
     try:
-        parts = urlsplit(endpoint)
+        parts = urlsplit(url)
         hostname = parts.hostname
     except ValueError:  # e.g. an unclosed IPv6 bracket
         hostname = None
     if not hostname or parts.scheme not in ("http", "https"):
-        raise ConfigError("--endpoint: not an http(s) URL; give one like http://host:8000/v1")
+        raise ConfigError(f"{name}: not an http(s) URL; give one like http://host:8000/v1")
     if "@" in parts.netloc:
         raise ConfigError(
-            "--endpoint: holds credentials, which would be recorded with every result; give "
-            f"the key through the environment variable {env} (eval.endpoint.api_key_env) instead"
+            f"{name}: holds credentials, which would be recorded with every result; give the "
+            f"key through the environment variable {env} instead"
         )
     if parts.query or parts.fragment:
         raise ConfigError(
-            "--endpoint: takes no query or fragment (they would be recorded with every result); "
+            f"{name}: takes no query or fragment (they would be recorded with every result); "
             f"give the server's base URL, and a key through the environment variable {env}"
         )
     key = os.environ.get(env) or None
     if key and parts.scheme == "http" and not _loopback(hostname):
         raise ConfigError(
-            f"--endpoint: {hostname} would receive the key in {env} in clear over http; "
+            f"{name}: {hostname} would receive the key in {env} in clear over http; "
             "use https, or a server on this machine's loopback"
         )
     return key
