@@ -254,7 +254,8 @@ def test_served_and_offline_greedy_evaluation_agree(
             headers={"Authorization": f"Bearer {KEY}"},
             timeout=120,
         )
-        under = asyncio.run(load(info["url"], clients=5))  # within 2 ongoing + 4 queued
+        # within 2 ongoing + 4 queued, with room for a request of the phase before still ending
+        under = asyncio.run(load(info["url"], clients=4))
         over = asyncio.run(load(info["url"], clients=48))
         # The served model as a behaviour judge: its random replies do not parse, which is
         # counted, not raised. Two at a time, within the server's bound.
@@ -269,7 +270,7 @@ def test_served_and_offline_greedy_evaluation_agree(
     assert refused == [401, 401, 401, 401]
     assert completion.status_code == 200, completion.text
     assert completion.json()["usage"]["completion_tokens"] > 0, completion.text
-    assert under["status"] == {200: 5}, under
+    assert under["status"] == {200: 4}, under
     # Over the bound the server sheds load (503) and answers the rest. At once: each 503 came
     # back within a second and sooner than one generation, the fastest reply.
     assert set(over["status"]) == {200, 503} and over["status"][200] >= 6, over
