@@ -407,14 +407,19 @@ def test_the_summary_names_each_models_source_and_each_results_setting(tmp_path)
     assert student["no_answer"] == 0.0 and student["unclosed_thought"] == 0.0
 
 
-def test_a_result_made_from_other_problems_is_not_current(tmp_path):
-    cfg = validate(
+def offline_teacher(tmp_path):
+    """A teacher on three offline problems, two samples each."""
+    return validate(
         {
             "run_dir": str(tmp_path / "run"),
             "teacher": "org/teacher",
             "eval": {"benchmarks": [{"name": "offline", "limit": 3}], "samples": 2},
         }
     )
+
+
+def test_a_result_made_from_other_problems_is_not_current(tmp_path):
+    cfg = offline_teacher(tmp_path)
     run = RunDir(cfg.run_dir)
     [task], _ = plan_tasks(cfg)
     problems = load_problems(cfg, run)["offline"]
@@ -584,13 +589,7 @@ class FlakyServer:
 def test_a_benchmark_that_loses_requests_keeps_its_replies_for_the_rerun(tmp_path):
     """Two of six requests are refused: the four replies are kept, no result is written, and the
     rerun asks only for the two, then writes the whole result."""
-    cfg = validate(
-        {
-            "run_dir": str(tmp_path / "run"),
-            "teacher": "org/teacher",
-            "eval": {"benchmarks": [{"name": "offline", "limit": 3}], "samples": 2},
-        }
-    )
+    cfg = offline_teacher(tmp_path)
     run = RunDir(cfg.run_dir)
     [task], _ = plan_tasks(cfg)
     seeds = [s["seed"] for s in sample_rows(cfg, task, load_problems(cfg, run)["offline"])]
