@@ -579,9 +579,10 @@ def test_rayservice_serves_what_w2sr_serve_would(tmp_path):
     """The RayService deploys the app of `w2sr serve CONFIG overrides...`, built on the cluster:
     students live in folders named by fingerprints that only a config computes, so the manifest
     names a config in the image, and the models it serves are the folders the layout writes."""
-    from w2sr import layout, lineage
+    from w2sr import layout
     from w2sr.config import load_config
     from w2sr.engines.serve_app import llm_config
+    from w2sr.lineage import Lineage
     from w2sr.rundir import RunDir
     from w2sr.stages import serve as w2sr_serve
 
@@ -603,7 +604,7 @@ def test_rayservice_serves_what_w2sr_serve_would(tmp_path):
     # The config's trained students where its stages write them, in a run dir here: the serve
     # code resolves the manifest's models to exactly those folders.
     here = load_config(config, [*args["overrides"], f"run_dir={tmp_path / 'run'}"])
-    run, trained = RunDir(here.run_dir), lineage.trained(here)
+    run, trained = RunDir(here.run_dir), Lineage(here).trained
     wanted = here.serve.models or [x for x in w2sr_serve.DEFAULT_LABELS if x in trained]
     assert wanted and set(wanted) <= set(trained), f"{wanted}: not students of {config.name}"
     for label in wanted:

@@ -22,7 +22,7 @@ import pytest
 from artifacts import prepared_problems, trained_student
 from faults import descendants, kill_when
 
-from w2sr import layout, lineage
+from w2sr import layout
 from w2sr.config import BenchmarkRef, ConfigError, PromptsConfig, validate
 from w2sr.data.benchmarks import OFFLINE_TASKS
 from w2sr.data.sources import load_benchmark, load_prompts
@@ -40,6 +40,7 @@ from w2sr.evaluation.results import (
     write_result,
 )
 from w2sr.grading import is_correct
+from w2sr.lineage import Lineage
 from w2sr.registry import model_table
 from w2sr.rundir import RunDir
 from w2sr.schemas import EVAL_SCHEMA, TOO_LONG
@@ -391,7 +392,7 @@ def test_the_summary_names_each_models_source_and_each_results_setting(tmp_path)
     assert models["w2sr"]["source"] == {
         "kind": "trained",
         "stage": folder,
-        "fingerprint": lineage.student(cfg, "all").fingerprint,
+        "fingerprint": Lineage(cfg).student("all").fingerprint,
     }
     base = models["base"]["results"]["offline"]
     assert base["setting"]["greedy"] and base["setting"]["samples"] == 1

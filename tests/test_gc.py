@@ -12,12 +12,13 @@ import huggingface_hub
 import yaml
 from artifacts import prepared_problems, trained_student
 
-from w2sr import layout, lineage
+from w2sr import layout
 from w2sr.cli import main
 from w2sr.config import ExperimentConfig, validate
 from w2sr.evaluation.problems import load_problems
 from w2sr.evaluation.results import plan_tasks, sample_rows, scorer, write_result
 from w2sr.identity import model_identity
+from w2sr.lineage import Lineage
 from w2sr.rundir import LEASE, RunDir
 from w2sr.sweep.config import SweepConfig
 from w2sr.sweep.job import write_lineage
@@ -38,18 +39,18 @@ def test_each_stage_is_addressed_by_what_decides_it(tmp_path):
     base = validate(experiment(tmp_path))
     steps = validate(experiment(tmp_path, train={"max_steps": 10}))
     teacher = validate({**experiment(tmp_path), "teacher": "org/other-teacher"})
-    assert lineage.traces(steps) == lineage.traces(base)  # SFT settings leave the traces alone
-    assert lineage.student(steps, "all") != lineage.student(base, "all")
-    assert lineage.student(base, "all") != lineage.student(base, "correct")
-    assert lineage.traces(teacher) != lineage.traces(base)  # through the teacher's prompts
-    assert lineage.student(teacher, "all") != lineage.student(base, "all")
-    assert lineage.problems(teacher) == lineage.problems(base)
-    assert lineage.rl(teacher) == lineage.rl(base)  # GRPO never sees the teacher
-    assert lineage.rl(steps) == lineage.rl(base)
-    folder = lineage.student(base, "all").folder
-    assert folder == f"students/all/{lineage.student(base, 'all').fingerprint}"
-    assert set(lineage.trained(base)) == {"w2sr", "w2sr_p", "w2sr_n", "rl"}
-    assert set(lineage.trained(validate({**experiment(tmp_path), "grpo": None}))) == {
+    assert Lineage(steps).traces == Lineage(base).traces  # SFT settings leave the traces alone
+    assert Lineage(steps).student("all") != Lineage(base).student("all")
+    assert Lineage(base).student("all") != Lineage(base).student("correct")
+    assert Lineage(teacher).traces != Lineage(base).traces  # through the teacher's prompts
+    assert Lineage(teacher).student("all") != Lineage(base).student("all")
+    assert Lineage(teacher).problems == Lineage(base).problems
+    assert Lineage(teacher).rl == Lineage(base).rl  # GRPO never sees the teacher
+    assert Lineage(steps).rl == Lineage(base).rl
+    folder = Lineage(base).student("all").folder
+    assert folder == f"students/all/{Lineage(base).student('all').fingerprint}"
+    assert set(Lineage(base).trained) == {"w2sr", "w2sr_p", "w2sr_n", "rl"}
+    assert set(Lineage(validate({**experiment(tmp_path), "grpo": None})).trained) == {
         "w2sr",
         "w2sr_p",
         "w2sr_n",
@@ -124,12 +125,12 @@ def finish(cfg: ExperimentConfig, command: str, label: str | None = None) -> Non
     run = RunDir(cfg.run_dir)
     if command == "generate":
         prepared_problems(cfg, ["What is 1 + 1?", "What is 2 + 2?"])
-        for artifact, name in ((lineage.prompts(cfg), layout.PROMPT_SET),
-                               (lineage.traces(cfg), layout.trace_shard(0))):  # fmt: skip
+        for artifact, name in ((Lineage(cfg).prompts, layout.PROMPT_SET),
+                               (Lineage(cfg).traces, layout.trace_shard(0))):  # fmt: skip
             run.write_text("rows", artifact.folder, name)
             run.mark_done(artifact.folder, artifact.fingerprint)
     elif command == "select":
-        sets = lineage.sft(cfg)
+        sets = Lineage(cfg).sft
         summary = {variant: {"traces": 2} for variant in layout.VARIANT_NAMES}
         run.write_json(summary, sets.folder, layout.SFT_SUMMARY)
         run.mark_done(sets.folder, sets.fingerprint)
@@ -171,7 +172,7 @@ def test_gc_on_a_sweep_run_dir_keeps_every_cell(tmp_path, capsys, monkeypatch):
     write_lineage(run, cells)  # as `w2sr sweep` does before its first stage
     for node in nodes.values():
         finish(node.config, node.command, node.label)
-    (student,) = lineage.builtins(cells[0].config)  # published for the nodes of a cluster
+    (student,) = Lineage(cells[0].config).builtins  # published for the nodes of a cluster
     run.write_text("{}", student.folder, layout.MODEL, "config.json")
     run.mark_done(student.folder, student.fingerprint)
     as_the_cli_writes_it(cells[0].config, tmp_path, capsys)
@@ -204,8 +205,8 @@ def test_gc_on_a_sweep_run_dir_keeps_every_cell(tmp_path, capsys, monkeypatch):
     assert run.exists(evaluating, "part-0.parquet")
     assert all(is_complete(node, run) for node in nodes.values())  # the sweep has nothing to do
     for cell in cells:
-        for artifact in (lineage.problems, lineage.prompts):  # done by no node of its own
-            assert run.done(artifact(cell.config).folder, artifact(cell.config).fingerprint)
+        for artifact in (Lineage(cell.config).problems, Lineage(cell.config).prompts):
+            assert run.done(artifact.folder, artifact.fingerprint)  # done by no node of its own
     assert run.done(student.folder, student.fingerprint)
 
 
@@ -235,10 +236,10 @@ def test_gc_decides_from_what_the_run_recorded_not_from_this_hub_cache(
                            ("eval", "teacher"), ("eval", "base"), ("eval", "w2sr")]:  # fmt: skip
         finish(cfg, command, label)
     path = as_the_cli_writes_it(cfg, tmp_path, capsys)
-    recorded = lineage.prompts(cfg)
+    recorded = Lineage(cfg).prompts
     shutil.rmtree(hub)
     hub.mkdir()
-    assert lineage.prompts(cfg) != recorded  # recomputed here, the identities name other folders
+    assert Lineage(cfg).prompts != recorded  # recomputed here, the identities name other folders
 
     assert main(["gc", cfg.run_dir]) == 0
     assert capsys.readouterr().out.splitlines() == [

@@ -25,6 +25,7 @@ from w2sr.data.prompt_set import RENDER_ROWS, prepare_prompts, write_prompt_set
 from w2sr.data.prompts import load_tokenizer
 from w2sr.data.templates import TEMPLATES, reasoning_prefill
 from w2sr.grading import extract_answer, is_correct
+from w2sr.lineage import Lineage
 from w2sr.rundir import RunDir
 from w2sr.schemas import TRACE_SCHEMA
 from w2sr.stages.generate import _trace_row, generate
@@ -75,11 +76,11 @@ def experiment(tmp: Path, model: str) -> dict:
 
 
 def read_traces(cfg):
-    return layout.read_traces(RunDir(cfg.run_dir), lineage.traces(cfg).folder)
+    return layout.read_traces(RunDir(cfg.run_dir), Lineage(cfg).traces.folder)
 
 
 def traces_dir(cfg) -> Path:
-    return Path(cfg.run_dir, lineage.traces(cfg).folder)
+    return Path(cfg.run_dir, Lineage(cfg).traces.folder)
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +101,9 @@ def test_traces_have_the_schema_and_one_row_per_prompt_and_sample(generated):
     )
     assert pairs == {(f"p{i}", k) for i in range(len(PROBLEMS)) for k in range(SAMPLES)}
     assert len(set(traces["seed"].to_pylist())) == traces.num_rows
-    shards = run.list(lineage.traces(cfg).folder, suffix=".parquet")
+    shards = run.list(Lineage(cfg).traces.folder, suffix=".parquet")
     assert shards == [f"shard-{i:05d}.parquet" for i in range(3)]
-    assert run.list(lineage.traces(cfg).folder, layout.PARTS) == []  # every part sealed
+    assert run.list(Lineage(cfg).traces.folder, layout.PARTS) == []  # every part sealed
 
 
 def test_every_trace_is_graded_and_counted(generated):
@@ -121,8 +122,8 @@ def test_every_trace_is_graded_and_counted(generated):
 def test_malformed_and_too_long_prompts_are_set_aside_with_reasons(generated):
     cfg, _ = generated
     run = RunDir(cfg.run_dir)
-    source = run.read_parquet(lineage.problems(cfg).folder, "rejected.parquet").to_pylist()
-    too_long = run.read_parquet(lineage.prompts(cfg).folder, "rejected.parquet").to_pylist()
+    source = run.read_parquet(Lineage(cfg).problems.folder, "rejected.parquet").to_pylist()
+    too_long = run.read_parquet(Lineage(cfg).prompts.folder, "rejected.parquet").to_pylist()
     rejected = source + too_long
     reasons = {row["prompt_id"]: row["reason"] for row in rejected}
     assert len(source) == 3 and [r["prompt_id"] for r in too_long] == ["too-long"]
@@ -140,15 +141,15 @@ def test_the_prompt_set_rendered_in_batches_is_the_prompt_set_rendered_at_once(
         (tmp_path / str(batch_rows)).mkdir()
         cfg = validate(experiment(tmp_path / str(batch_rows), tiny_model))
         run = RunDir(cfg.run_dir)
-        write_prompt_set(cfg, run, lineage.prompts(cfg), lineage.problems(cfg), batch_rows)
-        folder = lineage.prompts(cfg).folder
+        write_prompt_set(cfg, run, Lineage(cfg).prompts, Lineage(cfg).problems, batch_rows)
+        folder = Lineage(cfg).prompts.folder
         sets.append(
             (
                 run.read_parquet(folder, layout.PROMPT_SET),
                 run.read_parquet(folder, "rejected.parquet"),
             )
         )
-        assert run.done(folder, lineage.prompts(cfg).fingerprint)["prompts"] == len(PROBLEMS)
+        assert run.done(folder, Lineage(cfg).prompts.fingerprint)["prompts"] == len(PROBLEMS)
     (batched, batched_rejected), (whole, whole_rejected) = sets
     assert batched.equals(whole) and batched_rejected.equals(whole_rejected)
     assert batched["prompt_id"].to_pylist() == [f"p{i}" for i in range(len(PROBLEMS))]
@@ -171,8 +172,8 @@ def test_the_prompt_set_is_written_where_the_driver_fingerprinted_it(tmp_path, t
     assert run.done(problems.folder, problems.fingerprint)["problems"] == len(PROBLEMS) + 1
     assert run.done(prompts.folder, prompts.fingerprint)["prompts"] == len(PROBLEMS)
     assert run.read_parquet(prompts.folder, layout.PROMPT_SET).num_rows == len(PROBLEMS)
-    assert not run.exists(lineage.problems(cfg).folder)  # nothing where this node would look
-    assert not run.exists(lineage.prompts(cfg).folder)
+    assert not run.exists(Lineage(cfg).problems.folder)  # nothing where this node would look
+    assert not run.exists(Lineage(cfg).prompts.folder)
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +211,8 @@ def test_the_prompt_set_is_rendered_with_thinking(tmp_path, tiny_thinking):
         (tmp_path / str(thinking)).mkdir()
         cfg = validate(experiment(tmp_path / str(thinking), tiny_thinking) | {"thinking": thinking})
         run = RunDir(cfg.run_dir)
-        write_prompt_set(cfg, run, lineage.prompts(cfg), lineage.problems(cfg))
-        prompts = run.read_parquet(lineage.prompts(cfg).folder, layout.PROMPT_SET)
+        write_prompt_set(cfg, run, Lineage(cfg).prompts, Lineage(cfg).problems)
+        prompts = run.read_parquet(Lineage(cfg).prompts.folder, layout.PROMPT_SET)
         assert prompts.num_rows == len(PROBLEMS)
         assert all(prompt.endswith(ending) for prompt in prompts["prompt"].to_pylist())
 
@@ -276,9 +277,9 @@ def test_a_prompt_set_with_no_prompt_that_fits_fails_naming_the_key_and_writes_n
     with pytest.raises(ConfigError, match="generation.engine.max_model_len") as raised:
         prepare_prompts(cfg, run)  # the preparation runs in a Ray task; its error is the user's
     assert type(raised.value) is ConfigError
-    folder = lineage.prompts(cfg).folder
+    folder = Lineage(cfg).prompts.folder
     assert not run.exists(folder, layout.PROMPT_SET) and not run.done(
-        folder, lineage.prompts(cfg).fingerprint
+        folder, Lineage(cfg).prompts.fingerprint
     )
     assert run.read_parquet(folder, "rejected.parquet").num_rows == len(PROBLEMS) + 1
 
@@ -300,7 +301,7 @@ def test_workers_read_prompts_from_and_write_traces_to_an_object_store(
     data = experiment(tmp_path, tiny_model) | {"run_dir": f"{s3_bucket}/gen-{uuid.uuid4().hex[:8]}"}
     cfg = validate(data)
     record = generate(cfg)
-    run, folder = RunDir(cfg.run_dir), lineage.traces(cfg).folder
+    run, folder = RunDir(cfg.run_dir), Lineage(cfg).traces.folder
     assert run.list(folder, suffix=".parquet") == [f"shard-{i:05d}.parquet" for i in range(3)]
     assert run.list(folder, layout.PARTS) == []
     traces = read_traces(cfg)
@@ -315,7 +316,7 @@ def test_selection_splits_traces_into_the_three_training_sets(generated):
     cfg, _ = generated
     summary = select(cfg)
     run = RunDir(cfg.run_dir)
-    sets = lineage.sft(cfg).folder
+    sets = Lineage(cfg).sft.folder
     every = run.read_parquet(sets, "all.parquet")
     right = run.read_parquet(sets, "correct.parquet")
     wrong = run.read_parquet(sets, "incorrect.parquet")
@@ -375,14 +376,14 @@ def test_matched_selection_writes_new_sets_beside_the_unmatched_ones(generated):
     matched_cfg = validate({**cfg.model_dump(), "select": {"match": "tokens"}})
     matched = select(matched_cfg)
     run = RunDir(cfg.run_dir)
-    assert lineage.sft(matched_cfg).folder != lineage.sft(cfg).folder
-    assert run.read_json(lineage.sft(cfg).folder, layout.SFT_SUMMARY) == plain
+    assert Lineage(matched_cfg).sft.folder != Lineage(cfg).sft.folder
+    assert run.read_json(Lineage(cfg).sft.folder, layout.SFT_SUMMARY) == plain
     filled = [name for name, s in matched.items() if s["traces"]]
     target = min(matched[name]["matched"]["tokens_before"] for name in filled)
     for name in filled:
         assert matched[name]["matched"]["traces_before"] == plain[name]["traces"]
         assert matched[name]["tokens"] <= target
-        table = run.read_parquet(lineage.sft(matched_cfg).folder, f"{name}.parquet")
+        table = run.read_parquet(Lineage(matched_cfg).sft.folder, f"{name}.parquet")
         assert table.num_rows == matched[name]["traces"]
 
 

@@ -23,13 +23,14 @@ import numpy as np
 import pytest
 import torch
 
-from w2sr import layout, lineage
+from w2sr import layout
 from w2sr.config import ConfigError, GRPOConfig, validate
 from w2sr.data.prompts import load_tokenizer, render_prompts
 from w2sr.data.templates import TEMPLATES
 from w2sr.learner.batches import RolloutBatch, rollout_rows
 from w2sr.learner.rl_loss import group_advantages, policy_loss
 from w2sr.learner.rollouts import graded
+from w2sr.lineage import Lineage
 from w2sr.registry import model_table
 from w2sr.rundir import RunDir
 from w2sr.stages.grpo import _requests, grpo
@@ -496,7 +497,7 @@ def test_separate_engines_train_and_count_as_workers(ray_session, answerer, tmp_
         max_failures=0,
     )
     record = grpo(cfg)
-    run, folder = RunDir(run_dir), lineage.rl(cfg).folder
+    run, folder = RunDir(run_dir), Lineage(cfg).rl.folder
     records = [json.loads(line) for line in run.read_text(folder, "metrics.jsonl").splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert run.size(folder, layout.MODEL, "model.safetensors") > 0

@@ -22,6 +22,7 @@ from w2sr.config import ExperimentConfig, validate
 from w2sr.evaluation.problems import load_problems
 from w2sr.evaluation.results import plan_tasks, write_result
 from w2sr.identity import content_digest
+from w2sr.lineage import Lineage
 from w2sr.registry import model_table
 from w2sr.rundir import RunDir
 from w2sr.stages.evaluate import evaluate
@@ -105,11 +106,11 @@ def build_run(
             "rl": rl,
         }
     )
-    traces = lineage.traces(cfg)
+    traces = Lineage(cfg).traces
     done(run, HOURS["traces"], traces)
     rows = [{"trace": "Wait, let me verify. Case 1: x. \\boxed{1}"}] * 3
     run.write_parquet(pa.Table.from_pylist(rows), traces.folder, "shard-00000.parquet")
-    trained = lineage.trained(cfg)
+    trained = Lineage(cfg).trained
     for label in [label for label in trained if label in labels]:
         run.write_text("{}", trained[label].folder, "model", "config.json")
         done(run, HOURS[VARIANT_OF[label]], trained[label])

@@ -15,9 +15,10 @@ import pyarrow.fs as pafs
 import pytest
 from artifacts import trained_student
 
-from w2sr import layout, lineage
+from w2sr import layout
 from w2sr.config import validate
 from w2sr.identity import content_digest, model_identity
+from w2sr.lineage import Lineage
 from w2sr.models import node_copy, resolve_model
 from w2sr.registry import model_table, published
 from w2sr.rundir import LEASE, LeaseHeld, MetricsLog, RunDir
@@ -96,7 +97,7 @@ def test_an_export_cut_short_leaves_the_previous_student_intact(s3_run):
     folder = trained_student(old, "all", wall_seconds=1.0)
     run = RunDir(s3_run)
     run.write_bytes(b"old weights", folder, layout.MODEL, "model.safetensors")
-    cut = lineage.student(new, "all").folder
+    cut = Lineage(new).student("all").folder
     run.write_bytes(b"half of the new", cut, layout.MODEL, "model.safetensors")  # then killed
 
     models, _ = model_table(old)
@@ -108,7 +109,7 @@ def test_an_export_cut_short_leaves_the_previous_student_intact(s3_run):
     with run.staged_folder(cut, layout.MODEL) as out:  # the rerun's export
         Path(out, "config.json").write_text("{}")
         Path(out, "model.safetensors").write_bytes(b"new weights")
-    run.mark_done(cut, lineage.student(new, "all").fingerprint)
+    run.mark_done(cut, Lineage(new).student("all").fingerprint)
     models, _ = model_table(new)
     assert models["w2sr"].spec == f"{s3_run}/{cut}/{layout.MODEL}"
     assert run.read_bytes(cut, layout.MODEL, "model.safetensors") == b"new weights"

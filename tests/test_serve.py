@@ -21,13 +21,14 @@ import pytest
 from artifacts import trained_student
 from network import free_port
 
-from w2sr import layout, lineage
+from w2sr import layout
 from w2sr.config import ConfigError, JudgeConfig, validate
 from w2sr.engines import settings as engines
 from w2sr.engines.serve_app import llm_config
 from w2sr.evaluation.endpoint import served_models
 from w2sr.judge import CACHE as judge_cache
 from w2sr.judge import judge_behaviors
+from w2sr.lineage import Lineage
 from w2sr.rundir import RunDir
 from w2sr.stages.evaluate import evaluate
 from w2sr.stages.serve import hosted_models
@@ -102,7 +103,7 @@ def test_deployment_uses_the_engine_settings_and_scales_between_the_replica_boun
 def publish_student(cfg) -> str:
     """The W2SR-N student of `cfg`, with the student's weights, as SFT publishes it in the run
     dir; its model folder's location."""
-    run, student = RunDir(cfg.run_dir), lineage.student(cfg, "incorrect")
+    run, student = RunDir(cfg.run_dir), Lineage(cfg).student("incorrect")
     with run.staged_folder(student.folder, layout.MODEL) as out:
         shutil.copytree(cfg.student, out, dirs_exist_ok=True)
     run.mark_done(student.folder, student.fingerprint)

@@ -13,10 +13,11 @@ import json
 import math
 from pathlib import Path
 
-from w2sr import layout, lineage
+from w2sr import layout
 from w2sr.config import validate
 from w2sr.data.templates import TEMPLATES
 from w2sr.learner.batches import build_sft_set
+from w2sr.lineage import Lineage
 from w2sr.models import resolve_model
 from w2sr.rundir import METRICS, RunDir
 from w2sr.stages.evaluate import evaluate
@@ -106,7 +107,7 @@ def test_smollm2_as_teacher_and_student_runs_every_stage(ray_session, tmp_path):
     # generate: the teacher's traces are its answers alone, to its own chat-template prompt.
     generated = generate(cfg)
     assert (generated["prompts"], generated["traces"]) == (PROMPTS, PROMPTS * SAMPLES)
-    traces = layout.read_traces(run, lineage.traces(cfg).folder).to_pylist()
+    traces = layout.read_traces(run, Lineage(cfg).traces.folder).to_pylist()
     assert len(traces) == PROMPTS * SAMPLES
     for row in traces:
         assert row["prompt"] == template.render(base, row["problem"])
@@ -120,7 +121,7 @@ def test_smollm2_as_teacher_and_student_runs_every_stage(ray_session, tmp_path):
     sets = select(cfg)
     assert sets["all"]["traces"] == PROMPTS * SAMPLES
     assert sets["correct"]["traces"] + sets["incorrect"]["traces"] == PROMPTS * SAMPLES
-    rows = run.read_parquet(lineage.sft(cfg).folder, layout.sft_set("all"))
+    rows = run.read_parquet(Lineage(cfg).sft.folder, layout.sft_set("all"))
     data = build_sft_set(base, template, rows, cfg.train.cutoff_len)
     assert len(data) == rows.num_rows and data.truncated == data.dropped == 0
     im_start = base.convert_tokens_to_ids("<|im_start|>")
@@ -134,7 +135,7 @@ def test_smollm2_as_teacher_and_student_runs_every_stage(ray_session, tmp_path):
     # train: a finite loss, and a student folder that is SmolLM2's tokenizer and a changed model.
     trained = train(cfg)
     assert trained["steps"] == 2 and math.isfinite(trained["final_loss"])
-    stage = lineage.student(cfg, "all").folder
+    stage = Lineage(cfg).student("all").folder
     losses = [json.loads(line)["loss"] for line in run.read_text(stage, METRICS).splitlines()]
     assert len(losses) == 2 and all(math.isfinite(loss) and loss > 0 for loss in losses)
     folder = run.path(stage, layout.MODEL)

@@ -25,10 +25,11 @@ import pytest
 import yaml
 from network import free_port
 
-from w2sr import layout, lineage
+from w2sr import layout
 from w2sr.config import ConfigError
 from w2sr.evaluation.results import plan_tasks
 from w2sr.identity import content_digest
+from w2sr.lineage import Lineage
 from w2sr.models import _builtin_folder, cache_dir
 from w2sr.rundir import RunDir
 from w2sr.sweep.config import SweepConfig, load_sweep
@@ -116,7 +117,7 @@ def test_cells_share_every_stage_whose_folder_they_share(tmp_path):
     assert commands.count("eval") == 2 + 1 + 12 + 2
     generate = next(n for n in nodes.values() if n.command == "generate")
     assert len(generate.cells) == 6
-    assert generate.key == lineage.traces(generate.config).folder
+    assert generate.key == Lineage(generate.config).traces.folder
     seeds = {cell.config.train.seed for cell in cells} | {cell.config.grpo.seed for cell in cells}
     assert seeds == {0, 1}
 

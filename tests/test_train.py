@@ -30,7 +30,7 @@ import pytest
 import torch
 import yaml
 
-from w2sr import layout, lineage
+from w2sr import layout
 from w2sr.config import ConfigError, validate
 from w2sr.data.templates import TEMPLATES
 from w2sr.grading import extract_answer
@@ -46,6 +46,7 @@ from w2sr.learner.batches import (
     total_steps,
 )
 from w2sr.learner.engine import param_groups, token_loss
+from w2sr.lineage import Lineage
 from w2sr.rundir import RunDir
 from w2sr.schemas import TRACE_SCHEMA
 from w2sr.stages.train import train
@@ -101,7 +102,7 @@ def trace_rows(n: int = 64, seed: int = 0) -> list[dict]:
 
 def write_sft_set(cfg, rows: list[dict], variant: str = "all") -> None:
     """A training set where the config's lineage looks for it, as `w2sr select` leaves it."""
-    run, sets = RunDir(cfg.run_dir), lineage.sft(cfg)
+    run, sets = RunDir(cfg.run_dir), Lineage(cfg).sft
     table = pa.Table.from_pylist(rows, schema=TRACE_SCHEMA)
     run.write_parquet(table, sets.folder, layout.sft_set(variant))
     run.mark_done(sets.folder, sets.fingerprint)
@@ -472,7 +473,7 @@ def killed_run(ray_session, tiny_student, tmp_path_factory) -> tuple[Path, dict,
     killed: list[int] = []
     watcher = threading.Thread(
         target=_kill_a_worker_after_a_checkpoint,
-        args=(run_dir / lineage.student(cfg, "all").folder, killed),
+        args=(run_dir / Lineage(cfg).student("all").folder, killed),
         daemon=True,
     )
     watcher.start()
@@ -690,7 +691,7 @@ def test_a_killed_driver_resumes_from_a_middle_checkpoint(ray_session, tiny_stud
     run_dir = tmp_path / "killed"
     cfg = config(run_dir, tiny_student, **trained)
     write_sft_set(cfg, trace_rows())
-    stage = run_dir / lineage.student(cfg, "all").folder
+    stage = run_dir / Lineage(cfg).student("all").folder
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -761,13 +762,13 @@ def test_a_changed_config_trains_a_second_student_and_leaves_the_first_as_it_was
     first = config(run_dir, tiny_student, zero_stage=2, **padded)
     second = config(run_dir, tiny_student, zero_stage=2, **{**padded, "max_steps": 2})
     (old,) = (run_dir / "students" / "all").iterdir()
-    assert old.name == Path(lineage.student(first, "all").folder).name  # the fixture's student
+    assert old.name == Path(Lineage(first).student("all").folder).name  # the fixture's student
     before = {p.relative_to(old): sha256(p) for p in old.rglob("*") if p.is_file()}
 
     record = train(second)
 
     assert record["steps"] == 2
-    new = run_dir / lineage.student(second, "all").folder
+    new = run_dir / Lineage(second).student("all").folder
     assert new != old and (new / layout.MODEL / "config.json").exists()
     assert {p.relative_to(old): sha256(p) for p in old.rglob("*") if p.is_file()} == before
     for cfg, folder in ((first, old), (second, new)):

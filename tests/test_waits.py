@@ -20,8 +20,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from w2sr import layout, lineage
+from w2sr import layout
 from w2sr.config import validate
+from w2sr.lineage import Lineage
 from w2sr.rundir import DONE, LEASE, RunDir
 from w2sr.sweep import runner
 from w2sr.sweep.config import SweepConfig
@@ -130,11 +131,11 @@ def test_a_stage_held_by_a_live_submission_is_given_up_after_the_bound(
     train = next(node for node in nodes.values() if node.command == "train")
     run = RunDir(cfg.run_dir)
     # The traces and the sets are complete: training is what runs.
-    traces, sets = lineage.traces(train.config), lineage.sft(train.config)
+    traces, sets = Lineage(train.config).traces, Lineage(train.config).sft
     run.write_json({"fingerprint": traces.fingerprint}, traces.folder, DONE)
     run.write_json({"fingerprint": sets.fingerprint}, sets.folder, DONE)
     run.write_json({"all": {"traces": 2}}, sets.folder, layout.SFT_SUMMARY)
-    student = lineage.student(train.config, "all")
+    student = Lineage(train.config).student("all")
     assert train.key == student.folder
     holder = subprocess.Popen(
         [sys.executable, "-c",

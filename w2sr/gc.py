@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from w2sr import layout, lineage
+from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig
 from w2sr.evaluation.results import plan_tasks
+from w2sr.lineage import Lineage
 from w2sr.rundir import DONE, LEASE, RunDir, lapsed
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,9 @@ def record(cfg: ExperimentConfig) -> Record:
     """What the config refers to, computed now, on this machine."""
     tasks, _ = plan_tasks(cfg)
     evaluated = {task.model.label for task in tasks}
-    trained = lineage.trained(cfg).items()
+    trained = Lineage(cfg).trained.items()
     return Record(
-        frozenset(artifact.folder for artifact in lineage.artifacts(cfg)),
+        frozenset(artifact.folder for artifact in Lineage(cfg).artifacts),
         frozenset("/".join(task.parts) for task in tasks),
         frozenset((label, a.folder) for label, a in trained if label not in evaluated),
     )

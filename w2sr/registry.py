@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 
-from w2sr import layout, lineage
+from w2sr import layout
 from w2sr.config import ExperimentConfig
 from w2sr.identity import model_identity
+from w2sr.lineage import Lineage
 from w2sr.models import download, resolve_model
 from w2sr.rundir import DONE, RunDir
 
@@ -44,7 +45,7 @@ def model_table(cfg: ExperimentConfig) -> tuple[dict[str, Model], dict[str, str]
     else:
         for label in ["base", *layout.STUDENT_LABELS, "rl"]:
             skipped[label] = "no `student` in the config"
-    trained = lineage.trained(cfg)
+    trained = Lineage(cfg).trained
     if cfg.student and cfg.rl is not None:
         models["rl"] = _configured("rl", cfg.rl)
     elif cfg.student and "rl" not in trained:

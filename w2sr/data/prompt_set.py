@@ -17,6 +17,7 @@ from w2sr.config import ConfigError, ExperimentConfig
 from w2sr.data.prompts import load_tokenizer, render_prompts
 from w2sr.data.sources import load_prompts
 from w2sr.data.templates import TEMPLATES
+from w2sr.lineage import Lineage
 from w2sr.models import resolve_model
 from w2sr.rundir import RunDir
 from w2sr.schemas import PROBLEM_SCHEMA, PROMPT_SCHEMA, REJECTED_SCHEMA
@@ -28,7 +29,7 @@ RENDER_ROWS = 4096  # problems rendered at a time: the most prompts a preparatio
 
 def prepare_problems(cfg: ExperimentConfig, run: RunDir) -> pa.Table:
     """The validated problems; loaded and written unless the run dir has them."""
-    return _problem_set(cfg, run, lineage.problems(cfg))
+    return _problem_set(cfg, run, Lineage(cfg).problems)
 
 
 def _problem_set(cfg: ExperimentConfig, run: RunDir, artifact: lineage.Artifact) -> pa.Table:
@@ -57,7 +58,7 @@ def prepare_prompts(cfg: ExperimentConfig, run: RunDir) -> str:
     process's: a task's node may resolve the teacher or the source differently (another hub
     cache), and would write the prompts where no stage looks.
     """
-    artifact = lineage.prompts(cfg)
+    artifact = Lineage(cfg).prompts
     if run.done(artifact.folder, artifact.fingerprint):
         return artifact.folder
     import ray
@@ -66,7 +67,7 @@ def prepare_prompts(cfg: ExperimentConfig, run: RunDir) -> str:
     # max_calls=1: the worker exits after the task, returning its memory before engines start
     task = ray.remote(num_cpus=1, max_calls=1)(write_prompt_set)
     try:
-        ray.get(task.remote(cfg, run, artifact, lineage.problems(cfg)))
+        ray.get(task.remote(cfg, run, artifact, Lineage(cfg).problems))
     except ray.exceptions.RayTaskError as error:
         if isinstance(error.cause, ConfigError):  # the user's to fix: said as plainly as here
             raise error.cause from None

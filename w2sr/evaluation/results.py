@@ -20,12 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from w2sr import grading, layout, lineage, metrics
+from w2sr import grading, layout, metrics
 from w2sr.config import ConfigError, EvalBenchmark, EvalSetting, ExperimentConfig
 from w2sr.engines.settings import sample_seed
 from w2sr.evaluation.problems import Problems, load_problems
 from w2sr.grading import GRADERS, extract_answer, split_reasoning
 from w2sr.identity import source_identity
+from w2sr.lineage import Lineage
 from w2sr.registry import Model, model_table, parameter_count
 from w2sr.rundir import RunDir
 from w2sr.schemas import EVAL_SCHEMA, TOO_LONG
@@ -87,7 +88,7 @@ def result_fingerprint(cfg: ExperimentConfig, model: Model, bench: EvalBenchmark
             "limit": bench.limit,
         },
         "decontaminated_against": (
-            lineage.problems(cfg).fingerprint if cfg.eval.decontaminate else None
+            Lineage(cfg).problems.fingerprint if cfg.eval.decontaminate else None
         ),
         "samples": setting.samples,
         "sampling": setting.sampling.model_dump(mode="json"),
@@ -243,7 +244,7 @@ def _source(cfg: ExperimentConfig, model: Model) -> dict[str, Any]:
     """Where a model comes from: a stage of this run dir (its folder and fingerprint, from its
     done record), or outside it (the config's spec and what the result cache knows it by)."""
     if model.done is not None:
-        stage = lineage.trained(cfg)[model.label].folder
+        stage = Lineage(cfg).trained[model.label].folder
         return {"kind": "trained", "stage": stage, "fingerprint": model.done["fingerprint"]}
     return {"kind": "outside", "spec": model.spec, "identity": model.identity}
 
@@ -290,7 +291,7 @@ def summary(
         },
         "models": {},
         "skipped": skipped,
-        "traces": lineage.traces(cfg).folder,  # the teacher's traces the students learned from
+        "traces": Lineage(cfg).traces.folder,  # the teacher's traces the students learned from
     }
     if cfg.thinking is not None:
         out["settings"]["thinking"] = cfg.thinking

@@ -19,13 +19,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from w2sr import layout, lineage
+from w2sr import layout
 from w2sr.config import EngineConfig, ExperimentConfig
 from w2sr.data.prompt_set import prepare_prompts
 from w2sr.data.templates import reasoning_prefill
 from w2sr.engines import settings
 from w2sr.engines.generator import Groups, build_generator, generate_groups
 from w2sr.grading import GRADERS, extract_answer
+from w2sr.lineage import Lineage
 from w2sr.registry import published
 from w2sr.rundir import DONE, RunDir
 from w2sr.schemas import TRACE_SCHEMA
@@ -38,7 +39,7 @@ def generate(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run the stage; returns its completion record (counts, accuracy, wall-clock)."""
     run = RunDir(cfg.run_dir)
     prompt_folder = prepare_prompts(cfg, run)
-    artifact = lineage.traces(cfg)
+    artifact = Lineage(cfg).traces
     folder, fingerprint = artifact.folder, artifact.fingerprint
     record = run.done(folder, fingerprint)
     if record:

@@ -35,7 +35,7 @@ import logging
 import time
 from typing import Any
 
-from w2sr import layout, lineage
+from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig
 from w2sr.data.prompt_set import prepare_problems
 from w2sr.data.prompts import load_tokenizer, render_prompts
@@ -44,6 +44,7 @@ from w2sr.evaluation.problems import load_problems
 from w2sr.learner.fit import fit
 from w2sr.learner.grpo import worker_loop
 from w2sr.learner.trackers import check_trackers
+from w2sr.lineage import Lineage
 from w2sr.models import resolve_model
 from w2sr.registry import published
 from w2sr.rundir import DONE, RunDir
@@ -61,7 +62,7 @@ def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
         raise ConfigError("grpo: not set; the RL baseline is trained only when asked for")
     run = RunDir(cfg.run_dir)
     table = prepare_problems(cfg, run)
-    artifact = lineage.rl(cfg)
+    artifact = Lineage(cfg).rl
     stage, fingerprint = artifact.folder, artifact.fingerprint
     record = run.done(stage, fingerprint)
     if record:

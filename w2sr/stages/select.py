@@ -14,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from w2sr import layout, lineage
+from w2sr import layout
 from w2sr.config import ExperimentConfig
+from w2sr.lineage import Lineage
 from w2sr.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -82,12 +83,12 @@ def summarize(traces: pa.Table) -> dict[str, Any]:
 
 def select(cfg: ExperimentConfig) -> dict[str, Any]:
     run = RunDir(cfg.run_dir)
-    traces = lineage.traces(cfg)
+    traces = Lineage(cfg).traces
     if not run.done(traces.folder, traces.fingerprint):
         raise RuntimeError(
             f"no complete traces for this config in {cfg.run_dir}; run `w2sr generate` first"
         )
-    artifact = lineage.sft(cfg)
+    artifact = Lineage(cfg).sft
     folder, fingerprint = artifact.folder, artifact.fingerprint
     if run.done(folder, fingerprint):
         return run.read_json(folder, layout.SFT_SUMMARY)

@@ -22,7 +22,7 @@ import logging
 import time
 from typing import Any
 
-from w2sr import layout, lineage
+from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig
 from w2sr.data.prompts import load_tokenizer
 from w2sr.data.templates import TEMPLATES
@@ -30,6 +30,7 @@ from w2sr.learner.batches import build_sft_set, total_steps
 from w2sr.learner.fit import fit
 from w2sr.learner.sft import worker_loop
 from w2sr.learner.trackers import check_trackers
+from w2sr.lineage import Lineage
 from w2sr.models import resolve_model
 from w2sr.registry import published
 from w2sr.rundir import DONE, METRICS, RunDir
@@ -47,12 +48,12 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         )
     run = RunDir(cfg.run_dir)
     tcfg, variant = cfg.train, cfg.train.variant
-    sets = lineage.sft(cfg)
+    sets = Lineage(cfg).sft
     if not run.done(sets.folder, sets.fingerprint):
         raise RuntimeError(
             f"no training sets for this config in {cfg.run_dir}; run `w2sr select` first"
         )
-    artifact = lineage.student(cfg, variant)
+    artifact = Lineage(cfg).student(variant)
     stage, fingerprint = artifact.folder, artifact.fingerprint
     record = run.done(stage, fingerprint)
     if record:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from w2sr import layout, lineage
 from w2sr.config import ConfigError, ExperimentConfig, apply_override, validate
 from w2sr.evaluation.results import plan_tasks, result_fingerprint
+from w2sr.lineage import Lineage
 from w2sr.registry import Model, model_table
 from w2sr.rundir import RunDir
 from w2sr.sweep.config import StudentAxis, SweepConfig, TeacherAxis
@@ -105,12 +106,12 @@ def plan(sweep: SweepConfig) -> tuple[list[Cell], dict[str, Node]]:
 
     for cell in all_cells:
         cfg = cell.config
-        traces = add(Node(lineage.traces(cfg).folder, "generate", cfg), cell)
-        sets = add(Node(lineage.sft(cfg).folder, "select", cfg, (traces,)), cell)
-        student = add(Node(lineage.student(cfg, cell.variant).folder, "train", cfg, (sets,)), cell)
+        traces = add(Node(Lineage(cfg).traces.folder, "generate", cfg), cell)
+        sets = add(Node(Lineage(cfg).sft.folder, "select", cfg, (traces,)), cell)
+        student = add(Node(Lineage(cfg).student(cell.variant).folder, "train", cfg, (sets,)), cell)
         trained = {cell.labels[2]: student}
         if cfg.grpo is not None:
-            trained["rl"] = add(Node(lineage.rl(cfg).folder, "grpo", cfg), cell)
+            trained["rl"] = add(Node(Lineage(cfg).rl.folder, "grpo", cfg), cell)
         configured = ["teacher", "base"]
         if cfg.rl is not None:  # an outside checkpoint, evaluated like the base it came from
             configured.append("rl")
@@ -154,7 +155,7 @@ def skip_reason(node: Node, run: RunDir) -> str | None:
     if node.command != "train":
         return None
     variant = node.config.train.variant
-    sets = lineage.sft(node.config).folder
+    sets = Lineage(node.config).sft.folder
     if run.read_json(sets, layout.SFT_SUMMARY)[variant]["traces"]:
         return None
     return f"the {variant} training set is empty"
@@ -163,9 +164,9 @@ def skip_reason(node: Node, run: RunDir) -> str | None:
 def _artifact(node: Node) -> lineage.Artifact:
     cfg = node.config
     if node.command == "generate":
-        return lineage.traces(cfg)
+        return Lineage(cfg).traces
     if node.command == "select":
-        return lineage.sft(cfg)
+        return Lineage(cfg).sft
     if node.command == "train":
-        return lineage.student(cfg, cfg.train.variant)
-    return lineage.rl(cfg)
+        return Lineage(cfg).student(cfg.train.variant)
+    return Lineage(cfg).rl
