@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from w2sr.session import RESOURCES, resource_asks
+from w2sr.recipe import sections
+from w2sr.session import resource_asks
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -35,7 +36,7 @@ def test_every_gpu_path_has_a_check_and_the_config_turns_each_gpu_feature_on(tmp
 def test_no_command_of_the_check_asks_for_more_than_one_gpu(tmp_path):
     _, cfg = gpu_check.prepare(tmp_path, cpu=False)
     for command in gpu_check.PATHS:  # each path is the command of its name
-        for key, ask in resource_asks(cfg, RESOURCES[command]).items():
+        for key, ask in resource_asks(cfg, sections(command)).items():
             assert ask["GPU"] <= 1, (command, key, ask)
 
 

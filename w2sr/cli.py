@@ -12,112 +12,66 @@ import functools
 import json
 import logging
 import operator
+import os
 import sys
-from collections.abc import Callable
+from typing import Any
 
 import yaml
 
 from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig, load_config, validate
+from w2sr.layout import VARIANT_NAMES
+from w2sr.recipe import (
+    EXIT_FAILED,
+    EXIT_LEASE_HELD,
+    EXIT_OK,
+    EXIT_USAGE,
+    RECIPE,
+    RUN,
+    STAGES,
+    sections,
+    skip_reason,
+)
 from w2sr.rundir import LeaseHeld, LeaseLost, RunDir
-from w2sr.session import RESOURCES, check_local_resources
+from w2sr.session import check_local_resources
 
 
-def _generate(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
-    from w2sr.stages.generate import generate
-
-    return generate(cfg)
-
-
-def _select(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
-    from w2sr.stages.select import select
-
-    return select(cfg)
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """What a stage's driver takes from its command's flags."""
+    if args.command == "eval":
+        labels = tuple(args.models.split(",")) if args.models else None
+        return {"endpoint": args.endpoint, "labels": labels}
+    if args.command == "serve":
+        return {"blocking": not args.detach}
+    return {}
 
 
-def _train(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
-    from w2sr.stages.train import train
-
-    return train(cfg)
-
-
-def _grpo(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
-    from w2sr.stages.grpo import grpo
-
-    return grpo(cfg)
-
-
-def _eval(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
-    from w2sr.stages.evaluate import evaluate
-
-    labels = tuple(args.models.split(",")) if args.models else None
-    return evaluate(cfg, endpoint=args.endpoint, labels=labels)
-
-
-def _serve(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
-    import os
-
-    from w2sr.stages.serve import serve
-
-    if args.detach and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-        raise ConfigError(
-            "ray.address: not set; --detach leaves the app in a running cluster, but a local "
-            "session ends with this command (start one with `ray start --head`, or leave out "
-            "--detach)"
-        )
-    return serve(cfg, blocking=not args.detach)
-
-
-RECIPE = ("generate", "select", "train", "grpo", "eval", "report")
-
-
-def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> dict:
-    """The recipe end to end: traces, the three training sets, a student on each non-empty set,
-    the GRPO baseline when the config has a `grpo` section (at scale it costs far more than the
-    rest together, so it is asked for, not implied), then every model on the benchmarks and the
-    report. `--from STAGE` starts the recipe there, `--only STAGE` runs that stage alone (what it
-    reads must be complete)."""
-    from w2sr.stages.evaluate import evaluate
-    from w2sr.stages.report import report
-
-    first = RECIPE.index(args.only or args.start or RECIPE[0])
-    wanted = {args.only} if args.only else set(RECIPE[first:])
-    done: dict = {}
-    if "generate" in wanted:
-        done["generate"] = _generate(cfg, args)
-    if wanted & {"select", "train"}:
-        done["select"] = _select(cfg, args)  # also what train needs: the sets' sizes
-    if cfg.student and "train" in wanted:
-        for variant, summary in done["select"].items():
-            if summary["traces"]:
-                train = cfg.train.model_copy(update={"variant": variant})
-                done[f"train {variant}"] = _train(cfg.model_copy(update={"train": train}), args)
-    if cfg.student and cfg.grpo is not None and "grpo" in wanted:
-        done["grpo"] = _grpo(cfg, args)
-    if "eval" in wanted:
-        done["eval"] = evaluate(cfg)
-    if "report" in wanted:
-        done["report"] = report(cfg.run_dir)
+def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe end to end (`recipe.RUN`): traces, the three training sets, a student on each
+    non-empty set, the GRPO baseline when the config has a `grpo` section (at scale it costs far
+    more than the rest together, so it is asked for, not implied), then every model on the
+    benchmarks and the report. `--from STAGE` starts the recipe there, `--only STAGE` runs that
+    stage alone (what it reads must be complete)."""
+    first = RUN.index(args.only or args.start or RUN[0])
+    wanted = [args.only] if args.only else list(RUN[first:])
+    run = RunDir(cfg.run_dir)
+    done: dict[str, Any] = {}
+    for name in wanted:
+        stage = STAGES[name]
+        if not stage.asked(cfg):
+            continue
+        if not stage.per_variant:
+            done[name] = stage.run(cfg)
+            continue
+        for variant in VARIANT_NAMES:
+            train = cfg.train.model_copy(update={"variant": variant})
+            one = cfg.model_copy(update={"train": train})
+            reason = skip_reason(stage, one, run)
+            if reason:
+                logging.info("%s %s skipped: %s", name, variant, reason)
+                continue
+            done[f"{name} {variant}"] = stage.run(one)
     return done
-
-
-Stage = Callable[[ExperimentConfig, argparse.Namespace], dict]
-STAGES: dict[str, tuple[Stage, str]] = {
-    "generate": (_generate, "sample graded teacher traces with vLLM on Ray Data"),
-    "select": (
-        _select,
-        "split traces into the W2SR (all), W2SR-P (correct) and W2SR-N (incorrect) sets",
-    ),
-    "train": (_train, "fine-tune the student on one training set (Ray Train + DeepSpeed)"),
-    "grpo": (_grpo, "train the RL baseline: GRPO on the student with the grader as reward"),
-    "eval": (_eval, "evaluate the run's models on benchmarks (offline, or through --endpoint)"),
-    "serve": (_serve, "host the run's students behind an OpenAI-compatible API (Ray Serve)"),
-    "run": (
-        _run,
-        "generate, select, train, grpo (with a grpo section), eval and report; complete stages "
-        "are skipped",
-    ),
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, summary) in STAGES.items():
+    run_help = f"{', '.join(RUN)}, skipping complete stages and what the config does not ask for"
+    for name, summary in [*((s.name, s.help) for s in RECIPE if s.command), ("run", run_help)]:
         sub = commands.add_parser(name, help=summary, description=summary)
         sub.add_argument("config", help="experiment YAML (see jobs/)")
         sub.add_argument(
@@ -144,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name == "run":
             where = sub.add_mutually_exclusive_group()
-            where.add_argument("--from", dest="start", choices=RECIPE, help="start the recipe here")
-            where.add_argument("--only", choices=RECIPE, help="run this stage alone")
+            where.add_argument("--from", dest="start", choices=RUN, help="start the recipe here")
+            where.add_argument("--only", choices=RUN, help="run this stage alone")
         if name == "serve":
             sub.add_argument(
                 "--detach", action="store_true", help="leave the app running and return"
@@ -186,20 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--plan", action="store_true", help="print the stage graph and what is complete; no Ray"
     )
+    sweep.add_argument("--json", action="store_true", help="with --plan: the graph as JSON")
     return parser
 
 
 def _sweep(args: argparse.Namespace) -> int:
     from w2sr.sweep.config import load_sweep
-    from w2sr.sweep.job import describe_plan, sweep
+    from w2sr.sweep.job import describe_plan, plan_table, sweep
 
     cfg = load_sweep(args.config)
     if args.plan:
-        print(json.dumps(describe_plan(cfg), indent=2))
-        return 0
+        described = describe_plan(cfg)
+        print(json.dumps(described, indent=2) if args.json else plan_table(described))
+        return EXIT_OK
     result = sweep(cfg)
     print(json.dumps(result, indent=2, default=str))
-    return 1 if result["failed"] or result["blocked"] else 0
+    return EXIT_FAILED if result["failed"] or result["blocked"] else EXIT_OK
 
 
 def _gc(args: argparse.Namespace) -> int:
@@ -254,25 +211,35 @@ def main(argv: list[str] | None = None) -> int:
         from w2sr.stages.report import report
 
         print(json.dumps(report(args.run_dir), indent=2, default=str))
-        return 0
+        return EXIT_OK
     try:
         if args.command == "gc":
             return _gc(args)
         if args.command == "sweep":
             return _sweep(args)
         cfg = load_config(args.config, args.overrides)
+        local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+        if args.command == "serve" and args.detach and local:
+            raise ConfigError(
+                "ray.address: not set; --detach leaves the app in a running cluster, but a local "
+                "session ends with this command (start one with `ray start --head`, or leave out "
+                "--detach)"
+            )
         if not (args.command == "eval" and args.endpoint):
-            check_local_resources(cfg, RESOURCES[args.command])
+            check_local_resources(cfg, sections(args.command))
         _record(cfg)
-        result = STAGES[args.command][0](cfg, args)
+        if args.command == "run":
+            result = _run(cfg, args)
+        else:
+            result = STAGES[args.command].run(cfg, **_options(args))
     except ConfigError as error:  # raised before any work that could be lost
         print(f"w2sr: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except (LeaseHeld, LeaseLost) as error:  # another submission works (or took over) there
         print(f"w2sr: {error}", file=sys.stderr)
-        return 3
+        return EXIT_LEASE_HELD
     print(json.dumps(result, indent=2, default=str))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

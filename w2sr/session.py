@@ -6,17 +6,6 @@ import os
 
 from w2sr.config import ConfigError, ExperimentConfig
 
-# The config sections whose resources each command asks of Ray.
-RESOURCES = {
-    "generate": ("generation",),
-    "select": (),
-    "train": ("train",),
-    "grpo": ("grpo",),
-    "eval": ("eval",),
-    "serve": ("serve",),
-    "run": ("generation", "train", "grpo", "eval"),
-}
-
 
 def init_ray(cfg: ExperimentConfig) -> None:
     """Join the configured cluster (or the one `ray job submit` runs in), else start a local one.

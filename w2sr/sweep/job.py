@@ -29,11 +29,12 @@ import yaml
 from w2sr import layout
 from w2sr.evaluation.results import plan_tasks, summary
 from w2sr.gc import record
+from w2sr.recipe import COMPLETE, SKIPPED, TO_RUN, sections
 from w2sr.reporting.results import load_results
 from w2sr.rundir import RunDir
-from w2sr.session import RESOURCES, check_local_resources
+from w2sr.session import check_local_resources
 from w2sr.sweep.config import SweepConfig
-from w2sr.sweep.plan import Cell, Node, is_complete, plan, skip_reason
+from w2sr.sweep.plan import Cell, Node, plan, readiness
 from w2sr.sweep.report import cell_rows, group_name, write_report
 from w2sr.sweep.runner import Outcome, run_graph
 
@@ -41,33 +42,41 @@ log = logging.getLogger(__name__)
 
 
 def describe_plan(sweep: SweepConfig) -> dict[str, Any]:
-    """The stage graph: each stage, the cells that share it and whether it is complete."""
+    """The stage graph: each stage, the cells that share it and its state (`plan.readiness`)."""
     cells, nodes = plan(sweep)
-    run = RunDir(sweep.run_dir, create=False)
-    complete: set[str] = set()
-    skipped: set[str] = set()
+    states = readiness(nodes, RunDir(sweep.run_dir, create=False))
     stages = []
     for key, node in nodes.items():
-        state = "to run"
-        if any(n in skipped for n in node.needs):
-            skipped.add(key)
-            state = "skipped: what it needs was skipped"
-        elif all(n in complete for n in node.needs):
-            if is_complete(node, run):
-                complete.add(key)
-                state = "complete"
-            elif reason := skip_reason(node, run):
-                skipped.add(key)
-                state = f"skipped: {reason}"
-        stages.append({"stage": key, "command": node.command, "state": state,
+        state, reason = states[key]
+        stages.append({"stage": key, "command": node.command,
+                       "state": f"{state}: {reason}" if reason else state,
                        "needs": list(node.needs), "cells": node.cells})  # fmt: skip
+    counts = [state for state, _ in states.values()]
     return {
         "cells": [cell.name for cell in cells],
         "stages": stages,
-        "complete": len(complete),
-        "skipped": len(skipped),
-        "to_run": len(nodes) - len(complete) - len(skipped),
+        "complete": counts.count(COMPLETE),
+        "skipped": counts.count(SKIPPED),
+        "to_run": counts.count(TO_RUN),
     }
+
+
+def plan_table(described: dict[str, Any]) -> str:
+    """`describe_plan` for people: a line per stage, with the cells that share it."""
+    every = len(described["cells"])
+    rows = [("STAGE", "COMMAND", "STATE", "CELLS")]
+    for stage in described["stages"]:
+        shared = stage["cells"]
+        who = f"all {every}" if len(shared) == every > 1 else ", ".join(shared)
+        rows.append((stage["stage"], stage["command"], stage["state"], who))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3]
+             for row in rows]  # fmt: skip
+    lines.append(
+        f"{len(described['stages'])} stages for {every} cells: {described['complete']} complete, "
+        f"{described['skipped']} skipped, {described['to_run']} to run"
+    )
+    return "\n".join(lines)
 
 
 def sweep(cfg: SweepConfig) -> dict[str, Any]:
@@ -75,7 +84,7 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
     cells, nodes = plan(cfg)
     if not (cells[0].config.ray.address or os.environ.get("RAY_ADDRESS")):
         for node in nodes.values():  # a local session cannot grow: fail before Ray starts
-            check_local_resources(node.config, RESOURCES[node.command])
+            check_local_resources(node.config, sections(node.command))
     run = RunDir(cfg.run_dir)
     run.write_text(
         yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), *layout.SWEEP_CONFIG
@@ -88,7 +97,7 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
     for name, members in _groups(cells).items():
         found = _summarise(run, members)
         if found is not None:
-            run.write_json(found, "sweep", "groups", name, "summary.json")
+            run.write_json(found, *layout.sweep_group_summary(name))
             groups[name] = load_results(run, found)
     failures = [
         {"stage": key, "command": nodes[key].command, "cells": nodes[key].cells, "error": o.error}
@@ -102,7 +111,7 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
         "cells": {cell.name: _cell_state(cell, nodes, outcomes) for cell in cells},
         "failures": failures,
     }
-    run.write_json(record, "sweep", "summary.json")
+    run.write_json(record, *layout.SWEEP_SUMMARY)
     written = write_report(run, cell_rows(cells, groups), facts, failures)
     return {**facts, "cells": record["cells"], "report": written["report"]}
 

@@ -12,10 +12,11 @@ import copy
 import itertools
 from dataclasses import dataclass, field
 
-from w2sr import layout, lineage
+from w2sr import layout, recipe
 from w2sr.config import ConfigError, ExperimentConfig, apply_override, validate
 from w2sr.evaluation.results import plan_tasks, result_fingerprint
-from w2sr.lineage import Lineage
+from w2sr.lineage import Artifact
+from w2sr.recipe import RECIPE, STAGES
 from w2sr.registry import Model, model_table
 from w2sr.rundir import RunDir
 from w2sr.sweep.config import StudentAxis, SweepConfig, TeacherAxis
@@ -95,7 +96,9 @@ def cells(sweep: SweepConfig) -> list[Cell]:
 
 
 def plan(sweep: SweepConfig) -> tuple[list[Cell], dict[str, Node]]:
-    """The cells and the stage graph, nodes in an order that respects `needs`."""
+    """The cells and the stage graph, nodes in an order that respects `needs`: each cell walks
+    the recipe (`w2sr.recipe`), its training stage for its own training set, and evaluates each
+    model its report row compares once the stage that makes it is done."""
     all_cells = cells(sweep)
     nodes: dict[str, Node] = {}
 
@@ -106,12 +109,15 @@ def plan(sweep: SweepConfig) -> tuple[list[Cell], dict[str, Node]]:
 
     for cell in all_cells:
         cfg = cell.config
-        traces = add(Node(Lineage(cfg).traces.folder, "generate", cfg), cell)
-        sets = add(Node(Lineage(cfg).sft.folder, "select", cfg, (traces,)), cell)
-        student = add(Node(Lineage(cfg).student(cell.variant).folder, "train", cfg, (sets,)), cell)
-        trained = {cell.labels[2]: student}
-        if cfg.grpo is not None:
-            trained["rl"] = add(Node(Lineage(cfg).rl.folder, "grpo", cfg), cell)
+        made: dict[str, str] = {}  # stage name -> the key of this cell's node for it
+        for stage in RECIPE:
+            if stage.makes is None or not stage.asked(cfg):
+                continue
+            needs = tuple(made[name] for name in stage.needs if name in made)
+            made[stage.name] = add(Node(stage.artifact(cfg).folder, stage.name, cfg, needs), cell)
+        trained = {cell.labels[2]: made["train"]}
+        if "grpo" in made:
+            trained["rl"] = made["grpo"]
         configured = ["teacher", "base"]
         if cfg.rl is not None:  # an outside checkpoint, evaluated like the base it came from
             configured.append("rl")
@@ -150,23 +156,29 @@ def is_complete(node: Node, run: RunDir) -> bool:
 
 
 def skip_reason(node: Node, run: RunDir) -> str | None:
-    """Why a node whose needs are done has nothing to do: an SFT set without a trace (a teacher
-    that never answers right leaves W2SR-P nothing to learn from)."""
-    if node.command != "train":
-        return None
-    variant = node.config.train.variant
-    sets = Lineage(node.config).sft.folder
-    if run.read_json(sets, layout.SFT_SUMMARY)[variant]["traces"]:
-        return None
-    return f"the {variant} training set is empty"
+    """Why a node whose needs are done has nothing to do (`recipe.skip_reason`)."""
+    return recipe.skip_reason(STAGES[node.command], node.config, run)
 
 
-def _artifact(node: Node) -> lineage.Artifact:
-    cfg = node.config
-    if node.command == "generate":
-        return Lineage(cfg).traces
-    if node.command == "select":
-        return Lineage(cfg).sft
-    if node.command == "train":
-        return Lineage(cfg).student(cfg.train.variant)
-    return Lineage(cfg).rl
+def _artifact(node: Node) -> Artifact:
+    return STAGES[node.command].artifact(node.config)
+
+
+def readiness(nodes: dict[str, Node], run: RunDir) -> dict[str, tuple[str, str | None]]:
+    """Each node's state before anything runs, decided once for `--plan` and the runner:
+    complete, skipped (with the reason) or to run. A node is complete only when every node it
+    needs is complete too, so a stage redone upstream redoes what reads it."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for key, node in nodes.items():  # needs come first
+        needs = [out[n][0] for n in node.needs]
+        if recipe.SKIPPED in needs:
+            out[key] = (recipe.SKIPPED, "what it needs was skipped")
+        elif all(state == recipe.COMPLETE for state in needs) and is_complete(node, run):
+            out[key] = (recipe.COMPLETE, None)
+        elif all(state == recipe.COMPLETE for state in needs) and (
+            reason := skip_reason(node, run)
+        ):
+            out[key] = (recipe.SKIPPED, reason)
+        else:
+            out[key] = (recipe.TO_RUN, None)
+    return out
