@@ -820,7 +820,11 @@ def test_every_model_and_benchmark_gets_one_graded_row_per_problem_and_sample(ev
             table = result_table(cfg, summary, label, bench)
             assert table.schema.remove_metadata() == EVAL_SCHEMA
             meta = json.loads(table.schema.metadata[b"w2sr"])
-            assert (meta["label"], meta["benchmark"], meta["backend"]) == (label, bench, "offline")
+            assert (meta["label"], meta["benchmark"]["name"], meta["backend"]) == (
+                label,
+                bench,
+                "offline",
+            )
             assert table.num_rows == problems * SAMPLES
             assert set(table["model"].to_pylist()) == {label}
             assert len(set(table["seed"].to_pylist())) == table.num_rows

@@ -20,12 +20,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from w2sr import grading, layout, metrics
+from w2sr import layout, metrics
 from w2sr.config import ConfigError, EvalBenchmark, EvalSetting, ExperimentConfig
 from w2sr.engines.settings import sample_seed
 from w2sr.evaluation.problems import Problems, load_problems
 from w2sr.grading import GRADERS, extract_answer, split_reasoning
-from w2sr.identity import source_identity
 from w2sr.lineage import Lineage
 from w2sr.registry import Model, model_table, parameter_count
 from w2sr.rundir import RunDir
@@ -75,35 +74,8 @@ def plan_tasks(
 
 
 def result_fingerprint(cfg: ExperimentConfig, model: Model, bench: EvalBenchmark) -> str:
-    """What decides a result, from the config alone: the benchmark's source (a local copy by its
-    content), the training prompts it is decontaminated against, the model, the setting and how
-    responses are rendered and graded. A protocol's name is not in it, only the values it sets."""
-    setting = cfg.eval.setting(bench, model.label)
-    fields = {
-        "benchmark": {
-            "name": bench.name,
-            "source": source_identity(bench.path) if bench.path else None,
-            "split": bench.split,
-            "fields": bench.fields_given(),
-            "limit": bench.limit,
-        },
-        "decontaminated_against": (
-            Lineage(cfg).problems.fingerprint if cfg.eval.decontaminate else None
-        ),
-        "samples": setting.samples,
-        "sampling": setting.sampling.model_dump(mode="json"),
-        "greedy": setting.greedy,
-        "seed": cfg.seed,
-        "template": cfg.template,
-        "grader": cfg.grader,
-        "grading_policy": cfg.eval_grading_policy,
-        "grader_version": grading.VERSION,
-        "max_model_len": cfg.eval.engine.max_model_len,
-        "dtype": cfg.eval.engine.dtype,
-    }
-    if cfg.thinking is not None:
-        fields["thinking"] = cfg.thinking
-    return layout.fingerprint(fields, model.identity)
+    """The name of a model's result on a benchmark (`Lineage.result`)."""
+    return Lineage(cfg).result(bench, model.label, model.identity)
 
 
 def scorer(cfg: ExperimentConfig, label: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
@@ -159,18 +131,11 @@ def write_result(
     meta = {
         "label": task.model.label,
         "spec": task.model.spec,
-        "benchmark": task.bench.name,
         "fingerprint": task.fingerprint,
         "problems": problems.digest(),
         "backend": backend,
-        "samples": task.setting.samples,
-        "sampling": task.setting.sampling.model_dump(mode="json"),
-        "greedy": task.setting.greedy,
-        "template": cfg.template,
-        "thinking": cfg.thinking,
-        "grader": cfg.grader,
-        "grading_policy": cfg.eval_grading_policy,
-        "grader_version": grading.VERSION,
+        # what the fingerprint holds besides the model, as it held it
+        **Lineage(cfg).result_fields(task.bench, task.model.label),
     }
     schema = EVAL_SCHEMA.with_metadata({"w2sr": json.dumps(meta)})
     run.write_parquet(pa.Table.from_pylist(rows, schema=schema), *task.parts)
