@@ -34,6 +34,9 @@ side by side and nothing finished is replaced; `w2sr gc` removes what no recorde
     report/judge/labels.jsonl           a judge model's behaviour labels (`report.behaviors`)
     sweep/sweep.yaml                    `w2sr sweep`: its config, as run (`w2sr.sweep.job`)
     sweep/lineage.json                  what all its cells refer to, like lineage.json
+    sweep/logs/<stage>.log              each of its stages' output
+    sweep/groups/<group>/summary.json   the evaluation summary of one (teacher, student, seed)
+    sweep/summary.json                  every stage's and cell's state, failures with their error
     <stage folder>/_DONE.json           written last: the stage's fingerprint and counts
     <stage folder>/_RUN.json            what the stage's attempts have cost so far
     <stage folder>/_LEASE.json          who works on the stage now
@@ -57,6 +60,8 @@ LINEAGE = "lineage.json"
 SWEEP = "sweep"
 SWEEP_CONFIG = (SWEEP, "sweep.yaml")
 SWEEP_LINEAGE = (SWEEP, "lineage.json")
+SWEEP_SUMMARY = (SWEEP, "summary.json")
+SWEEP_LOGS = (SWEEP, "logs")
 
 PROBLEMS = "problems"
 PROMPTS = "prompts"
@@ -78,6 +83,7 @@ PARTS = "_parts"  # results written by the workers, not yet sealed into their ar
 EVAL_PARTIAL = ".partial.json"  # an endpoint evaluation's replies, beside its result's name
 EVAL_SUMMARY = (EVAL, "summary.json")
 REPORT = "report"
+REPORT_FILE = (REPORT, "report.md")
 JUDGE_LABELS = (REPORT, "judge", "labels.jsonl")
 
 
@@ -109,6 +115,21 @@ def rl(fingerprint: str) -> str:
 def builtin(name: str, digest: str) -> str:
     """A built-in model published for the cluster, named by its content."""
     return f"{BUILTINS}/{name}/{digest}"
+
+
+def report_figure(name: str) -> tuple[str, str]:
+    """A figure of a run's or a sweep's report, beside its report.md."""
+    return (REPORT, name)
+
+
+def sweep_log(key: str) -> tuple[str, str, str]:
+    """The output of one stage of a sweep (`key`: its node, a stage folder or an evaluation)."""
+    return (*SWEEP_LOGS, f"{key.replace('/', '_')}.log")
+
+
+def sweep_group_summary(group: str) -> tuple[str, str, str, str]:
+    """The evaluation summary of one (teacher, student, seed) group of a sweep's cells."""
+    return (SWEEP, "groups", group, "summary.json")
 
 
 def step_profile(step: int) -> str:
