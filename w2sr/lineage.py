@@ -78,6 +78,7 @@ OPERATIONAL = (
     "use_gpu",
     "trust_remote_code",
     "ray",
+    "eval.benchmarks.pass_k",
     "eval.pass_k",
     "eval.engine",
     "eval.concurrent_models",
