@@ -24,12 +24,13 @@ from w2sr.evaluation.results import plan_tasks, write_result
 from w2sr.identity import content_digest
 from w2sr.lineage import Lineage
 from w2sr.registry import model_table
+from w2sr.reporting.results import load_results
 from w2sr.rundir import RunDir
 from w2sr.stages.evaluate import evaluate
 from w2sr.stages.report import report
 from w2sr.sweep.config import SweepConfig
 from w2sr.sweep.plan import plan
-from w2sr.sweep.report import CellRow, write_report
+from w2sr.sweep.report import CellRow, cell_rows, group_name, write_report
 
 PROBLEMS = 10
 SAMPLES = 4
@@ -266,6 +267,13 @@ def test_a_sweep_of_teachers_plots_accuracy_against_teacher_scale(tmp_path):
     assert "| [large](large/report/report.md) |" in text and "| 6.0K |" in text
     for run in ("small", "large"):
         assert (tmp_path / "sweep" / run / "report" / "report.md").exists()
+    # the report `w2sr sweep` writes: a row per cell, each run's folder naming its teacher
+    cells = section(text, "## Cells")
+    assert row(cells, "large") == ["–", "6.0K", "org/base-student", "W2SR", "0", "50.0",
+                                   row(cells, "small")[6], "GRPO", "100.0",
+                                   row(cells, "small")[9], "3.000"]  # fmt: skip
+    assert row(section(text, "## RGR of W2SR over teacher x student (%), mean over seeds"),
+               "small") == ["100.0"]  # fmt: skip
 
 
 def test_a_folder_without_results_is_an_error(tmp_path):
@@ -461,3 +469,45 @@ def test_a_sweep_marks_the_cells_whose_rl_reference_is_outside(tmp_path):
     assert "| Teacher \\ student | own | zoo |" in rgr and row(rgr, "small") == ["25.0", "75.0"]
     assert "- student zoo: `org/z-simplerl-zoo`" in text
     assert "- student own" not in text
+
+
+def test_a_sweep_reads_each_cell_from_its_group_and_reports_every_model(reported, tmp_path):
+    """A sweep's (teacher, student, seed) groups are read as runs: each cell takes its numbers
+    from its group, and the report gives every model's score per group and the teacher-scale
+    figures, on average and per benchmark, as a folder of runs does."""
+    run_dir, _, _ = reported
+    data = {
+        "base": {"grpo": {}},
+        "run_dir": str(tmp_path / "study"),
+        "teachers": [
+            {"label": "small", "model": "org/a", "scale": 0.5},
+            {"label": "large", "model": "org/b", "scale": 1.5},
+        ],
+        "students": [{"label": "s", "model": "org/s"}],
+        "variants": ["all", "correct"],
+    }
+    cells, _ = plan(SweepConfig.model_validate(data))
+    results = load_results(RunDir(run_dir))  # both teachers' groups: the same known results
+    groups = {group_name(cell): results for cell in cells}
+    facts = {"cells": 4, "stages": 12, "ran": 12, "complete": 0, "failed": 0, "blocked": 0,
+             "wall_seconds": 60.0, "parallelism": 1.0, "max_concurrent": 1}  # fmt: skip
+    run = RunDir(str(tmp_path / "study"))
+    written = write_report(run, cell_rows(cells, groups), facts, [])
+    text = run.read_text("report", "report.md")
+    low, high = results.ci["w2sr"]["avg"]
+    rgr_low, rgr_high = results.rgr_ci["w2sr"]["avg"]
+    assert row(section(text, "## Cells"), "large") == [
+        "reasoner", "1.5B", "s", "W2SR", "0", "50.0", f"{100 * low:.1f} – {100 * high:.1f}",
+        "GRPO", "100.0", f"{100 * rgr_low:.1f} – {100 * rgr_high:.1f}", "3.000",
+    ]  # fmt: skip
+    runs = section(text, "## Runs")
+    teacher = results.summary["models"]["teacher"]["spec"]
+    assert row(runs, "small.s.s0") == [
+        f"`{teacher}`", "500.0M", "30.0", "30.0", "50.0", "50.0", "40.0", "50.0",
+        "100.0", "100.0", "50.0",
+    ]  # fmt: skip
+    assert "| large.s.s0 |" in runs  # a group has no report of its own to link to
+    assert written["figures"] == ["sweep_teacher_scale.png", "figure4_teacher_scale_benchmarks.png"]
+    for name in written["figures"]:
+        assert matplotlib.image.imread(tmp_path / "study" / "report" / name).shape[0] > 200
+        assert f"![{name}]({name})" in text

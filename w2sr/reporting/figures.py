@@ -4,19 +4,30 @@ sweep, against teacher scale (Figures 3 and 4)."""
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from w2sr import layout
-from w2sr.layout import STUDENT_LABELS
-from w2sr.reporting.results import AVG, RunResults, bench_name, display_name, teacher_scale
+from w2sr.reporting.results import AVG, RunResults, bench_name, display_name
 from w2sr.reporting.tables import count
 from w2sr.rundir import RunDir
 
 FIGURE2 = ("teacher", "base", "w2sr", "w2sr_p")
 
+# File names, beside report.md (`layout.report_figure`).
+BARS = "figure2_bars.png"
+COST = "figure5_cost.png"
+SCALE_BENCHMARKS = "figure4_teacher_scale_benchmarks.png"
+# The teacher-scale figure is one figure under two names: `w2sr report` of a folder of runs
+# writes the first, `w2sr sweep` the second.
+SCALE = "figure3_teacher_scale.png"
+SWEEP_SCALE = "sweep_teacher_scale.png"
 
-def pyplot():
+
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,13 +36,12 @@ def pyplot():
     return plt
 
 
-def save_figure(run: RunDir, fig, name: str) -> str:
+def save_figure(run: RunDir, fig: Any, name: str) -> str:
     plt = pyplot()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
     plt.close(fig)
-
-    run.write_bytes(buffer.getvalue(), layout.REPORT, name)
+    run.write_bytes(buffer.getvalue(), *layout.report_figure(name))
     return name
 
 
@@ -59,10 +69,10 @@ def figure_bars(results: RunResults) -> str | None:
     ax.set_ylabel("Pass@1 (%)")
     ax.set_title("Weak teacher, strong student: W2SR and W2SR-P")
     ax.legend(frameon=False, ncols=len(labels), loc="upper center", bbox_to_anchor=(0.5, -0.12))
-    return save_figure(results.run, fig, "figure2_bars.png")
+    return save_figure(results.run, fig, BARS)
 
 
-def log_ticks(ax, values: list[float], text) -> None:
+def log_ticks(ax: Any, values: list[float], text: Callable[[float], str]) -> None:
     """A log x axis labelled at the data points only: readable when there are few of them."""
     ax.set_xscale("log")
     ticks: list[float] = []
@@ -106,67 +116,87 @@ def figure_cost(
     ax.set_ylabel("Avg pass@1 (%)")
     ax.set_title("Accuracy against training cost")
     ax.legend(frameon=False, fontsize=8)
-    return save_figure(results.run, fig, "figure5_cost.png")
+    return save_figure(results.run, fig, COST)
 
 
-def _scaled(runs: dict[str, RunResults]) -> list[tuple[int, RunResults]]:
-    """Runs whose teacher size is known, smallest teacher first; None if fewer than two sizes."""
-    known = sorted(
-        ((teacher_scale(r), r) for r in runs.values() if teacher_scale(r)), key=lambda p: p[0]
-    )
-    return known if len({scale for scale, _ in known}) >= 2 else []
+@dataclass(frozen=True)
+class ScalePoint:
+    """A model's accuracy (and its interval, when it has one) with a teacher of `scale`
+    parameters; `kind` is the teacher's (reasoner, non_reasoner), None where not known."""
+
+    label: str
+    kind: str | None
+    scale: float
+    value: float
+    ci: tuple[float, float] | None
 
 
-def _against_scale(ax, known: list[tuple[int, RunResults]], label: str, column: str) -> None:
-    """One model's accuracy (with its interval) across the sweep's teachers."""
-    points = [(scale, r) for scale, r in known if column in r.pass1.get(label, {})]
-    if not points:
-        return
-    values = [r.pass1[label][column] for _, r in points]
-    error = _error(values, [r.ci[label][column] for _, r in points])
-    scales = [scale for scale, _ in points]
-    ax.errorbar(scales, np.array(values) * 100, yerr=error, marker="o", capsize=3,
-                label=display_name(label))  # fmt: skip
+KIND_MARKERS = {"reasoner": "o", "non_reasoner": "s", None: "o"}
+REFERENCE_STYLES = {"base": "--", "rl": ":"}
 
 
-def figure_scale(root: RunDir, runs: dict[str, RunResults]) -> str | None:
-    """Figure 3: average accuracy of the teacher and its students against the teacher's size."""
-    known = _scaled(runs)
-    if not known:
+def _against_scale(ax: Any, points: list[ScalePoint], labels: list[str]) -> None:
+    """One line per model and teacher kind: a model keeps its colour, a kind its marker."""
+    for color, label in enumerate(labels):
+        for kind, marker in KIND_MARKERS.items():
+            found = [p for p in points if (p.label, p.kind) == (label, kind)]
+            if not found:
+                continue
+            found.sort(key=lambda p: p.scale)
+            values = [p.value for p in found]
+            cis = [p.ci for p in found if p.ci is not None]
+            error = _error(values, cis) if len(cis) == len(found) else None
+            name = display_name(label)
+            if kind is not None:
+                name += f" ({kind.replace('_', '-')}s)"
+            ax.errorbar([p.scale for p in found], np.array(values) * 100, yerr=error,
+                        marker=marker, capsize=3, c=f"C{color}", label=name)  # fmt: skip
+
+
+def _labels(points: list[ScalePoint]) -> list[str]:
+    return list(dict.fromkeys(p.label for p in points))
+
+
+def _parameters(scale: float) -> str:
+    return count(round(scale))
+
+
+def figure_scale(
+    root: RunDir, points: list[ScalePoint], references: dict[str, tuple[str, float]], name: str
+) -> str | None:
+    """The paper's Figure 3: the teacher's and its students' average accuracy against the
+    teacher's size, one line per teacher kind; `references` (base, rl: their name and accuracy,
+    when the sweep has one student) as horizontal lines. None with fewer than two sizes."""
+    if len({p.scale for p in points}) < 2:
         return None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for label in ("teacher", *STUDENT_LABELS):
-        _against_scale(ax, known, label, AVG)
-    for label, style in (("base", "--"), ("rl", ":")):
-        found = [r for _, r in known if AVG in r.pass1.get(label, {})]
-        if found:  # one student for the sweep: its base and RL scores are reference lines
-            names = {r.name(label) for r in found}  # an RL reference of one kind says which
-            value = np.mean([r.pass1[label][AVG] for r in found]) * 100
-            ax.axhline(value, ls=style, c="gray", label=names.pop() if len(names) == 1 else "RL")
-    log_ticks(ax, [scale for scale, _ in known], count)
+    _against_scale(ax, points, _labels(points))
+    for label, (text, value) in references.items():
+        ax.axhline(value * 100, ls=REFERENCE_STYLES[label], c="gray", label=text)
+    log_ticks(ax, [p.scale for p in points], _parameters)
     ax.set_xlabel("Teacher parameters")
     ax.set_ylabel("Avg pass@1 (%)")
     ax.set_title("Accuracy against teacher scale")
     ax.legend(frameon=False, fontsize=8)
-    return save_figure(root, fig, "figure3_teacher_scale.png")
+    return save_figure(root, fig, name)
 
 
-def figure_scale_benchmarks(root: RunDir, runs: dict[str, RunResults]) -> str | None:
-    """Figure 4: the teacher and the W2SR / W2SR-P students against teacher size, per benchmark."""
-    known = _scaled(runs)
-    if not known:
+def figure_scale_benchmarks(root: RunDir, panels: dict[str, list[ScalePoint]]) -> str | None:
+    """Figure 4: the teacher and its students against teacher size, one panel per benchmark
+    (`panels`: benchmark -> its points). None with fewer than two teacher sizes."""
+    scales = {p.scale for points in panels.values() for p in points}
+    if len(scales) < 2:
         return None
     plt = pyplot()
-    benches = sorted({b for _, r in known for b in r.benches})
-    fig, axes = plt.subplots(1, len(benches), figsize=(3.2 * len(benches), 3.2), squeeze=False)
-    for ax, bench in zip(axes[0], benches, strict=True):
-        for label in ("teacher", "w2sr", "w2sr_p"):
-            _against_scale(ax, known, label, bench)
-        log_ticks(ax, [scale for scale, _ in known], count)
+    labels = _labels([p for points in panels.values() for p in points])
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
+    for ax, (bench, points) in zip(axes[0], sorted(panels.items()), strict=True):
+        _against_scale(ax, points, labels)
+        log_ticks(ax, sorted(scales), _parameters)
         ax.set_title(bench_name(bench))
         ax.set_xlabel("Teacher parameters")
     axes[0][0].set_ylabel("Pass@1 (%)")
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, frameon=False, ncols=3, loc="upper center", bbox_to_anchor=(0.5, 0))
-    return save_figure(root, fig, "figure4_teacher_scale_benchmarks.png")
+    return save_figure(root, fig, SCALE_BENCHMARKS)

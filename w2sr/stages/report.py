@@ -15,8 +15,9 @@ For one run (a folder with eval/summary.json):
 - figures: the four bars of Figure 2 (teacher, student, W2SR, W2SR-P), and accuracy against
   training cost (Figure 5) when the stages recorded their costs.
 
-For a sweep (a folder whose subfolders are runs, e.g. one per teacher), each run gets its report
-and the sweep gets a summary table with accuracy against teacher scale (Figures 3 and 4).
+For a folder whose subfolders are runs (e.g. one per teacher), each run gets its report and the
+folder gets the report of many runs that `w2sr sweep` writes too (`w2sr.reporting.sweep`): a row
+per cell, every model's score per run, and accuracy against teacher scale (Figures 3 and 4).
 
 An RGR whose RL gain is zero or negative is written "undefined", never as a number.
 """
@@ -30,34 +31,27 @@ from pydantic import ValidationError
 
 from w2sr import layout
 from w2sr.behaviors import BEHAVIORS
-from w2sr.config import ConfigError, JudgeConfig, ReportConfig, format_errors
+from w2sr.config import ConfigError, ExperimentConfig, JudgeConfig, ReportConfig, format_errors
 from w2sr.judge import PROMPT_VERSION
-from w2sr.layout import DISPLAY_NAMES, STUDENT_LABELS
-from w2sr.reporting.figures import figure_bars, figure_cost, figure_scale, figure_scale_benchmarks
+from w2sr.reporting.figures import SCALE, figure_bars, figure_cost
 from w2sr.reporting.results import (
-    AVG,
-    RunResults,
     behaviors,
     cost_to_match,
     costs,
-    display_name,
     load_results,
     rl_curve,
     teacher_scale,
 )
+from w2sr.reporting.sweep import run_rows, write_sweep_report
 from w2sr.reporting.tables import (
     answer_table,
     behavior_table,
     cost_table,
-    count,
     details_table,
     main_tables,
     match_sentence,
     outside_rl_cost,
-    pct,
-    rgr_or_dash,
     setup,
-    table,
 )
 from w2sr.rundir import RunDir
 
@@ -107,24 +101,34 @@ def run_report(run: RunDir) -> dict[str, Any]:
             parts += ["", match_sentence(match)]
     if figures:
         parts += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
-    run.write_text("\n".join(parts) + "\n", layout.REPORT, "report.md")
+    run.write_text("\n".join(parts) + "\n", *layout.REPORT_FILE)
     return {
-        "report": run.path(layout.REPORT, "report.md"),
+        "report": run.path(*layout.REPORT_FILE),
         "figures": figures,
         "pass@1": results.pass1,
         "rgr": results.rgr,
     }
 
 
-def _report_settings(run: RunDir) -> tuple[ReportConfig, int]:
-    """The `report` section and seed of the config the run dir's latest command wrote; only
-    those are read, so a run dir copied from a cluster reports where its models are absent."""
+def _config(run: RunDir) -> dict[str, Any]:
+    """The config the run dir's latest command wrote, as written: only a few of its keys are
+    read, so a run dir copied from a cluster reports where its models are absent."""
     data = yaml.safe_load(run.read_text(layout.CONFIG)) if run.exists(layout.CONFIG) else {}
-    data = data if isinstance(data, dict) else {}
+    return data if isinstance(data, dict) else {}
+
+
+def _report_settings(run: RunDir) -> tuple[ReportConfig, int]:
+    """The `report` section and seed of the run dir's config."""
+    data = _config(run)
     try:
         return ReportConfig.model_validate(data.get("report") or {}), int(data.get("seed", 0))
     except ValidationError as error:
         raise ConfigError(format_errors(error).replace("config", "report section", 1)) from None
+
+
+def _match(run: RunDir) -> str:
+    """`select.match` of the run's training sets."""
+    return str((_config(run).get("select") or {}).get("match", "none"))
 
 
 def behavior_section(found: dict[str, dict[str, Any]], judge: JudgeConfig | None = None) -> str:
@@ -160,56 +164,28 @@ def behavior_section(found: dict[str, dict[str, Any]], judge: JudgeConfig | None
 
 
 def report(run_dir: str) -> dict[str, Any]:
-    """Write the report of a run, or of every run in a sweep folder plus the sweep's own."""
+    """Write the report of a run, or of every run in a folder of runs plus the folder's own."""
     root = RunDir(run_dir)
     if root.exists(*layout.EVAL_SUMMARY):
         return run_report(root)
-    runs = [name for name in root.list() if root.exists(name, *layout.EVAL_SUMMARY)]
-    if not runs:
+    names = [name for name in root.list() if root.exists(name, *layout.EVAL_SUMMARY)]
+    if not names:
         raise FileNotFoundError(
             f"no eval/summary.json in {run_dir} or its subfolders: run `w2sr eval` first"
         )
-    children = {name: RunDir(f"{root.uri.rstrip('/')}/{name}") for name in runs}
+    children = {name: RunDir(f"{root.uri.rstrip('/')}/{name}") for name in names}
     for child in children.values():
         run_report(child)
-    return sweep_report(root, {name: load_results(child) for name, child in children.items()})
-
-
-def sweep_report(root: RunDir, runs: dict[str, RunResults]) -> dict[str, Any]:
-    outside = any(results.outside_rl for results in runs.values())
-    header = ["Run", "Teacher model", "Parameters"]
-    header += [display_name(x) for x in DISPLAY_NAMES if x != "rl"]
-    header += ["RL" if outside else display_name("rl")]
-    header += [f"RGR {display_name(v)}" for v in STUDENT_LABELS]
-    rows = []
-    for name, results in sorted(runs.items(), key=lambda item: teacher_scale(item[1]) or 0):
-        scale = teacher_scale(results)
-        rl = pct(results.pass1.get("rl", {}).get(AVG))
-        rows.append(
-            [
-                f"[{name}]({name}/report/report.md)",
-                f"`{results.summary['models'].get('teacher', {}).get('spec', '–')}`",
-                count(scale) if scale else "unknown",
-                *[pct(results.pass1.get(x, {}).get(AVG)) for x in DISPLAY_NAMES if x != "rl"],
-                f"{rl} (outside)" if results.outside_rl else rl,
-                *[rgr_or_dash(results, v) for v in STUDENT_LABELS],
-            ]
-        )
-    figures = [f for f in (figure_scale(root, runs), figure_scale_benchmarks(root, runs)) if f]
-    parts = [
-        f"# W2SR sweep: {root.uri}",
-        "",
-        "Average pass@1 (%) over each run's benchmarks, and RGR (%) on that average.",
-        "",
-        table(header, rows),
+    runs = {name: load_results(child) for name, child in children.items()}
+    runs = dict(sorted(runs.items(), key=lambda item: teacher_scale(item[1]) or 0))
+    rows = [
+        row
+        for name, results in runs.items()
+        for row in run_rows(name, results, _match(children[name]))
     ]
-    if outside:
-        parts += [
-            "",
-            "RL: the run's GRPO student, or, marked (outside), the published checkpoint its "
-            "config names as `rl` (its report's Models table gives which).",
-        ]
-    if figures:
-        parts += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
-    root.write_text("\n".join(parts) + "\n", layout.REPORT, "report.md")
-    return {"report": root.path(layout.REPORT, "report.md"), "figures": figures, "runs": list(runs)}
+    return write_sweep_report(root, rows, runs, SCALE)
+
+
+def report_run(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The recipe's `report` stage: the report of the config's run dir."""
+    return report(cfg.run_dir)

@@ -39,11 +39,15 @@ class Cell:
         return cell_name(teacher, student, self.variant, self.seed, self.match)
 
     @property
+    def student_label(self) -> str:
+        """The label of the student its training set makes."""
+        return next(v.label for v in layout.VARIANTS if v.name == self.variant)
+
+    @property
     def labels(self) -> tuple[str, ...]:
         """The models its report row compares: teacher, base, its student, RL when asked for."""
-        student = next(v.label for v in layout.VARIANTS if v.name == self.variant)
         rl = ("rl",) if self.config.grpo is not None or self.config.rl is not None else ()
-        return ("teacher", "base", student, *rl)
+        return ("teacher", "base", self.student_label, *rl)
 
 
 @dataclass
@@ -115,7 +119,7 @@ def plan(sweep: SweepConfig) -> tuple[list[Cell], dict[str, Node]]:
                 continue
             needs = tuple(made[name] for name in stage.needs if name in made)
             made[stage.name] = add(Node(stage.artifact(cfg).folder, stage.name, cfg, needs), cell)
-        trained = {cell.labels[2]: made["train"]}
+        trained = {cell.student_label: made["train"]}
         if "grpo" in made:
             trained["rl"] = made["grpo"]
         configured = ["teacher", "base"]
