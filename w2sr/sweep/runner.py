@@ -13,6 +13,9 @@ process it started and counted failed; what it wrote stays for a rerun. A stage 
 another submission holds (exit status 3) is retried for `LEASE_WAIT_S`, long enough for the lease
 of a killed holder to lapse; a holder still renewing by then is at work, and the stage is
 reported blocked with the holder's message instead of waiting for as long as that work takes.
+
+Starting a stage is a `Launcher`'s (`Subprocesses` here); the scheduling above is `run_graph`'s,
+the same whatever starts the stages.
 """
 
 from __future__ import annotations
@@ -24,15 +27,28 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import psutil
 import yaml
 
+from w2sr.recipe import (
+    BLOCKED,
+    COMPLETE,
+    DONE,
+    EXIT_LEASE_HELD,
+    EXIT_OK,
+    FAILED,
+    SKIPPED,
+    TO_RUN,
+    sections,
+)
 from w2sr.rundir import LEASE_TTL_S, RunDir
-from w2sr.session import RESOURCES, resource_request
-from w2sr.sweep.plan import Node, is_complete, skip_reason
+from w2sr.session import resource_request
+from w2sr.sweep.plan import Node, readiness, skip_reason
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +63,41 @@ POLL_S = 0.5
 class Outcome:
     """What became of one node."""
 
-    state: str  # complete (before this sweep), done, failed, blocked (a need failed), skipped
+    state: str  # COMPLETE (before this sweep), DONE, FAILED, BLOCKED (a need failed), SKIPPED
     seconds: float = 0.0
     started: float | None = None
     ended: float | None = None
     error: str | None = None
+
+
+class Launched(Protocol):
+    """A stage a `Launcher` started."""
+
+    def poll(self) -> int | None:
+        """Its exit status once it has ended, else None."""
+        ...
+
+    def stop(self) -> None:
+        """End it and everything it started."""
+        ...
+
+    def output(self) -> str:
+        """What it printed."""
+        ...
+
+
+class Launcher(Protocol):
+    """How the sweep starts its stages: `Subprocesses` in production. The scheduling (order,
+    caps, failures, leases, timeouts, resume) is `run_graph`'s and the same for any launcher."""
+
+    def capacity(self, nodes: dict[str, Node]) -> float | None:
+        """The CPUs the stages share on a session of fixed size, or None on a cluster whose
+        autoscaler decides; asked once, before the first stage starts."""
+        ...
+
+    def launch(self, node: Node) -> Launched:
+        """Start `w2sr COMMAND` for the node's config (and its `label`'s model, for an eval)."""
+        ...
 
 
 def run_graph(
@@ -59,75 +105,80 @@ def run_graph(
     run: RunDir,
     max_concurrent: int,
     stage_timeout_s: float | None = None,
+    launcher: Launcher | None = None,
 ) -> dict[str, Outcome]:
     """Run every incomplete node once its needs are done; returns each node's outcome. A stage
-    still running `stage_timeout_s` after it started is stopped and counted failed."""
-    outcomes: dict[str, Outcome] = {}
-    for key, node in nodes.items():  # in an order that respects `needs`
-        if all(n in outcomes for n in node.needs) and is_complete(node, run):
-            outcomes[key] = Outcome("complete")
-    pending = [key for key in nodes if key not in outcomes]
+    still running `stage_timeout_s` after it started is stopped and counted failed. Stages are
+    `w2sr` processes (`Subprocesses`) unless `launcher` says otherwise."""
+    outcomes = {
+        key: Outcome(state, error=reason)
+        for key, (state, reason) in readiness(nodes, run).items()
+        if state != TO_RUN
+    }
+    pending = [key for key in nodes if key not in outcomes]  # in an order that respects `needs`
     log.info("%d of %d stages to run", len(pending), len(nodes))
     if not pending:
         return outcomes
-    address, capacity = _cluster(nodes)
-    running: dict[str, tuple[subprocess.Popen, Path, float]] = {}
+    running: dict[str, tuple[Launched, float]] = {}
     retry_at: dict[str, float] = {}
     held_since: dict[str, float] = {}  # when a stage was first found held by another submission
     with tempfile.TemporaryDirectory(prefix="w2sr-sweep-") as scratch:
+        launcher = launcher or Subprocesses(Path(scratch))
+        capacity = launcher.capacity(nodes)
         while pending or running:
             for key in list(pending):
                 node = nodes[key]
                 states = [outcomes.get(n) for n in node.needs]
-                if any(o and o.state in ("failed", "blocked") for o in states):
+                if any(o and o.state in (FAILED, BLOCKED) for o in states):
                     failed = [
                         n
                         for n, o in zip(node.needs, states, strict=True)
-                        if o and o.state in ("failed", "blocked")
+                        if o and o.state in (FAILED, BLOCKED)
                     ]
-                    outcomes[key] = Outcome("blocked", error=f"needs {', '.join(failed)}")
+                    outcomes[key] = Outcome(BLOCKED, error=f"needs {', '.join(failed)}")
                     pending.remove(key)
                     continue
-                if any(o and o.state == "skipped" for o in states):
-                    outcomes[key] = Outcome("skipped", error="what it needs was skipped")
+                if any(o and o.state == SKIPPED for o in states):
+                    outcomes[key] = Outcome(SKIPPED, error="what it needs was skipped")
                     pending.remove(key)
                     continue
-                ready = all(o and o.state in ("complete", "done") for o in states)
+                ready = all(o and o.state in (COMPLETE, DONE) for o in states)
                 if not ready or retry_at.get(key, 0) > time.time():
                     continue
                 reason = skip_reason(node, run)
                 if reason:
-                    outcomes[key] = Outcome("skipped", error=reason)
+                    outcomes[key] = Outcome(SKIPPED, error=reason)
                     pending.remove(key)
                     continue
                 if len(running) >= max_concurrent or not _fits(node, running, nodes, capacity):
                     continue
-                running[key] = (*_launch(node, Path(scratch), address), time.time())
+                running[key] = (launcher.launch(node), time.time())
                 pending.remove(key)
                 log.info("started %s %s", node.command, key)
-            for key, (proc, log_path, started) in list(running.items()):
+            for key, (stage, started) in list(running.items()):
                 overdue = None
-                if proc.poll() is None:
+                status = stage.poll()
+                if status is None:
                     if stage_timeout_s is None or time.time() - started <= stage_timeout_s:
                         continue
-                    stop(proc)
+                    stage.stop()
                     overdue = (
                         f"{key} ran past the sweep's stage_timeout_s of {stage_timeout_s:g}s and "
                         "was stopped; what it wrote is kept, and a rerun resumes it"
                     )
                 del running[key]
                 ended = time.time()
-                text = log_path.read_text(errors="replace")
+                text = stage.output()
                 if overdue:
                     text += f"\nw2sr sweep: {overdue}\n"
                 run.write_text(text, *LOGS, _slug(key) + ".log")
                 if overdue:
-                    outcomes[key] = Outcome("failed", ended - started, started, ended, overdue)
+                    outcomes[key] = Outcome(FAILED, ended - started, started, ended, overdue)
                     log.error("%s", overdue)
-                elif proc.returncode == 0:
-                    outcomes[key] = Outcome("done", ended - started, started, ended)
+                elif status == EXIT_OK:
+                    outcomes[key] = Outcome(DONE, ended - started, started, ended)
                     log.info("finished %s in %.0fs", key, ended - started)
-                elif proc.returncode == 3:  # another submission holds the stage
+                elif status == EXIT_LEASE_HELD:
                     first = held_since.setdefault(key, ended)
                     if ended - first < LEASE_WAIT_S:
                         retry_at[key] = ended + LEASE_RETRY_S
@@ -138,17 +189,62 @@ def run_graph(
                         f"{key} is still held by another submission after {ended - first:.0f}s "
                         f"of retries (LEASE_WAIT_S {LEASE_WAIT_S:g}s): {_held_by(text)}"
                     )
-                    outcomes[key] = Outcome("blocked", ended - started, started, ended, error)
+                    outcomes[key] = Outcome(BLOCKED, ended - started, started, ended, error)
                     log.error("%s", error)
                 else:
                     error = _error(text)
-                    outcomes[key] = Outcome("failed", ended - started, started, ended, error)
-                    log.error("%s failed (exit %d):\n%s", key, proc.returncode, error)
+                    outcomes[key] = Outcome(FAILED, ended - started, started, ended, error)
+                    log.error("%s failed (exit %d):\n%s", key, status, error)
             time.sleep(POLL_S)
     return outcomes
 
 
-def stop(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+class Subprocesses:
+    """Each stage a `python -m w2sr.cli COMMAND CONFIG` process of its own, so that a crash fails
+    that stage alone, joined to the sweep's cluster; its config and its log in `scratch`."""
+
+    def __init__(self, scratch: Path):
+        self.scratch = scratch
+        self.address: str | None = None
+
+    def capacity(self, nodes: dict[str, Node]) -> float | None:
+        self.address, capacity = _cluster(nodes)
+        return capacity
+
+    def launch(self, node: Node) -> Process:
+        slug = _slug(node.key)
+        config = self.scratch / f"{slug}.yaml"
+        config.write_text(yaml.safe_dump(node.config.model_dump(mode="json"), sort_keys=False))
+        log_path = self.scratch / f"{slug}.log"
+        cmd = [sys.executable, "-m", "w2sr.cli", node.command, str(config)]
+        if node.label:
+            cmd += ["--models", node.label]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.address:
+            env["RAY_ADDRESS"] = self.address
+        with open(log_path, "w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        return Process(proc, log_path)
+
+
+@dataclass
+class Process:
+    """A stage's process and the file its output goes to."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def stop(proc: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
     """End a stage and every process it started: SIGTERM first (a Ray driver then disconnects,
     and Ray ends the workers and actors it owns), SIGKILL for what is left after `grace_s`.
     The stage shares the sweep's process group, so that a sweep killed with its group takes its
@@ -186,22 +282,6 @@ def _error(log_text: str) -> str:
     return "\n".join(lines[starts[-1] :][-30:] if starts else lines[-15:])
 
 
-def _launch(node: Node, scratch: Path, address: str | None) -> tuple[subprocess.Popen, Path]:
-    slug = _slug(node.key)
-    config = scratch / f"{slug}.yaml"
-    config.write_text(yaml.safe_dump(node.config.model_dump(mode="json"), sort_keys=False))
-    log_path = scratch / f"{slug}.log"
-    cmd = [sys.executable, "-m", "w2sr.cli", node.command, str(config)]
-    if node.label:
-        cmd += ["--models", node.label]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if address:
-        env["RAY_ADDRESS"] = address
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    return proc, log_path
-
-
 def _cluster(nodes: dict[str, Node]) -> tuple[str | None, float | None]:
     """The address the stages join, and the CPUs of a session of fixed size (None: a cluster,
     whose autoscaler decides). Without a configured cluster, a local one is started here."""
@@ -214,11 +294,14 @@ def _cluster(nodes: dict[str, Node]) -> tuple[str | None, float | None]:
     # vLLM's CPU thread binding pins every engine of a machine to the same cores: engines of
     # stages side by side would share one. Here the OS places them (the session inherits this).
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    context = ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
-    return context.address_info["gcs_address"], float(ray.cluster_resources().get("CPU", 0))
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+    address = ray.get_runtime_context().gcs_address
+    return address, float(ray.cluster_resources().get("CPU", 0))
 
 
-def _fits(node: Node, running: dict, nodes: dict[str, Node], capacity: float | None) -> bool:
+def _fits(
+    node: Node, running: Collection[str], nodes: dict[str, Node], capacity: float | None
+) -> bool:
     if capacity is None:
         return True
     busy = sum(_cpus(nodes[key]) for key in running)
@@ -226,7 +309,7 @@ def _fits(node: Node, running: dict, nodes: dict[str, Node], capacity: float | N
 
 
 def _cpus(node: Node) -> float:
-    return resource_request(node.config, RESOURCES[node.command]).get("CPU", 0.0)
+    return resource_request(node.config, sections(node.command)).get("CPU", 0.0)
 
 
 def _slug(key: str) -> str:
