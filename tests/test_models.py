@@ -1,5 +1,6 @@
-"""A model's first use on a node by many processes at once (Ray Train workers, the engines of
-several stages): it is copied or built once, appears whole, and is never replaced while read."""
+"""Model specs: each kind parsed once, and a model's first use on a node by many processes at once
+(Ray Train workers, the engines of several stages): it is copied or built once, appears whole,
+and is never replaced while read."""
 
 from __future__ import annotations
 
@@ -16,6 +17,93 @@ def _contents(folder: str) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(folder).iterdir()}
 
 
+def test_a_spec_is_parsed_into_its_kind(tmp_path, monkeypatch):
+    from w2sr.models import ModelSpec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher").mkdir()
+    kinds = {
+        "builtin:tiny-random": "builtin",
+        "s3://bucket/run/students/all/0123/model": "store",
+        "file:///srv/models/teacher": "store",
+        str(tmp_path / "teacher"): "folder",
+        "teacher": "folder",  # a relative path that is there
+        "./not-yet-there": "folder",  # reported by the config's check, not fetched from a hub
+        "~/models/teacher": "folder",
+        "Qwen/Qwen2.5-Math-1.5B": "hub",
+    }
+    assert {text: ModelSpec.parse(text).kind for text in kinds} == kinds
+    assert ModelSpec.parse("builtin:khop-teacher").name == "khop-teacher"
+    assert ModelSpec.parse("Qwen/Qwen2.5-Math-1.5B").text == "Qwen/Qwen2.5-Math-1.5B"
+
+
+def test_an_unknown_builtin_is_an_error_that_names_the_known_ones():
+    from w2sr.models import ModelSpec
+
+    with pytest.raises(ValueError, match=r"unknown built-in 'nope'; one of \[.*'tiny-random'"):
+        ModelSpec.parse("builtin:nope")
+
+
+def test_a_folder_needs_a_config_and_a_hub_id_is_left_for_the_loaders(tmp_path, monkeypatch):
+    from w2sr.models import ModelSpec
+
+    monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    with pytest.raises(FileNotFoundError, match="model folder model has no config.json"):
+        ModelSpec.parse("model").local()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert ModelSpec.parse("model").local() == str(tmp_path / "model")  # absolute
+    assert ModelSpec.parse("org/model").local() == "org/model"
+    assert not (tmp_path / "cache").exists()  # nothing copied or built
+
+
+def test_a_store_copy_is_named_by_the_identity_given_else_by_the_uri(tmp_path, monkeypatch):
+    """A trained model's folder keeps its URI when retrained: its copy on this machine is named
+    by what the weights are known by, so new weights are copied again."""
+    from w2sr.models import ModelSpec
+
+    monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "published"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    (source / "model.safetensors").write_bytes(b"weights-1")
+    spec = ModelSpec.parse(f"file://{source}")
+
+    by_uri, first = spec.local(), spec.local('{"time": 1}')
+    (source / "model.safetensors").write_bytes(b"weights-2")  # retrained in place
+
+    assert spec.local() == by_uri and spec.local('{"time": 1}') == first  # copied once each
+    assert (Path(by_uri) / "model.safetensors").read_bytes() == b"weights-1"
+    again = spec.local('{"time": 2}')
+    assert (Path(again) / "model.safetensors").read_bytes() == b"weights-2"
+    assert len({by_uri, first, again}) == 3
+
+
+def test_what_a_cluster_loads_from_a_local_run_dir(tmp_path, monkeypatch):
+    """A store URI as it is (each node copies it), anything else as this machine has it; a local
+    run dir gets no published built-in."""
+    from w2sr import layout, models
+    from w2sr.models import Builtin, ModelSpec
+    from w2sr.rundir import RunDir
+
+    monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))
+
+    def build(folder: Path) -> Path:
+        (folder / "config.json").write_text("{}")
+        return folder
+
+    monkeypatch.setitem(models.BUILTINS, "fake", Builtin(build, (models,)))
+    run = RunDir(str(tmp_path / "run"))
+    uri = "s3://bucket/run/students/all/0123/model"
+
+    assert ModelSpec.parse(uri).for_cluster(run) == uri
+    built = ModelSpec.parse("builtin:fake").for_cluster(run)
+    assert built == ModelSpec.parse("builtin:fake").local()
+    assert Path(built).parts[-2:] == ("fake", models.builtin_digest("fake"))
+    assert not run.exists(layout.BUILTINS)
+
+
 _start = None  # a worker process's barrier before its first call
 
 
@@ -28,13 +116,13 @@ def _use(spec: str) -> tuple[str, int, dict[str, str]] | str:
     """What a worker does on its node: get the model's folder, then read every file of it (as an
     engine loading it would); the folder's path, inode and contents, or the error raised."""
     global _start
-    from w2sr.models import node_copy
+    from w2sr.models import ModelSpec
 
     if _start is not None:  # every process's first call at once: the first use is concurrent
         _start.wait()
         _start = None
     try:
-        folder = node_copy(spec)
+        folder = ModelSpec.parse(spec).local()
         return folder, os.stat(folder).st_ino, _contents(folder)
     except Exception as error:  # counted by the test: every call must succeed
         return f"{type(error).__name__}: {error}"
@@ -78,7 +166,7 @@ def test_concurrent_node_copies_of_one_model_are_one_whole_folder(s3_bucket, tmp
 
 
 def test_a_copy_cut_short_by_a_killed_process_is_cleared_by_the_next(tmp_path, monkeypatch):
-    from w2sr.models import cache_dir, node_copy
+    from w2sr.models import ModelSpec, cache_dir
 
     monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))
     source = tmp_path / "published"
@@ -86,24 +174,24 @@ def test_a_copy_cut_short_by_a_killed_process_is_cleared_by_the_next(tmp_path, m
     (source / "config.json").write_text("{}")
     (source / "model.safetensors").write_bytes(os.urandom(1 << 20))
     uri = f"file://{source}"
-    key = hashlib.sha256(uri.encode()).hexdigest()[:16]  # the folder node_copy fills
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]  # the folder a copy by the URI fills
     killed = cache_dir().parent / "artifacts" / f"{key}.k1ll3d"  # a killed copy's staging
     killed.mkdir(parents=True)
     (killed / "model.safetensors").write_bytes(b"half")
 
-    folder = Path(node_copy(uri))
+    folder = Path(ModelSpec.parse(uri).local())
 
     assert _contents(str(folder)) == _contents(str(source))
     assert [p for p in folder.parent.iterdir() if p.is_dir()] == [folder]
 
 
 def test_a_uri_without_a_model_is_an_error_not_an_empty_folder(tmp_path, monkeypatch):
-    from w2sr.models import node_copy
+    from w2sr.models import ModelSpec
 
     monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        node_copy(f"file://{tmp_path / 'empty'}")
+        ModelSpec.parse(f"file://{tmp_path / 'empty'}").local()
     assert not any(p.is_dir() for p in (tmp_path / "cache" / "artifacts").iterdir())
 
 
@@ -130,8 +218,7 @@ def test_a_second_publisher_of_a_builtin_deletes_nothing_the_first_wrote(
 
     from w2sr import layout
     from w2sr.identity import model_identity
-    from w2sr.models import resolve_model
-    from w2sr.registry import published
+    from w2sr.models import ModelSpec
     from w2sr.rundir import DONE, RunDir
 
     monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))
@@ -140,19 +227,18 @@ def test_a_second_publisher_of_a_builtin_deletes_nothing_the_first_wrote(
     s3.create_bucket(Bucket=bucket)
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     run = RunDir(f"s3://{bucket}/run")
-    digest = model_identity("builtin:tiny-random")
+    spec = ModelSpec.parse("builtin:tiny-random")
+    digest = model_identity(spec.text)
     folder = layout.builtin("tiny-random", digest)
-    location = published("builtin:tiny-random", run)
+    location = spec.for_cluster(run)
     run.delete(folder, DONE)  # the first publisher's files are up, its done record not yet
 
-    assert published("builtin:tiny-random", run) == location  # the second one publishes
+    assert spec.for_cluster(run) == location  # the second one publishes
 
     model = f"run/{folder}/{layout.MODEL}/"
     versions = s3.list_object_versions(Bucket=bucket, Prefix=model)
     assert [m["Key"] for m in versions.get("DeleteMarkers", [])] == []
-    expected = {
-        p.name: p.stat().st_size for p in Path(resolve_model("builtin:tiny-random")).iterdir()
-    }
+    expected = {p.name: p.stat().st_size for p in Path(spec.local()).iterdir()}
     listed = s3.list_objects_v2(Bucket=bucket, Prefix=model)["Contents"]
     files = {o["Key"].removeprefix(model): o["Size"] for o in listed if o["Key"] != model}
     assert files == expected

@@ -19,8 +19,8 @@ from w2sr import layout
 from w2sr.config import validate
 from w2sr.identity import content_digest, model_identity
 from w2sr.lineage import Lineage
-from w2sr.models import node_copy, resolve_model
-from w2sr.registry import model_table, published
+from w2sr.models import ModelSpec
+from w2sr.registry import model_table
 from w2sr.rundir import LEASE, LeaseHeld, MetricsLog, RunDir
 
 
@@ -118,26 +118,27 @@ def test_an_export_cut_short_leaves_the_previous_student_intact(s3_run):
 
 def test_a_builtin_model_is_published_once_for_every_node(s3_run, tmp_path, monkeypatch):
     """On an object-store run dir a built-in is built on the driver and published into the run
-    dir under its content digest; a worker's node copy has the same files; a second stage
+    dir under its builder's digest; a worker's node copy has the same files; a second stage
     publishes nothing again. On a local run dir nothing is published."""
     monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))
     run = RunDir(s3_run)
-    location = published("builtin:tiny-random", run)
-    digest = model_identity("builtin:tiny-random")
+    spec = ModelSpec.parse("builtin:tiny-random")
+    location = spec.for_cluster(run)
+    digest = model_identity(spec.text)
     folder = layout.builtin("tiny-random", digest)
     assert location == f"{s3_run}/{folder}/{layout.MODEL}"
     assert run.done(folder, digest)["spec"] == "builtin:tiny-random"
     record = run.fs.get_file_info(run.path(folder, "_DONE.json"))
-    assert published("builtin:tiny-random", run) == location
+    assert spec.for_cluster(run) == location
     assert run.fs.get_file_info(run.path(folder, "_DONE.json")).mtime == record.mtime
 
-    copy = node_copy(location)  # what a Ray Train worker or a rollout engine loads
-    assert Path(copy) != Path(resolve_model("builtin:tiny-random"))
-    assert content_digest(copy) == digest
-    assert node_copy(location) == copy  # once per node
+    copy = ModelSpec.parse(location).local()  # what a Ray Train worker or a rollout engine loads
+    assert Path(copy) != Path(spec.local())
+    assert content_digest(copy) == content_digest(spec.local())
+    assert ModelSpec.parse(location).local() == copy  # once per node
 
     local = RunDir(str(tmp_path / "run"))
-    assert published("builtin:tiny-random", local) == resolve_model("builtin:tiny-random")
+    assert spec.for_cluster(local) == spec.local()
     assert not local.exists(layout.BUILTINS)
 
 

@@ -208,7 +208,7 @@ def test_served_and_offline_greedy_evaluation_agree(
     app is then neither replaced by a keyless one nor moved to another port."""
     from ray import serve as ray_serve
 
-    from w2sr.models import node_copy
+    from w2sr.models import ModelSpec
     from w2sr.stages.serve import serve
 
     offline_dir = tmp_path / "offline"
@@ -232,7 +232,8 @@ def test_served_and_offline_greedy_evaluation_agree(
         deployed_at = time.time()
         # The replica loaded the node copy named by the URI: a Ray worker finds it there, made
         # before the deployment returned.
-        copy = ray_session.get(ray_session.remote(node_copy).options(num_cpus=0).remote(uri))
+        local = ray_session.remote(ModelSpec.local).options(num_cpus=0)
+        copy = ray_session.get(local.remote(ModelSpec.parse(uri)))
         assert Path(copy).stat().st_mtime < deployed_at
         assert info["url"] == f"http://127.0.0.1:{port}/v1"
         moved = cfg.serve.model_copy(update={"port": port + 1})

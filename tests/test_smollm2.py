@@ -18,7 +18,7 @@ from w2sr.config import validate
 from w2sr.data.templates import TEMPLATES
 from w2sr.learner.batches import build_sft_set
 from w2sr.lineage import Lineage
-from w2sr.models import resolve_model
+from w2sr.models import ModelSpec
 from w2sr.rundir import METRICS, RunDir
 from w2sr.stages.evaluate import evaluate
 from w2sr.stages.generate import generate
@@ -98,7 +98,7 @@ def test_smollm2_as_teacher_and_student_runs_every_stage(ray_session, tmp_path):
 
     cfg = config(tmp_path / "run")
     run = RunDir(cfg.run_dir)
-    base_path = resolve_model(SMOLLM2)
+    base_path = ModelSpec.parse(SMOLLM2).local()
     base = tokenizer_of(base_path)
     special = base.all_special_tokens
     assert {"<|im_start|>", "<|im_end|>"} <= set(special)

@@ -9,18 +9,10 @@ import pytest
 
 from w2sr.config import EvalBenchmark, PromptsConfig
 from w2sr.data.sources import load_benchmark, load_prompts
-from w2sr.data.world import (
-    MODELS,
-    SPLITS,
-    World,
-    build_tokenizer,
-    prompt_rows,
-    question,
-    solution,
-    training_pairs,
-)
+from w2sr.data.world import SPLITS, World, prompt_rows, question, solution
 from w2sr.grading import GRADERS
-from w2sr.models import resolve_model
+from w2sr.models import ModelSpec
+from w2sr.world_models import MODELS, build_tokenizer, training_pairs
 
 
 def test_the_world_is_fixed_and_its_splits_are_disjoint():
@@ -94,7 +86,7 @@ def test_the_tokenizer_keeps_one_token_per_word_and_the_chat_prefix():
 def models():
     """Every built-in model of the world, as `builtin:` specs resolve them (built once, cached,
     and shared with the reduced demo)."""
-    return {name: resolve_model(f"builtin:{name}") for name in MODELS}
+    return {name: ModelSpec.parse(f"builtin:{name}").local() for name in MODELS}
 
 
 def answers(path, split: str, *, samples: int = 0) -> list[tuple[tuple[int, int], str]]:
@@ -178,12 +170,17 @@ def test_the_base_student_chains_rarely_and_rightly_when_it_does(models):
     assert sum(right(world, p, t) and len(facts(t)) == p[1] for p, t in chains) > 20
 
 
-def test_a_built_in_is_cached_under_the_digest_of_the_source_that_builds_it():
+def test_a_world_model_is_cached_under_the_digest_of_the_sources_that_build_it():
+    """The pretraining loop and the world it reads both decide the weights."""
     import hashlib
     from pathlib import Path
 
+    from w2sr import world_models
     from w2sr.data import world
     from w2sr.models import _builtin_folder
 
-    digest = hashlib.sha256(Path(world.__file__).read_bytes()).hexdigest()[:12]
-    assert _builtin_folder("khop-student").parts[-2:] == ("khop-student", digest)
+    digest = hashlib.sha256(b"khop-student")
+    for module in (world_models, world):
+        digest.update(Path(module.__file__).read_bytes())
+    folder = _builtin_folder("khop-student")
+    assert folder.parts[-2:] == ("khop-student", digest.hexdigest()[:16])

@@ -1,5 +1,5 @@
 """What a stage's inputs are, for fingerprints: files and folders by their content, hub ids by
-the revision they resolve to.
+the revision they resolve to, built-in models by what builds them.
 
 A config string alone is not enough: new weights at the same path, or a prompts file edited in
 place, must not reuse traces and students made from the old ones. Hashes are cached by path,
@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from w2sr.models import cache_dir, resolve_model
+from w2sr.models import ModelSpec, builtin_digest, cache_dir
 
 _CHUNK = 1 << 20
 
@@ -76,16 +76,21 @@ def content_digest(path: str | Path) -> str:
 
 
 def model_identity(spec: str) -> str:
-    """A local folder (a built-in one once built) by its content; a hub id by the revision the
-    local hub cache resolves it to, else by its name (with a network, the hub's latest)."""
-    local = Path(resolve_model(spec) if spec.startswith("builtin:") else spec).expanduser()
-    if local.is_dir():
-        return content_digest(local)
+    """A built-in by its name and the source that builds it (`models.builtin_digest`), without
+    building it; a local folder by its content; a store URI by itself; a hub id by the revision
+    the local hub cache resolves it to, else by its name (with a network, the hub's latest)."""
+    model = ModelSpec.parse(spec)
+    if model.kind == "builtin":
+        return builtin_digest(model.name)
+    if model.kind == "folder" and Path(spec).expanduser().is_dir():
+        return content_digest(Path(spec).expanduser())
+    if model.kind != "hub":
+        return spec
     try:
         from huggingface_hub import snapshot_download
 
         return f"{spec}@{Path(snapshot_download(spec, local_files_only=True)).name}"
-    except Exception:  # not in the local hub cache, or not a hub id
+    except Exception:  # not in the local hub cache
         return spec
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from w2sr import grading, layout
 from w2sr.config import EvalBenchmark, ExperimentConfig, Strict
 from w2sr.identity import model_identity, source_identity
+from w2sr.models import ModelSpec
 
 # What decides each artifact, declared once: the config keys its fingerprint holds, besides the
 # fingerprints of what it reads. A section counts whole, less the fields its class marks
@@ -177,13 +178,14 @@ class Lineage:
     @functools.cached_property
     def builtins(self) -> list[Artifact]:
         """The built-in models the config names, as a run dir in object storage publishes them
-        for every node (`registry.published`)."""
+        for every node (`ModelSpec.for_cluster`)."""
         cfg = self.cfg
         specs = [cfg.teacher, cfg.student, cfg.rl, *cfg.eval.models.values()]
         out = []
-        for spec in dict.fromkeys(s for s in specs if s and s.startswith("builtin:")):
-            digest = model_identity(spec)
-            out.append(Artifact(layout.builtin(spec.removeprefix("builtin:"), digest), digest))
+        for model in map(ModelSpec.parse, dict.fromkeys(s for s in specs if s)):
+            if model.kind == "builtin":
+                digest = model_identity(model.text)
+                out.append(Artifact(layout.builtin(model.name, digest), digest))
         return out
 
     @functools.cached_property

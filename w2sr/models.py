@@ -1,8 +1,10 @@
-"""Where models come from: local folders, hub ids, and built-in models that need no network.
+"""Where models come from: local folders, hub ids, object storage, and built-in models that need
+no network.
 
-A model spec in a config is one of
+A model spec in a config (`ModelSpec`) is one of
 - a local folder in Hugging Face format (always works offline),
 - `builtin:NAME`, made on this machine on first use and cached (see BUILTINS),
+- a store URI (`s3://...`, any pyarrow filesystem URI), copied into this machine's cache,
 - anything else, taken as a hub id and left for transformers / vLLM to fetch.
 """
 
@@ -12,15 +14,21 @@ import fcntl
 import functools
 import hashlib
 import importlib.util
-import inspect
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Literal
 
-from w2sr.data import world
+import pyarrow.fs as pafs
+
+from w2sr import grading, layout, world_models
 from w2sr.grading import THINK_CLOSE, THINK_OPEN
+from w2sr.rundir import RunDir
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -105,10 +113,10 @@ def build_tiny_model(
         pad_token_id=hf_tokenizer.pad_token_id,
         bos_token_id=None,
         tie_word_embeddings=True,
-        torch_dtype="bfloat16",
+        dtype="bfloat16",
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model = Qwen2ForCausalLM(config).bfloat16()
     model.generation_config.eos_token_id = hf_tokenizer.eos_token_id
     model.generation_config.pad_token_id = hf_tokenizer.pad_token_id
     out = Path(out_dir)
@@ -147,36 +155,119 @@ def convert_smollm2(out_dir: str | Path) -> Path:
     return out
 
 
-BUILTINS: dict[str, Callable[[Path], Path]] = {
-    **{name: functools.partial(world.build, name) for name in world.MODELS},
-    "tiny-random": build_tiny_model,
-    "tiny-thinking": functools.partial(build_tiny_model, thinking=True),
-    "smollm2-135m-instruct": convert_smollm2,
+@dataclass(frozen=True)
+class Builtin:
+    """A model made on this machine: what builds it, and the modules whose source decides its
+    weights (the builder's and what it reads)."""
+
+    build: Callable[[Path], Path]
+    sources: tuple[ModuleType, ...]
+
+
+_THIS = sys.modules[__name__]
+BUILTINS: dict[str, Builtin] = {
+    **{
+        name: Builtin(functools.partial(world_models.build, name), world_models.SOURCES)
+        for name in world_models.MODELS
+    },
+    "tiny-random": Builtin(build_tiny_model, (_THIS,)),
+    # Its vocabulary and template hold the grading module's thinking tags.
+    "tiny-thinking": Builtin(functools.partial(build_tiny_model, thinking=True), (_THIS, grading)),
+    "smollm2-135m-instruct": Builtin(convert_smollm2, (_THIS,)),
 }
 
 
-def download(uri: str, key: str) -> str:
-    """A folder on this machine with the files of the model at `uri` (an object-store or other
-    pyarrow filesystem URI), copied once into the cache under `key`: a key that names the files'
-    content makes new weights at the same URI a new copy."""
-    import pyarrow.fs as pafs
+def builtin_digest(name: str) -> str:
+    """What a built-in is known by, found without building it: its name and the source of the
+    modules that build it. It names the built-in's cache folder, its published folder and its
+    identity in fingerprints, so a changed recipe is a new model instead of a stale one."""
+    digest = hashlib.sha256(name.encode())
+    for module in BUILTINS[name].sources:
+        digest.update(Path(str(module.__file__)).read_bytes())
+    return digest.hexdigest()[:16]
 
-    def copy(staged: Path) -> None:
-        fs, path = pafs.FileSystem.from_uri(uri)
+
+def _builtin_folder(name: str) -> Path:
+    return cache_dir() / name / builtin_digest(name)
+
+
+Kind = Literal["folder", "hub", "builtin", "store"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model spec of a config, parsed: what it names decides how a process gets the files."""
+
+    text: str  # as the config writes it (fingerprints hold this text)
+    kind: Kind
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        """The spec's kind, found without loading anything: a path (absolute, `./`, `../`, under
+        `~`, or any that exists) is a folder; an unknown built-in is a ValueError."""
+        if text.startswith("builtin:"):
+            name = text.removeprefix("builtin:")
+            if name not in BUILTINS:
+                raise ValueError(f"unknown built-in {name!r}; one of {sorted(BUILTINS)}")
+            return cls(text, "builtin")
+        if "://" in text:
+            return cls(text, "store")
+        if text.startswith(("/", "./", "../", "~")) or Path(text).expanduser().exists():
+            return cls(text, "folder")
+        return cls(text, "hub")
+
+    @property
+    def name(self) -> str:
+        """A built-in's name."""
+        return self.text.removeprefix("builtin:")
+
+    def local(self, identity: str | None = None) -> str:
+        """What transformers and vLLM open in this process, with the files on this machine: a
+        folder as it is; a built-in built once per machine; a store URI copied once per machine
+        into the cache, under a name made from `identity` (what the files are known by, as a
+        trained model's done record: new weights at the same URI are copied again), else from
+        the URI (a fingerprinted or published folder's URI names its content); a hub id as it is,
+        for them to fetch."""
+        if self.kind == "builtin":
+            return str(_made_once(_builtin_folder(self.name), BUILTINS[self.name].build))
+        if self.kind == "store":
+            key = hashlib.sha256((identity or self.text).encode()).hexdigest()[:16]
+            return str(_made_once(cache_dir().parent / "artifacts" / key, self._copy))
+        if self.kind == "folder":
+            folder = Path(self.text).expanduser()
+            if not (folder / "config.json").exists():
+                raise FileNotFoundError(f"model folder {self.text} has no config.json")
+            return str(folder.resolve())
+        return self.text
+
+    def _copy(self, staged: Path) -> None:
+        fs, path = pafs.FileSystem.from_uri(self.text)
         pafs.copy_files(path, str(staged), source_filesystem=fs)
         if not (staged / "config.json").exists():
-            raise FileNotFoundError(f"{uri} holds no config.json: not a model folder")
+            raise FileNotFoundError(f"{self.text} holds no config.json: not a model folder")
 
-    return str(_made_once(cache_dir().parent / "artifacts" / key, copy))
-
-
-def node_copy(location: str) -> str:
-    """What a Ray worker loads: a model in object storage as a folder on the worker's node,
-    downloaded once per node (a published built-in's URI names its content); a local path or a
-    hub id as `resolve_model` gives it."""
-    if "://" not in location:
-        return resolve_model(location)
-    return download(location, hashlib.sha256(location.encode()).hexdigest()[:16])
+    def for_cluster(self, run: RunDir) -> str:
+        """What every node of a cluster that works on `run` loads: a store URI as it is (each
+        node copies it once, see `local`); a built-in built on this machine and, when the run
+        dir is in object storage, published there once (`builtins/<name>/<digest>`), so that
+        every node reads the same files instead of building its own; anything else as `local`
+        gives it."""
+        if self.kind == "store":
+            return self.text
+        local = self.local()
+        if self.kind != "builtin" or isinstance(run.fs, pafs.LocalFileSystem):
+            return local
+        digest = builtin_digest(self.name)
+        folder = layout.builtin(self.name, digest)
+        if run.done(folder, digest) is None:
+            # Stages publishing it at once copy this machine's one build, file over file; none
+            # deletes anything, so a stage loading what another has finished never misses a
+            # file. The done record, written last, makes it trusted.
+            target = run.path(folder, layout.MODEL)
+            run.fs.create_dir(target, recursive=True)
+            pafs.copy_files(local, target, destination_filesystem=run.fs)
+            run.mark_done(folder, digest, spec=self.text)
+        return run.location(folder, layout.MODEL)
 
 
 def _made_once(target: Path, make: Callable[[Path], object]) -> Path:
@@ -204,27 +295,3 @@ def _made_once(target: Path, make: Callable[[Path], object]) -> Path:
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
     return target
-
-
-def _builtin_folder(name: str) -> Path:
-    """A built-in's cache folder, named by the source file that builds it: a changed recipe
-    builds a new model instead of reusing a stale one."""
-    builder = BUILTINS[name]
-    module = inspect.getmodule(getattr(builder, "func", builder))
-    digest = hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:12]
-    return cache_dir() / name / digest
-
-
-def resolve_model(spec: str) -> str:
-    """The path or hub id to hand to transformers and vLLM; builds a built-in model once."""
-    if spec.startswith("builtin:"):
-        name = spec.removeprefix("builtin:")
-        if name not in BUILTINS:
-            raise ValueError(f"unknown built-in model {name!r}; one of {sorted(BUILTINS)}")
-        return str(_made_once(_builtin_folder(name), BUILTINS[name]))
-    local = Path(spec).expanduser()
-    if local.exists():
-        if not (local / "config.json").exists():
-            raise FileNotFoundError(f"model folder {spec} has no config.json")
-        return str(local.resolve())
-    return spec

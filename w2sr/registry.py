@@ -7,7 +7,6 @@ from the run dir once their stage has finished (the RL reference from the config
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import struct
@@ -15,13 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.fs as pafs
 
 from w2sr import layout
 from w2sr.config import ExperimentConfig
 from w2sr.identity import model_identity
 from w2sr.lineage import Lineage
-from w2sr.models import download, resolve_model
+from w2sr.models import ModelSpec
 from w2sr.rundir import DONE, RunDir
 
 log = logging.getLogger(__name__)
@@ -30,7 +28,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Model:
     label: str
-    spec: str  # a model spec (see models.resolve_model) or the run-dir folder of a trained model
+    spec: str  # a model spec (`models.ModelSpec`) or the run-dir folder of a trained model
     identity: str  # what the result cache knows the weights by
     done: dict | None = None  # the producing stage's completion record (its costs), if any
 
@@ -68,53 +66,16 @@ def model_table(cfg: ExperimentConfig) -> tuple[dict[str, Model], dict[str, str]
 
 
 def _configured(label: str, spec: str) -> Model:
-    """A model named in the config, known by its content or resolved revision."""
+    """A model named in the config, known by its identity (`identity.model_identity`)."""
     return Model(label, spec, model_identity(spec))
-
-
-def published(spec: str, run: RunDir) -> str:
-    """What every node of the cluster loads for a model spec of the config. A built-in is built
-    on this machine and, when the run dir is in object storage, published there once
-    (`builtins/<name>/<content digest>`), so that every node reads the same files instead of
-    building its own; anything else is the resolved spec."""
-    local = resolve_model(spec)
-    if not spec.startswith("builtin:") or isinstance(run.fs, pafs.LocalFileSystem):
-        return local
-    digest = model_identity(spec)
-    folder = layout.builtin(spec.removeprefix("builtin:"), digest)
-    if run.done(folder, digest) is None:
-        # The folder is named by its content, so stages publishing it at once write the same
-        # bytes, file over file; none deletes anything, so a stage loading what another has
-        # finished never misses a file. The done record, written last, makes it trusted.
-        target = run.path(folder, layout.MODEL)
-        run.fs.create_dir(target, recursive=True)
-        pafs.copy_files(local, target, destination_filesystem=run.fs)
-        run.mark_done(folder, digest, spec=spec)
-    return run.location(folder, layout.MODEL)
-
-
-def model_path(model: Model, run: RunDir) -> str:
-    """What vLLM opens: a trained model's run-dir location as it is (an object-store URI is
-    downloaded by each node's engine), else the published spec."""
-    return model.spec if "://" in model.spec else published(model.spec, run)
-
-
-def local_model(model: Model) -> str:
-    """A folder on this machine with the model's files, for what reads them in this process (a
-    tokenizer): a model in object storage is copied once into the cache, under a name made from
-    its identity, so new weights at the same URI are copied again."""
-    if "://" not in model.spec:
-        return resolve_model(model.spec)
-    return download(model.spec, hashlib.sha256(model.identity.encode()).hexdigest()[:16])
 
 
 def parameter_count(spec: str) -> int | None:
     """Parameters of a model from its safetensors headers (a local folder or the hub cache),
     without loading weights; None when the files are not on this machine."""
-    folder = Path(spec).expanduser()
-    if spec.startswith("builtin:"):
-        folder = Path(resolve_model(spec))
-    elif not folder.is_dir() and "://" not in spec:
+    model = ModelSpec.parse(spec)
+    folder = Path(model.local() if model.kind == "builtin" else spec).expanduser()
+    if model.kind == "hub":
         try:
             from huggingface_hub import snapshot_download
 

@@ -121,6 +121,7 @@ def validate_rows(parts: Iterable[Part]) -> tuple[list[dict], list[dict]]:
                     {"index": index, "prompt_id": prompt_id, "reason": reason, "row": _dump(raw)}
                 )
                 continue
+            assert prompt_id is not None  # a good row has its id
             seen.add(prompt_id)
             rows.append({"prompt_id": prompt_id, "problem": problem, "answer": answer})
     return rows, rejected
@@ -181,9 +182,10 @@ def _answer(value: Any, fields: Fields) -> tuple[str, str | None]:
     if not text:
         return "", "empty answer"
     if fields.extract is not None:
-        text = fields.extract(text)
-        if not text:
+        extracted = fields.extract(text)
+        if not extracted:
             return "", "no final answer found"
+        text = extracted
     return text, None
 
 

@@ -18,13 +18,14 @@ import asyncio
 import hashlib
 import hmac
 import os
+from typing import cast
 
-from ray.llm._internal.common.callbacks.base import CallbackBase
+from ray.llm._internal.common.callbacks.base import CallbackBase, CallbackConfig
 
 from w2sr.config import ExperimentConfig
 from w2sr.engines import settings
-from w2sr.models import node_copy
-from w2sr.registry import Model, model_path
+from w2sr.models import ModelSpec
+from w2sr.registry import Model
 from w2sr.rundir import RunDir
 
 # The ingress of an app behind an API key, by this deployment name: how `w2sr serve` tells a
@@ -37,11 +38,11 @@ def llm_config(cfg: ExperimentConfig, model: Model):
     from ray.serve.llm import LLMConfig
 
     engine, sv = cfg.serve.engine, cfg.serve
-    source = model_path(model, RunDir(cfg.run_dir))
-    node_copied = {"callback_class": NodeCopy, "callback_kwargs": {"uri": source}}
+    source = ModelSpec.parse(model.spec).for_cluster(RunDir(cfg.run_dir))
+    in_store = ModelSpec.parse(source).kind == "store"
     return LLMConfig(
         model_loading_config={"model_id": model.label, "model_source": source},
-        callback_config=node_copied if "://" in source else {},
+        callback_config=CallbackConfig(NodeCopy, {"uri": source}) if in_store else CallbackConfig(),
         engine_kwargs=settings.engine_kwargs(
             engine, use_gpu=cfg.use_gpu, trust_remote_code=cfg.trust_remote_code
         ),
@@ -62,16 +63,20 @@ def llm_config(cfg: ExperimentConfig, model: Model):
 
 class NodeCopy(CallbackBase):
     """Serve LLM's start-up hooks for a model in object storage (`uri`): the engine loads the
-    node copy that `models.node_copy` makes, named by the URI, and Serve LLM downloads nothing
+    node copy that `ModelSpec.local` makes, named by the URI, and Serve LLM downloads nothing
     under the label."""
 
     async def on_before_node_init(self) -> None:
         engine = self.llm_config.get_engine_config()
-        engine.hf_model_id = await asyncio.to_thread(node_copy, self.kwargs["uri"])
+        assert engine is not None  # built on first use, never None
+        uri = ModelSpec.parse(self.kwargs["uri"])
+        engine.hf_model_id = await asyncio.to_thread(uri.local)
         engine.mirror_config = None
 
     def on_before_download_model_files_distributed(self) -> None:
-        node_copy(self.kwargs["uri"])  # on every node of the replica's placement group
+        ModelSpec.parse(
+            self.kwargs["uri"]
+        ).local()  # on every node of the replica's placement group
 
 
 def openai_app(cfg: ExperimentConfig, models: list[Model]):
@@ -112,6 +117,7 @@ def keyed_openai_app(llm_configs: list, key: str | None):
         return build_openai_app({"llm_configs": llm_configs})
     from ray import serve
     from ray.llm._internal.common.dict_utils import maybe_apply_llm_deployment_config_defaults
+    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.llm._internal.serve.core.ingress.builder import LLMServingArgs
     from ray.llm._internal.serve.core.ingress.ingress import (
@@ -121,14 +127,18 @@ def keyed_openai_app(llm_configs: list, key: str | None):
     )
     from ray.llm._internal.serve.core.server.builder import build_llm_deployment
 
-    configs = LLMServingArgs.model_validate({"llm_configs": llm_configs}).llm_configs
+    # The field's validator makes every entry an LLMConfig; its annotation keeps the inputs'.
+    configs = cast(
+        list[LLMConfig], LLMServingArgs.model_validate({"llm_configs": llm_configs}).llm_configs
+    )
     fastapi_app = init()
     fastapi_app.add_middleware(BearerKey, key_sha256=hashlib.sha256(key.encode()).hexdigest())
     ingress = make_fastapi_ingress(OpenAiIngress, app=fastapi_app)
     options = maybe_apply_llm_deployment_config_defaults(
         OpenAiIngress.get_deployment_options(configs), {}
     )
-    return serve.deployment(ingress, name=KEYED_INGRESS, **options).bind(
+    # Given the class, serve.deployment returns the Deployment; ray annotates the decorator only.
+    return serve.deployment(ingress, name=KEYED_INGRESS, **options).bind(  # type: ignore[attr-defined]
         llm_deployments={c.model_id: build_llm_deployment(c) for c in configs},
         model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},
         lora_paths={},

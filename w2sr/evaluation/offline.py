@@ -20,7 +20,7 @@ from w2sr.engines import settings
 from w2sr.engines.generator import Groups, build_generator, generate_groups
 from w2sr.evaluation.problems import Problems
 from w2sr.evaluation.results import Task, sample_rows, scorer, write_result
-from w2sr.registry import local_model, model_path
+from w2sr.models import ModelSpec
 from w2sr.rundir import RunDir
 from w2sr.schemas import TOO_LONG
 from w2sr.session import init_ray
@@ -65,8 +65,11 @@ def offline_pipeline(
     pipelines run side by side, not their set-up."""
     init_ray(cfg)
     model = todo[0].model
-    path = model_path(model, run)
-    tokenizer = load_tokenizer(local_model(model), cfg.trust_remote_code)
+    spec = ModelSpec.parse(model.spec)
+    path = spec.for_cluster(run)
+    # This process's copy of a model in object storage is named by its identity: a trained
+    # model's done record changes with its weights, its folder's URI may not.
+    tokenizer = load_tokenizer(spec.local(model.identity), cfg.trust_remote_code)
     template, max_len = TEMPLATES[cfg.template], cfg.eval.engine.max_model_len
     score = scorer(cfg, model.label)
     requests: list[dict[str, Any]] = []

@@ -36,12 +36,12 @@ def start_worker(config: dict[str, Any]) -> Worker:
     import torch
     from transformers import AutoTokenizer
 
-    from w2sr.models import node_copy
+    from w2sr.models import ModelSpec
 
     context = ray.train.get_context()
     seed = config["seed"]
     torch.manual_seed(seed)
-    model = node_copy(config["model"])
+    model = ModelSpec.parse(config["model"]).local()
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=cfg.trust_remote_code)
     rank, world = context.get_world_rank(), context.get_world_size()
     return Worker(cfg, rank, world, seed, tokenizer, model, started)
