@@ -43,14 +43,14 @@ class RolloutEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when vLLM builds the engine
         from vllm import LLM
 
-        from w2sr.models import node_copy
+        from w2sr.models import ModelSpec
 
         config = EngineConfig.model_validate(engine)
         kwargs = settings.engine_kwargs(
             config, use_gpu=use_gpu, trust_remote_code=trust_remote_code
         )
         self.llm = LLM(
-            model=node_copy(model),
+            model=ModelSpec.parse(model).local(),
             distributed_executor_backend="uni",
             worker_extension_cls=EXTENSION,
             seed=seed,
@@ -67,10 +67,11 @@ class RolloutEngine:
         a group is reproducible whatever the batching.
         """
         from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
 
         params = [SamplingParams(n=n, seed=seed, **sampling) for seed in seeds]
         outputs = self.llm.generate(
-            [{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False
         )
         return [
             [

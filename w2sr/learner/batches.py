@@ -142,7 +142,9 @@ def build_sft_set(
         if "finish_reason" in traces.column_names
         else [True] * len(texts)
     )
-    chunks, lengths, prompt_lens = [], [], []
+    chunks: list[np.ndarray] = []
+    lengths: list[int] = []
+    prompt_lengths: list[int] = []
     truncated = dropped = unanswered = 0
     for start in range(0, len(texts), batch_size):
         stop = start + batch_size
@@ -168,11 +170,11 @@ def build_sft_set(
                 truncated += 1
             chunks.append(np.asarray(ids, dtype=np.int32))
             lengths.append(len(ids))
-            prompt_lens.append(len(p_ids))
+            prompt_lengths.append(len(p_ids))
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
-    prompt_lens = np.asarray(prompt_lens, dtype=np.int32)
+    prompt_lens = np.asarray(prompt_lengths, dtype=np.int32)
     return SFTSet(tokens, offsets, prompt_lens, truncated, dropped, unanswered)
 
 
@@ -296,7 +298,9 @@ def rollout_rows(batch: RolloutBatch, indices: list[int], packed: bool) -> dict:
 
     samples = [np.asarray(batch.prompt_ids[i] + batch.completion_ids[i]) for i in indices]
     inputs, starts = model_rows(samples, packed, pad_id=0)
-    response, targets, advantages = [], [], []
+    response: list[int] = []
+    targets: list[int] = []
+    advantages: list[float] = []
     for start, i in zip(starts, indices, strict=True):
         completion = batch.completion_ids[i]
         first = start + len(batch.prompt_ids[i]) - 1

@@ -148,6 +148,13 @@ def build_engine(
     return engine, keep_alive
 
 
+def data_parallel_scale(tokens: int, world: int) -> float:
+    """The factor on a rank's summed token loss that makes an optimizer step follow the mean
+    over the `tokens` of the whole (mini-)batch, whatever each rank's share: DeepSpeed averages
+    gradients over the `world` ranks, so what they sum is divided by `world` once more."""
+    return world / max(1, tokens)
+
+
 def token_loss(model, batch: dict) -> tuple[Any, int]:
     """Sum of next-token cross-entropies over the batch's targets, and how many there are.
 

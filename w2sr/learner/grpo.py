@@ -11,6 +11,7 @@ no-grad pass before the first update.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -18,12 +19,12 @@ import numpy as np
 
 from w2sr.config import GRPOConfig
 from w2sr.learner.batches import RolloutBatch, assistant_end, micro_batch_plan, rollout_rows
-from w2sr.learner.engine import build_engine
+from w2sr.learner.engine import build_engine, data_parallel_scale
 from w2sr.learner.fit import start_worker
 from w2sr.learner.loop import StepLoop
 from w2sr.learner.reference import reference_model
 from w2sr.learner.rl_loss import policy_loss, response_logits, token_logprobs
-from w2sr.learner.rollouts import Rollouts
+from w2sr.learner.rollouts import Generator, Rollouts, grpo_section
 
 # The step metrics sent to MLflow / W&B when configured.
 TRACKED = (
@@ -49,9 +50,8 @@ def worker_loop(config: dict[str, Any]) -> None:
     cfg, rank, world = worker.cfg, worker.rank, worker.world
 
     import ray
-    import torch.distributed as dist
 
-    g = cfg.grpo
+    g = grpo_section(cfg)
     model, prompts, heldout = worker.model, ray.get(config["prompts"]), ray.get(config["heldout"])
     # Engines start in their actors while DeepSpeed initializes here; each finds the model on
     # its own node.
@@ -80,36 +80,69 @@ def worker_loop(config: dict[str, Any]) -> None:
         workers=world + separate,
         start={},
     )
-    if loop.resumed_from:  # the engines start from the base weights
-        sync_weights(engine, rollouts)
-    samples_per_step = g.prompts_per_step * g.group_size
+    step = GRPOStep(engine, reference, rollouts, g, prompts, heldout, worker.seed)
+    loop.run(step, describe, TRACKED)
+    if rollouts:
+        rollouts.close()
+    loop.finish(assistant_end(worker.tokenizer))
 
-    def step(index: int, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+
+class GRPOStep:
+    """One GRPO step on every rank: rank 0 samples the step's groups through its `generator`
+    (None on the other ranks) and broadcasts them, every rank takes its share of the update,
+    the new weights go to the engines, and held-out accuracy is measured every `eval_every` steps
+    and after the last. `engine` is the policy with its optimizer (DeepSpeed's engine in a run),
+    `reference` the frozen policy of the KL term, if any. Collective: every rank calls it, in
+    the same order."""
+
+    def __init__(
+        self,
+        engine: Any,
+        reference: Any,
+        generator: Generator | None,
+        g: GRPOConfig,
+        prompts: list[dict],
+        heldout: dict[str, list[dict]],
+        seed: int,
+    ):
+        self.engine, self.reference, self.generator, self.g = engine, reference, generator, g
+        self.prompts, self.heldout, self.seed = prompts, heldout, seed
+        self.first = True
+
+    def __call__(self, index: int, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        import torch.distributed as dist
+
+        g, engine, generator = self.g, self.engine, self.generator
+        if self.first and index:  # resumed: the engines start from the base weights
+            sync_weights(engine, generator)
+        self.first = False
         began = time.time()
-        box = [rollouts.sample(prompts, index) if rollouts else None]
-        if rollouts:
-            rollouts.sleep()
+        box: list[Any] = [generator.sample(self.prompts, index) if generator else None]
+        if generator:
+            generator.sleep()
         dist.broadcast_object_list(box, src=0)
         batch: RolloutBatch = box[0]
         rolled = time.time()
         lr = engine.get_lr()[0]
-        stats = update(engine, reference, batch, g, index, worker.seed)
+        stats = update(engine, self.reference, batch, g, index, self.seed)
         learned = time.time()
-        if rollouts:
-            rollouts.wake_up()
-        sync_weights(engine, rollouts)
+        if generator:
+            generator.wake_up()
+        sync_weights(engine, generator)
         synced = time.time()
         measured = {}
-        if heldout and ((index + 1) % g.eval_every == 0 or index + 1 == g.steps):
-            box = [rollouts.evaluate(heldout) if rollouts else None]
+        every = g.eval_every
+        if self.heldout and every and ((index + 1) % every == 0 or index + 1 == g.steps):
+            box = [generator.evaluate(self.heldout) if generator else None]
             dist.broadcast_object_list(box, src=0)  # every rank waits, as it would for a step
             measured = {"heldout_accuracy": box[0], "heldout_seconds": time.time() - synced}
         tokens = stats["tokens"]
+        samples_per_step = g.prompts_per_step * g.group_size
         metrics = {
             "reward_mean": float(np.mean(batch.rewards)),
             "accuracy": float(np.mean(batch.correct)),
             "answered": float(np.mean(batch.answered)),
-            "kl": stats["kl"] / tokens if reference is not None else None,
+            "kl": stats["kl"] / tokens if self.reference is not None else None,
             "entropy": stats["entropy"] / tokens,
             "response_length": tokens / samples_per_step,
             "truncated": float(np.mean(batch.truncated)),
@@ -129,21 +162,20 @@ def worker_loop(config: dict[str, Any]) -> None:
         }
         return metrics, {}
 
-    def describe(r: dict[str, Any]) -> str:
-        held = "".join(f" {k} {v:.3f}" for k, v in r.get("heldout_accuracy", {}).items())
-        return (
-            f"step {r['step']} reward {r['reward_mean']:.3f} accuracy {r['accuracy']:.3f} "
-            f"length {r['response_length']:.1f} rollout {r['rollout_seconds']:.2f}s "
-            f"learner {r['learner_seconds']:.2f}s sync {r['sync_seconds']:.2f}s{held}"
-        )
 
-    loop.run(step, describe, TRACKED)
-    if rollouts:
-        rollouts.close()
-    loop.finish(assistant_end(worker.tokenizer))
+def describe(r: dict[str, Any]) -> str:
+    """A step's log line."""
+    held = "".join(f" {k} {v:.3f}" for k, v in r.get("heldout_accuracy", {}).items())
+    return (
+        f"step {r['step']} reward {r['reward_mean']:.3f} accuracy {r['accuracy']:.3f} "
+        f"length {r['response_length']:.1f} rollout {r['rollout_seconds']:.2f}s "
+        f"learner {r['learner_seconds']:.2f}s sync {r['sync_seconds']:.2f}s{held}"
+    )
 
 
-def update(engine, reference, batch: RolloutBatch, g: GRPOConfig, step: int, seed: int):
+def update(
+    engine: Any, reference: Any, batch: RolloutBatch, g: GRPOConfig, step: int, seed: int
+) -> dict[str, Any]:
     """`mini_batches` optimizer steps over the step's samples; returns summed statistics."""
     import torch
     import torch.distributed as dist
@@ -167,9 +199,8 @@ def update(engine, reference, batch: RolloutBatch, g: GRPOConfig, step: int, see
     totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipped": 0.0}
     grad_norms = []
     for k, (mini, plan) in enumerate(zip(minis, plans, strict=True)):
-        # DeepSpeed averages gradients over ranks: scale so that an optimizer step follows the
-        # mean over every response token of the mini-batch, whatever each rank's share.
-        scale = world / max(1, int(response_lengths[mini].sum()))
+        # an optimizer step follows the mean over every response token of the mini-batch
+        scale = data_parallel_scale(int(response_lengths[mini].sum()), world)
         for m, micro in enumerate(plan):
             row = rollout_rows(batch, micro, packed)
             logp, entropy = token_logprobs(response_logits(engine, row), row["targets"])
@@ -192,35 +223,43 @@ def update(engine, reference, batch: RolloutBatch, g: GRPOConfig, step: int, see
     keys = list(totals)
     summed = torch.tensor([totals[key] for key in keys], dtype=torch.float64, device=engine.device)
     dist.all_reduce(summed)
-    out = dict(zip(keys, summed.cpu().tolist(), strict=True))
+    out: dict[str, Any] = dict(zip(keys, summed.cpu().tolist(), strict=True))
     out["grad_norm"] = float(np.mean(grad_norms))
     out["tokens"] = int(response_lengths.sum())
     return out
 
 
-def sync_weights(engine, rollouts: Rollouts | None) -> None:
+def sync_weights(engine: Any, generator: Generator | None) -> None:
     """Send the learner's weights to the engines (every rank gathers; rank 0 sends).
 
     Under ZeRO-3 each parameter is gathered on its own and sent before the next one is, so no
     rank ever holds the whole model twice.
     """
-    import deepspeed
-
     params = list(engine.module.named_parameters())
     specs = [
         (name, str(p.dtype).removeprefix("torch."), list(getattr(p, "ds_shape", p.shape)))
         for name, p in params
     ]
-    sender = rollouts.sender(specs) if rollouts else None
+    sender = generator.sender(specs) if generator else None
     for name, param in params:
-        with deepspeed.zero.GatheredParameters([param]):
+        with gathered(param):
             if sender:
                 sender.send(name, param.data)
     if sender:
         sender.finish()
 
 
-def learner_places() -> list[dict]:
+def gathered(param: Any) -> contextlib.AbstractContextManager:
+    """The whole of a parameter within the block: a ZeRO-3 partition (one with a `ds_id`) is
+    gathered, as DeepSpeed's `GatheredParameters` would do nothing for any other."""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param])
+
+
+def learner_places() -> list[dict[str, Any]]:
     """Each learner worker's node, CPU count and GPU ids, by rank (collective): colocated engines
     go there."""
     import ray
@@ -232,6 +271,6 @@ def learner_places() -> list[dict]:
         "cpus": max(1, int(context.get_assigned_resources().get("CPU", 1))),
         "gpu_ids": [str(i) for i in context.get_accelerator_ids().get("GPU", [])],
     }
-    places: list = [None] * dist.get_world_size()
+    places: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(places, place)
     return places

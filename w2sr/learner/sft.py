@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from w2sr.learner.batches import assistant_end, micro_batch_plan, sft_rows, step_samples
-from w2sr.learner.engine import build_engine, token_loss
+from w2sr.learner.engine import build_engine, data_parallel_scale, token_loss
 from w2sr.learner.fit import start_worker
 from w2sr.learner.loop import StepLoop
 
@@ -48,10 +48,8 @@ def worker_loop(config: dict[str, Any]) -> None:
         began = time.time()
         lr = engine.get_lr()[0]
         indices = step_samples(len(data), global_batch, worker.seed, state["samples_seen"])
-        # DeepSpeed averages gradients over ranks: scale so the step's loss is the mean over
-        # every target token of the global batch, whatever the ranks' shares.
         step_targets = int(data.target_counts[indices].sum())
-        scale = world / step_targets
+        scale = data_parallel_scale(step_targets, world)  # the mean over the global batch
         loss_sum, tokens = 0.0, 0
         for micro in micro_batch_plan(indices, data.lengths, world, tcfg.micro_batch_size)[rank]:
             loss, _ = token_loss(engine, sft_rows(data, micro, tcfg.packing, pad_id))
