@@ -187,10 +187,10 @@ def tiny_thinking(tmp_path_factory) -> str:
 def test_the_prefill_is_the_think_a_reasoning_template_opens_the_answer_with(
     tiny_model, tmp_path, monkeypatch
 ):
-    from w2sr.models import resolve_model
+    from w2sr.models import ModelSpec
 
     monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))
-    thinker = load_tokenizer(resolve_model("builtin:tiny-thinking"), False)
+    thinker = load_tokenizer(ModelSpec.parse("builtin:tiny-thinking").local(), False)
     plain = load_tokenizer(tiny_model, False)
     for thinking, prefill in ((None, "<think>\n"), (True, "<think>\n"), (False, "")):
         prompt = TEMPLATES["paper"].render(thinker, PROBLEMS[0], thinking)

@@ -1,6 +1,6 @@
-"""Leases as they run: renewed, retried when a renewal fails, lost by an owner that could not
-renew or was taken over, won by exactly one of two claims; a metrics log torn by a crash; an
-evaluation that finds its model's lease held."""
+"""A stage's claim, spending and done record; leases as they run: renewed, retried when a renewal
+fails, lost by an owner that could not renew or was taken over, won by exactly one of two claims;
+a metrics log torn by a crash; an evaluation that finds its model's lease held."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -19,10 +20,11 @@ import datasets
 import pyarrow as pa
 import pytest
 
-from w2sr import layout
+from w2sr import layout, rundir
 from w2sr.config import validate
 from w2sr.evaluation.results import plan_tasks
-from w2sr.rundir import DONE, LEASE, LeaseHeld, LeaseLost, MetricsLog, RunDir
+from w2sr.lineage import Artifact
+from w2sr.rundir import DONE, LEASE, RUN, LeaseHeld, LeaseLost, MetricsLog, RunDir
 from w2sr.stages.evaluate import evaluate
 
 
@@ -41,6 +43,149 @@ def block(path: Path) -> None:
 
 def heartbeat_age(path: Path) -> float:
     return time.time() - json.loads(path.read_text())["heartbeat"]
+
+
+OTHER = {"owner": "other-host:12:abcd", "heartbeat": time.time(), "ttl_s": 60.0}
+TRACES = Artifact("traces/a", "a")
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    """A run dir whose claims do not wait for a racing claimant: there is none in this process."""
+    monkeypatch.setattr(rundir, "LEASE_SETTLE_S", 0.0)
+    return RunDir(str(tmp_path))
+
+
+def other_holds(run: RunDir, folder: str) -> dict:
+    """Another live submission's lease on `folder`."""
+    held = {**OTHER, "heartbeat": time.time()}
+    run.write_json(held, folder, LEASE)
+    return held
+
+
+def test_a_stage_that_ends_is_done_with_its_facts_and_released(run):
+    with run.stage(TRACES) as claim:
+        assert not claim.record and claim.prior_seconds == 0.0
+        assert run.read_json("traces/a", LEASE)["owner"].startswith(socket.gethostname())
+        run.write_text("x", "traces/a", "shard-00000.parquet")
+        claim.spent(3.0)
+        claim.facts = {"traces": 4, "worker_seconds": 3.0}
+    assert run.read_json("traces/a", DONE) == {
+        "fingerprint": "a",
+        "traces": 4,
+        "worker_seconds": 3.0,
+    }
+    assert claim.record == run.read_json("traces/a", DONE)
+    assert run.done("traces/a", "a") == claim.record
+    assert not run.exists("traces/a", LEASE)
+
+
+def test_a_stage_that_fails_is_not_done_keeps_its_spending_and_is_released(run):
+    with pytest.raises(ValueError, match="the engine died"), run.stage(TRACES) as claim:
+        claim.spent(12.5)
+        claim.facts = {"traces": 4}
+        raise ValueError("the engine died")
+    assert not run.exists("traces/a", DONE) and run.done("traces/a", "a") is None
+    assert not run.exists("traces/a", LEASE)
+    assert run.read_json("traces/a", RUN) == {"fingerprint": "a", "worker_seconds": 12.5}
+    assert not claim.record
+
+
+def test_a_resumed_stage_counts_what_earlier_attempts_spent(run):
+    with pytest.raises(RuntimeError), run.stage(TRACES) as claim:
+        run.write_text("x", "traces/a", "shard-00000.parquet")
+        claim.spent(12.5)
+        raise RuntimeError("killed")
+    with run.stage(TRACES) as claim:
+        assert claim.prior_seconds == 12.5  # the rerun counts it
+        assert run.exists("traces/a", "shard-00000.parquet")  # and resumes the work it left
+        claim.spent(claim.prior_seconds + 2.0)
+        claim.facts = {"worker_seconds": claim.prior_seconds + 2.0}
+    assert run.read_json("traces/a", RUN)["worker_seconds"] == 14.5
+    assert run.done("traces/a", "a")["worker_seconds"] == 14.5
+
+
+def test_a_folder_holding_another_fingerprints_work_is_refused_and_left_as_it_is(run):
+    run.write_json({"fingerprint": "b", "worker_seconds": 7.0}, "traces/a", RUN)
+    run.write_text("x", "traces/a", "shard-00000.parquet")
+    refused = pytest.raises(RuntimeError, match="traces/a holds work of fingerprint b, not a")
+    with refused, run.stage(TRACES):
+        raise AssertionError("the block ran")
+    assert run.read_json("traces/a", RUN) == {"fingerprint": "b", "worker_seconds": 7.0}
+    assert run.exists("traces/a", "shard-00000.parquet") and not run.exists("traces/a", LEASE)
+
+
+def test_a_stage_another_submission_holds_is_refused_and_left_to_it(run):
+    held = other_holds(run, "traces/a")
+    refused = pytest.raises(LeaseHeld, match="traces/a is being worked on by other-host:12:abcd")
+    with refused, run.stage(TRACES):
+        raise AssertionError("the block ran")
+    assert run.read_json("traces/a", LEASE) == held
+    assert not run.exists("traces/a", RUN) and not run.exists("traces/a", DONE)
+    run.write_json({**held, "heartbeat": time.time() - 61}, "traces/a", LEASE)  # lapsed
+    with run.stage(TRACES):
+        assert run.read_json("traces/a", LEASE)["owner"].startswith(socket.gethostname())
+    assert run.done("traces/a", "a") == {"fingerprint": "a"}
+
+
+def test_a_complete_stage_is_neither_claimed_nor_written(run):
+    run.write_json({"fingerprint": "a", "traces": 4}, "traces/a", DONE)
+    held = other_holds(run, "traces/a")  # were it claimed, this lease would refuse it
+    with run.stage(TRACES) as claim:
+        assert claim.record == {"fingerprint": "a", "traces": 4}
+        claim.facts = {"traces": 5}
+    assert run.read_json("traces/a", DONE) == {"fingerprint": "a", "traces": 4}
+    assert run.read_json("traces/a", LEASE) == held and not run.exists("traces/a", RUN)
+
+
+def test_a_stage_finished_by_another_while_it_was_claimed_is_not_done_again(run, monkeypatch):
+    claim_folder = RunDir._claim
+
+    def claim_after_the_other_finished(self, stage, ttl_s=rundir.LEASE_TTL_S):
+        self.write_json({"fingerprint": "a", "by": "the other"}, stage, DONE)
+        claim_folder(self, stage, ttl_s)
+
+    monkeypatch.setattr(RunDir, "_claim", claim_after_the_other_finished)
+    with run.stage(TRACES) as claim:
+        assert claim.record == {"fingerprint": "a", "by": "the other"}
+    assert run.read_json("traces/a", DONE) == {"fingerprint": "a", "by": "the other"}
+    assert not run.exists("traces/a", LEASE) and not run.exists("traces/a", RUN)
+
+
+def test_a_waiting_claim_takes_what_the_holder_finished_or_the_work_it_gave_up(run, monkeypatch):
+    """For inputs many stages prepare at once (the problem set): the second waits for the first."""
+    monkeypatch.setattr(rundir, "LEASE_POLL_S", 0.05)
+
+    def then(seconds: float, *writes) -> threading.Timer:
+        def act():
+            for write in writes:
+                write()
+
+        timer = threading.Timer(seconds, act)
+        timer.start()
+        return timer
+
+    other_holds(run, "problems/a")
+    problems = Artifact("problems/a", "a")
+    finished = then(
+        0.3,
+        lambda: run.write_json({"fingerprint": "a", "problems": 7}, "problems/a", DONE),
+        lambda: run.delete("problems/a", LEASE),
+    )
+    with run.stage(problems, wait=True) as claim:
+        assert claim.record == {"fingerprint": "a", "problems": 7}
+    finished.join()
+    other_holds(run, "problems/b")
+    with pytest.raises(LeaseHeld), run.stage(Artifact("problems/b", "b")):  # without `wait`
+        raise AssertionError("the block ran")
+
+    gave_up = then(0.3, lambda: run.delete("problems/b", LEASE))  # failed, released
+    start = time.time()
+    with run.stage(Artifact("problems/b", "b"), wait=True) as claim:
+        assert not claim.record and time.time() - start >= 0.3
+        claim.facts = {"problems": 8}
+    gave_up.join()
+    assert run.done("problems/b", "b") == {"fingerprint": "b", "problems": 8}
 
 
 def test_a_lease_is_renewed_and_a_renewal_that_fails_is_retried(tmp_path):

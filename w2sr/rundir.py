@@ -3,6 +3,8 @@
 What lives where is `w2sr.layout`'s to say; this module is how it is stored. Files are written to
 a temporary name and renamed (on S3, uploaded whole to their key), so a reader sees a whole file
 or none, and a stage that finds its done record with the same fingerprint has nothing left to do.
+A stage driver works in its folder inside `RunDir.stage`: claimed, its cost recorded as it goes,
+and marked done at the end.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -29,6 +32,7 @@ METRICS = "metrics.jsonl"  # a training stage's per-step records
 LEASE = "_LEASE.json"  # who is working on a stage now, and when they last said so
 LEASE_TTL_S = 60.0
 LEASE_SETTLE_S = 0.5
+LEASE_POLL_S = 1.0  # how often a claimant that waits for a held folder looks again
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +112,9 @@ class RunDir:
 
         self._atomic(parts, write)
 
-    def read_parquet(self, *parts: str, columns: list[str] | None = None, filters=None) -> pa.Table:
+    def read_parquet(
+        self, *parts: str, columns: Sequence[str] | None = None, filters=None
+    ) -> pa.Table:
         return pq.read_table(
             self.path(*parts), columns=columns, filters=filters, filesystem=self.fs
         )
@@ -179,11 +185,61 @@ class RunDir:
 
     # --- stage completion ---
 
+    @contextlib.contextmanager
+    def stage(self, artifact: Artifact, wait: bool = False) -> Iterator[Claim]:
+        """Work on a stage folder for the block: claimed (a lease), its cost recorded through the
+        claim as it goes, and marked done with `claim.facts` when the block ends.
+
+        When the folder is complete for this fingerprint, also because another submission finished
+        it while this one claimed or waited, nothing is claimed and `claim.record` holds the done
+        record: the block returns it. An error in the block writes no done record; `_RUN.json`
+        keeps what the attempt spent, for the next one to count. The lease is released either way.
+        `LeaseHeld` when another live submission holds the folder; with `wait`, for an input that
+        several stages prepare at once (the problem and prompt sets), wait for it instead."""
+        folder, fingerprint = artifact.folder, artifact.fingerprint
+        claim = Claim(self, folder, fingerprint)
+        record = self._claim_unless_done(folder, fingerprint, wait)
+        if record is not None:
+            claim.record = record
+            yield claim
+            return
+        try:
+            claim.prior_seconds = self._resume(folder, fingerprint)
+            yield claim
+            self.mark_done(folder, fingerprint, **claim.facts)
+            claim.record = self.read_json(folder, DONE)
+        finally:
+            self._release(folder)
+
+    def _claim_unless_done(
+        self, folder: str, fingerprint: str, wait: bool
+    ) -> dict[str, Any] | None:
+        """Claim `folder` and return None, or return its done record if it is complete."""
+        while (record := self.done(folder, fingerprint)) is None:
+            try:
+                self._claim(folder)
+            except LeaseHeld:
+                if not wait:
+                    raise
+                time.sleep(LEASE_POLL_S)  # until the holder is done, fails or lapses
+                continue
+            record = self.done(folder, fingerprint)  # another submission's, finished meanwhile
+            if record is None:
+                return None
+            self._release(folder)
+        return record
+
     def begin(self, stage: str, fingerprint: str) -> float:
         """Claim `stage` for this process (a lease, until `mark_done`); returns the worker-seconds
-        that earlier attempts at it spent, killed ones too. A stage folder holds the work of one
-        fingerprint only (`w2sr.lineage`), so what an earlier attempt left is ours to resume."""
+        that earlier attempts at it spent, killed ones too. Drivers use `stage`, which does this
+        and more."""
         self._claim(stage)
+        return self._resume(stage, fingerprint)
+
+    def _resume(self, stage: str, fingerprint: str) -> float:
+        """The worker-seconds earlier attempts at a claimed stage spent. A stage folder holds the
+        work of one fingerprint only (`w2sr.lineage`), so what an earlier attempt left is ours to
+        resume."""
         record = self.read_json(stage, RUN) if self.exists(stage, RUN) else {}
         if record.get("fingerprint", fingerprint) != fingerprint:
             raise RuntimeError(
@@ -199,12 +255,13 @@ class RunDir:
         self.write_json({"fingerprint": fingerprint, "worker_seconds": worker_seconds}, stage, RUN)
 
     def _claim(self, stage: str, ttl_s: float = LEASE_TTL_S) -> None:
-        """Hold `stage` for this process until `mark_done`: a second submission on the same run
-        dir (a retried RayJob, a job submitted twice) stops with a clear message instead of
-        interleaving its shards and checkpoints with ours. The lease is renewed every third of
-        `ttl_s`; one whose owner stops renewing (killed) lapses `ttl_s` later, or at once when
-        the owner was a process of this machine that is gone. An owner that could not renew it
-        for `ttl_s`, or finds it taken, stops at its next write into the folder (`LeaseLost`)."""
+        """Hold `stage` for this process until released (`mark_done`, the end of `stage`): a second
+        submission on the same run dir (a retried RayJob, a job submitted twice) stops with a
+        clear message instead of interleaving its shards and checkpoints with ours. The lease is
+        renewed every third of `ttl_s`; one whose owner stops renewing (killed) lapses `ttl_s`
+        later, or at once when the owner was a process of this machine that is gone. An owner
+        that could not renew it for `ttl_s`, or finds it taken, stops at its next write into the
+        folder (`LeaseLost`)."""
         held = self._lease_record(stage)
         if held and not lapsed(held):
             age = time.time() - held["heartbeat"]
@@ -266,6 +323,33 @@ class RunDir:
     def mark_done(self, stage: str, fingerprint: str, **facts: Any) -> None:
         self.write_json({"fingerprint": fingerprint, **facts}, stage, DONE)
         self._release(stage)
+
+
+class Artifact(Protocol):
+    """A stage folder and the fingerprint of the work it holds (`w2sr.lineage.Artifact`)."""
+
+    @property
+    def folder(self) -> str: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+
+@dataclass
+class Claim:
+    """A driver's hold on its stage folder, for the block of `RunDir.stage`."""
+
+    run: RunDir
+    folder: str
+    fingerprint: str
+    record: dict[str, Any] = field(default_factory=dict)  # the done record, once there is one
+    prior_seconds: float = 0.0  # what earlier attempts spent, killed ones too
+    facts: dict[str, Any] = field(default_factory=dict)  # the done record's, for the driver to set
+
+    def spent(self, worker_seconds: float) -> None:
+        """Record what the stage has cost so far (every attempt's), so that a killed attempt's
+        work is still counted."""
+        self.run.spent(self.folder, self.fingerprint, worker_seconds)
 
 
 class _Lease:

@@ -18,7 +18,7 @@ from w2sr.data.prompts import load_tokenizer, render_prompts
 from w2sr.data.sources import load_prompts
 from w2sr.data.templates import TEMPLATES
 from w2sr.lineage import Lineage
-from w2sr.models import resolve_model
+from w2sr.models import ModelSpec
 from w2sr.rundir import RunDir
 from w2sr.schemas import PROBLEM_SCHEMA, PROMPT_SCHEMA, REJECTED_SCHEMA
 from w2sr.session import init_ray
@@ -34,18 +34,20 @@ def prepare_problems(cfg: ExperimentConfig, run: RunDir) -> pa.Table:
 
 def _problem_set(cfg: ExperimentConfig, run: RunDir, artifact: lineage.Artifact) -> pa.Table:
     """`prepare_problems` for the problem set the caller fingerprinted."""
-    if run.done(artifact.folder, artifact.fingerprint):
-        return run.read_parquet(artifact.folder, layout.PROBLEM_SET)
-    rows, rejected = load_prompts(cfg.prompts)
-    _set_aside(run, artifact.folder, rejected, "source rows")
-    if not rows:
-        raise ConfigError(
-            f"prompts: none of {len(rejected)} rows is usable; the reasons are in "
-            f"{run.path(artifact.folder, layout.REJECTED)}"
-        )
-    table = pa.Table.from_pylist(rows, schema=PROBLEM_SCHEMA)
-    run.write_parquet(table, artifact.folder, layout.PROBLEM_SET)
-    run.mark_done(artifact.folder, artifact.fingerprint, problems=len(rows), rejected=len(rejected))
+    # Every stage reads the problems: one that finds another preparing them waits for them.
+    with run.stage(artifact, wait=True) as claim:
+        if claim.record:
+            return run.read_parquet(artifact.folder, layout.PROBLEM_SET)
+        rows, rejected = load_prompts(cfg.prompts)
+        _set_aside(run, artifact.folder, rejected, "source rows")
+        if not rows:
+            raise ConfigError(
+                f"prompts: none of {len(rejected)} rows is usable; the reasons are in "
+                f"{run.path(artifact.folder, layout.REJECTED)}"
+            )
+        table = pa.Table.from_pylist(rows, schema=PROBLEM_SCHEMA)
+        run.write_parquet(table, artifact.folder, layout.PROBLEM_SET)
+        claim.facts = {"problems": len(rows), "rejected": len(rejected)}
     return table
 
 
@@ -85,8 +87,19 @@ def write_prompt_set(
     """Render the problems `batch_rows` at a time into one file, shard numbers in order of the
     problem set, and mark `artifact` done; the problems (`problem_set`) are prepared first unless
     the run dir has them. Both artifacts are the caller's, computed where the stage plans."""
-    problems = _problem_set(cfg, run, problem_set)
-    tokenizer = load_tokenizer(resolve_model(cfg.teacher), cfg.trust_remote_code)
+    # Generation of every config with this teacher reads them: wait for another preparing them.
+    with run.stage(artifact, wait=True) as claim:
+        if not claim.record:
+            claim.facts = _render(
+                cfg, run, artifact.folder, _problem_set(cfg, run, problem_set), batch_rows
+            )
+
+
+def _render(
+    cfg: ExperimentConfig, run: RunDir, folder: str, problems: pa.Table, batch_rows: int
+) -> dict[str, int]:
+    """Write the prompt set into `folder`; returns the done record's facts."""
+    tokenizer = load_tokenizer(ModelSpec.parse(cfg.teacher).local(), cfg.trust_remote_code)
     template = TEMPLATES[cfg.template]
     max_len = cfg.generation.engine.max_model_len
     per_shard = cfg.generation.prompts_per_shard
@@ -106,15 +119,15 @@ def write_prompt_set(
                 kept += 1
             yield pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA)
         # Before the file is published: a set with no prompt is never written.
-        _set_aside(run, artifact.folder, too_long, "problems")
+        _set_aside(run, folder, too_long, "problems")
         if not kept:
             raise ConfigError(
                 f"generation.engine.max_model_len: no prompt leaves room to answer in {max_len} "
-                f"tokens; the reasons are in {run.path(artifact.folder, layout.REJECTED)}"
+                f"tokens; the reasons are in {run.path(folder, layout.REJECTED)}"
             )
 
-    run.write_parquet_stream(rendered(), PROMPT_SCHEMA, artifact.folder, layout.PROMPT_SET)
-    run.mark_done(artifact.folder, artifact.fingerprint, prompts=kept, rejected=len(too_long))
+    run.write_parquet_stream(rendered(), PROMPT_SCHEMA, folder, layout.PROMPT_SET)
+    return {"prompts": kept, "rejected": len(too_long)}
 
 
 def _set_aside(run: RunDir, folder: str, rejected: list[dict], what: str) -> None:

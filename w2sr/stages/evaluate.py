@@ -97,9 +97,10 @@ def _side_by_side(
             if pipeline is not None
         }
         for future in as_completed(futures):
-            if future.exception() is not None:
-                failed[futures[future]] = future.exception()
-                log.error("%s: evaluation failed: %s", futures[future], future.exception())
+            error = future.exception()
+            if error is not None:
+                failed[futures[future]] = error
+                log.error("%s: evaluation failed: %s", futures[future], error)
     if failed:
         label, error = next(iter(failed.items()))
         raise RuntimeError(f"evaluation failed for {sorted(failed)}; first: {label}") from error

@@ -27,8 +27,8 @@ from w2sr.engines import settings
 from w2sr.engines.generator import Groups, build_generator, generate_groups
 from w2sr.grading import GRADERS, extract_answer
 from w2sr.lineage import Lineage
-from w2sr.registry import published
-from w2sr.rundir import DONE, RunDir
+from w2sr.models import ModelSpec
+from w2sr.rundir import Claim, RunDir
 from w2sr.schemas import TRACE_SCHEMA
 from w2sr.session import init_ray
 
@@ -39,13 +39,17 @@ def generate(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run the stage; returns its completion record (counts, accuracy, wall-clock)."""
     run = RunDir(cfg.run_dir)
     prompt_folder = prepare_prompts(cfg, run)
-    artifact = Lineage(cfg).traces
-    folder, fingerprint = artifact.folder, artifact.fingerprint
-    record = run.done(folder, fingerprint)
-    if record:
-        log.info("traces are complete for this config; nothing to generate")
-        return record
-    prior_seconds = run.begin(folder, fingerprint)
+    with run.stage(Lineage(cfg).traces) as claim:
+        if claim.record:
+            log.info("traces are complete for this config; nothing to generate")
+            return claim.record
+        claim.facts = _traces(cfg, run, claim, prompt_folder)
+    return claim.record
+
+
+def _traces(cfg: ExperimentConfig, run: RunDir, claim: Claim, prompt_folder: str) -> dict[str, Any]:
+    """Generate the shards an earlier attempt did not seal; returns the done record's facts."""
+    folder = claim.folder
     devices = _devices(cfg.generation.engine)
 
     # The plan: prompts per shard. The prompts themselves are read by the workers.
@@ -57,7 +61,7 @@ def generate(cfg: ExperimentConfig) -> dict[str, Any]:
     start = time.time()
 
     def spent() -> float:  # the pool at its largest, each replica once per device it spans
-        return prior_seconds + (time.time() - start) * devices
+        return claim.prior_seconds + (time.time() - start) * devices
 
     shard_facts: dict[int, dict[str, int]] = {}
     if missing:
@@ -65,7 +69,7 @@ def generate(cfg: ExperimentConfig) -> dict[str, Any]:
         def sealed(shard: int, facts: dict[str, int]) -> None:
             shard_facts[shard] = facts
             log.info("wrote %s/%s (%d traces)", folder, layout.trace_shard(shard), facts["traces"])
-            run.spent(folder, fingerprint, spent())
+            claim.spent(spent())
 
         todo = {shard: prompts_in[shard] for shard in missing}
         _generate_shards(cfg, run, folder, prompt_folder, todo, sealed)
@@ -81,15 +85,13 @@ def generate(cfg: ExperimentConfig) -> dict[str, Any]:
             )
         shard_facts[shard] = facts
     traces = sum(f["traces"] for f in shard_facts.values())
-    facts = {
+    return {
         "traces": traces,
         "prompts": sum(f["prompts"] for f in shard_facts.values()),
         "accuracy": sum(f["correct"] for f in shard_facts.values()) / traces if traces else 0.0,
         "wall_seconds": round(wall, 2),  # this attempt's
         "worker_seconds": round(spent(), 2),  # every attempt's, killed ones too
     }
-    run.mark_done(folder, fingerprint, **facts)
-    return run.read_json(folder, DONE)
 
 
 def _generate_shards(
@@ -110,7 +112,7 @@ def _generate_shards(
         target_num_rows_per_block=gen.engine.batch_size
     )
     processor = build_generator(
-        published(cfg.teacher, run),
+        ModelSpec.parse(cfg.teacher).for_cluster(run),
         gen.engine,
         use_gpu=cfg.use_gpu,
         trust_remote_code=cfg.trust_remote_code,

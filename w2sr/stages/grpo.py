@@ -35,6 +35,8 @@ import logging
 import time
 from typing import Any
 
+import pyarrow as pa
+
 from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig
 from w2sr.data.prompt_set import prepare_problems
@@ -45,9 +47,8 @@ from w2sr.learner.fit import fit
 from w2sr.learner.grpo import worker_loop
 from w2sr.learner.trackers import check_trackers
 from w2sr.lineage import Lineage
-from w2sr.models import resolve_model
-from w2sr.registry import published
-from w2sr.rundir import DONE, RunDir
+from w2sr.models import ModelSpec
+from w2sr.rundir import Claim, RunDir
 from w2sr.session import init_ray
 
 log = logging.getLogger(__name__)
@@ -57,22 +58,28 @@ def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run the stage; returns its completion record (with wall and worker seconds)."""
     if cfg.student is None:
         raise ConfigError("student: not set; `w2sr grpo` trains the student model with RL")
-    g = cfg.grpo
-    if g is None:
+    if cfg.grpo is None:
         raise ConfigError("grpo: not set; the RL baseline is trained only when asked for")
     run = RunDir(cfg.run_dir)
     table = prepare_problems(cfg, run)
-    artifact = Lineage(cfg).rl
-    stage, fingerprint = artifact.folder, artifact.fingerprint
-    record = run.done(stage, fingerprint)
-    if record:
-        log.info("the GRPO student is trained for this config; nothing to do")
-        return record
+    with run.stage(Lineage(cfg).rl) as claim:
+        if claim.record:
+            log.info("the GRPO student is trained for this config; nothing to do")
+            return claim.record
+        claim.facts = _grpo(cfg, run, claim, table)
+    log.info("GRPO student trained: %s", claim.facts)
+    return claim.record
+
+
+def _grpo(cfg: ExperimentConfig, run: RunDir, claim: Claim, table: pa.Table) -> dict[str, Any]:
+    """Train the GRPO student in `claim`'s folder on the problems of `table`; returns the done
+    record's facts."""
+    g, stage = cfg.grpo, claim.folder
+    assert cfg.student is not None and g is not None  # `grpo` refused a config without them
     check_trackers(g, "grpo")
     start = time.time()
-    run.begin(stage, fingerprint)
     # The student is the policy: its own chat template, not the teacher's rendering.
-    tokenizer = load_tokenizer(resolve_model(cfg.student), cfg.trust_remote_code)
+    tokenizer = load_tokenizer(ModelSpec.parse(cfg.student).local(), cfg.trust_remote_code)
     rendered, too_long = render_prompts(
         tokenizer,
         TEMPLATES[cfg.template],
@@ -102,14 +109,16 @@ def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
 
     loop_config = {
         "prompts": ray.put(prompts),
-        "heldout": ray.put(_heldout_prompts(cfg, run, tokenizer) if g.eval_every else {}),
-        "model": published(cfg.student, run),
+        "heldout": ray.put(
+            _heldout_prompts(cfg, run, tokenizer, g.engine.max_model_len) if g.eval_every else {}
+        ),
+        "model": ModelSpec.parse(cfg.student).for_cluster(run),
         "stage": stage,
     }
-    resources = {"CPU": g.cpus_per_worker}
-    name = f"grpo-{fingerprint}"
+    resources: dict[str, float] = {"CPU": g.cpus_per_worker}
+    name = f"grpo-{claim.fingerprint}"
     metrics = fit(worker_loop, cfg, run, stage, name, g, loop_config, resources).metrics
-    facts = {
+    return {
         "student": cfg.student,
         "model": run.location(stage, layout.MODEL),
         "prompts": len(prompts),
@@ -121,9 +130,6 @@ def grpo(cfg: ExperimentConfig) -> dict[str, Any]:
         "wall_seconds": round(time.time() - start, 2),
         "worker_seconds": round(metrics["worker_seconds"], 2),
     }
-    run.mark_done(stage, fingerprint, **facts)
-    log.info("GRPO student trained: %s", facts)
-    return run.read_json(stage, DONE)
 
 
 def _requests(rendered: list[dict]) -> list[dict]:
@@ -138,7 +144,9 @@ def _requests(rendered: list[dict]) -> list[dict]:
     ]
 
 
-def _heldout_prompts(cfg: ExperimentConfig, run: RunDir, tokenizer) -> dict[str, list[dict]]:
+def _heldout_prompts(
+    cfg: ExperimentConfig, run: RunDir, tokenizer, max_len: int
+) -> dict[str, list[dict]]:
     """Each eval benchmark's problems as `w2sr eval` poses them to the student, for the
     accuracy along training (`grpo.eval_every`)."""
     out = {}
@@ -147,7 +155,7 @@ def _heldout_prompts(cfg: ExperimentConfig, run: RunDir, tokenizer) -> dict[str,
             tokenizer,
             TEMPLATES[cfg.template],
             problems.rows,
-            cfg.grpo.engine.max_model_len,
+            max_len,
             thinking=cfg.thinking,
         )
         out[name] = _requests(rendered)

@@ -88,23 +88,11 @@ def select(cfg: ExperimentConfig) -> dict[str, Any]:
         raise RuntimeError(
             f"no complete traces for this config in {cfg.run_dir}; run `w2sr generate` first"
         )
-    artifact = Lineage(cfg).sft
-    folder, fingerprint = artifact.folder, artifact.fingerprint
-    if run.done(folder, fingerprint):
-        return run.read_json(folder, layout.SFT_SUMMARY)
-    table = layout.read_traces(run, traces.folder)
-    sets = {variant.name: select_variant(table, variant) for variant in layout.VARIANTS}
-    match = cfg.select.match
-    matched = match_sizes(sets, match, cfg.seed) if match != "none" else sets
-    summary = {}
-    for name, subset in matched.items():
-        run.write_parquet(subset, folder, layout.sft_set(name))
-        summary[name] = summarize(subset)
-        if match != "none":
-            summary[name]["matched"] = {"by": match, "traces_before": sets[name].num_rows,
-                                        "tokens_before": _tokens(sets[name])}  # fmt: skip
-    run.write_json(summary, folder, layout.SFT_SUMMARY)
-    run.mark_done(folder, fingerprint, traces=traces.folder)
+    with run.stage(Lineage(cfg).sft) as claim:
+        if claim.record:
+            return run.read_json(claim.folder, layout.SFT_SUMMARY)
+        summary = _write_sets(cfg, run, claim.folder, layout.read_traces(run, traces.folder))
+        claim.facts = {"traces": traces.folder}
     log.info(
         "training sets: all %d, correct %d, incorrect %d (teacher accuracy %s)",
         summary["all"]["traces"],
@@ -112,4 +100,20 @@ def select(cfg: ExperimentConfig) -> dict[str, Any]:
         summary["incorrect"]["traces"],
         summary["all"]["accuracy"],
     )
+    return summary
+
+
+def _write_sets(cfg: ExperimentConfig, run: RunDir, folder: str, table: pa.Table) -> dict[str, Any]:
+    """Write the training sets and their summary into `folder`; returns the summary."""
+    sets = {variant.name: select_variant(table, variant) for variant in layout.VARIANTS}
+    match = cfg.select.match
+    matched = match_sizes(sets, match, cfg.seed) if match != "none" else sets
+    summary: dict[str, Any] = {}
+    for name, subset in matched.items():
+        run.write_parquet(subset, folder, layout.sft_set(name))
+        summary[name] = summarize(subset)
+        if match != "none":
+            summary[name]["matched"] = {"by": match, "traces_before": sets[name].num_rows,
+                                        "tokens_before": _tokens(sets[name])}  # fmt: skip
+    run.write_json(summary, folder, layout.SFT_SUMMARY)
     return summary

@@ -31,9 +31,8 @@ from w2sr.learner.fit import fit
 from w2sr.learner.sft import worker_loop
 from w2sr.learner.trackers import check_trackers
 from w2sr.lineage import Lineage
-from w2sr.models import resolve_model
-from w2sr.registry import published
-from w2sr.rundir import DONE, METRICS, RunDir
+from w2sr.models import ModelSpec
+from w2sr.rundir import METRICS, Claim, RunDir
 from w2sr.session import init_ray
 
 log = logging.getLogger(__name__)
@@ -47,23 +46,30 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             "(a local Hugging Face folder, a hub id or builtin:NAME)"
         )
     run = RunDir(cfg.run_dir)
-    tcfg, variant = cfg.train, cfg.train.variant
+    variant = cfg.train.variant
     sets = Lineage(cfg).sft
     if not run.done(sets.folder, sets.fingerprint):
         raise RuntimeError(
             f"no training sets for this config in {cfg.run_dir}; run `w2sr select` first"
         )
-    artifact = Lineage(cfg).student(variant)
-    stage, fingerprint = artifact.folder, artifact.fingerprint
-    record = run.done(stage, fingerprint)
-    if record:
-        log.info("student %s is trained for this config; nothing to do", variant)
-        return record
+    with run.stage(Lineage(cfg).student(variant)) as claim:
+        if claim.record:
+            log.info("student %s is trained for this config; nothing to do", variant)
+            return claim.record
+        claim.facts = _train(cfg, run, claim)
+    log.info("student %s trained: %s", variant, json.dumps(claim.facts))
+    return claim.record
+
+
+def _train(cfg: ExperimentConfig, run: RunDir, claim: Claim) -> dict[str, Any]:
+    """Fine-tune the student in `claim`'s folder; returns the done record's facts."""
+    assert cfg.student is not None  # `train` refused a config without one
+    tcfg, variant = cfg.train, cfg.train.variant
+    stage, sets = claim.folder, Lineage(cfg).sft
     check_trackers(tcfg, "train")
     start = time.time()
-    run.begin(stage, fingerprint)
 
-    tokenizer = load_tokenizer(resolve_model(cfg.student), cfg.trust_remote_code)
+    tokenizer = load_tokenizer(ModelSpec.parse(cfg.student).local(), cfg.trust_remote_code)
     traces = run.read_parquet(sets.folder, layout.sft_set(variant))
     data = build_sft_set(
         tokenizer,
@@ -107,18 +113,19 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
     loop_config = {
         "data": ray.put(data),
-        "model": published(cfg.student, run),
+        "model": ModelSpec.parse(cfg.student).for_cluster(run),
         "steps": steps,
         "stage": stage,
     }
-    final = fit(worker_loop, cfg, run, stage, f"sft-{fingerprint}", tcfg, loop_config).metrics
+    name = f"sft-{claim.fingerprint}"
+    final = fit(worker_loop, cfg, run, stage, name, tcfg, loop_config).metrics
 
     # The record that stands for each step: a resumed attempt's replaces a killed one's.
     by_step = {}
     for step_record in map(json.loads, run.read_text(stage, METRICS).splitlines()):
         by_step[step_record["step"]] = step_record
     tokens = sum(r["tokens"] for r in by_step.values())
-    facts = {
+    return {
         "variant": variant,
         "student": cfg.student,
         "model": run.location(stage, layout.MODEL),
@@ -134,6 +141,3 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         "wall_seconds": round(time.time() - start, 2),
         "worker_seconds": round(final["worker_seconds"], 2),
     }
-    run.mark_done(stage, fingerprint, **facts)
-    log.info("student %s trained: %s", variant, json.dumps(facts))
-    return run.read_json(stage, DONE)
