@@ -59,7 +59,7 @@ def sample_sdpa(module, query, key, value, attention_mask, position_ids=None, **
         for start, end in itertools.pairwise([0, *starts.tolist(), query.shape[2]]):
             long = window and end - start > window
             mask = _causal(end - start, window, query.device) if long else None
-            part = (t[b : b + 1, :, start:end] for t in (query, key, value))
-            parts.append(sdpa_attention_forward(module, *part, mask, **kwargs)[0])
+            q, k, v = (t[b : b + 1, :, start:end] for t in (query, key, value))
+            parts.append(sdpa_attention_forward(module, q, k, v, mask, **kwargs)[0])
         rows.append(torch.cat(parts, dim=1))
     return torch.cat(rows, dim=0), None
