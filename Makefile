@@ -1,4 +1,5 @@
-# `make demo` installs w2sr for CPU into .venv and runs the main job; `make test` runs the tests.
+# `make demo` installs w2sr for CPU into .venv and runs the main job; `make test` runs the tests;
+# `make lint` runs ruff and mypy.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -39,7 +40,9 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m mypy w2sr
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_generate.py

@@ -7,9 +7,10 @@ an impossible value costs nothing; errors name the dotted key.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,6 +19,11 @@ from w2sr.layout import RUN_LABELS, VARIANT_NAMES
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
+# `train.variant`: the names of layout.VARIANTS, spelled out because a type checker reads a
+# Literal's values only from the source.
+VariantName = Literal["all", "correct", "incorrect"]
+if get_args(VariantName) != VARIANT_NAMES:
+    raise ImportError(f"VariantName {get_args(VariantName)} != layout.VARIANT_NAMES")
 
 
 class ConfigError(ValueError):
@@ -303,12 +309,20 @@ class LearnerConfig(Strict):
     # `profile-step-N.txt` in the stage folder: where a step's time goes.
     profile_step: PositiveInt | None = None
 
-    # Samples per optimizer step, and the optimizer's schedule: fields of SFT, fixed for GRPO.
-    global_batch_size: ClassVar[int]
-    lr_scheduler: ClassVar[str]
-    warmup_ratio: ClassVar[float]
-    weight_decay: ClassVar[float]
-    offload_optimizer: ClassVar[bool]
+    if TYPE_CHECKING:
+        # Samples per optimizer step, and the optimizer's schedule: fields of SFT, properties
+        # (fixed values) of GRPO. Declared for type checkers only: at run time a property here
+        # would hide SFT's fields.
+        @property
+        def global_batch_size(self) -> int: ...
+        @property
+        def lr_scheduler(self) -> str: ...
+        @property
+        def warmup_ratio(self) -> float: ...
+        @property
+        def weight_decay(self) -> float: ...
+        @property
+        def offload_optimizer(self) -> bool: ...
 
     @property
     def grad_accum_steps(self) -> int:
@@ -318,7 +332,7 @@ class LearnerConfig(Strict):
 class TrainConfig(LearnerConfig):
     """SFT of the student on a selected trace set (the paper's recipe by default)."""
 
-    variant: Literal[VARIANT_NAMES] = "all"
+    variant: VariantName = "all"
     offload_optimizer: bool = False
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
@@ -346,7 +360,7 @@ class TrainConfig(LearnerConfig):
         return self
 
 
-MATCHES = ("none", "traces", "tokens")
+Match = Literal["none", "traces", "tokens"]
 
 
 class SelectConfig(Strict):
@@ -357,7 +371,7 @@ class SelectConfig(Strict):
     their students compares what the traces say, not how many there are.
     """
 
-    match: Literal[MATCHES] = "none"
+    match: Match = "none"
 
 
 def _rollout_sampling() -> SamplingConfig:
@@ -376,11 +390,6 @@ class GRPOConfig(LearnerConfig):
         "cpus_per_worker",
         "eval_every",
     }
-    # One optimizer step per mini-batch at a constant rate from the first step.
-    lr_scheduler: ClassVar[str] = "constant"
-    warmup_ratio: ClassVar[float] = 0.0
-    weight_decay: ClassVar[float] = 0.0
-    offload_optimizer: ClassVar[bool] = False
 
     steps: PositiveInt = 100
     prompts_per_step: PositiveInt = 32
@@ -416,6 +425,23 @@ class GRPOConfig(LearnerConfig):
     @property
     def global_batch_size(self) -> int:
         return self.prompts_per_step * self.group_size // self.mini_batches
+
+    # One optimizer step per mini-batch at a constant rate from the first step.
+    @property
+    def lr_scheduler(self) -> str:
+        return "constant"
+
+    @property
+    def warmup_ratio(self) -> float:
+        return 0.0
+
+    @property
+    def weight_decay(self) -> float:
+        return 0.0
+
+    @property
+    def offload_optimizer(self) -> bool:
+        return False
 
     @model_validator(mode="after")
     def _consistent(self) -> GRPOConfig:
@@ -491,7 +517,8 @@ def _eval_sampling() -> SamplingConfig:
 # compares with: RL-trained models sampled once at T 1.0, top-p 0.95, AIME averaged over 32
 # samples, base models greedy, answers read from the box, else "the answer is", else the last
 # number (our `standard` policy).
-PROTOCOLS: dict[str, dict[str, Any]] = {
+ProtocolName = Literal["simplerl_zoo"]
+PROTOCOLS: dict[ProtocolName, dict[str, Any]] = {
     "simplerl_zoo": {
         "samples": 1,
         "sampling": {"temperature": 1.0, "top_p": 0.95},
@@ -524,7 +551,7 @@ class EvalConfig(Strict):
         default_factory=lambda: [EvalBenchmark(name="offline")], min_length=1
     )
     # A named protocol (PROTOCOLS) whose values are the defaults of the keys below.
-    protocol: Literal[tuple(PROTOCOLS)] | None = None
+    protocol: ProtocolName | None = None
     samples: PositiveInt = 4
     pass_k: list[PositiveInt] | None = None  # default: 1, 2, 4, ... up to samples
     sampling: SamplingConfig = Field(default_factory=_eval_sampling)
@@ -816,12 +843,13 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
 def model_spec_problem(spec: str) -> str | None:
     """Why a model spec cannot work, found without loading anything: an unknown built-in, or a
     local path (absolute or relative, never a hub id) that is not there."""
-    from w2sr.models import BUILTINS
+    from w2sr.models import ModelSpec
 
-    if spec.startswith("builtin:"):
-        name = spec.removeprefix("builtin:")
-        return None if name in BUILTINS else f"unknown built-in {name!r}; one of {sorted(BUILTINS)}"
-    if spec.startswith(("/", "./", "../", "~")) and not Path(spec).expanduser().exists():
+    try:
+        model = ModelSpec.parse(spec)
+    except ValueError as error:  # an unknown built-in
+        return str(error)
+    if model.kind == "folder" and not Path(spec).expanduser().exists():
         return f"no model folder at {spec}"
     return None
 
@@ -847,7 +875,7 @@ def validate(data: dict[str, Any]) -> ExperimentConfig:
         raise ConfigError(format_errors(error)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as error:

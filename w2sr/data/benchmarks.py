@@ -78,8 +78,9 @@ def _gpqa_choices(row: dict) -> dict:
     """GPQA: the question with its four options lettered A-D in an order fixed by the record id
     (the source lists the correct option first); the gold answer is the correct option's letter."""
     keys = ["Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"]
-    options, question = [row.get(k) for k in keys], row.get("Question")
-    if not all(isinstance(o, str) and o.strip() for o in [question, *options]):
+    question = row.get("Question")
+    options = [o for o in map(row.get, keys) if isinstance(o, str) and o.strip()]
+    if not (isinstance(question, str) and question.strip()) or len(options) < len(keys):
         return row
     order = random.Random(str(row.get("Record ID") or question)).sample(range(4), 4)
     lines = [f"({GPQA_LETTERS[i]}) {options[j].strip()}" for i, j in enumerate(order)]

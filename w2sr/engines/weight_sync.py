@@ -45,10 +45,16 @@ def process_group(store, rank: int, world_size: int, backend: str, secret: str):
     store = dist.PrefixStore(f"w2sr-weights-{secret}", store)
     if backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, world_size, GROUP_TIMEOUT)
-    return dist.ProcessGroupNCCL(store, rank, world_size)
+    # torch's stub lists only the constructor that takes options; the binding also has
+    # (store, rank, size, timeout=default), the one called here.
+    return dist.ProcessGroupNCCL(store, rank, world_size)  # type: ignore[call-arg]
 
 
 class WeightSyncExtension:
+    # Attributes of the vLLM worker this class is mixed into.
+    device: Any
+    model_runner: Any
+
     def w2sr_load_weights(self, named_tensors: list) -> int:
         """Reload every given weight in place; vLLM's loader maps HF names to its fused layers."""
         self._w2sr_reload(iter(named_tensors))

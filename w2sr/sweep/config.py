@@ -28,13 +28,12 @@ starts and names the cell.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from w2sr.config import MATCHES, ConfigError, PositiveInt, Strict, format_errors
-from w2sr.layout import VARIANT_NAMES
+from w2sr.config import ConfigError, Match, PositiveInt, Strict, VariantName, format_errors
 
 Label = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=48)]
 
@@ -64,11 +63,11 @@ class SweepConfig(Strict):
     run_dir: str
     teachers: Annotated[list[TeacherAxis], Field(min_length=1)]
     students: Annotated[list[StudentAxis], Field(min_length=1)]
-    variants: Annotated[list[Literal[VARIANT_NAMES]], Field(min_length=1)] = list(VARIANT_NAMES)
+    variants: Annotated[list[VariantName], Field(min_length=1)] = list(get_args(VariantName))
     seeds: Annotated[list[int], Field(min_length=1)] = [0]
     # Matched-size controls (`select.match`): W2SR, W2SR-P and W2SR-N as selected (`none`) and/or
     # subsampled to one size in traces or tokens. Absent: the base config's `select.match`.
-    match: Annotated[list[Literal[MATCHES]], Field(min_length=1)] | None = None
+    match: Annotated[list[Match], Field(min_length=1)] | None = None
     # Stages that run at once; on a local session also bounded by its CPUs.
     max_concurrent_stages: PositiveInt = 4
     # Seconds a stage may run before it is stopped and counted failed; null: no bound.
