@@ -20,7 +20,7 @@ import httpx
 import pyarrow as pa
 import pytest
 from artifacts import prepared_problems, trained_student
-from faults import descendants, kill_when
+from faults import descendants
 
 from w2sr import layout
 from w2sr.config import BenchmarkRef, ConfigError, PromptsConfig, validate
@@ -898,49 +898,3 @@ def test_models_evaluated_side_by_side_run_at_once_and_give_the_same_results(eva
             assert ours.select(["prompt_id", "sample_index", "response", "correct"]).equals(
                 theirs.select(["prompt_id", "sample_index", "response", "correct"])
             ), (label, bench)
-
-
-@pytest.mark.slow
-def test_a_killed_engine_actor_is_replaced_and_no_sample_is_lost_or_repeated(
-    tmp_path, tiny_model, ray_session
-):
-    """SIGKILL of the vLLM engine actor once the first benchmark's result is written and the
-    second's samples are still coming: Ray Data replays the lost batches on a new actor.
-
-    Ray Data's preprocessing tasks hand batches to the engine out of order (a task can wait
-    seconds for a worker), so the first benchmark is small (48 samples) and the second ten times
-    larger: the first is complete long before the second's last batch, whatever the order."""
-    problems = [f"What is {a} + {a + 1}?" for a in range(10)]
-    bench = write_jsonl(
-        tmp_path / "amc.jsonl",
-        [{"question": q, "answer": str(2 * i + 1)} for i, q in enumerate(problems)],
-    )
-    cfg = validate(
-        {
-            "run_dir": str(tmp_path / "run"),
-            "teacher": tiny_model,
-            "eval": {
-                "benchmarks": [{"name": "offline", "limit": 1}, {"name": "amc23", "path": bench}],
-                "samples": 48,
-                "sampling": {"temperature": 1.0, "max_tokens": 100},
-                "engine": {"batch_size": 4, "max_model_len": 512},
-            },
-        }
-    )
-    results = Path(cfg.run_dir, "eval", "teacher")
-
-    def first_written() -> tuple | None:
-        names = sorted(p.name.split("-")[0] for p in results.glob("*.parquet"))
-        return tuple(names) if names else None
-
-    killed: list = []
-    # The engine's actor, and the vLLM engine process it runs (its death ends the actor too).
-    watcher = kill_when(first_written, ("vLLMEngineStageUDF", "VLLM::EngineCore"), killed)
-    summary = evaluate(cfg)
-    watcher.join(timeout=1)
-    assert killed == [("offline",)], "the kill did not land between the two benchmarks"
-    for name, count in (("offline", 1), ("amc23", len(problems))):
-        table = result_table(cfg, summary, "teacher", name)
-        ids, samples = table["prompt_id"].to_pylist(), table["sample_index"].to_pylist()
-        keys = list(zip(ids, samples, strict=True))
-        assert len(keys) == len(set(keys)) == count * 48, name

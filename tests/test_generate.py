@@ -239,31 +239,27 @@ def test_a_trace_is_the_completion_behind_the_prefilled_think(tmp_path, tiny_mod
 def test_a_thinking_teachers_traces_hold_its_prefilled_think(tmp_path, tiny_thinking, ray_session):
     """A reasoning teacher whose template prefills `<think>`: every stored trace starts with it
     and is graded whole, so a thought the tiny model never closed gives no answer (read alone,
-    its completion would give the last number); with thinking off, the template prefills
-    nothing and no trace starts with it."""
-    for thinking in (None, False):
-        (tmp_path / str(thinking)).mkdir()
-        data = experiment(tmp_path / str(thinking), tiny_thinking)
-        data |= {"thinking": thinking, "grading_policy": "standard"}
-        data["generation"]["sampling"]["max_tokens"] = 64
-        cfg = validate(data)
-        generate(cfg)
-        rows = read_traces(cfg).to_pylist()
-        assert len(rows) == len(PROBLEMS) * SAMPLES
-        prefill = "<think>\n" if thinking is None else ""
-        assert all(row["prompt"].endswith("assistant\n" + prefill) for row in rows)
-        prefilled = [row["trace"].startswith("<think>\n") for row in rows]
-        assert prefilled == [thinking is None] * len(rows)
-        for row in rows:
-            assert row["extracted_answer"] == extract_answer(row["trace"], "standard")
-            assert row["correct"] == is_correct(row["trace"], row["answer"], "standard")
-        if thinking is None:
-            open_thoughts = [row["trace"] for row in rows if "</think>" not in row["trace"]]
-            assert open_thoughts and all(
-                extract_answer(trace, "standard") is None for trace in open_thoughts
-            )
-            completions = [trace.removeprefix(prefill) for trace in open_thoughts]
-            assert any(extract_answer(text, "standard") is not None for text in completions)
+    its completion would give the last number). With thinking off the template prefills nothing
+    and a trace is its completion alone: `test_the_prompt_set_is_rendered_with_thinking` and
+    `test_a_trace_is_the_completion_behind_the_prefilled_think`, without an engine."""
+    data = experiment(tmp_path, tiny_thinking) | {"grading_policy": "standard"}
+    data["generation"]["sampling"]["max_tokens"] = 64
+    cfg = validate(data)
+    generate(cfg)
+    rows = read_traces(cfg).to_pylist()
+    assert len(rows) == len(PROBLEMS) * SAMPLES
+    prefill = "<think>\n"
+    assert all(row["prompt"].endswith("assistant\n" + prefill) for row in rows)
+    assert all(row["trace"].startswith(prefill) for row in rows)
+    for row in rows:
+        assert row["extracted_answer"] == extract_answer(row["trace"], "standard")
+        assert row["correct"] == is_correct(row["trace"], row["answer"], "standard")
+    open_thoughts = [row["trace"] for row in rows if "</think>" not in row["trace"]]
+    assert open_thoughts and all(
+        extract_answer(trace, "standard") is None for trace in open_thoughts
+    )
+    completions = [trace.removeprefix(prefill) for trace in open_thoughts]
+    assert any(extract_answer(text, "standard") is not None for text in completions)
 
 
 @pytest.mark.slow
@@ -388,48 +384,26 @@ def test_matched_selection_writes_new_sets_beside_the_unmatched_ones(generated):
 
 
 @pytest.mark.slow
-def test_a_killed_engine_actor_is_replaced_and_no_trace_is_lost_or_repeated(
-    tmp_path, tiny_model, ray_session
-):
-    """SIGKILL of the vLLM engine actor mid-generation: Ray Data starts another and replays
-    the lost batches; every (prompt, sample) is written once."""
-    data = experiment(tmp_path, tiny_model)
-    data["generation"] |= {"samples_per_prompt": 16, "prompts_per_shard": 1}
-    data["generation"]["sampling"]["max_tokens"] = 200
-    data["generation"]["engine"]["batch_size"] = 4
-    cfg = validate(data)
-    traces = traces_dir(cfg)
-    killed: list = []
-    watcher = kill_when(
-        lambda: len(list(traces.glob("shard-*.parquet"))), "vLLMEngineStageUDF", killed
-    )
-    generate(cfg)
-    watcher.join(timeout=1)
-    assert killed and killed[0] < len(PROBLEMS), "the kill did not land mid-generation"
-    table = read_traces(cfg)
-    pairs = list(
-        zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True)
-    )
-    assert len(pairs) == len(set(pairs)) == len(PROBLEMS) * 16
-
-
-@pytest.mark.slow
-def test_an_engine_that_dies_past_its_restart_bound_fails_the_stage_and_loses_nothing(
+def test_a_killed_engine_fails_the_stage_past_its_restart_bound_and_is_replaced_within_it(
     tmp_path, tiny_model, ray_session
 ):
     """With `max_restarts: 0` an engine's death is not survived: the stage fails instead of
-    replacing it, the shards finished before stay, and a rerun (the bound is not part of the
-    fingerprint) generates only the rest."""
+    replacing it, and the shards finished before stay. The rerun (the bound is not part of the
+    fingerprint) allows restarts, and its engine actor is killed again mid-generation: Ray Data
+    starts another and replays the lost batches. The finished shards stay untouched and every
+    (prompt, sample) is written once."""
     data = experiment(tmp_path, tiny_model)
     data["generation"] |= {"samples_per_prompt": 16, "prompts_per_shard": 1}
     data["generation"]["sampling"]["max_tokens"] = 200
     data["generation"]["engine"] |= {"batch_size": 4, "max_restarts": 0}
     cfg = validate(data)
     traces = traces_dir(cfg)
+
+    def sealed() -> int:
+        return len(list(traces.glob("shard-*.parquet")))
+
     killed: list = []
-    watcher = kill_when(
-        lambda: len(list(traces.glob("shard-*.parquet"))), "vLLMEngineStageUDF", killed
-    )
+    watcher = kill_when(sealed, "vLLMEngineStageUDF", killed)
     # The bound's own error: Ray declares the engine's actor dead (a restart still allowed
     # would leave it unavailable for a while, then replaced), and Ray Data stops on it.
     with pytest.raises(ActorDiedError, match="vLLMEngineStageUDF") as died:
@@ -442,7 +416,11 @@ def test_an_engine_that_dies_past_its_restart_bound_fails_the_stage_and_loses_no
     assert 0 < len(before) < len(PROBLEMS)
 
     data["generation"]["engine"]["max_restarts"] = 4
+    again: list = []
+    watcher = kill_when(lambda: sealed() > len(before) and sealed(), "vLLMEngineStageUDF", again)
     generate(validate(data))
+    watcher.join(timeout=1)
+    assert again and again[0] < len(PROBLEMS), "the second kill did not land mid-generation"
     after = {p.name: p.stat().st_mtime_ns for p in traces.glob("shard-*.parquet")}
     assert {name: after[name] for name in before} == before  # finished shards untouched
     table = read_traces(cfg)
@@ -504,3 +482,51 @@ def test_run_only_one_stage_runs_that_stage_alone(generated, tmp_path, capsys):
     assert not Path(cfg.run_dir, "eval").exists()  # nothing after it ran
     with pytest.raises(SystemExit):
         main(["run", str(path), "--only", "select", "--from", "eval"])  # one or the other
+
+
+def test_replayed_rows_are_kept_once_and_each_group_is_sealed_once_whole(tmp_path, ray_session):
+    """What a replaced engine leaves, through the pipeline's real part writer and sealing: Ray
+    Data replays the batches the killed actor lost, so some rows arrive twice and a group's
+    count reaches its size before all its keys are there. Each group is still sealed once,
+    whole, every (prompt, sample) kept once, and no part is left. (The engine stage is a stand-in
+    here; the real engine is killed in the generation test above, through this same code.)"""
+    import ray
+
+    from w2sr.engines.generator import Groups, generate_groups
+
+    run = RunDir(str(tmp_path))
+    rows = [
+        {"group": g, "prompt_id": f"{g}-{i}", "sample_index": k}
+        for g in ("a", "b")
+        for i in range(6)
+        for k in range(4)
+    ]
+
+    def replaying(dataset):  # the first rows of each block come again, as a replayed batch
+        def engine(batch: dict) -> dict:
+            again = {key: list(values) + list(values[:3]) for key, values in batch.items()}
+            return again
+
+        return dataset.map_batches(engine, batch_format="numpy", batch_size=None)
+
+    written: dict[str, int] = {}
+
+    def seal(group: str, kept: list[dict]) -> dict:
+        run.write_parquet(pa.Table.from_pylist(kept), "out", f"{group}.parquet")
+        return {"rows": len(kept)}
+
+    groups = Groups(run, "out", "group", {"a": "parts-a", "b": "parts-b"}, {"a": 24, "b": 24}, seal)
+    sealed: list[str] = []
+
+    def record(group: str, facts: dict) -> None:
+        sealed.append(group)
+        written[group] = facts["rows"]
+
+    requests = ray.data.from_items(rows, override_num_blocks=6)
+    generate_groups(replaying, requests, groups, record)
+    assert sorted(sealed) == ["a", "b"] and written == {"a": 24, "b": 24}
+    for group in ("a", "b"):
+        table = run.read_parquet("out", f"{group}.parquet").to_pylist()
+        keys = [(r["prompt_id"], r["sample_index"]) for r in table]
+        assert len(keys) == len(set(keys)) == 24
+        assert not run.exists("out", f"parts-{group}")
