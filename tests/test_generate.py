@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -286,26 +285,6 @@ def test_rerun_with_the_same_config_does_nothing(generated):
     assert generate(cfg) == record
     after = {p.name: p.stat().st_mtime_ns for p in traces_dir(cfg).glob("*.parquet")}
     assert before == after
-
-
-@pytest.mark.slow
-def test_workers_read_prompts_from_and_write_traces_to_an_object_store(
-    tmp_path, tiny_model, ray_session, s3_bucket
-):
-    """A run dir on S3: the engines' workers read the prompt set from it, write their parts
-    there and the seals turn them into shard files, with no shared disk."""
-    data = experiment(tmp_path, tiny_model) | {"run_dir": f"{s3_bucket}/gen-{uuid.uuid4().hex[:8]}"}
-    cfg = validate(data)
-    record = generate(cfg)
-    run, folder = RunDir(cfg.run_dir), Lineage(cfg).traces.folder
-    assert run.list(folder, suffix=".parquet") == [f"shard-{i:05d}.parquet" for i in range(3)]
-    assert run.list(folder, layout.PARTS) == []
-    traces = read_traces(cfg)
-    assert traces.num_rows == record["traces"] == len(PROBLEMS) * SAMPLES
-    pairs = set(
-        zip(traces["prompt_id"].to_pylist(), traces["sample_index"].to_pylist(), strict=True)
-    )
-    assert pairs == {(f"p{i}", k) for i in range(len(PROBLEMS)) for k in range(SAMPLES)}
 
 
 def test_selection_splits_traces_into_the_three_training_sets(generated):

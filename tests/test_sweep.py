@@ -362,6 +362,14 @@ def test_a_killed_sweep_resumes_through_ray_job_submit_and_redoes_nothing(study)
             assert stages[folder]["state"] == "complete", folder
     assert any(s["state"] == "done" for s in stages.values())  # the rest ran in the job
     assert len(run.list("traces")) == 1  # the teacher's traces once, for both cells
+    # The engines' workers read the prompt set from the store and wrote their parts there; the
+    # seals made them shard files, with no shared disk.
+    (folder,) = [f"traces/{name}" for name in run.list("traces")]
+    assert run.list(folder, suffix=".parquet") == [layout.trace_shard(0), layout.trace_shard(1)]
+    assert run.list(folder, layout.PARTS) == []
+    traces = layout.read_traces(run, folder)
+    ids, samples = traces["prompt_id"].to_pylist(), traces["sample_index"].to_pylist()
+    assert len(set(zip(ids, samples, strict=True))) == traces.num_rows == 6 * 2
     skipped = [k for k, s in stages.items() if s["state"] == "skipped"]
     assert sorted(k.split("/")[:2] for k in skipped) == [
         ["eval", "w2sr_p"],
