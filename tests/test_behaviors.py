@@ -1,4 +1,4 @@
-"""Behaviour patterns: each marks the phrases its docstring lists and leaves look-alikes alone."""
+"""Behavior patterns: each marks the phrases its docstring lists and leaves look-alikes alone."""
 
 from __future__ import annotations
 

@@ -39,14 +39,14 @@ def test_a_reduced_demo_runs_every_stage_and_reports_each_section_and_figure(
         "## Setup",
         "## Results",
         "## Pass@k and majority vote (%)",
-        "## Cognitive behaviours",
+        "## Cognitive behaviors",
         "## Training cost",
         "## Figures",
     ]
     for label in ("Teacher", "Base student", "W2SR", "W2SR-P", "W2SR-N", "RL (GRPO)"):
         assert f"| {label} |" in report, label
-    # The world writes symbols, never the English phrases the behaviour patterns look for.
-    assert "Left out: none of the" in report.split("## Cognitive behaviours")[1]
+    # The world writes symbols, never the English phrases the behavior patterns look for.
+    assert "Left out: none of the" in report.split("## Cognitive behaviors")[1]
     assert "RL (GRPO) first reached" in report or "RL (GRPO) did not reach" in report
     for figure in ("figure2_bars.png", "figure5_cost.png"):
         assert (run_dir / "report" / figure).stat().st_size > 10_000

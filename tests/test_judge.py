@@ -1,4 +1,4 @@
-"""The behaviour judge: its replies parsed strictly, its sample seeded, its answers cached, its
+"""The behavior judge: its replies parsed strictly, its sample seeded, its answers cached, its
 key kept off the wire where it would travel in clear.
 
 The requests go to a real HTTP server on 127.0.0.1 that answers like an OpenAI chat endpoint:
@@ -256,7 +256,7 @@ def test_credentials_in_the_url_are_refused(monkeypatch):
 def test_the_report_shows_the_judges_labels_when_the_config_asks_for_them(
     judge_server, tmp_path, monkeypatch
 ):
-    """`report.behaviors: judge` in the run's config: every behaviour is a column, with how many
+    """`report.behaviors: judge` in the run's config: every behavior is a column, with how many
     responses the judge labelled and how many replies did not parse; a second report asks
     nothing again."""
     from test_report import build_run
@@ -270,10 +270,10 @@ def test_the_report_shows_the_judges_labels_when_the_config_asks_for_them(
     config = {"report": {"behaviors": "judge", "judge": judge}, "seed": 0}
     RunDir(run_dir).write_text(yaml.safe_dump(config), layout.CONFIG)
     text = Path(report(run_dir)["report"]).read_text()
-    behaviours = text.split("## Cognitive behaviours")[1].split("\n## ")[0]
-    assert "labelled by the judge model judge-m" in behaviours
-    assert "| judged | parse failures | errors |" in behaviours
-    teacher = next(line for line in behaviours.splitlines() if line.startswith("| Teacher |"))
+    behaviors = text.split("## Cognitive behaviors")[1].split("\n## ")[0]
+    assert "labelled by the judge model judge-m" in behaviors
+    assert "| judged | parse failures | errors |" in behaviors
+    teacher = next(line for line in behaviors.splitlines() if line.startswith("| Teacher |"))
     cells = [cell.strip() for cell in teacher.strip("|").split("|")]
     n = int(cells[1])
     assert n > 0 and cells[2:6] == ["–"] * 4  # the fixed replies never parse

@@ -1,6 +1,6 @@
 """The report of a small hand-built run (and sweep) whose numbers are known in advance.
 
-Result files are written where `w2sr eval` caches them, so `evaluate` only summarises them (no
+Result files are written where `w2sr eval` caches them, so `evaluate` only summarizes them (no
 engine starts) and the report reads exactly what a real run leaves behind.
 """
 
@@ -43,7 +43,7 @@ SOLVED = {
     "w2sr_n": {"amc23": 5, "offline": 3},
     "rl": {"amc23": 6, "offline": 4},  # RL gains nothing on offline: RGR undefined there
 }
-RESPONSES = {  # behaviour markers: the students picked up the teacher's "wait" and checking
+RESPONSES = {  # behavior markers: the students picked up the teacher's "wait" and checking
     "teacher": "First, we add. Wait, let me check.",
     "base": "The sum is below.",
     "w2sr": "First, we add. Wait, let me check.",
@@ -129,7 +129,7 @@ def build_run(
 
 def write_summary(cfg: ExperimentConfig, run: RunDir, labels: tuple[str, ...]) -> None:
     """Each model's result files where `w2sr eval` caches them, at the decoding its setting
-    gives; `evaluate` then only summarises them (no engine starts) into eval/summary.json."""
+    gives; `evaluate` then only summarizes them (no engine starts) into eval/summary.json."""
     models, _ = model_table(cfg)
     tasks, _ = plan_tasks(cfg, labels=tuple(label for label in labels if label in models))
     problems = load_problems(cfg, run)
@@ -211,7 +211,7 @@ def test_confidence_intervals_bracket_the_estimates(reported):
     assert row(intervals, "RGR W2SR (%)")[1] == "undefined"
 
 
-def test_costs_behaviours_and_details_are_reported(reported):
+def test_costs_behaviors_and_details_are_reported(reported):
     _, _, text = reported
     costs = text.split("## Training cost")[1]
     assert row(costs, "W2SR") == ["1.000", "2.000", "3.000", "16.7x", "50.0"]
@@ -221,10 +221,10 @@ def test_costs_behaviours_and_details_are_reported(reported):
         "RL (GRPO) first reached the accuracy of W2SR-P (50.0%, 2.000 worker-h) at step 20 "
         "(50.0% held out), after 20.000 worker-h: **10.0x** W2SR-P's cost." in costs
     )
-    behaviours = text.split("## Cognitive behaviours")[1]
-    assert row(behaviours, "Base student")[1:3] == ["0.00 (0%)", "0.00 (0%)"]
-    assert row(behaviours, "W2SR")[1:3] == ["1.00 (100%)", "1.00 (100%)"]
-    assert row(behaviours, "Teacher (training traces)") == [
+    behaviors = text.split("## Cognitive behaviors")[1]
+    assert row(behaviors, "Base student")[1:3] == ["0.00 (0%)", "0.00 (0%)"]
+    assert row(behaviors, "W2SR")[1:3] == ["1.00 (100%)", "1.00 (100%)"]
+    assert row(behaviors, "Teacher (training traces)") == [
         "3",
         "1.00 (100%)",
         "1.00 (100%)",
@@ -281,7 +281,7 @@ def test_a_folder_without_results_is_an_error(tmp_path):
         report(str(tmp_path))
 
 
-def test_behaviours_that_no_response_shows_are_left_out_with_the_reason():
+def test_behaviors_that_no_response_shows_are_left_out_with_the_reason():
     from w2sr.behaviors import summarize_behaviors
     from w2sr.stages.report import behavior_section
 

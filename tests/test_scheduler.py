@@ -242,7 +242,7 @@ def test_each_stage_starts_once_what_it_needs_is_done_and_the_study_completes(tm
     for key in ran:
         o = outcomes[key]
         assert o.started <= o.ended and o.seconds == pytest.approx(o.ended - o.started)
-        assert run.read_text(*runner.LOGS, key.replace("/", "_") + ".log").endswith(" done\n")
+        assert run.read_text(*layout.sweep_log(key)).endswith(" done\n")
     assert stages.asked == 1
     # Rerun: everything is complete or skipped, nothing starts, and no cluster is asked for.
     again = InProcess(run)
@@ -354,7 +354,7 @@ def test_a_stage_past_the_timeout_is_stopped_failed_and_resumed_by_a_rerun(tmp_p
         f"{traces} ran past the sweep's stage_timeout_s of 0.5s and was stopped; what it wrote "
         "is kept, and a rerun resumes it"
     )
-    log = run.read_text(*runner.LOGS, traces.replace("/", "_") + ".log")
+    log = run.read_text(*layout.sweep_log(traces))
     assert log.startswith(f"started {traces}\n") and overdue.error in log
     assert run.read_text(traces, "shard-00000.txt") == "partial"
     for key in needing(nodes, traces):

@@ -259,7 +259,7 @@ def test_served_and_offline_greedy_evaluation_agree(
         # within 2 ongoing + 4 queued, with room for a request of the phase before still ending
         under = asyncio.run(load(info["url"], clients=4))
         over = asyncio.run(load(info["url"], clients=48))
-        # The served model as a behaviour judge: its random replies do not parse, which is
+        # The served model as a behavior judge: its random replies do not parse, which is
         # counted, not raised. Two at a time, within the server's bound.
         judge = JudgeConfig(
             endpoint=info["url"], model="w2sr_n", api_key_env="W2SR_API_KEY", concurrency=2

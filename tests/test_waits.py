@@ -112,7 +112,7 @@ def test_a_stage_past_the_sweeps_timeout_is_stopped_and_failed_naming_it(
     assert f"{traces} ran past the sweep's stage_timeout_s of 3s" in failed.error
     assert 3 <= failed.seconds < 3 + runner.STOP_GRACE_S + 10
     assert outcomes[sets].state == "blocked" and outcomes[sets].error == f"needs {traces}"
-    log = run.read_text(*runner.LOGS, traces.replace("/", "_") + ".log")
+    log = run.read_text(*layout.sweep_log(traces))
     assert "stage_timeout_s of 3s" in log
     assert not stage_processes()
 

@@ -1,6 +1,6 @@
-"""Cognitive behaviours of a reasoning trace, counted with documented phrase patterns.
+"""Cognitive behaviors of a reasoning trace, counted with documented phrase patterns.
 
-The four behaviours of Gandhi et al. (2025, "Cognitive Behaviors that Enable Self-Improving
+The four behaviors of Gandhi et al. (2025, "Cognitive Behaviors that Enable Self-Improving
 Reasoners") that a student can pick up from a teacher's traces, with enumeration in place of
 backward chaining (which no phrase marks reliably):
 
@@ -72,12 +72,12 @@ BEHAVIORS: dict[str, re.Pattern[str]] = {
 
 
 def count_behaviors(trace: str) -> dict[str, int]:
-    """How many times each behaviour is marked in one trace."""
+    """How many times each behavior is marked in one trace."""
     return {name: len(pattern.findall(trace)) for name, pattern in BEHAVIORS.items()}
 
 
 def summarize_behaviors(traces: Iterable[str]) -> dict[str, dict[str, float]]:
-    """Per behaviour, the mean count per trace and the share of traces with at least one."""
+    """Per behavior, the mean count per trace and the share of traces with at least one."""
     counts = [count_behaviors(trace) for trace in traces]
     n = max(len(counts), 1)
     return {

@@ -665,7 +665,7 @@ class ServeConfig(Strict):
 
 
 class JudgeConfig(Strict):
-    """An OpenAI-compatible chat endpoint that labels the cognitive behaviours of responses: a
+    """An OpenAI-compatible chat endpoint that labels the cognitive behaviors of responses: a
     model served by `w2sr serve`, or a hosted API (its key from the environment)."""
 
     endpoint: str  # the API's base URL, e.g. http://127.0.0.1:8000/v1
@@ -683,8 +683,8 @@ class JudgeConfig(Strict):
 class ReportConfig(Strict):
     """How `w2sr report` measures what it cannot read off the results."""
 
-    # Cognitive behaviours: `regex` counts English phrase markers offline (w2sr.behaviors);
-    # `judge` asks a model per response, as SimpleRL-Zoo's behaviour analysis does.
+    # Cognitive behaviors: `regex` counts English phrase markers offline (w2sr.behaviors);
+    # `judge` asks a model per response, as SimpleRL-Zoo's behavior analysis does.
     behaviors: Literal["regex", "judge"] = "regex"
     judge: JudgeConfig | None = None
 

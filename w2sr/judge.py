@@ -1,10 +1,10 @@
-"""Cognitive behaviours labelled by a judge model, as SimpleRL-Zoo's behaviour analysis does.
+"""Cognitive behaviors labelled by a judge model, as SimpleRL-Zoo's behavior analysis does.
 
 `w2sr.behaviors` counts English phrase markers; SimpleRL-Zoo has a strong model read each
 response instead, so its rates are only comparable with rates measured that way. Here a chat model
 behind an OpenAI-compatible endpoint (one served by `w2sr serve`, or a hosted API) reads a
 seeded sample of a model's responses, one request per response with the fixed `JUDGE_PROMPT`, and
-replies with a count per behaviour: the same four behaviours, named as in `w2sr.behaviors`.
+replies with a count per behavior: the same four behaviors, named as in `w2sr.behaviors`.
 
 Counts rather than yes/no, because `summarize_behaviors` reports both a mean count per response
 and the share of responses with at least one: a count gives both (the share is what SimpleRL-Zoo
@@ -55,7 +55,7 @@ BACKOFF_S = 1.0  # first retry's wait; doubles, jittered
 
 JUDGE_PROMPT = """\
 You will read a response that a model wrote to a math problem, and count how often it shows \
-each of four reasoning behaviours:
+each of four reasoning behaviors:
 
 - verification: it checks an intermediate or final result, e.g. by substituting an answer back \
 into the problem, recomputing it another way, or testing it against the problem's conditions.
@@ -66,7 +66,7 @@ goes back to try something else.
 - enumeration: it works systematically through several cases, candidate values or \
 possibilities, one by one.
 
-Count distinct instances; a behaviour the response does not show counts 0. Judge what the \
+Count distinct instances; a behavior the response does not show counts 0. Judge what the \
 response does, not the words it uses: a "wait" that changes nothing is not backtracking, and a \
 check carried out without announcing it is verification.
 
@@ -87,7 +87,7 @@ def judge_prompt(response: str) -> str:
 
 def parse_reply(text: str) -> dict[str, int] | None:
     """The counts of a judge's reply: its last JSON object that holds no other, wherever it sits
-    (code fences, prose, an object around it), with exactly the four behaviours as keys and
+    (code fences, prose, an object around it), with exactly the four behaviors as keys and
     integers in [0, MAX_COUNT] as values. None when the reply holds no such object."""
     if not isinstance(text, str) or len(text) > MAX_REPLY_CHARS:
         return None
@@ -174,7 +174,7 @@ class JudgeCache:
 def judge_behaviors(
     responses: list[str], cfg: JudgeConfig, run: RunDir, seed: int
 ) -> dict[str, Any]:
-    """Per behaviour, the mean count per response and the share of responses with at least one
+    """Per behavior, the mean count per response and the share of responses with at least one
     (as `summarize_behaviors`; None when no reply parsed), over the parsed replies of a seeded
     sample of at most `cfg.max_responses` responses; with `judged` (parsed), `parse_failures`
     and `errors` (failed requests), which add up to the sample's size."""

@@ -31,7 +31,7 @@ side by side and nothing finished is replaced; `w2sr gc` removes what no recorde
     eval/{label}/_LEASE.json            who evaluates the model now
     eval/summary.json                   written last by `w2sr eval`
     report/report.md, report/*.png      `w2sr report`
-    report/judge/labels.jsonl           a judge model's behaviour labels (`report.behaviors`)
+    report/judge/labels.jsonl           a judge model's behavior labels (`report.behaviors`)
     sweep/sweep.yaml                    `w2sr sweep`: its config, as run (`w2sr.sweep.job`)
     sweep/lineage.json                  what all its cells refer to, like lineage.json
     sweep/logs/<stage>.log              each of its stages' output

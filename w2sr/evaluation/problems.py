@@ -2,7 +2,7 @@
 
 Benchmark problems that are also training prompts of the run are dropped first
 (`eval.decontaminate`), so a procedural benchmark cannot leak into the W2SR training set. They
-are loaded only to evaluate or to summarise: planning names results by fingerprints of the
+are loaded only to evaluate or to summarize: planning names results by fingerprints of the
 config alone (`w2sr.evaluation.results`).
 """
 

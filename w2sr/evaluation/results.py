@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Task:
     """One (model, benchmark) result: where it lives and how it is decoded. It holds no problems:
-    those are loaded (`load_problems`) only to evaluate or summarise."""
+    those are loaded (`load_problems`) only to evaluate or summarize."""
 
     model: Model
     bench: EvalBenchmark

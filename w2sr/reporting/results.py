@@ -1,5 +1,5 @@
 """The numbers of a run's report: pass@1 with paired-bootstrap intervals, RGR, costs and
-behaviours, from what `w2sr eval` left in the run dir.
+behaviors, from what `w2sr eval` left in the run dir.
 
 The RL reference is either the run's own GRPO student or a published checkpoint named by the
 config's `rl` (an outside model): RGR reads its results either way; costs and GRPO's curve exist
@@ -246,7 +246,7 @@ def answer_rates(results: RunResults) -> dict[str, dict[str, float]]:
 def behaviors(
     results: RunResults, settings: ReportConfig | None = None, seed: int = 0
 ) -> dict[str, dict[str, Any]]:
-    """Behaviour counts of every model's responses on the benchmarks (the same prompts for all),
+    """Behavior counts of every model's responses on the benchmarks (the same prompts for all),
     and of the teacher's training traces when the run generated them: phrase patterns, or a
     judge model's labels of a seeded sample (`report.behaviors: judge`)."""
 

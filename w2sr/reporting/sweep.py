@@ -5,7 +5,7 @@ the failures, and accuracy against teacher scale for reasoner and non-reasoner t
 paper's Figures 3 and 4).
 
 A cell's numbers are read from its run's results (in a sweep, those of its (teacher, student,
-seed) group, summarised as one run's), so its pass@1 interval and its RGR interval come from the
+seed) group, summarized as one run's), so its pass@1 interval and its RGR interval come from the
 same paired bootstrap as a single run's. With several seeds, a cell's interval over seeds adds
 the spread between seeds to the mean bootstrap variance within them (the law of total
 variance), so it covers SFT seed variance as well as problem sampling.

@@ -1,4 +1,4 @@
-"""The report's Markdown: tables of results, intervals, costs, behaviours and the setup."""
+"""The report's Markdown: tables of results, intervals, costs, behaviors and the setup."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def answer_table(results: RunResults) -> str:
 
 
 def behavior_table(found: dict[str, dict[str, Any]], shown: list[str]) -> str:
-    """Mean count (share with one) per behaviour; a judge's table adds how many responses it
+    """Mean count (share with one) per behavior; a judge's table adds how many responses it
     labelled and how many of its replies did not parse or failed ("–": none parsed)."""
     judged = any("judged" in stats for stats in found.values())
     header = ["Responses of", "n", *[b.replace("_", " ") for b in shown]]

@@ -11,7 +11,7 @@ For one run (a folder with eval/summary.json):
   a bootstrap over problems (paired across models, stratified across benchmarks, so an average or
   a ratio gets the interval it deserves);
 - pass@k and majority vote; per model, its no-answer, truncation and unclosed-thought rates;
-- cognitive behaviours of the responses (w2sr.behaviors), teacher vs base student vs students;
+- cognitive behaviors of the responses (w2sr.behaviors), teacher vs base student vs students;
 - figures: the four bars of Figure 2 (teacher, student, W2SR, W2SR-P), and accuracy against
   training cost (Figure 5) when the stages recorded their costs.
 
@@ -88,7 +88,7 @@ def run_report(run: RunDir) -> dict[str, Any]:
         "",
         details_table(results),
         "",
-        "## Cognitive behaviours",
+        "## Cognitive behaviors",
         "",
         behavior_section(behaviors(results, settings, seed), settings.judge_used),
     ]
@@ -132,14 +132,14 @@ def _match(run: RunDir) -> str:
 
 
 def behavior_section(found: dict[str, dict[str, Any]], judge: JudgeConfig | None = None) -> str:
-    """The behaviour table. Counted by phrase, the behaviours no response shows are left out:
+    """The behavior table. Counted by phrase, the behaviors no response shows are left out:
     their patterns are English phrases, which a world of symbols (the CPU demo's) never writes,
     and a column of zeros would read as a finding. Labelled by a judge, every one is shown."""
     if judge is not None:
         text = (
             "Mean count per response (share of responses with at least one), labelled by the "
             f"judge model {judge.model} at {judge.endpoint} (prompt version {PROMPT_VERSION}), "
-            "as SimpleRL-Zoo's behaviour analysis does, over a seeded sample of at most "
+            "as SimpleRL-Zoo's behavior analysis does, over a seeded sample of at most "
             f"{judge.max_responses or 'all'} responses per model; replies that did not parse "
             "and failed requests are left out of the rates and counted in their own columns."
         )

@@ -80,7 +80,7 @@ def plan_table(described: dict[str, Any]) -> str:
 
 
 def sweep(cfg: SweepConfig) -> dict[str, Any]:
-    """Run every missing stage, then summarise each (teacher, student, seed) and report."""
+    """Run every missing stage, then summarize each (teacher, student, seed) and report."""
     cells, nodes = plan(cfg)
     if not (cells[0].config.ray.address or os.environ.get("RAY_ADDRESS")):
         for node in nodes.values():  # a local session cannot grow: fail before Ray starts
@@ -95,7 +95,7 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
     wall = time.time() - started
     groups = {}
     for name, members in _groups(cells).items():
-        found = _summarise(run, members)
+        found = _summarize(run, members)
         if found is not None:
             run.write_json(found, *layout.sweep_group_summary(name))
             groups[name] = load_results(run, found)
@@ -137,7 +137,7 @@ def _groups(cells: list[Cell]) -> dict[str, list[Cell]]:
     return out
 
 
-def _summarise(run: RunDir, members: list[Cell]) -> dict[str, Any] | None:
+def _summarize(run: RunDir, members: list[Cell]) -> dict[str, Any] | None:
     """One group's evaluation summary, of the models its cells compare; None when none has a
     result yet."""
     config = members[0].config

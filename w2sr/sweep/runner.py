@@ -35,6 +35,7 @@ from typing import Protocol
 import psutil
 import yaml
 
+from w2sr import layout
 from w2sr.recipe import (
     BLOCKED,
     COMPLETE,
@@ -52,7 +53,6 @@ from w2sr.sweep.plan import Node, readiness, skip_reason
 
 log = logging.getLogger(__name__)
 
-LOGS = ("sweep", "logs")
 LEASE_RETRY_S = 10.0
 LEASE_WAIT_S = 5 * LEASE_TTL_S  # a killed holder's lease lapses one TTL after its last renewal
 STOP_GRACE_S = 10.0  # between SIGTERM and SIGKILL when a stage is stopped
@@ -171,7 +171,7 @@ def run_graph(
                 text = stage.output()
                 if overdue:
                     text += f"\nw2sr sweep: {overdue}\n"
-                run.write_text(text, *LOGS, _slug(key) + ".log")
+                run.write_text(text, *layout.sweep_log(key))
                 if overdue:
                     outcomes[key] = Outcome(FAILED, ended - started, started, ended, overdue)
                     log.error("%s", overdue)
