@@ -15,7 +15,7 @@ import pytest
 
 from w2sr.config import ConfigError, EvalBenchmark, PromptsConfig
 from w2sr.data.benchmarks import BENCHMARKS
-from w2sr.data.sources import Fields, load_benchmark, load_prompts, validate_rows
+from w2sr.data.sources import Fields, load_benchmark, load_training_problems, validate_rows
 
 # Small copies in the layout of the files SimpleRL-Zoo's evaluator ships
 # (examples/simplelr_math_eval/data/<name>/test.jsonl): the real columns and answer formats,
@@ -31,7 +31,7 @@ def _offline_datasets(tmp_path, monkeypatch):
 
 
 def load(limit: int | None = None, **source) -> tuple[list[dict], list[dict]]:
-    return load_prompts(PromptsConfig.model_validate({"source": source, "limit": limit}))
+    return load_training_problems(PromptsConfig.model_validate({"source": source, "limit": limit}))
 
 
 def bench(**ref) -> tuple[list[dict], list[dict]]:

@@ -25,7 +25,7 @@ from faults import descendants
 from w2sr import layout
 from w2sr.config import BenchmarkRef, ConfigError, PromptsConfig, validate
 from w2sr.data.benchmarks import OFFLINE_TASKS
-from w2sr.data.sources import load_benchmark, load_prompts
+from w2sr.data.sources import load_benchmark, load_training_problems
 from w2sr.evaluation import offline
 from w2sr.evaluation.endpoint import EndpointError, chat_completion, endpoint_key
 from w2sr.evaluation.problems import Problems, load_problems
@@ -66,7 +66,9 @@ def test_offline_benchmark_is_fixed_balanced_and_disjoint_from_default_training_
     assert rejected == [] and len(rows) == 200
     assert load_benchmark(BenchmarkRef(name="offline"))[0] == rows
     assert [r["prompt_id"].rsplit("-", 2)[0] for r in rows[:4]] == list(OFFLINE_TASKS)
-    training, _ = load_prompts(PromptsConfig())  # the default generation source (jobs/tiny too)
+    training, _ = load_training_problems(
+        PromptsConfig()
+    )  # the default generation source (jobs/tiny too)
     assert not {r["problem"] for r in training} & {r["problem"] for r in rows}
 
 
@@ -599,16 +601,16 @@ def test_a_benchmark_that_loses_requests_keeps_its_replies_for_the_rerun(tmp_pat
         server.refuse = set(seeds[:2])
         with pytest.raises(EndpointError, match="2 of 6 requests failed.*rerun asks only"):
             evaluate(cfg, endpoint=server.url)
-        assert server.requests == 6 and not run.exists(*task.parts)
+        assert server.requests == 6 and not run.exists(*task.file)
         server.refuse = set()
         summary = evaluate(cfg, endpoint=server.url)
     finally:
         server.httpd.shutdown()
     assert server.requests == 6 + 2  # only the two lost ones again
     assert all("chat_template_kwargs" not in body for body in server.bodies)  # no `thinking`
-    table = run.read_parquet(*task.parts)
+    table = run.read_parquet(*task.file)
     assert sorted(table.column("seed").to_pylist()) == sorted(seeds)
-    assert run.list(*task.parts[:-1]) == [task.parts[-1]]  # the kept replies are gone
+    assert run.list(*task.file[:-1]) == [task.file[-1]]  # the kept replies are gone
     assert summary["models"]["teacher"]["results"]["offline"]["backend"].startswith("endpoint")
 
 
@@ -663,7 +665,7 @@ def test_a_killed_endpoint_evaluation_keeps_the_replies_it_got(tmp_path):
     cfg = validate(data)
     run = RunDir(cfg.run_dir)
     [task], _ = plan_tasks(cfg)
-    partial = Path(run.path(*task.parts).removesuffix(".parquet") + ".partial.json")
+    partial = Path(run.path(*task.file).removesuffix(".parquet") + ".partial.json")
     server = FlakyServer()
     server.delay = 0.4
     try:
@@ -678,13 +680,13 @@ def test_a_killed_endpoint_evaluation_keeps_the_replies_it_got(tmp_path):
         finally:
             proc.wait()
         kept = json.loads(partial.read_text())
-        assert 0 < len(kept) < 16 and not run.exists(*task.parts)
+        assert 0 < len(kept) < 16 and not run.exists(*task.file)
         before, server.delay = server.requests, 0.0
         evaluate(cfg, endpoint=server.url)
     finally:
         server.httpd.shutdown()
     assert server.requests - before == 16 - len(kept)  # only what the killed attempt lacked
-    table = run.read_parquet(*task.parts)
+    table = run.read_parquet(*task.file)
     keys = list(zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True))
     assert len(keys) == len(set(keys)) == 16 and not partial.exists()
 

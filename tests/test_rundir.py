@@ -364,7 +364,7 @@ def test_an_evaluation_whose_model_another_owner_evaluates_stops_and_keeps_its_p
     )
     [task], _ = plan_tasks(cfg)
     run = RunDir(cfg.run_dir)
-    name = task.parts[-1].removesuffix(".parquet")
+    name = task.file[-1].removesuffix(".parquet")
     parts = (layout.EVAL, "teacher", layout.PARTS, name, "part-0.parquet")
     run.write_parquet(pa.table({"prompt_id": ["p"], "sample_index": [0]}), *parts)
     other = {"owner": "other-host:12:abcd", "heartbeat": time.time(), "ttl_s": 60.0}

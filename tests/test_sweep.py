@@ -168,7 +168,7 @@ def test_an_evaluation_is_a_node_per_setting_of_its_model(tmp_path):
         for cell in [c for c in cells if c.name in node.cells]:  # the node makes what they read
             wanted, _ = plan_tasks(cell.config, labels=("teacher",))
             made, _ = plan_tasks(node.config, labels=("teacher",))
-            assert [t.parts for t in wanted] == [t.parts for t in made]
+            assert [t.file for t in wanted] == [t.file for t in made]
     # One GRPO student for two teachers, one of which evaluates at another setting
     data |= {
         "teachers": [

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from w2sr.config import EvalBenchmark, PromptsConfig
-from w2sr.data.sources import load_benchmark, load_prompts
+from w2sr.data.sources import load_benchmark, load_training_problems
 from w2sr.data.world import SPLITS, World, prompt_rows, question, solution
 from w2sr.grading import GRADERS
 from w2sr.models import ModelSpec
@@ -57,7 +57,9 @@ def test_a_solution_chains_facts_and_ends_with_the_answer():
 
 def test_prompt_sources_and_the_benchmark_agree_with_the_world():
     world = World()
-    rows, rejected = load_prompts(PromptsConfig(source={"type": "khop", "split": "train"}))
+    rows, rejected = load_training_problems(
+        PromptsConfig(source={"type": "khop", "split": "train"})
+    )
     bench, _ = load_benchmark(EvalBenchmark(name="khop"))
     assert not rejected
     assert {r["prompt_id"] for r in rows}.isdisjoint({r["prompt_id"] for r in bench})

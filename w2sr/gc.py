@@ -75,7 +75,7 @@ def record(cfg: ExperimentConfig) -> Record:
     trained = Lineage(cfg).trained.items()
     return Record(
         frozenset(artifact.folder for artifact in Lineage(cfg).artifacts),
-        frozenset("/".join(task.parts) for task in tasks),
+        frozenset("/".join(task.file) for task in tasks),
         frozenset((label, a.folder) for label, a in trained if label not in evaluated),
     )
 

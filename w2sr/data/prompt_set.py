@@ -15,7 +15,7 @@ import pyarrow as pa
 from w2sr import layout, lineage
 from w2sr.config import ConfigError, ExperimentConfig
 from w2sr.data.prompts import load_tokenizer, render_prompts
-from w2sr.data.sources import load_prompts
+from w2sr.data.sources import load_training_problems
 from w2sr.data.templates import TEMPLATES
 from w2sr.lineage import Lineage
 from w2sr.models import ModelSpec
@@ -38,7 +38,7 @@ def _problem_set(cfg: ExperimentConfig, run: RunDir, artifact: lineage.Artifact)
     with run.stage(artifact, wait=True) as claim:
         if claim.record:
             return run.read_parquet(artifact.folder, layout.PROBLEM_SET)
-        rows, rejected = load_prompts(cfg.prompts)
+        rows, rejected = load_training_problems(cfg.prompts)
         _set_aside(run, artifact.folder, rejected, "source rows")
         if not rows:
             raise ConfigError(

@@ -79,8 +79,9 @@ class _Unparsed:
     reason: str
 
 
-def load_prompts(cfg: PromptsConfig) -> tuple[list[dict], list[dict]]:
-    """Returns (rows, rejected).
+def load_training_problems(cfg: PromptsConfig) -> tuple[list[dict], list[dict]]:
+    """The problems of the `prompts` source, validated (rows of problem, answer, id), and the
+    rows set aside with the reason: (rows, rejected).
 
     `cfg.limit` keeps the first N *good* rows; it applies after validation, so a bad row never
     takes a slot, and `rejected` lists the rejections of the whole source.

@@ -44,7 +44,8 @@ class Task:
     fingerprint: str
 
     @property
-    def parts(self) -> tuple[str, str, str]:
+    def file(self) -> tuple[str, str, str]:
+        """The result file's path in the run dir, as `RunDir` takes it."""
         return layout.eval_result(self.model.label, self.bench.name, self.fingerprint)
 
 
@@ -138,17 +139,17 @@ def write_result(
         **Lineage(cfg).result_fields(task.bench, task.model.label),
     }
     schema = EVAL_SCHEMA.with_metadata({"w2sr": json.dumps(meta)})
-    run.write_parquet(pa.Table.from_pylist(rows, schema=schema), *task.parts)
-    log.info("wrote %s (%d samples)", "/".join(task.parts), len(rows))
+    run.write_parquet(pa.Table.from_pylist(rows, schema=schema), *task.file)
+    log.info("wrote %s (%d samples)", "/".join(task.file), len(rows))
 
 
 def is_current(run: RunDir, task: Task, problems: Problems) -> bool:
     """Whether the task's result file exists and was made from these problems: a benchmark whose
     rows changed under the same config (a loader fixed, a hub dataset updated) is evaluated
     again. Reads the file's footer only."""
-    if not run.exists(*task.parts):
+    if not run.exists(*task.file):
         return False
-    meta = pq.read_schema(run.path(*task.parts), filesystem=run.fs).metadata or {}
+    meta = pq.read_schema(run.path(*task.file), filesystem=run.fs).metadata or {}
     return json.loads(meta.get(b"w2sr", b"{}")).get("problems") == problems.digest()
 
 
@@ -271,12 +272,12 @@ def summary(
                 "results": {},
             }
         entry = out["models"][model.label]
-        table = run.read_parquet(*task.parts)
+        table = run.read_parquet(*task.file)
         ks = task.setting.ks
         result = benchmark_metrics(table, ks, ev.bootstrap_resamples, ev.confidence, cfg.seed)
         meta = json.loads(table.schema.metadata[b"w2sr"])
         entry["results"][task.bench.name] = {
-            "file": "/".join(task.parts),
+            "file": "/".join(task.file),
             "backend": meta["backend"],
             "setting": _setting(task.setting, with_ks=False),
             **result,

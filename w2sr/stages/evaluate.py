@@ -47,8 +47,8 @@ def evaluate(
     missing: dict[str, list[Task]] = defaultdict(list)
     for task in tasks:
         if not is_current(run, task, problems[task.bench.name]):
-            if run.exists(*task.parts):
-                log.warning("%s: made from other problems; evaluated again", run.path(*task.parts))
+            if run.exists(*task.file):
+                log.warning("%s: made from other problems; evaluated again", run.path(*task.file))
             missing[task.model.label].append(task)
     log.info("%d of %d results to compute", sum(map(len, missing.values())), len(tasks))
     if missing and endpoint:

@@ -143,7 +143,7 @@ def _summarize(run: RunDir, members: list[Cell]) -> dict[str, Any] | None:
     config = members[0].config
     labels = tuple(dict.fromkeys(label for cell in members for label in cell.labels))
     tasks, skipped = plan_tasks(config, labels=labels)
-    done = [task for task in tasks if run.exists(*task.parts)]
+    done = [task for task in tasks if run.exists(*task.file)]
     if not done:
         return None
     skipped = {label: why for label, why in skipped.items() if label in labels}

@@ -156,7 +156,7 @@ def is_complete(node: Node, run: RunDir) -> bool:
     if node.label not in models:
         return False
     tasks, _ = plan_tasks(cfg, labels=(node.label,))
-    return all(run.exists(*task.parts) for task in tasks)
+    return all(run.exists(*task.file) for task in tasks)
 
 
 def skip_reason(node: Node, run: RunDir) -> str | None:
