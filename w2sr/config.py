@@ -10,15 +10,19 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from w2sr.data.benchmarks import EVAL_BENCHMARKS
+from w2sr.data.sources import BenchmarkRef, PromptSource, ReasoningGymSource
+from w2sr.data.templates import TEMPLATES
+from w2sr.grading import GRADERS
 from w2sr.layout import RUN_LABELS, VARIANT_NAMES
+from w2sr.models import ModelSpec
+from w2sr.strict import ConfigError, Fraction, PositiveInt, Strict
 
-PositiveInt = Annotated[int, Field(gt=0)]
-Fraction = Annotated[float, Field(gt=0, le=1)]
 # `train.variant`: the names of layout.VARIANTS, spelled out because a type checker reads a
 # Literal's values only from the source.
 VariantName = Literal["all", "correct", "incorrect"]
@@ -26,169 +30,7 @@ if get_args(VariantName) != VARIANT_NAMES:
     raise ImportError(f"VariantName {get_args(VariantName)} != layout.VARIANT_NAMES")
 
 
-class ConfigError(ValueError):
-    """A config that cannot run; the message names every offending key."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    # Fields that say how a stage runs, not what it produces. Fingerprints leave them out, so a
-    # rerun with more replicas or another checkpoint cadence resumes instead of starting over.
-    OPERATIONAL: ClassVar[frozenset[str]] = frozenset()
-    # Fields added after run dirs existed whose default reproduces what those runs made: left out
-    # of fingerprints while at their default, so the artifacts of those runs are still found.
-    SILENT_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset()
-
-    def outcome(self) -> dict[str, Any]:
-        """The fields that decide a stage's outputs, as JSON values (what fingerprints hash)."""
-        silent = {
-            name
-            for name in self.SILENT_AT_DEFAULT
-            if getattr(self, name)
-            == type(self).model_fields[name].get_default(call_default_factory=True)
-        }
-        data = self.model_dump(mode="json", exclude=set(self.OPERATIONAL) | silent)
-        for name in data:
-            value = getattr(self, name)
-            if isinstance(value, Strict):
-                data[name] = value.outcome()
-        return data
-
-
 # --- prompts ---------------------------------------------------------------------------------
-
-
-class ReasoningGymSource(Strict):
-    """Procedural problems from a reasoning-gym task: offline and deterministic under a seed."""
-
-    type: Literal["reasoning_gym"] = "reasoning_gym"
-    task: str = "basic_arithmetic"
-    size: PositiveInt = 64
-    seed: int = 0
-    task_config: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _task_exists(self) -> ReasoningGymSource:
-        """The task and its settings are checked here, by the task's own config class."""
-        import difflib
-
-        from reasoning_gym.factory import DATASETS
-
-        if self.task not in DATASETS:
-            close = difflib.get_close_matches(self.task, DATASETS, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"task: unknown reasoning_gym task {self.task!r}{hint}")
-        _, config_class = DATASETS[self.task]
-        try:
-            config_class(size=self.size, seed=self.seed, **self.task_config).validate()
-        except (TypeError, ValueError, AssertionError) as error:
-            raise ValueError(f"task_config: {error}") from None
-        return self
-
-
-class KHopSource(Strict):
-    """The k-hop lookup world of the CPU demo (`w2sr.data.world`): `train` questions for traces,
-    `heldout` ones for evaluation."""
-
-    type: Literal["khop"] = "khop"
-    split: Literal["train", "heldout"] = "train"
-
-
-class FileSource(Strict):
-    """Local or remote JSONL / Parquet rows."""
-
-    type: Literal["file"] = "file"
-    path: str
-    problem_field: str = "problem"
-    answer_field: str = "answer"
-    id_field: str | None = None
-
-
-class HFSource(Strict):
-    """A Hugging Face dataset by hub id or local path (a `save_to_disk` folder or data files)."""
-
-    type: Literal["hf"] = "hf"
-    path: str
-    name: str | None = None
-    split: str = "train"
-    problem_field: str = "problem"
-    answer_field: str = "answer"
-    id_field: str | None = None
-
-
-class BenchmarkRef(Strict):
-    """A standard benchmark by name (`w2sr.data.benchmarks.BENCHMARKS`), from the hub or a local
-    copy (`path`: a JSONL or Parquet file, or a dataset folder).
-
-    A local copy is read with the benchmark's own column names, or, for the copies that
-    SimpleRL-Zoo's evaluator ships, with that file's (a preset per benchmark); the `*_field` keys
-    name the columns of any other copy. `solution_field` names a worked solution whose last
-    `\\boxed{}` is the answer, for copies that have no answer column (MATH, Minerva).
-    """
-
-    name: str
-    path: str | None = None
-    split: str | None = None  # splits may be joined with "+": "train+test"
-    problem_field: str | None = None
-    answer_field: str | None = None
-    solution_field: str | None = None
-    id_field: str | None = None
-    SILENT_AT_DEFAULT = frozenset({"problem_field", "answer_field", "solution_field", "id_field"})
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_name(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _known(self) -> BenchmarkRef:
-        from w2sr.data.benchmarks import BENCHMARKS, KHOP, OFFLINE
-
-        if self.name in (OFFLINE, KHOP):
-            if self.path or self.split or self.fields_given():
-                raise ValueError(f"{self.name!r} is built in: it takes no path, split or fields")
-        elif self.name not in BENCHMARKS:
-            raise ValueError(f"unknown benchmark {self.name!r}; one of {sorted(BENCHMARKS)}")
-        if self.answer_field and self.solution_field:
-            raise ValueError("solution_field: give answer_field or solution_field, not both")
-        return self
-
-    def fields_given(self) -> dict[str, str]:
-        """The column names set in the config, by role (problem, answer, solution, id)."""
-        named = {
-            "problem": self.problem_field,
-            "answer": self.answer_field,
-            "solution": self.solution_field,
-            "id": self.id_field,
-        }
-        return {role: column for role, column in named.items() if column}
-
-
-class BenchmarkSource(BenchmarkRef):
-    """Training problems from a standard set, e.g. MATH levels 3-5 of train and test less the
-    MATH-500 problems (SimpleRL-Zoo's training set): `exclude` leaves out every problem that is
-    also in one of those benchmarks."""
-
-    type: Literal["benchmark"] = "benchmark"
-    levels: list[Annotated[int, Field(ge=1, le=5)]] | None = None
-    exclude: list[BenchmarkRef] = Field(default_factory=list)
-    SILENT_AT_DEFAULT = BenchmarkRef.SILENT_AT_DEFAULT | {"exclude"}
-
-    @model_validator(mode="after")
-    def _levels_only_for_math(self) -> BenchmarkSource:
-        from w2sr.data.benchmarks import BENCHMARKS
-
-        if self.levels is not None and self.name not in ("math", "math500"):
-            raise ValueError("levels applies only to math and math500")
-        if self.name not in BENCHMARKS:
-            raise ValueError(f"name: {self.name!r} is built in for evaluation, not a prompt source")
-        return self
-
-
-PromptSource = Annotated[
-    ReasoningGymSource | KHopSource | FileSource | HFSource | BenchmarkSource,
-    Field(discriminator="type"),
-]
 
 
 class PromptsConfig(Strict):
@@ -488,8 +330,6 @@ class EvalBenchmark(BenchmarkRef):
 
     @model_validator(mode="after")
     def _evaluable(self) -> EvalBenchmark:
-        from w2sr.data.benchmarks import EVAL_BENCHMARKS
-
         if self.name not in EVAL_BENCHMARKS:
             raise ValueError(f"unknown benchmark {self.name!r}; one of {sorted(EVAL_BENCHMARKS)}")
         return self
@@ -740,9 +580,6 @@ class ExperimentConfig(Strict):
 
     @model_validator(mode="after")
     def _known_names(self) -> ExperimentConfig:
-        from w2sr.data.templates import TEMPLATES
-        from w2sr.grading import GRADERS
-
         if self.template not in TEMPLATES:
             raise ValueError(f"template: unknown {self.template!r}; one of {sorted(TEMPLATES)}")
         for key, uri in self._locations().items():
@@ -843,8 +680,6 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
 def model_spec_problem(spec: str) -> str | None:
     """Why a model spec cannot work, found without loading anything: an unknown built-in, or a
     local path (absolute or relative, never a hub id) that is not there."""
-    from w2sr.models import ModelSpec
-
     try:
         model = ModelSpec.parse(spec)
     except ValueError as error:  # an unknown built-in

@@ -25,21 +25,12 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from numbers import Integral, Real
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from pydantic import Field, model_validator
 
-from w2sr.config import (
-    BenchmarkRef,
-    BenchmarkSource,
-    ConfigError,
-    FileSource,
-    HFSource,
-    KHopSource,
-    PromptsConfig,
-    ReasoningGymSource,
-)
 from w2sr.data.benchmarks import (
     BENCHMARKS,
     KHOP,
@@ -50,8 +41,145 @@ from w2sr.data.benchmarks import (
     Columns,
 )
 from w2sr.grading import extract_answer
+from w2sr.strict import ConfigError, PositiveInt, Strict
+
+if TYPE_CHECKING:
+    from w2sr.config import PromptsConfig
 
 log = logging.getLogger(__name__)
+
+
+# --- the sources a config names ------------------------------------------------------------
+
+
+class ReasoningGymSource(Strict):
+    """Procedural problems from a reasoning-gym task: offline and deterministic under a seed."""
+
+    type: Literal["reasoning_gym"] = "reasoning_gym"
+    task: str = "basic_arithmetic"
+    size: PositiveInt = 64
+    seed: int = 0
+    task_config: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _task_exists(self) -> ReasoningGymSource:
+        """The task and its settings are checked here, by the task's own config class."""
+        import difflib
+
+        from reasoning_gym.factory import DATASETS
+
+        if self.task not in DATASETS:
+            close = difflib.get_close_matches(self.task, DATASETS, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"task: unknown reasoning_gym task {self.task!r}{hint}")
+        _, config_class = DATASETS[self.task]
+        try:
+            config_class(size=self.size, seed=self.seed, **self.task_config).validate()
+        except (TypeError, ValueError, AssertionError) as error:
+            raise ValueError(f"task_config: {error}") from None
+        return self
+
+
+class KHopSource(Strict):
+    """The k-hop lookup world of the CPU demo (`w2sr.data.world`): `train` questions for traces,
+    `heldout` ones for evaluation."""
+
+    type: Literal["khop"] = "khop"
+    split: Literal["train", "heldout"] = "train"
+
+
+class FileSource(Strict):
+    """Local or remote JSONL / Parquet rows."""
+
+    type: Literal["file"] = "file"
+    path: str
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    id_field: str | None = None
+
+
+class HFSource(Strict):
+    """A Hugging Face dataset by hub id or local path (a `save_to_disk` folder or data files)."""
+
+    type: Literal["hf"] = "hf"
+    path: str
+    name: str | None = None
+    split: str = "train"
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    id_field: str | None = None
+
+
+class BenchmarkRef(Strict):
+    """A standard benchmark by name (`w2sr.data.benchmarks.BENCHMARKS`), from the hub or a local
+    copy (`path`: a JSONL or Parquet file, or a dataset folder).
+
+    A local copy is read with the benchmark's own column names, or, for the copies that
+    SimpleRL-Zoo's evaluator ships, with that file's (a preset per benchmark); the `*_field` keys
+    name the columns of any other copy. `solution_field` names a worked solution whose last
+    `\\boxed{}` is the answer, for copies that have no answer column (MATH, Minerva).
+    """
+
+    name: str
+    path: str | None = None
+    split: str | None = None  # splits may be joined with "+": "train+test"
+    problem_field: str | None = None
+    answer_field: str | None = None
+    solution_field: str | None = None
+    id_field: str | None = None
+    SILENT_AT_DEFAULT = frozenset({"problem_field", "answer_field", "solution_field", "id_field"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _known(self) -> BenchmarkRef:
+        if self.name in (OFFLINE, KHOP):
+            if self.path or self.split or self.fields_given():
+                raise ValueError(f"{self.name!r} is built in: it takes no path, split or fields")
+        elif self.name not in BENCHMARKS:
+            raise ValueError(f"unknown benchmark {self.name!r}; one of {sorted(BENCHMARKS)}")
+        if self.answer_field and self.solution_field:
+            raise ValueError("solution_field: give answer_field or solution_field, not both")
+        return self
+
+    def fields_given(self) -> dict[str, str]:
+        """The column names set in the config, by role (problem, answer, solution, id)."""
+        named = {
+            "problem": self.problem_field,
+            "answer": self.answer_field,
+            "solution": self.solution_field,
+            "id": self.id_field,
+        }
+        return {role: column for role, column in named.items() if column}
+
+
+class BenchmarkSource(BenchmarkRef):
+    """Training problems from a standard set, e.g. MATH levels 3-5 of train and test less the
+    MATH-500 problems (SimpleRL-Zoo's training set): `exclude` leaves out every problem that is
+    also in one of those benchmarks."""
+
+    type: Literal["benchmark"] = "benchmark"
+    levels: list[Annotated[int, Field(ge=1, le=5)]] | None = None
+    exclude: list[BenchmarkRef] = Field(default_factory=list)
+    SILENT_AT_DEFAULT = BenchmarkRef.SILENT_AT_DEFAULT | {"exclude"}
+
+    @model_validator(mode="after")
+    def _levels_only_for_math(self) -> BenchmarkSource:
+        if self.levels is not None and self.name not in ("math", "math500"):
+            raise ValueError("levels applies only to math and math500")
+        if self.name not in BENCHMARKS:
+            raise ValueError(f"name: {self.name!r} is built in for evaluation, not a prompt source")
+        return self
+
+
+PromptSource = Annotated[
+    ReasoningGymSource | KHopSource | FileSource | HFSource | BenchmarkSource,
+    Field(discriminator="type"),
+]
+
 
 Record = tuple[int, Any]  # (index in its split, the raw row: a dict, or _Unparsed)
 
