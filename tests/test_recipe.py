@@ -249,3 +249,30 @@ def test_a_training_stage_with_an_empty_set_is_skipped_by_the_recipe(tmp_path):
     # what each stage makes is the lineage's folder for the config
     assert train.artifact(correct) == Lineage(correct).student("correct")
     assert STAGES["generate"].artifact(cfg) == Lineage(cfg).traces
+
+
+def test_the_demo_sweeps_plan_builds_no_model_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """`--plan` with no model built yet: the built-ins are known by their builders' source, so
+    nothing is built, fetched or written; a table for people, JSON with --json."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from w2sr.cli import main
+
+    monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    jobs = Path(__file__).parents[1] / "jobs"
+    sweep = yaml.safe_load((jobs / "demo-sweep.yaml").read_text())
+    sweep |= {"base": str(jobs / sweep["base"]), "run_dir": str(tmp_path / "runs" / "sweep")}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    assert main(["sweep", str(path), "--plan"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["STAGE", "COMMAND", "STATE", "CELLS"]
+    assert table[-1] == "39 stages for 12 cells: 0 complete, 0 skipped, 39 to run"
+    assert main(["sweep", str(path), "--plan", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert len(listed["stages"]) == listed["to_run"] == 39 and len(listed["cells"]) == 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]  # no cache, no run dir
