@@ -3,6 +3,9 @@ stages that read them."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pyarrow as pa
 
 from w2sr import layout
@@ -24,3 +27,15 @@ def prepared_problems(cfg: ExperimentConfig, problems: list[str]) -> None:
     rows = [{"prompt_id": str(i), "problem": p, "answer": "0"} for i, p in enumerate(problems)]
     run.write_parquet(pa.Table.from_pylist(rows), artifact.folder, layout.PROBLEM_SET)
     run.mark_done(artifact.folder, artifact.fingerprint)
+
+
+def sum_problems(tmp: Path, count: int = 6) -> Path:
+    """A prompts file of `count` sums with their answers, as a `file` source reads it."""
+    problems = tmp / "prompts.jsonl"
+    problems.write_text(
+        "".join(
+            json.dumps({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+            for i in range(count)
+        )  # fmt: skip
+    )
+    return problems

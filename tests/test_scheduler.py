@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from artifacts import sum_problems
 
 from w2sr import cli, layout
 from w2sr.evaluation.problems import load_problems
@@ -51,13 +52,7 @@ TRACEBACK = (
 def sweep_config(tmp: Path, teachers: tuple[str, ...] = ("a",), grpo: bool = True) -> SweepConfig:
     """Hub names that are never loaded: nothing here gets that far."""
     tmp.mkdir(exist_ok=True)
-    problems = tmp / "prompts.jsonl"
-    problems.write_text(
-        "".join(
-            json.dumps({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
-            for i in range(6)
-        )  # fmt: skip
-    )
+    problems = sum_problems(tmp)
     base: dict = {
         "prompts": {"source": {"type": "file", "path": str(problems)}},
         "eval": {

@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import yaml
+from artifacts import sum_problems
 from network import free_port
 
 from w2sr import layout
@@ -42,13 +43,7 @@ STUDENT = "builtin:tiny-random"
 
 
 def base(tmp: Path) -> dict:
-    problems = tmp / "prompts.jsonl"
-    problems.write_text(
-        "".join(
-            json.dumps({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
-            for i in range(6)
-        )  # fmt: skip
-    )
+    problems = sum_problems(tmp)
     engine = {"batch_size": 16, "max_model_len": 256}
     return {
         "prompts": {"source": {"type": "file", "path": str(problems)}},
