@@ -77,7 +77,7 @@ def test_gc_lists_then_removes_only_what_no_kept_config_refers_to(tmp_path, caps
     run.write_text("[]", replies)
     (asked,), _ = plan_tasks(real, labels=("teacher",))  # the kept config's, under way
     run.write_text(
-        "[]", *asked.parts[:-1], asked.parts[-1].replace(".parquet", layout.EVAL_PARTIAL)
+        "[]", *asked.file[:-1], asked.file[-1].replace(".parquet", layout.EVAL_PARTIAL)
     )
     run.write_json({}, *layout.EVAL_SUMMARY)  # a file among the labels' folders
     published = layout.builtin("tiny-random", "4" * 16)  # a built-in no config names
@@ -106,7 +106,7 @@ def test_gc_lists_then_removes_only_what_no_kept_config_refers_to(tmp_path, caps
     assert run.exists(kept, "model", "config.json") and run.exists(kept, "_DONE.json")
     assert run.exists(busy, LEASE) and run.exists(kept, "metrics.jsonl.tmp-12345678")
     assert run.list(layout.EVAL, "teacher") == [
-        asked.parts[-1].replace(".parquet", ".partial.json")
+        asked.file[-1].replace(".parquet", ".partial.json")
     ]
 
 
