@@ -33,7 +33,6 @@ from w2sr.evaluation.results import (
     benchmark_metrics,
     is_current,
     plan_tasks,
-    result_fingerprint,
     sample_rows,
     scorer,
     summary,
@@ -181,7 +180,8 @@ def test_result_fingerprint_follows_what_decides_the_result(tmp_path):
         """The fingerprint of `label` on the first benchmark; `run`: top-level keys."""
         eval_cfg.setdefault("benchmarks", [{"name": "offline", "limit": 5}])
         cfg = validate({**data, **(run or {}), "eval": eval_cfg})
-        return result_fingerprint(cfg, model_table(cfg)[0][label], cfg.eval.benchmarks[0])
+        model = model_table(cfg)[0][label]
+        return Lineage(cfg).result(cfg.eval.benchmarks[0], label, model.identity)
 
     same = fingerprint()
     assert fingerprint(engine={"batch_size": 3, "replicas": 2}) == same  # how, not what
@@ -223,7 +223,8 @@ def test_a_local_benchmark_copy_is_known_by_its_content_split_and_columns(tmp_pa
     def fingerprint(**bench) -> str:
         cfg = validate({**data, "eval": {"benchmarks": [{"name": "amc23", "path": str(path)}
                                                           | bench]}})  # fmt: skip
-        return result_fingerprint(cfg, model_table(cfg)[0]["teacher"], cfg.eval.benchmarks[0])
+        model = model_table(cfg)[0]["teacher"]
+        return Lineage(cfg).result(cfg.eval.benchmarks[0], "teacher", model.identity)
 
     local = fingerprint()
     assert fingerprint(split="train") != local

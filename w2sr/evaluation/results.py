@@ -61,22 +61,18 @@ def plan_tasks(
             raise ConfigError(f"--models: {unknown} are not models of this run ({sorted(models)})")
         models = {label: m for label, m in models.items() if label in labels}
         skipped = {label: why for label, why in skipped.items() if label in labels}
+    lineage = Lineage(cfg)  # the problems' fingerprint, which every result holds, once
     tasks = [
         Task(
             model,
             bench,
             cfg.eval.setting(bench, model.label),
-            result_fingerprint(cfg, model, bench),
+            lineage.result(bench, model.label, model.identity),
         )
         for model in models.values()
         for bench in cfg.eval.benchmarks
     ]
     return tasks, skipped
-
-
-def result_fingerprint(cfg: ExperimentConfig, model: Model, bench: EvalBenchmark) -> str:
-    """The name of a model's result on a benchmark (`Lineage.result`)."""
-    return Lineage(cfg).result(bench, model.label, model.identity)
 
 
 def scorer(cfg: ExperimentConfig, label: str) -> Callable[[dict[str, Any]], dict[str, Any]]:

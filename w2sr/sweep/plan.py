@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from w2sr import layout, recipe
 from w2sr.config import ConfigError, ExperimentConfig, apply_override, validate
-from w2sr.evaluation.results import plan_tasks, result_fingerprint
-from w2sr.lineage import Artifact
+from w2sr.evaluation.results import plan_tasks
+from w2sr.lineage import Artifact, Lineage
 from w2sr.recipe import RECIPE, STAGES
 from w2sr.registry import Model, model_table
 from w2sr.rundir import RunDir
@@ -142,7 +142,8 @@ def eval_key(cfg: ExperimentConfig, label: str, trained: str | None) -> str:
         fingerprints = [task.fingerprint for task in tasks]
     else:
         model = Model(label, trained, trained)
-        fingerprints = [result_fingerprint(cfg, model, bench) for bench in cfg.eval.benchmarks]
+        lineage = Lineage(cfg)
+        fingerprints = [lineage.result(b, label, model.identity) for b in cfg.eval.benchmarks]
     return f"{layout.EVAL}/{label}/{layout.fingerprint({}, *sorted(fingerprints))}"
 
 
