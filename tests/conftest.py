@@ -31,16 +31,12 @@ def ray_session(s3_bucket):
     storage, engines reading a student from the store) find it through their environment."""
     import ray
 
+    from w2sr.session import start_local
+
     if not ray.is_initialized():
-        ray.init(
-            address="local",  # a new session, whatever `ray start` cluster this machine knows
-            num_cpus=8,
-            include_dashboard=False,
-            runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}},
-            # Workers' logs stay in Ray's session folder: printed here, they would arrive late,
-            # in whichever later test is reading what a command printed.
-            log_to_driver=False,
-        )
+        # Workers' logs stay in Ray's session folder: printed here, they would arrive late, in
+        # whichever later test is reading what a command printed.
+        start_local(8, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -293,7 +293,8 @@ def study(tmp_path_factory, tiny_model, s3_bucket):
 
     port, dashboard = free_port(), free_port()
     ray_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    ray_env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # the test session's, not the head's
+        ray_env.pop(name, None)
     ray = str(Path(sys.executable).with_name("ray"))
     # Ports of its own for every agent: the test session's Ray runs beside it on default ones.
     agents = [

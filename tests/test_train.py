@@ -414,6 +414,26 @@ def test_run_dir_locations_are_what_other_processes_open(tmp_path):
 # --- training --------------------------------------------------------------------------------
 
 
+def test_the_sessions_workers_ask_its_own_state_api(ray_session):
+    """Ray Train's placement-group cleaner asks the state API, from a worker, whether a
+    training's controller lives. The session's own server must answer: a cluster that Ray's temp
+    folder still names may be gone, and every training's end would then wait for it."""
+    from ray.util.state import get_actor
+
+    @ray_session.remote(num_cpus=0)
+    class Alive:
+        def ping(self) -> bool:
+            return True
+
+    @ray_session.remote(num_cpus=0)
+    def state_of(actor_id: str) -> str:
+        return get_actor(actor_id, timeout=10).state
+
+    actor = Alive.remote()
+    assert ray_session.get(actor.ping.remote())
+    assert ray_session.get(state_of.remote(actor._actor_id.hex())) == "ALIVE"
+
+
 @pytest.fixture(scope="module")
 def padded_run(ray_session, tiny_student, tmp_path_factory) -> tuple[Path, dict]:
     """ZeRO-2 with the optimizer offloaded to the CPU, padded micro-batches, gradient

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from typing import Any
 
 from w2sr.config import ConfigError, ExperimentConfig
 
@@ -22,10 +24,36 @@ def init_ray(cfg: ExperimentConfig) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        # "local": a new session even where `ray start` left a cluster this machine would join
-        ray.init(
-            address="local", num_cpus=cfg.ray.num_cpus, runtime_env=env, include_dashboard=False
-        )
+        start_local(cfg.ray.num_cpus, runtime_env=env)
+
+
+def start_local(
+    num_cpus: int, runtime_env: dict[str, Any] | None = None, log_to_driver: bool = True
+) -> None:
+    """A new Ray session on this machine (even where `ray start` left a cluster it would join),
+    with its API server on a free loopback port that its processes are told of.
+
+    Ray Train asks the state API, from a worker, whether a training's controller lives. Told of
+    no server, a worker looks for a cluster in Ray's temp folder and can find one that is gone
+    (a `ray start` head that was killed): every training's end then waits 12 s for it and logs
+    a traceback, and without the server each second of training logs a warning. The raylet and
+    every worker inherit this process's environment, so the address is set before the start.
+    """
+    import ray
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        runtime_env=runtime_env,
+        log_to_driver=log_to_driver,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+    )
 
 
 def resource_asks(cfg: ExperimentConfig, sections: tuple[str, ...]) -> dict[str, dict[str, float]]:

@@ -48,7 +48,7 @@ from w2sr.recipe import (
     sections,
 )
 from w2sr.rundir import LEASE_TTL_S, RunDir
-from w2sr.session import resource_request
+from w2sr.session import resource_request, start_local
 from w2sr.sweep.plan import Node, readiness, skip_reason
 
 log = logging.getLogger(__name__)
@@ -294,7 +294,7 @@ def _cluster(nodes: dict[str, Node]) -> tuple[str | None, float | None]:
     # vLLM's CPU thread binding pins every engine of a machine to the same cores: engines of
     # stages side by side would share one. Here the OS places them (the session inherits this).
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+    start_local(cfg.ray.num_cpus)
     address = ray.get_runtime_context().gcs_address
     return address, float(ray.cluster_resources().get("CPU", 0))
 
