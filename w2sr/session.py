@@ -28,7 +28,7 @@ def init_ray(cfg: ExperimentConfig) -> None:
 
 
 def start_local(
-    num_cpus: int, runtime_env: dict[str, Any] | None = None, log_to_driver: bool = True
+    num_cpus: int | None, runtime_env: dict[str, Any] | None = None, log_to_driver: bool = True
 ) -> None:
     """A new Ray session on this machine (even where `ray start` left a cluster it would join),
     with its API server on a free loopback port that its processes are told of.
