@@ -422,6 +422,43 @@ def offline_teacher(tmp_path):
     )
 
 
+def test_one_model_under_two_labels_is_evaluated_once_and_written_for_each(tmp_path):
+    """A teacher that is also the base student, at one setting: one result, computed once (or
+    taken from the label that has it) and written under each label; a server, which answers
+    each label with what it serves under it, is asked for each."""
+    from w2sr.stages.evaluate import _once_per_result
+
+    cfg = validate(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "teacher": "org/same",
+            "student": "org/same",
+            "eval": {"benchmarks": [{"name": "offline", "limit": 3}], "samples": 2},
+        }
+    )
+    run = RunDir(cfg.run_dir)
+    tasks, _ = plan_tasks(cfg)
+    teacher, base = (
+        next(t for t in tasks if t.model.label == label) for label in ("teacher", "base")
+    )
+    assert teacher.fingerprint == base.fingerprint and teacher.file != base.file
+    todo, copies = _once_per_result(tasks, tasks, share=True)
+    assert dict(todo) == {"teacher": [teacher]} and copies == [(base, teacher)]
+    todo, copies = _once_per_result(tasks, tasks, share=False)
+    assert dict(todo) == {"teacher": [teacher], "base": [base]} and copies == []
+
+    problems = load_problems(cfg, run)["offline"]
+    rows = graded_rows(cfg, teacher, problems, True)
+    write_result(cfg, run, teacher, problems, rows, "offline")
+    done = evaluate(cfg)  # offline: nothing to compute, so no engine starts
+    copied = run.read_parquet(*base.file)
+    assert copied.column("model").to_pylist() == ["base"] * len(rows)
+    assert copied.drop(["model"]).equals(run.read_parquet(*teacher.file).drop(["model"]))
+    assert is_current(run, base, problems)
+    results = {label: done["models"][label]["results"]["offline"] for label in ("teacher", "base")}
+    assert results["base"]["pass@1"] == results["teacher"]["pass@1"] == 1.0
+
+
 def test_a_result_made_from_other_problems_is_not_current(tmp_path):
     cfg = offline_teacher(tmp_path)
     run = RunDir(cfg.run_dir)

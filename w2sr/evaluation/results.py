@@ -139,6 +139,17 @@ def write_result(
     log.info("wrote %s (%d samples)", "/".join(task.file), len(rows))
 
 
+def copy_result(
+    cfg: ExperimentConfig, run: RunDir, computed: Task, task: Task, problems: Problems
+) -> None:
+    """`task`'s result from `computed`'s, which has the same fingerprint: the same weights,
+    benchmark and setting under another label. Only the rows' model label differs."""
+    table = run.read_parquet(*computed.file)
+    meta = json.loads((table.schema.metadata or {})[b"w2sr"])
+    rows = [{**row, "model": task.model.label} for row in table.to_pylist()]
+    write_result(cfg, run, task, problems, rows, meta["backend"])
+
+
 def is_current(run: RunDir, task: Task, problems: Problems) -> bool:
     """Whether the task's result file exists and was made from these problems: a benchmark whose
     rows changed under the same config (a loader fixed, a hub dataset updated) is evaluated

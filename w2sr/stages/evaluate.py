@@ -6,7 +6,8 @@ Models are found by label (`w2sr.registry`): the teacher, the base student, the 
 W2SR-N students and the RL student when the run has them, and any `eval.models` extras. Each
 (model, benchmark) result is one file named by its fingerprint (`w2sr.evaluation.results`), so a
 rerun evaluates only what is missing, or what was made from other problems than the benchmark
-gives now. Offline, one Ray Data + vLLM pipeline per model runs its
+gives now, and one model under two labels (a teacher that is also the base student) is
+evaluated once. Offline, one Ray Data + vLLM pipeline per model runs its
 missing benchmarks, `eval.concurrent_models` models side by side; through an endpoint, the
 server does the generation.
 """
@@ -26,7 +27,7 @@ from w2sr.config import ExperimentConfig
 from w2sr.evaluation.endpoint import evaluate_endpoint, served_models
 from w2sr.evaluation.offline import evaluate_offline, offline_pipeline
 from w2sr.evaluation.problems import Problems, load_problems
-from w2sr.evaluation.results import Task, is_current, plan_tasks, summary
+from w2sr.evaluation.results import Task, copy_result, is_current, plan_tasks, summary
 from w2sr.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,12 @@ def evaluate(
     run = RunDir(cfg.run_dir)
     tasks, skipped = plan_tasks(cfg, labels)
     problems = load_problems(cfg, run)
-    missing: dict[str, list[Task]] = defaultdict(list)
-    for task in tasks:
-        if not is_current(run, task, problems[task.bench.name]):
-            if run.exists(*task.file):
-                log.warning("%s: made from other problems; evaluated again", run.path(*task.file))
-            missing[task.model.label].append(task)
+    stale = [task for task in tasks if not is_current(run, task, problems[task.bench.name])]
+    for task in stale:
+        if run.exists(*task.file):
+            log.warning("%s: made from other problems; evaluated again", run.path(*task.file))
+    # A server answers each label with what it serves under that label: nothing is shared.
+    missing, copies = _once_per_result(tasks, stale, share=endpoint is None)
     log.info("%d of %d results to compute", sum(map(len, missing.values())), len(tasks))
     if missing and endpoint:
         served = served_models(endpoint, cfg)
@@ -60,17 +61,41 @@ def evaluate(
             del missing[label]
     # A model's evaluation is leased: a second one of it (another sweep on this run dir, a manual
     # `w2sr eval`) stops with LeaseHeld instead of deleting the parts the first is writing.
-    with run.leased(layout.eval_folder(label) for label in missing):
+    labels_written = {*missing, *(task.model.label for task, _ in copies)}
+    with run.leased(layout.eval_folder(label) for label in labels_written):
         if endpoint:
             for label, todo in missing.items():
                 _timed(label, asyncio.run, evaluate_endpoint(cfg, run, todo, problems, endpoint))
         elif missing:
             _side_by_side(cfg, run, missing, problems)
+        for task, computed in copies:
+            if is_current(run, computed, problems[task.bench.name]):
+                copy_result(cfg, run, computed, task, problems[task.bench.name])
     done = [task for task in tasks if is_current(run, task, problems[task.bench.name])]
     result = summary(cfg, run, done, skipped, problems)
     if labels is None:  # the run's summary covers every model; a partial one is only returned
         run.write_json(result, *layout.EVAL_SUMMARY)
     return result
+
+
+def _once_per_result(
+    tasks: list[Task], stale: list[Task], share: bool
+) -> tuple[dict[str, list[Task]], list[tuple[Task, Task]]]:
+    """The stale tasks to compute, by label, and (task, the task whose result it is) for the
+    rest: one model under two labels (a teacher that is also the base student) at one setting
+    has one fingerprint, so its result is computed once, or taken from one of `tasks` that has
+    it, and written for each label (with `share`; else each is computed)."""
+    stale_ids = {id(task) for task in stale}
+    source = {task.fingerprint: task for task in tasks if id(task) not in stale_ids}
+    todo: dict[str, list[Task]] = defaultdict(list)
+    copies = []
+    for task in stale:
+        computed = source.setdefault(task.fingerprint, task) if share else task
+        if computed is task:
+            todo[task.model.label].append(task)
+        else:
+            copies.append((task, computed))
+    return todo, copies
 
 
 def _side_by_side(
