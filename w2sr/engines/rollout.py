@@ -140,7 +140,6 @@ def actor_options(engine: EngineConfig, *, use_gpu: bool, beside: dict | None = 
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     env = settings.engine_env(engine, use_gpu)
-    env["env_vars"]["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if beside is not None:
         options = {
             "num_cpus": 0,

@@ -56,10 +56,18 @@ def engine_kwargs(engine: EngineConfig, *, use_gpu: bool, trust_remote_code: boo
 
 def engine_env(engine: EngineConfig, use_gpu: bool, side_by_side: bool = False) -> dict[str, Any]:
     """The engine's environment; `side_by_side`: other engines share its node's CPUs, and vLLM's
-    CPU thread binding would pin them all to the same cores, so the OS places their threads."""
+    CPU thread binding would pin them all to the same cores, so the OS places their threads.
+
+    On CPU, a one-rank engine runs its model in the engine-core process: vLLM otherwise starts
+    a worker process for it, one more import of vLLM and torch per engine (about 8 s of an
+    engine's 20-30 s start on 2 cores). The engine's threads are its Ray actor's CPUs either way.
+    """
     if use_gpu:
         return {"env_vars": {}}
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(engine.cpu_kv_cache_gib)}
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(engine.cpu_kv_cache_gib),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    }
     if side_by_side:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     return {"env_vars": env}
