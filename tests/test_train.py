@@ -45,7 +45,7 @@ from w2sr.learner.batches import (
     step_samples,
     total_steps,
 )
-from w2sr.learner.engine import param_groups, token_loss
+from w2sr.learner.engine import deepspeed_config, param_groups, token_loss
 from w2sr.lineage import Lineage
 from w2sr.rundir import RunDir
 from w2sr.schemas import TRACE_SCHEMA
@@ -384,6 +384,16 @@ def test_weight_decay_spares_vectors_even_when_partitioned():
     assert decay == {"params": [model[0].weight], "weight_decay": 0.1}
     assert rest["weight_decay"] == 0.0
     assert {id(p) for p in rest["params"]} == {id(model[0].bias), *map(id, model[1].parameters())}
+
+
+@pytest.mark.parametrize("use_gpu", [False, True])
+def test_the_optimizer_is_one_no_op_must_be_compiled_for(tmp_path, use_gpu):
+    """Without offload, torch's AdamW: DeepSpeed's fused Adam would be compiled on a GPU node's
+    first training (minutes with nvcc, a failure without it). Offloaded, DeepSpeed's CPU Adam."""
+    for offload in (False, True):
+        cfg = config(tmp_path, "unused", offload_optimizer=offload)
+        params = deepspeed_config(cfg.train, use_gpu)["optimizer"]["params"]
+        assert params["torch_adam"] is not offload
 
 
 def test_config_errors_come_before_any_ray_work(tmp_path):

@@ -35,8 +35,9 @@ def deepspeed_config(train: LearnerConfig, use_gpu: bool) -> dict[str, Any]:
                 "betas": [0.9, 0.999],
                 "eps": 1e-8,
                 "weight_decay": train.weight_decay,
-                # On CPU without offload, torch's AdamW rather than an op DeepSpeed must compile.
-                "torch_adam": not use_gpu and not train.offload_optimizer,
+                # Without offload, torch's AdamW rather than DeepSpeed's fused Adam, an op it
+                # compiles on first use (minutes with nvcc, a failure without it).
+                "torch_adam": not train.offload_optimizer,
             },
         },
         "steps_per_print": 2**31 - 1,  # metrics are ours to log
