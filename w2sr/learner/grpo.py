@@ -110,6 +110,7 @@ class GRPOStep:
         self.first = True
 
     def __call__(self, index: int, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        import torch
         import torch.distributed as dist
 
         g, engine, generator = self.g, self.engine, self.generator
@@ -126,6 +127,10 @@ class GRPOStep:
         lr = engine.get_lr()[0]
         stats = update(engine, self.reference, batch, g, index, self.seed)
         learned = time.time()
+        if torch.cuda.is_available():
+            # Engines beside the learners wake into what each learner's allocator gives back.
+            torch.cuda.empty_cache()
+            dist.barrier()
         if generator:
             generator.wake_up()
         sync_weights(engine, generator)
