@@ -85,8 +85,7 @@ def generate_groups(processor, requests, groups: Groups, sealed: Callable[[str, 
     every row has arrived is an error naming its count."""
     import ray
 
-    for name in groups.subfolders.values():
-        groups.run.delete(groups.folder, name)  # a killed attempt's parts of an unsealed group
+    _delete_parts(groups)  # a killed attempt's parts of an unsealed group
     written = processor(requests).map_batches(
         _part_writer(groups), batch_size=None, batch_format="pyarrow", zero_copy_batch=True
     )
@@ -110,7 +109,10 @@ def generate_groups(processor, requests, groups: Groups, sealed: Callable[[str, 
     def try_seal(group: str, every_row_arrived: bool = False) -> None:
         whole = every_row_arrived or arrived[group] >= groups.expected[group]
         if whole and group not in done and group not in sealing:
-            sealing[group] = seal.remote(groups, group)
+            parts = (groups.folder, groups.subfolders[group])
+            sealing[group] = seal.remote(
+                groups.run, parts, groups.expected[group], groups.seal, group
+            )
 
     for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
         for group, rows in zip(batch["group"].to_pylist(), batch["rows"].to_pylist(), strict=True):
@@ -124,8 +126,7 @@ def generate_groups(processor, requests, groups: Groups, sealed: Callable[[str, 
     for group in groups.expected:  # a seal that ran short early, or a group of no rows
         try_seal(group, every_row_arrived=True)
     collect(wait=True)
-    for name in groups.subfolders.values():
-        groups.run.delete(groups.folder, name)  # replays' parts that came after their seal
+    _delete_parts(groups)  # replays' parts that came after their seal
     short = {g: f"{shorts.get(g, 0)} of {groups.expected[g]}" for g in groups.expected}
     short = {g: n for g, n in short.items() if g not in done}
     if short:
@@ -152,18 +153,33 @@ def _part_writer(groups: Groups):
     return write
 
 
-def _seal(groups: Groups, group: str) -> tuple[int, dict[str, Any] | None]:
+def _delete_parts(groups: Groups) -> None:
+    """The part folders of the pipeline's groups that exist, found in one listing (a request per
+    group would grow with the groups, thousands in a large generation)."""
+    present = set(groups.run.list(groups.folder))
+    for name in groups.subfolders.values():
+        if name in present:
+            groups.run.delete(groups.folder, name)
+
+
+def _seal(
+    run: RunDir,
+    folder: tuple[str, str],
+    expected: int,
+    seal: Callable[[str, list[dict[str, Any]]], dict[str, Any]],
+    group: str,
+) -> tuple[int, dict[str, Any] | None]:
     """(distinct keys found, the group's facts), or no facts while keys are missing (runs in a Ray
-    task, so the driver never holds a group's rows)."""
-    run, folder = groups.run, (groups.folder, groups.subfolders[group])
+    task, so the driver never holds a group's rows). It is sent its own group's folder and count
+    only, so what the driver sends grows with the groups, not with their square."""
     parts = run.list(*folder, suffix=".parquet")
     rows: dict[tuple, dict[str, Any]] = {}
     for name in parts:
         for row in run.read_parquet(*folder, name).to_pylist():
             rows.setdefault((row["prompt_id"], row["sample_index"]), row)
-    if len(rows) < groups.expected[group]:
+    if len(rows) < expected:
         return len(rows), None
-    facts = groups.seal(group, list(rows.values()))
+    facts = seal(group, list(rows.values()))
     for name in parts:  # not the folder: a replayed batch may be writing a part into it
         run.delete(*folder, name)
     return len(rows), facts
