@@ -52,7 +52,13 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray
 
     g = grpo_section(cfg)
-    model, prompts, heldout = worker.model, ray.get(config["prompts"]), ray.get(config["heldout"])
+    model = worker.model
+    # Only rank 0 samples and measures: the other ranks fetch no prompt, and know of the held-out
+    # benchmarks only their names (a step that measures them is collective).
+    if rank == 0:
+        prompts, heldout = ray.get(config["prompts"]), ray.get(config["heldout"])
+    else:
+        prompts, heldout = [], {name: [] for name in config["heldout_names"]}
     # Engines start in their actors while DeepSpeed initializes here; each finds the model on
     # its own node.
     places = learner_places()

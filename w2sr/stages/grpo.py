@@ -107,11 +107,11 @@ def _grpo(cfg: ExperimentConfig, run: RunDir, claim: Claim, table: pa.Table) -> 
     init_ray(cfg)
     import ray
 
+    heldout = _heldout_prompts(cfg, run, tokenizer, g.engine.max_model_len) if g.eval_every else {}
     loop_config = {
         "prompts": ray.put(prompts),
-        "heldout": ray.put(
-            _heldout_prompts(cfg, run, tokenizer, g.engine.max_model_len) if g.eval_every else {}
-        ),
+        "heldout": ray.put(heldout),
+        "heldout_names": list(heldout),
         "model": ModelSpec.parse(cfg.student).for_cluster(run),
         "stage": stage,
     }
