@@ -921,7 +921,11 @@ def test_models_evaluated_side_by_side_run_at_once_and_give_the_same_results(eva
 
     def count_engines() -> None:
         while not stop.wait(0.2):
-            engines.append(len(descendants("VLLM::EngineCore")))
+            # An engine core's own short-lived children (forked to run a command) carry its
+            # title until they exec: an engine is a core whose parent is none.
+            cores = descendants("VLLM::EngineCore")
+            pids = {core.pid for core in cores}
+            engines.append(sum(1 for core in cores if core.ppid() not in pids))
 
     watcher = threading.Thread(target=count_engines, daemon=True)
     watcher.start()
