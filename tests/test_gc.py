@@ -76,7 +76,8 @@ def test_gc_lists_then_removes_only_what_no_kept_config_refers_to(tmp_path, caps
     replies = f"{layout.EVAL}/base/amc23-{'3' * 16}{layout.EVAL_PARTIAL}"  # a killed endpoint's
     run.write_text("[]", replies)
     (asked,), _ = plan_tasks(real, labels=("teacher",))  # the kept config's, under way
-    run.write_text("[]", *asked.file[:-1], asked.file[-1].replace(".parquet", layout.EVAL_PARTIAL))
+    partial = layout.eval_partial(asked.model.label, asked.bench.name, asked.fingerprint)
+    run.write_text("[]", *partial)
     run.write_json({}, *layout.EVAL_SUMMARY)  # a file among the labels' folders
     published = layout.builtin("tiny-random", "4" * 16)  # a built-in no config names
     run.write_text("{}", published, layout.MODEL, "config.json")
@@ -103,7 +104,8 @@ def test_gc_lists_then_removes_only_what_no_kept_config_refers_to(tmp_path, caps
     assert not run.exists(kept, "model.tmp-0badf00d")
     assert run.exists(kept, "model", "config.json") and run.exists(kept, "_DONE.json")
     assert run.exists(busy, LEASE) and run.exists(kept, "metrics.jsonl.tmp-12345678")
-    assert run.list(layout.EVAL, "teacher") == [asked.file[-1].replace(".parquet", ".partial.json")]
+    assert run.list(layout.EVAL, "teacher") == [partial[-1]]
+    assert partial[-1].endswith(".partial.json")
 
 
 def test_gc_needs_a_config_to_keep(tmp_path, capsys):
