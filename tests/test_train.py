@@ -375,6 +375,66 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(tiny_student
     torch.testing.assert_close(packed_grads, padded_grads, atol=1e-5, rtol=1e-4)
 
 
+def test_the_chunked_head_loss_equals_cross_entropy_over_full_logits(tiny_student):
+    """The head at target positions only, a few rows at a time, gives F.cross_entropy's sum and
+    gradients, on packed and padded rows, for both model families the paper's studies use."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from w2sr.learner import lm_head
+
+    data = build_sft_set(
+        tokenizer_of(tiny_student), TEMPLATES["paper"], pa.Table.from_pylist(trace_rows(6)), 4096
+    )
+    qwen = load_model(tiny_student, "sdpa")
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=qwen.config.vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=False,
+        )
+    )
+    for model in (qwen, llama):
+        assert lm_head.heads_at_positions(model)
+        for batch in (packed_batch(data, list(range(6))), padded_batch(data, list(range(6)), 0)):
+            results = []
+            for fused in (True, False):
+                model.zero_grad()
+                if fused:
+                    loss, count = token_loss(model, batch)
+                else:
+                    inputs = {k: v for k, v in batch.items() if k != "targets"}
+                    logits = model(**inputs, use_cache=False).logits
+                    flat = batch["targets"].flatten()
+                    loss = torch.nn.functional.cross_entropy(
+                        logits.flatten(0, 1).float(), flat, ignore_index=-100, reduction="sum"
+                    )
+                    count = int((flat != -100).sum())
+                loss.backward()
+                grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+                results.append((loss.detach(), count, grads))
+            (fused_loss, fused_n, fused_grads), (plain_loss, plain_n, plain_grads) = results
+            assert fused_n == plain_n == int(data.target_counts.sum())
+            torch.testing.assert_close(fused_loss, plain_loss, atol=1e-3, rtol=1e-5)
+            torch.testing.assert_close(fused_grads, plain_grads, atol=1e-5, rtol=1e-4)
+    # in chunks of 7 rows, a ragged last one, the same sum and gradients as in one chunk
+    hidden = torch.randn(40, 64, requires_grad=True)
+    weight = torch.randn(qwen.config.vocab_size, 64, requires_grad=True)
+    targets = torch.randint(0, qwen.config.vocab_size, (40,))
+    sums = []
+    for chunk in (7, 4096):
+        hidden.grad = weight.grad = None
+        loss = lm_head.linear_cross_entropy(hidden, weight, targets, chunk)
+        (2 * loss).backward()
+        sums.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
+    for chunked, whole in zip(*sums, strict=True):
+        torch.testing.assert_close(chunked, whole)
+
+
 def test_weight_decay_spares_vectors_even_when_partitioned():
     """ZeRO-3 leaves a parameter empty and keeps its shape in `ds_shape`."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))

@@ -160,15 +160,22 @@ def token_loss(model, batch: dict) -> tuple[Any, int]:
     """Sum of next-token cross-entropies over the batch's targets, and how many there are.
 
     `batch["targets"]` holds the already shifted labels (`learner.batches.sft_rows`); the KV cache
-    is off so that transformers reads packed rows from their position ids.
+    is off so that transformers reads packed rows from their position ids. Where the model allows
+    it (`lm_head.heads_at_positions`, weights not partitioned by ZeRO-3) the head runs only at
+    target positions, chunk by chunk; the sum is the same.
     """
     import torch.nn.functional as F
 
+    from w2sr.learner import lm_head
+
     device = next(iter(model.parameters())).device
     inputs = {k: v.to(device) for k, v in batch.items() if k != "targets"}
-    targets = batch["targets"].to(device)
+    targets = batch["targets"].to(device).flatten()
+    kept = targets != IGNORE
+    head = lm_head.hf_model(model).get_output_embeddings().weight
+    if lm_head.heads_at_positions(model) and not hasattr(head, "ds_id"):
+        hidden = lm_head.last_hidden(model, inputs).flatten(0, 1)[kept]
+        return lm_head.linear_cross_entropy(hidden, head, targets[kept]), int(kept.sum())
     logits = model(**inputs, use_cache=False).logits
-    loss = F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
-    )
-    return loss, int((targets != IGNORE).sum())
+    logits = logits.flatten(0, 1).float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum"), int(kept.sum())
