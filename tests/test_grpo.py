@@ -127,6 +127,18 @@ def test_policy_loss_clips_the_ratio_on_the_advantage_side():
     assert loss_kl.tolist() == pytest.approx([0.5 * k3 - 0.2] * 4, rel=1e-5)
 
 
+def test_entropy_carries_a_gradient_only_when_the_loss_has_its_bonus():
+    from w2sr.learner.rl_loss import token_logprobs
+
+    logits = torch.randn(3, 11, requires_grad=True)
+    targets = torch.tensor([1, 5, 10])
+    for bonus in (False, True):
+        logp, entropy = token_logprobs(logits, targets, entropy_grad=bonus)
+        assert logp.requires_grad and entropy.requires_grad == bonus
+        probs = torch.softmax(logits.detach(), -1)
+        assert entropy.tolist() == pytest.approx((-(probs * probs.log()).sum(-1)).tolist(), 1e-5)
+
+
 def test_data_parallel_scale_gives_the_mean_over_every_token_whatever_the_shares():
     """Ranks with unequal token shares each scale their summed loss; DeepSpeed averages their
     gradients: the result is the gradient of the mean over every token of the batch."""
@@ -186,6 +198,13 @@ def test_padded_and_packed_rows_give_the_same_logprobs(tiny_student):
             for row in (rollout_rows(batch, [0, 1], p) for p in (True, False))
         ]
     torch.testing.assert_close(out[0], out[1], atol=1e-4, rtol=1e-4)
+    # the head at the response positions only: the logits of the whole rows, at those positions
+    for packed in (True, False):
+        row = rollout_rows(batch, [0, 1], packed)
+        inputs = {k: row[k] for k in ("input_ids", "position_ids", "attention_mask") if k in row}
+        with torch.no_grad():
+            whole = model(**inputs, use_cache=False).logits.flatten(0, 1)[row["response"]]
+            torch.testing.assert_close(response_logits(model, row), whole, atol=1e-5, rtol=1e-5)
 
 
 def test_rollouts_are_graded_behind_the_prefilled_think(tmp_path):

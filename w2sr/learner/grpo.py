@@ -214,9 +214,8 @@ def update(
         scale = data_parallel_scale(int(response_lengths[mini].sum()), world)
         for m, micro in enumerate(plan):
             row = rollout_rows(batch, micro, packed)
-            logp, entropy = token_logprobs(response_logits(engine, row), row["targets"])
-            if not g.entropy_coef:
-                entropy = entropy.detach()  # a metric only
+            logits = response_logits(engine, row)
+            logp, entropy = token_logprobs(logits, row["targets"], bool(g.entropy_coef))
             ref_logp = None
             if reference is not None:
                 with torch.no_grad():

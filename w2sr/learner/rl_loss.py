@@ -1,13 +1,15 @@
 """GRPO's maths, free of Ray and DeepSpeed: group-normalised advantages, token log-probabilities
-and the clipped policy loss with its KL and entropy terms."""
+and the clipped policy loss with its KL and entropy terms. Needs torch and numpy alone (the GPU
+learner check imports it without the rest of w2sr's dependencies)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from w2sr.config import GRPOConfig
+if TYPE_CHECKING:
+    from w2sr.config import GRPOConfig
 
 
 def group_advantages(rewards: np.ndarray, group_size: int, eps: float = 1e-6) -> np.ndarray:
@@ -22,20 +24,30 @@ def group_advantages(rewards: np.ndarray, group_size: int, eps: float = 1e-6) ->
 
 
 def response_logits(model, row: dict[str, Any]):
-    """Logits at the positions that predict completion tokens (`rollout_rows`' `response`)."""
+    """Logits at the positions that predict completion tokens (`rollout_rows`' `response`); where
+    the model allows it (`lm_head.heads_at_positions`) the head runs at those positions only."""
+    from w2sr.learner import lm_head
+
     device = next(iter(model.parameters())).device
-    inputs = ("input_ids", "position_ids", "attention_mask")
-    logits = model(**{k: row[k].to(device) for k in inputs if k in row}, use_cache=False).logits
-    return logits.flatten(0, 1)[row["response"].to(device)].float()
+    keys = ("input_ids", "position_ids", "attention_mask")
+    inputs = {k: row[k].to(device) for k in keys if k in row}
+    response = row["response"].to(device)
+    if lm_head.heads_at_positions(model):
+        hidden = lm_head.last_hidden(model, inputs).flatten(0, 1)[response]
+        return lm_head.hf_model(model).get_output_embeddings()(hidden).float()
+    logits = model(**inputs, use_cache=False).logits
+    return logits.flatten(0, 1)[response].float()
 
 
-def token_logprobs(logits, targets):
-    """Log-probabilities of the sampled tokens and the policy's entropy at each position."""
+def token_logprobs(logits, targets, entropy_grad: bool = False):
+    """Log-probabilities of the sampled tokens and the policy's entropy at each position; the
+    entropy carries a gradient only when asked (a bonus in the loss), not when only logged."""
     import torch
 
     logz = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.to(logits.device)[:, None])[:, 0] - logz
-    entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return logp, entropy
 
 
