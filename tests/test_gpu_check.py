@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -63,3 +64,31 @@ def test_the_script_says_when_no_gpu_is_visible(tmp_path):
     assert done.returncode == 2
     assert "no GPU is visible" in done.stderr
     assert not any(tmp_path.iterdir()), "nothing runs without a GPU"
+
+
+def test_the_learner_check_runs_on_torch_and_transformers_alone_at_a_tiny_shape(tmp_path):
+    """benchmarks/gpu_learner_check.py, as the GPU machine (torch and transformers, nothing of
+    Ray, vLLM, DeepSpeed or w2sr's config) would run it, on CPU at a tiny shape."""
+    out = tmp_path / "rows.jsonl"
+    script = (
+        "import runpy, sys\n"
+        f"sys.argv = ['gpu_learner_check.py', '--shape', 'tiny', '--device', 'cpu', "
+        f"'--steps', '1', '--out', {str(out)!r}]\n"
+        f"runpy.run_path({str(ROOT / 'benchmarks' / 'gpu_learner_check.py')!r}, "
+        "run_name='__main__')\n"
+        "print('LOADED', sorted({'ray', 'vllm', 'deepspeed', 'pydantic', 'w2sr.config'} "
+        "& set(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "LOADED []" in done.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    checks = [r for r in rows if "check" in r]
+    assert [r["check"] for r in checks] == ["sft w2sr_sample_sdpa", "grpo w2sr_sample_sdpa"]
+    assert all(r["ok"] and r["loss"] == pytest.approx(r["plain_loss"], rel=1e-3) for r in checks)
+    timings = [r for r in rows if "step" in r]
+    variants = {(r["step"], r["checkpointing"], r["loss_path"]) for r in timings}
+    assert len(timings) == len(variants) == 8
+    assert all(r["tokens_per_second"] > 0 and r["mfu"] is None for r in timings)
