@@ -335,6 +335,16 @@ def test_packed_rows_do_not_attend_across_samples(tiny_student, attention):
     torch.testing.assert_close(forward(model, batch)[0], torch.cat(alone), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here"
+)
+def test_flash_attention_without_flash_attn_says_what_to_install(tiny_student):
+    from transformers import AutoConfig
+
+    with pytest.raises(ImportError, match=r"attn_implementation: .*pip install flash-attn"):
+        attention_for("flash_attention_2", AutoConfig.from_pretrained(tiny_student))
+
+
 def test_sample_sdpa_keeps_sliding_windows_and_padding(tiny_student):
     """With a window shorter than the samples, on packed rows and on padded batches, sample_sdpa
     gives transformers' sdpa logits."""

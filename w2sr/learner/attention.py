@@ -8,6 +8,14 @@ SAMPLE_SDPA = "w2sr_sample_sdpa"
 def attention(name: str, config) -> str:
     """The attention implementation to load a model with: `sdpa` becomes `sample_sdpa` for models
     whose layers are full or sliding-window causal attention (not chunked or other masks)."""
+    import importlib.util
+
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ImportError(
+            "attn_implementation: flash_attention_2 needs the flash-attn package on every "
+            "training node (pip install flash-attn --no-build-isolation); sdpa needs nothing "
+            "and attends packed rows sample by sample"
+        )
     layers = set(getattr(config, "layer_types", None) or ["full_attention"])
     plain = layers <= {"full_attention", "sliding_attention"}
     if name != "sdpa" or not plain or getattr(config, "attention_chunk_size", None):
