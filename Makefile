@@ -42,7 +42,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m mypy w2sr
+	$(BIN)/python -m mypy w2sr benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_generate.py

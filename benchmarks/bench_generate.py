@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from protocol import Spread, describe, measure, ratio  # noqa: E402
@@ -51,8 +52,10 @@ def rendered_prompts(model: str, rows: list[dict]) -> list[str]:
     tokenizer = AutoTokenizer.from_pretrained(model)
     template = TEMPLATES["paper"]
     return [
-        tokenizer.apply_chat_template(
-            template.messages(r["problem"]), tokenize=False, add_generation_prompt=True
+        str(
+            tokenizer.apply_chat_template(
+                template.messages(r["problem"]), tokenize=False, add_generation_prompt=True
+            )
         )
         for r in rows
     ]
@@ -66,9 +69,9 @@ def timed(cmd: list[str]) -> float:
 
 def w2sr_command(model: str, data: Path, args, prompts: int, round_: int) -> tuple[int, float]:
     """`w2sr generate` on the first `prompts` prompts, in a run dir of its own: (tokens, s)."""
-    from w2sr import lineage
     from w2sr.config import validate
     from w2sr.layout import read_traces
+    from w2sr.lineage import Lineage
     from w2sr.rundir import RunDir
 
     run_dir = data / f"run-{round_}-{prompts}"
@@ -94,7 +97,7 @@ def w2sr_command(model: str, data: Path, args, prompts: int, round_: int) -> tup
     path = data / f"w2sr-{round_}-{prompts}.json"
     path.write_text(json.dumps(config))
     seconds = timed([sys.executable, "-m", "w2sr.cli", "generate", str(path)])
-    traces = read_traces(RunDir(str(run_dir)), lineage.traces(validate(config)).folder)
+    traces = read_traces(RunDir(str(run_dir)), Lineage(validate(config)).traces.folder)
     return int(traces["completion_tokens"].to_numpy().sum()), seconds
 
 
@@ -140,7 +143,7 @@ def transformers_tokens(args, requests: list[str]) -> int:
 
     device = "cuda" if args.gpu else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
-    lm = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    lm: Any = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     lm = lm.to(device).eval()
     tokens = 0
     with torch.inference_mode():
@@ -196,9 +199,9 @@ def main() -> None:
     args = parse()
     if args.run_peer:
         return run_peer(args)
-    from w2sr.models import resolve_model
+    from w2sr.models import ModelSpec
 
-    model = resolve_model(args.model)
+    model = ModelSpec.parse(args.model).local()
     rows = problems(args.prompts)
     total, half_prompts = args.prompts * args.samples, args.prompts // 2
     startup: dict[str, list[float]] = defaultdict(list)

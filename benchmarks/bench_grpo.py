@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from protocol import Spread, bench_model, describe, measure, ratio  # noqa: E402
@@ -68,8 +69,9 @@ W2SR = ("w2sr-object_store", "w2sr-collective")
 
 
 def run_w2sr(work: Path, model: str, args, weight_sync: str) -> dict:
-    from w2sr import layout, lineage
+    from w2sr import layout
     from w2sr.config import validate
+    from w2sr.lineage import Lineage
     from w2sr.stages.grpo import grpo
 
     data = work / "prompts.jsonl"
@@ -104,14 +106,14 @@ def run_w2sr(work: Path, model: str, args, weight_sync: str) -> dict:
     started = time.time()
     grpo(cfg)
     wall = time.time() - started
-    lines = (work / "w2sr" / lineage.rl(cfg).folder / "metrics.jsonl").read_text().splitlines()
+    lines = (work / "w2sr" / Lineage(cfg).rl.folder / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines][args.warmup :]
 
     def mean(key: str) -> float:
         return sum(r[key] for r in records) / len(records)
 
     ends = [r["time"] for r in records]
-    result = {
+    result: dict[str, Any] = {
         "step_seconds": between(ends),
         "rollout_seconds": mean("rollout_seconds"),
         "learner_seconds": mean("learner_seconds"),
@@ -120,7 +122,7 @@ def run_w2sr(work: Path, model: str, args, weight_sync: str) -> dict:
         "wall_seconds": wall,
     }
     if args.profile_step:
-        stage = work / "w2sr" / lineage.rl(cfg).folder
+        stage = work / "w2sr" / Lineage(cfg).rl.folder
         result["profile"] = (stage / layout.step_profile(args.profile_step)).read_text()
         step = json.loads(lines[args.profile_step - 1])
         result["phases"] = {k: step[f"{k}_seconds"] for k in ("rollout", "learner", "sync")}
@@ -249,8 +251,8 @@ def main() -> None:
         argv = sys.argv[1:]
         if args.profile_step:
             result = child(W2SR[0], work, model, argv)
-            phases = ", ".join(f"{k} {v:.2f} s" for k, v in result["phases"].items())
-            print(f"step {args.profile_step} by phase: {phases}\n{result['profile']}")
+            by_phase = ", ".join(f"{k} {v:.2f} s" for k, v in result["phases"].items())
+            print(f"step {args.profile_step} by phase: {by_phase}\n{result['profile']}")
             return
         rounds: dict[str, list[dict]] = {role: [] for role in (*W2SR, "trl")}
 

@@ -85,8 +85,9 @@ def steady_rate(times: list[float], tokens: list[int], warmup: int) -> float:
 def run_w2sr(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
     import pyarrow as pa
 
-    from w2sr import layout, lineage
+    from w2sr import layout
     from w2sr.config import validate
+    from w2sr.lineage import Lineage
     from w2sr.rundir import RunDir
     from w2sr.schemas import TRACE_SCHEMA
     from w2sr.stages.train import train
@@ -112,14 +113,14 @@ def run_w2sr(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
             },
         }
     )
-    run, sets = RunDir(str(run_dir)), lineage.sft(cfg)
+    run, sets = RunDir(str(run_dir)), Lineage(cfg).sft
     table = pa.Table.from_pylist(traces(args.samples), schema=TRACE_SCHEMA)
     run.write_parquet(table, sets.folder, "all.parquet")
     run.mark_done(sets.folder, sets.fingerprint)
     start = time.time()
     train(cfg)
     wall = time.time() - start
-    stage = run_dir / lineage.student(cfg, "all").folder
+    stage = run_dir / Lineage(cfg).student("all").folder
     steps = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     times, tokens = [r["time"] for r in steps], [r["tokens"] for r in steps]
     result = {
@@ -317,9 +318,9 @@ def main() -> None:
 
         rates = measure({name: side(name) for name in runs}, repeats=args.repeats)
     print(f"\n{describe(args.repeats, 1)}; {args.precision} on both sides")
-    for side in ("w2sr", "TRL"):  # each round's faster configuration
-        pairs = zip(rates[f"{side} padded"], rates[f"{side} packed"], strict=True)
-        rates[f"{side} best"] = [max(pair) for pair in pairs]
+    for trainer in ("w2sr", "TRL"):  # each round's faster configuration
+        pairs = zip(rates[f"{trainer} padded"], rates[f"{trainer} packed"], strict=True)
+        rates[f"{trainer} best"] = [max(pair) for pair in pairs]
     for name, values in rates.items():
         print(f"{name:12s} {Spread.of(values):,.0f} tokens/s")
     best = ratio(rates["w2sr best"], rates["TRL best"])

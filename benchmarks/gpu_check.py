@@ -33,8 +33,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from w2sr import layout, lineage
+from w2sr import layout
 from w2sr.config import validate
+from w2sr.lineage import Lineage
 from w2sr.rundir import RunDir
 
 PATHS = ("generate", "train", "grpo", "eval", "serve")
@@ -112,7 +113,7 @@ def w2sr(args: list[str], log: Path, timeout: float) -> None:
 
 def check_generate(cfg_path: Path, cfg, log: Path) -> str:
     w2sr(["generate", str(cfg_path)], log, 600)
-    traces = layout.read_traces(RunDir(cfg.run_dir), lineage.traces(cfg).folder)
+    traces = layout.read_traces(RunDir(cfg.run_dir), Lineage(cfg).traces.folder)
     ids, samples = traces["prompt_id"].to_pylist(), traces["sample_index"].to_pylist()
     keys = set(zip(ids, samples, strict=True))
     if len(keys) != traces.num_rows or traces.num_rows != PROMPTS * SAMPLES:
@@ -123,13 +124,13 @@ def check_generate(cfg_path: Path, cfg, log: Path) -> str:
 def check_train(cfg_path: Path, cfg, log: Path) -> str:
     w2sr(["select", str(cfg_path)], log, 300)
     w2sr(["train", str(cfg_path)], log, 600)
-    done = finished(cfg, lineage.student(cfg, "all"))
+    done = finished(cfg, Lineage(cfg).student("all"))
     return f"W2SR student after {done['steps']} steps, loss {done['final_loss']:.3f}"
 
 
 def check_grpo(cfg_path: Path, cfg, log: Path) -> str:
     w2sr(["grpo", str(cfg_path)], log, 600)
-    done = finished(cfg, lineage.rl(cfg))
+    done = finished(cfg, Lineage(cfg).rl)
     return f"policy after {done['steps']} steps, reward {done['final_reward_mean']:.3f}"
 
 

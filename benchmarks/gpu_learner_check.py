@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ from w2sr.learner.attention import attention  # noqa: E402
 from w2sr.learner.rl_loss import policy_loss, response_logits, token_logprobs  # noqa: E402
 
 IGNORE = -100
-SHAPES = {
+SHAPES: dict[str, dict[str, Any]] = {
     "qwen2.5-1.5b": {
         "vocab_size": 151936,
         "hidden_size": 1536,
@@ -65,7 +66,7 @@ SHAPES = {
 }
 # Dense bf16 tensor-core peaks (NVIDIA's data sheets, SXM parts), TFLOP/s.
 BF16_PEAK = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
-GRPO = SimpleNamespace(clip_eps=0.2, kl_coef=1e-3, entropy_coef=0.0)
+GRPO: Any = SimpleNamespace(clip_eps=0.2, kl_coef=1e-3, entropy_coef=0.0)
 
 
 def packed_row(tokens: int, vocab: int, lengths: tuple[int, int], prompt: float, seed: int):
@@ -77,7 +78,8 @@ def packed_row(tokens: int, vocab: int, lengths: tuple[int, int], prompt: float,
         sizes.append(min(rng.randint(*lengths), tokens - sum(sizes)))
     ids = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(seed))
     targets = torch.full((tokens,), IGNORE)
-    positions, start = [], 0
+    positions: list[int] = []
+    start = 0
     for size in sizes:
         positions.extend(range(size))
         first = start + max(1, int(size * prompt))
@@ -214,7 +216,8 @@ def main() -> None:
     config = Qwen2Config(**SHAPES[args.shape])
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+        model: Any = Qwen2ForCausalLM(config)
+    model = model.to(torch.bfloat16)
     names = [attention("sdpa", config)]
     if device.type == "cuda" and importlib.util.find_spec("flash_attn"):
         names.append("flash_attention_2")

@@ -12,9 +12,12 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+Side = TypeVar("Side", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -33,14 +36,14 @@ class Spread:
 
 
 def measure(
-    sides: dict[str, Callable[[], float]], repeats: int = 3, warmup: int = 1
-) -> dict[str, list[float]]:
+    sides: Mapping[Side, Callable[[], float]], repeats: int = 3, warmup: int = 1
+) -> dict[Side, list[float]]:
     """Each side's value in every measured round: `warmup` rounds first (discarded), then
     `repeats` rounds, the order of the sides reversed from one round to the next."""
     if repeats < 3:
         raise ValueError("repeats: at least 3, for a median with its spread")
     names = list(sides)
-    values: dict[str, list[float]] = {name: [] for name in names}
+    values: dict[Side, list[float]] = {name: [] for name in names}
     for index in range(warmup + repeats):
         order = names if index % 2 == 0 else names[::-1]
         for name in order:
