@@ -57,6 +57,9 @@ LEASE_RETRY_S = 10.0
 LEASE_WAIT_S = 5 * LEASE_TTL_S  # a killed holder's lease lapses one TTL after its last renewal
 STOP_GRACE_S = 10.0  # between SIGTERM and SIGKILL when a stage is stopped
 POLL_S = 0.5
+# A stage's weight in a chain of stages: GRPO (rollouts and updates for every step) outlasts any
+# other stage several times over at the paper's scale; the others count one each.
+CHAIN_WEIGHT = {"grpo": 4.0}
 
 
 @dataclass
@@ -115,7 +118,7 @@ def run_graph(
         for key, (state, reason) in readiness(nodes, run).items()
         if state != TO_RUN
     }
-    pending = [key for key in nodes if key not in outcomes]  # in an order that respects `needs`
+    pending = [key for key in start_order(nodes) if key not in outcomes]
     log.info("%d of %d stages to run", len(pending), len(nodes))
     if not pending:
         return outcomes
@@ -197,6 +200,25 @@ def run_graph(
                     log.error("%s failed (exit %d):\n%s", key, status, error)
             time.sleep(POLL_S)
     return outcomes
+
+
+def start_order(nodes: dict[str, Node]) -> list[str]:
+    """The nodes longest remaining chain first: by the weight of the longest chain of stages
+    that starts at each (itself and what waits on it, `CHAIN_WEIGHT`), ties in plan order.
+
+    So a stage at the head of a long chain (every generation, GRPO) takes a free slot before the
+    evaluations of teachers and bases, which end chains. A stage's chain outweighs those of what
+    needs it, so the order still respects `needs`.
+    """
+    waiting: dict[str, list[str]] = {key: [] for key in nodes}
+    for key, node in nodes.items():
+        for need in node.needs:
+            waiting[need].append(key)
+    chain: dict[str, float] = {}
+    for key in reversed(list(nodes)):  # plan order has a node's needs before it
+        after = max((chain[k] for k in waiting[key]), default=0.0)
+        chain[key] = CHAIN_WEIGHT.get(nodes[key].command, 1.0) + after
+    return sorted(nodes, key=lambda key: -chain[key])
 
 
 class Subprocesses:
