@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
 SAMPLE_SDPA = "w2sr_sample_sdpa"
 
 
@@ -39,6 +42,22 @@ def _causal(n: int, window: int | None, device):
     return mask.triu(-(window - 1)) if window else mask
 
 
+_spans: tuple[Any, list[list[tuple[int, int]]]] | None = None
+
+
+def _sample_spans(position_ids, rows: int) -> list[list[tuple[int, int]]]:
+    """Each row's samples as (start, end), found once per forward: every layer is handed the
+    same position ids, and finding them reads the tensor back (a device sync on a GPU)."""
+    global _spans
+    if _spans is None or _spans[0] is not position_ids:
+        found = []
+        for positions in position_ids.expand(rows, -1):
+            starts = (positions[1:] != positions[:-1] + 1).nonzero().flatten() + 1
+            found.append(list(itertools.pairwise([0, *starts.tolist(), len(positions)])))
+        _spans = (position_ids, found)
+    return _spans[1]
+
+
 def sample_sdpa(module, query, key, value, attention_mask, position_ids=None, **kwargs):
     """PyTorch sdpa that keeps samples apart without a row-wide mask.
 
@@ -47,8 +66,6 @@ def sample_sdpa(module, query, key, value, attention_mask, position_ids=None, **
     no row x row mask is built. A padded batch gets the causal and padding mask. Sliding windows
     are kept. For a training forward (no KV cache) the result is sdpa's on the same inputs.
     """
-    import itertools
-
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -61,10 +78,9 @@ def sample_sdpa(module, query, key, value, attention_mask, position_ids=None, **
     if position_ids is None:
         position_ids = torch.arange(query.shape[2], device=query.device)[None]
     rows = []
-    for b, positions in enumerate(position_ids.expand(query.shape[0], -1)):
-        starts = (positions[1:] != positions[:-1] + 1).nonzero().flatten() + 1
+    for b, spans in enumerate(_sample_spans(position_ids, query.shape[0])):
         parts = []
-        for start, end in itertools.pairwise([0, *starts.tolist(), query.shape[2]]):
+        for start, end in spans:
             long = window and end - start > window
             mask = _causal(end - start, window, query.device) if long else None
             q, k, v = (t[b : b + 1, :, start:end] for t in (query, key, value))
