@@ -28,13 +28,20 @@ def heads_at_positions(model: Any) -> bool:
 
 
 def last_hidden(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-    """The last layer's (normed) hidden states, [batch, seq, hidden], with no logits computed.
+    """The last layer's normed hidden states, [batch, seq, hidden], with no logits computed.
 
-    Called through the engine (not its inner model) so that DeepSpeed's forward runs as usual.
+    Called through the engine (not its inner model) so that DeepSpeed's forward runs as usual;
+    the states are caught at the decoder's final norm, so no other layer's are kept.
     """
+    caught: list[torch.Tensor] = []
+    norm = hf_model(model).get_decoder().norm
+    hook = norm.register_forward_hook(lambda _module, _args, out: caught.append(out))
     none = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
-    out = model(**inputs, use_cache=False, logits_to_keep=none, output_hidden_states=True)
-    return out.hidden_states[-1]
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=none)
+    finally:
+        hook.remove()
+    return caught[-1]
 
 
 def linear_cross_entropy(
