@@ -262,6 +262,9 @@ def test_the_longest_remaining_chain_starts_first(tmp_path):
     order = [nodes[k].command for k in stages.launched]
     assert order[:3] == ["grpo", "generate", "generate"]
     assert order.index("eval") > max(i for i, c in enumerate(order) if c != "eval")
+    # `--plan` lists the stages in that order (the skipped ones among them)
+    listed = [s["stage"] for s in job.describe_plan(cfg)["stages"]]
+    assert [key for key in listed if key in stages.launched] == stages.launched
     for key in stages.launched:
         for need in nodes[key].needs:
             assert stages.ends[need] <= stages.starts[key][0], (need, key)

@@ -36,18 +36,19 @@ from w2sr.session import check_local_resources
 from w2sr.sweep.config import SweepConfig
 from w2sr.sweep.plan import Cell, Node, plan, readiness
 from w2sr.sweep.report import cell_rows, group_name, write_report
-from w2sr.sweep.runner import Outcome, run_graph
+from w2sr.sweep.runner import Outcome, run_graph, start_order
 
 log = logging.getLogger(__name__)
 
 
 def describe_plan(sweep: SweepConfig) -> dict[str, Any]:
-    """The stage graph: each stage, the cells that share it and its state (`plan.readiness`)."""
+    """The stage graph, in the order its stages would start (`runner.start_order`): each stage,
+    the cells that share it and its state (`plan.readiness`)."""
     cells, nodes = plan(sweep)
     states = readiness(nodes, RunDir(sweep.run_dir, create=False))
     stages = []
-    for key, node in nodes.items():
-        state, reason = states[key]
+    for key in start_order(nodes):
+        node, (state, reason) = nodes[key], states[key]
         stages.append({"stage": key, "command": node.command,
                        "state": f"{state}: {reason}" if reason else state,
                        "needs": list(node.needs), "cells": node.cells})  # fmt: skip
