@@ -20,7 +20,7 @@ import httpx
 import pyarrow as pa
 import pytest
 from artifacts import prepared_problems, trained_student
-from faults import descendants
+from faults import descendants, kill_when
 
 from w2sr import layout
 from w2sr.config import BenchmarkRef, ConfigError, PromptsConfig, validate
@@ -480,8 +480,10 @@ def test_an_offline_response_is_stored_and_graded_with_the_thought_its_template_
         }
     )
     [task], _ = plan_tasks(cfg)
-    postprocess = offline._offline_row(scorer(cfg, "teacher"), {"offline": task}, max_len=512)
+    model = offline.Model("teacher", "org/teacher", None, "org/teacher", {"offline": task})
+    postprocess = offline._offline_row(cfg, {"teacher/offline": (model, task)})
     row = {
+        "result": "teacher/offline",
         "benchmark": "offline",
         "prompt_id": "p",
         "problem": "1 + 1?",
@@ -820,7 +822,12 @@ SAMPLES = 2
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, tiny_model, tiny_student, ray_session):
+    """The teacher, the base student and `other` (the student's architecture, its own weights)
+    evaluated: the two students through one engine, `other` loaded in place after the base."""
+    from w2sr.models import build_tiny_model
+
     tmp = tmp_path_factory.mktemp("eval")
+    other = build_tiny_model(tmp / "other", hidden_size=128, num_layers=3, num_heads=2, seed=2)
     rows = [{"question": q, "answer": str(i)} for i, q in enumerate(PROBLEMS)]
     rows += [
         {"question": "1 + " * 300 + "1", "answer": "301"},
@@ -838,6 +845,7 @@ def evaluated(tmp_path_factory, tiny_model, tiny_student, ray_session):
                 "samples": SAMPLES,
                 "sampling": {"temperature": 1.0, "max_tokens": 16},
                 "engine": {"batch_size": 8, "max_model_len": 512},
+                "models": {"other": str(other)},
             },
         }
     )
@@ -853,9 +861,9 @@ def result_table(cfg, summary, label: str, bench: str) -> pa.Table:
 
 def test_every_model_and_benchmark_gets_one_graded_row_per_problem_and_sample(evaluated):
     cfg, summary = evaluated
-    assert sorted(summary["models"]) == ["base", "teacher"]
+    assert sorted(summary["models"]) == ["base", "other", "teacher"]
     assert sorted(summary["skipped"]) == ["rl", "w2sr", "w2sr_n", "w2sr_p"]
-    for label in ("teacher", "base"):
+    for label in ("teacher", "base", "other"):
         for bench, problems in (("amc23", len(PROBLEMS) + 1), ("offline", 3)):
             table = result_table(cfg, summary, label, bench)
             assert table.schema.remove_metadata() == EVAL_SCHEMA
@@ -877,9 +885,26 @@ def test_every_model_and_benchmark_gets_one_graded_row_per_problem_and_sample(ev
             assert entry["problems"] == problems and entry["samples"] == SAMPLES
         run = RunDir(cfg.run_dir)
         assert run.list(layout.EVAL, label, layout.PARTS) == []  # every part sealed
-    teacher = result_table(cfg, summary, "teacher", "offline")["response"].to_pylist()
-    student = result_table(cfg, summary, "base", "offline")["response"].to_pylist()
-    assert teacher != student  # two models, two engines
+    responses = {
+        label: result_table(cfg, summary, label, "offline")["response"].to_pylist()
+        for label in ("teacher", "base", "other")
+    }
+    assert responses["teacher"] != responses["base"] != responses["other"]  # three models
+
+
+def test_a_model_loaded_in_place_answers_as_in_an_engine_of_its_own(evaluated, tmp_path):
+    """`other` evaluated alone, in a copy of the run dir without its results, by an engine
+    started on it: every sample is the one the shared engine gave after loading it in place of
+    the base student (were the load lost, the base's weights would have answered)."""
+    cfg, summary = evaluated
+    shutil.copytree(cfg.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("eval"))
+    alone = cfg.model_copy(update={"run_dir": str(tmp_path / "run")})
+    own = evaluate(alone, labels=("other",))
+    assert sorted(own["models"]) == ["other"]
+    for bench in ("amc23", "offline"):
+        columns = ["prompt_id", "sample_index", "response", "correct"]
+        ours = result_table(alone, own, "other", bench).select(columns)
+        assert ours.equals(result_table(cfg, summary, "other", bench).select(columns)), bench
 
 
 def test_an_overlong_prompt_counts_wrong_and_a_training_prompt_is_left_out(evaluated):
@@ -898,17 +923,52 @@ def test_a_rerun_reuses_every_result_without_starting_an_engine(evaluated, monke
     def no_engine(*args, **kwargs):
         raise AssertionError("a cached result was recomputed")
 
-    monkeypatch.setattr(offline, "build_generator", no_engine)
+    monkeypatch.setattr(offline, "shared_generator", no_engine)
     files = sorted(Path(cfg.run_dir, "eval").rglob("*.parquet"))
     stamps = [p.stat().st_mtime_ns for p in files]
     assert evaluate(cfg) == summary
     assert [p.stat().st_mtime_ns for p in files] == stamps
 
 
+def test_a_killed_shared_engine_is_replaced_and_loads_the_model_its_batches_name(
+    evaluated, tmp_path
+):
+    """The students' engine SIGKILLed once the base's results are sealed and while `other`'s
+    are not: Ray Data starts another engine, which starts on the pipeline's first model (the
+    base), and replays the lost batches, which name `other`: every result is the one the
+    module's evaluation wrote."""
+    cfg, summary = evaluated
+    shutil.copytree(cfg.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("eval"))
+    engine = cfg.eval.engine.model_copy(update={"batch_size": 2})  # operational: same results
+    killed_cfg = cfg.model_copy(
+        update={
+            "run_dir": str(tmp_path / "run"),
+            "eval": cfg.eval.model_copy(update={"engine": engine}),
+        }
+    )
+
+    def sealed(label: str) -> int:
+        return len(list(Path(killed_cfg.run_dir, layout.EVAL, label).glob("*.parquet")))
+
+    killed: list = []
+    watcher = kill_when(
+        lambda: sealed("base") == 2 and sealed("other") < 2, "(SharedEngine)", killed
+    )
+    again = evaluate(killed_cfg, labels=("base", "other"))
+    watcher.join(timeout=1)
+    assert killed, "the kill did not land while `other` was evaluated"
+    for label in ("base", "other"):
+        for bench in ("amc23", "offline"):
+            columns = ["prompt_id", "sample_index", "response", "correct"]
+            ours = result_table(killed_cfg, again, label, bench).select(columns)
+            assert ours.equals(result_table(cfg, summary, label, bench).select(columns))
+
+
 def test_models_evaluated_side_by_side_run_at_once_and_give_the_same_results(evaluated, tmp_path):
-    """Two models' pipelines at once (`eval.concurrent_models: 2`) on a copy of the module's run
-    dir without its results: both engines are up together, and every result is the one the
-    models gave one after another (each sample has its own seed)."""
+    """Two pipelines at once (`eval.concurrent_models: 2`) on a copy of the module's run dir
+    without its results: the teacher's engine and the students' one engine are up together, and
+    every result is the one the models gave one pipeline after another (each sample has its own
+    seed)."""
     cfg, summary = evaluated
     shutil.copytree(cfg.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("eval"))
     both = cfg.model_copy(
@@ -921,12 +981,16 @@ def test_models_evaluated_side_by_side_run_at_once_and_give_the_same_results(eva
 
     def count_engines() -> None:
         while not stop.wait(0.2):
-            # An engine core's own short-lived children (forked to run a command) carry its
-            # title until they exec: an engine is a core whose parent is none.
-            cores = descendants("VLLM::EngineCore")
-            pids = {core.pid for core in cores}
-            engines.append(sum(1 for core in cores if core.ppid() not in pids))
+            # The engines run in Ray Data's actors (the pipelines' only actor stage); those of
+            # the module's evaluation may not have exited yet. An actor's own short-lived
+            # children (forked to run a command) carry its title until they exec: an engine is
+            # an actor whose parent is none.
+            actors = [a for a in descendants(engine_title) if a.pid not in before]
+            pids = {actor.pid for actor in actors}
+            engines.append(sum(1 for actor in actors if actor.ppid() not in pids))
 
+    engine_title = "MapWorker(MapBatches(SharedEngine))"
+    before = {actor.pid for actor in descendants(engine_title)}
     watcher = threading.Thread(target=count_engines, daemon=True)
     watcher.start()
     try:
@@ -934,8 +998,8 @@ def test_models_evaluated_side_by_side_run_at_once_and_give_the_same_results(eva
     finally:
         stop.set()
         watcher.join()
-    assert max(engines) == 2
-    for label in ("teacher", "base"):
+    assert max(engines) == 2  # three models, two architectures
+    for label in ("teacher", "base", "other"):
         for bench in ("amc23", "offline"):
             ours = result_table(both, side_by_side, label, bench)
             theirs = result_table(cfg, summary, label, bench)

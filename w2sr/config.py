@@ -401,9 +401,11 @@ class EvalConfig(Strict):
     grading_policy: Literal["strict", "standard"] | None = None
     engine: EngineConfig = Field(default_factory=EngineConfig)
     models: dict[str, str] = Field(default_factory=dict)  # extra `label: model spec`
-    # How many models' pipelines run side by side, each with its own engines: an engine's
-    # start-up is most of a small evaluation, and the engines of different models overlap it.
-    # Ask for no more than the cluster holds at once (the local session's size is checked).
+    # How many pipelines run side by side, each with its own engines. The models of one
+    # architecture (the base student, its fine-tunes, the RL student) share one pipeline whose
+    # engines load each model in place; models of other architectures (a teacher) have their
+    # own, whose start-ups overlap when run side by side. Ask for no more than the cluster holds
+    # at once (the local session's size is checked).
     concurrent_models: PositiveInt = 1
     decontaminate: bool = True  # drop problems whose text is also a training prompt of the run
     bootstrap_resamples: PositiveInt = 2000

@@ -68,8 +68,9 @@ def build_generator(
 @dataclass(frozen=True)
 class Groups:
     """Where a pipeline's results go: rows are grouped by their `column`; group g's parts live in
-    `run/folder/subfolders[g]/` until `seal(g, rows)` makes them its artifact. `expected[g]` is
-    how many distinct (prompt_id, sample_index) keys make the group whole."""
+    `run/folder/subfolders[g]/` (a subfolder may be a path) until `seal(g, rows)` makes them
+    its artifact. `expected[g]` is how many distinct (prompt_id, sample_index) keys make the
+    group whole."""
 
     run: RunDir
     folder: str
@@ -154,12 +155,19 @@ def _part_writer(groups: Groups):
 
 
 def _delete_parts(groups: Groups) -> None:
-    """The part folders of the pipeline's groups that exist, found in one listing (a request per
-    group would grow with the groups, thousands in a large generation)."""
-    present = set(groups.run.list(groups.folder))
+    """The part folders of the pipeline's groups that exist, found in one listing per folder
+    that holds them (a request per group would grow with the groups, thousands in a large
+    generation)."""
+    by_parent: dict[str, list[str]] = {}
     for name in groups.subfolders.values():
-        if name in present:
-            groups.run.delete(groups.folder, name)
+        parent, _, leaf = name.rpartition("/")
+        by_parent.setdefault(parent, []).append(leaf)
+    for parent, leaves in by_parent.items():
+        folder = (groups.folder, parent) if parent else (groups.folder,)
+        present = set(groups.run.list(*folder))
+        for leaf in leaves:
+            if leaf in present:
+                groups.run.delete(*folder, leaf)
 
 
 def _seal(

@@ -51,7 +51,11 @@ class RolloutEngine:
         )
         self.llm = LLM(
             model=ModelSpec.parse(model).local(),
-            distributed_executor_backend="uni",
+            # One rank runs in this process; several (evaluation's shared engines) are
+            # processes on this actor's node, with its GPUs.
+            distributed_executor_backend="uni"
+            if config.tensor_parallel_size * config.pipeline_parallel_size == 1
+            else "mp",
             worker_extension_cls=EXTENSION,
             seed=seed,
             enable_sleep_mode=sleep_mode,
@@ -84,6 +88,30 @@ class RolloutEngine:
             ]
             for out in outputs
         ]
+
+    def complete(self, prompts: list[list[int]], params: list[dict]) -> list[dict[str, Any]]:
+        """One completion per tokenized prompt, each with its own sampling parameters (seed
+        included): its text and how many tokens it took."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompts],
+            [SamplingParams(**p) for p in params],
+            use_tqdm=False,
+        )
+        return [
+            {
+                "generated_text": o.outputs[0].text,
+                "num_generated_tokens": len(o.outputs[0].token_ids),
+            }
+            for o in outputs
+        ]
+
+    def load_folder(self, folder: str) -> None:
+        """Replace the engine's weights in place by those of another model of its
+        architecture, read from that model's folder."""
+        self._reloaded(self.llm.collective_rpc("w2sr_load_folder", args=(folder,)))
 
     def load_weights(self, named_tensors: list) -> int:
         """Replace the engine's weights in place; returns how many tensors were loaded."""

@@ -60,6 +60,12 @@ class WeightSyncExtension:
         self._w2sr_reload(iter(named_tensors))
         return len(named_tensors)
 
+    def w2sr_load_folder(self, folder: str) -> None:
+        """Load another model of the engine's architecture in place, from its folder (vLLM reads
+        the weights as it reads a model's at start-up)."""
+        self.model_runner.reload_weights(weights_path=folder)
+        self._w2sr_repack_tied_head()
+
     def w2sr_join_weight_group(
         self, host: str, port: int, rank: int, world_size: int, backend: str, secret: str
     ) -> None:

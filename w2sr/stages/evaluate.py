@@ -7,9 +7,9 @@ W2SR-N students and the RL student when the run has them, and any `eval.models` 
 (model, benchmark) result is one file named by its fingerprint (`w2sr.evaluation.results`), so a
 rerun evaluates only what is missing, or what was made from other problems than the benchmark
 gives now, and one model under two labels (a teacher that is also the base student) is
-evaluated once. Offline, one Ray Data + vLLM pipeline per model runs its
-missing benchmarks, `eval.concurrent_models` models side by side; through an endpoint, the
-server does the generation.
+evaluated once. Offline, the models of one architecture share one Ray Data + vLLM pipeline,
+whose engines load each model in place (`w2sr.evaluation.offline`), `eval.concurrent_models`
+pipelines side by side; through an endpoint, the server does the generation.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 from w2sr import layout
 from w2sr.config import ExperimentConfig
 from w2sr.evaluation.endpoint import evaluate_endpoint, served_models
-from w2sr.evaluation.offline import evaluate_offline, offline_pipeline
-from w2sr.evaluation.problems import Problems, load_problems
+from w2sr.evaluation.offline import evaluate_offline
+from w2sr.evaluation.problems import load_problems
 from w2sr.evaluation.results import Task, copy_result, is_current, plan_tasks, summary
 from w2sr.rundir import RunDir
 
@@ -67,7 +66,7 @@ def evaluate(
             for label, todo in missing.items():
                 _timed(label, asyncio.run, evaluate_endpoint(cfg, run, todo, problems, endpoint))
         elif missing:
-            _side_by_side(cfg, run, missing, problems)
+            evaluate_offline(cfg, run, missing, problems)
         for task, computed in copies:
             if is_current(run, computed, problems[task.bench.name]):
                 copy_result(cfg, run, computed, task, problems[task.bench.name])
@@ -96,39 +95,6 @@ def _once_per_result(
         else:
             copies.append((task, computed))
     return todo, copies
-
-
-def _side_by_side(
-    cfg: ExperimentConfig,
-    run: RunDir,
-    missing: dict[str, list[Task]],
-    problems: dict[str, Problems],
-) -> None:
-    """Each model's pipeline in a thread of its own, `eval.concurrent_models` at a time, once
-    every one is set up (in this thread). A model that fails does not stop the others (their
-    results are kept); the first failure is raised once all have ended."""
-    if cfg.eval.concurrent_models == 1 or len(missing) == 1:
-        for label, todo in missing.items():
-            _timed(label, evaluate_offline, cfg, run, todo, problems)
-        return
-    pipelines = {
-        label: offline_pipeline(cfg, run, todo, problems) for label, todo in missing.items()
-    }
-    failed: dict[str, BaseException] = {}
-    with ThreadPoolExecutor(cfg.eval.concurrent_models, thread_name_prefix="eval") as pool:
-        futures = {
-            pool.submit(_timed, label, pipeline.run): label
-            for label, pipeline in pipelines.items()
-            if pipeline is not None
-        }
-        for future in as_completed(futures):
-            error = future.exception()
-            if error is not None:
-                failed[futures[future]] = error
-                log.error("%s: evaluation failed: %s", futures[future], error)
-    if failed:
-        label, error = next(iter(failed.items()))
-        raise RuntimeError(f"evaluation failed for {sorted(failed)}; first: {label}") from error
 
 
 def _timed(label: str, evaluate_model: Callable[..., Any], *args: Any) -> None:
