@@ -300,6 +300,12 @@ def test_selection_splits_traces_into_the_three_training_sets(generated):
     assert summary["all"]["traces"] == every.num_rows
     assert summary["all"]["truncated"] == every["finish_reason"].to_pylist().count("length")
     assert summary["all"]["completion_tokens"]["max"] <= 24
+    # written shard by shard: each set is the whole table's, row for row
+    traces = layout.read_traces(run, Lineage(cfg).traces.folder)
+    assert len(run.list(Lineage(cfg).traces.folder, suffix=".parquet")) > 1
+    for variant, table in zip(layout.VARIANTS, (every, right, wrong), strict=True):
+        assert table.equals(select_variant(traces, variant))
+        assert summary[variant.name]["prompts"] == len(set(table["prompt_id"].to_pylist()))
 
 
 def graded_traces(correct: list[bool], tokens: list[int]) -> pa.Table:
@@ -358,6 +364,12 @@ def test_matched_selection_writes_new_sets_beside_the_unmatched_ones(generated):
     for name in filled:
         assert matched[name]["matched"]["traces_before"] == plain[name]["traces"]
         assert matched[name]["tokens"] <= target
+    # written shard by shard: each set is what matching the whole sets gives, row for row
+    traces = layout.read_traces(run, Lineage(cfg).traces.folder)
+    sets = {v.name: select_variant(traces, v) for v in layout.VARIANTS}
+    whole = match_sizes(sets, "tokens", matched_cfg.seed)
+    for name, table in whole.items():
+        assert run.read_parquet(Lineage(matched_cfg).sft.folder, f"{name}.parquet").equals(table)
         table = run.read_parquet(Lineage(matched_cfg).sft.folder, f"{name}.parquet")
         assert table.num_rows == matched[name]["traces"]
 

@@ -186,6 +186,26 @@ def test_truncation_is_counted_and_unfinished_traces_do_not_end(tiny_student):
     assert len(tight) == 0 and tight.dropped == 3  # the prompt alone fills the cutoff
 
 
+def test_a_set_read_batch_by_batch_is_tokenized_as_the_whole_table(tiny_student, tmp_path):
+    """The stage reads a training set from its file a few rows at a time: the samples, their
+    order and every count are the whole table's."""
+    tokenizer = tokenizer_of(tiny_student)
+    rows = trace_rows(10)
+    rows[3]["trace"] = "First, compute the sum. " * 200  # truncated
+    rows[5]["finish_reason"] = "length"
+    table = pa.Table.from_pylist(rows)
+    run = RunDir(str(tmp_path / "run"))
+    run.write_parquet(table, "set.parquet")
+    whole = build_sft_set(tokenizer, TEMPLATES["paper"], table, cutoff_len=256)
+    read = run.iter_parquet(
+        "set.parquet", columns=["problem", "trace", "finish_reason"], batch_size=3
+    )
+    batched = build_sft_set(tokenizer, TEMPLATES["paper"], read, cutoff_len=256)
+    assert (batched.traces, batched.truncated) == (whole.traces, whole.truncated) == (10, 1)
+    for name in ("tokens", "offsets", "prompt_lens"):
+        assert np.array_equal(getattr(batched, name), getattr(whole, name)), name
+
+
 THOUGHT = "<think>\nFirst, compute 1 + 2. Wait, verify.</think>\n\nThe answer is \\boxed{3}."
 ANSWER = "\n\nThe answer is \\boxed{3}."
 

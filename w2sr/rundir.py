@@ -119,6 +119,13 @@ class RunDir:
             self.path(*parts), columns=columns, filters=filters, filesystem=self.fs
         )
 
+    def iter_parquet(
+        self, *parts: str, columns: Sequence[str] | None = None, batch_size: int = 1024
+    ) -> Iterator[pa.RecordBatch]:
+        """A Parquet file's rows, batch by batch: a reader holds one row group at a time."""
+        with self.fs.open_input_file(self.path(*parts)) as source:
+            yield from pq.ParquetFile(source).iter_batches(batch_size=batch_size, columns=columns)
+
     def write_bytes(self, data: bytes, *parts: str) -> None:
         def write(fs: pafs.FileSystem, tmp: str) -> None:
             with fs.open_output_stream(tmp) as out:

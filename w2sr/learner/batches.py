@@ -23,6 +23,8 @@ sequence boundaries, and w2sr's `learner.attention.sample_sdpa` attends each sam
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +65,7 @@ class SFTSet:
     tokens: np.ndarray  # int32, all samples concatenated
     offsets: np.ndarray  # int64, len(samples) + 1
     prompt_lens: np.ndarray  # int32
+    traces: int  # traces read
     truncated: int  # samples cut at cutoff_len
     dropped: int  # samples whose prompt alone fills cutoff_len: nothing left to learn
     unanswered: int  # `strip`: traces with no answer after their thought, left out
@@ -125,34 +128,38 @@ def sft_target(trace: str, reasoning: str, prefill: str) -> str | None:
 def build_sft_set(
     tokenizer,
     template: Template,
-    traces: pa.Table,
+    traces: pa.Table | Iterable[pa.RecordBatch],
     cutoff_len: int,
     *,
     thinking: bool | None = None,
     reasoning: str = "keep",
     batch_size: int = 1024,
 ) -> SFTSet:
-    """Tokenize a trace table (columns problem, trace and optionally finish_reason), the prompts
-    rendered with `thinking` and the targets made by `sft_target` under `reasoning`."""
+    """Tokenize traces (columns problem, trace and optionally finish_reason), the prompts
+    rendered with `thinking` and the targets made by `sft_target` under `reasoning`.
+
+    `traces` is a table, or its record batches one after another: the stage reads a training
+    set batch by batch, so that only its tokens are ever held whole."""
     end_ids = tokenizer(assistant_end(tokenizer), add_special_tokens=False)["input_ids"]
-    problems = traces.column("problem").to_pylist()
-    texts = traces.column("trace").to_pylist()
-    finished = (
-        [reason != "length" for reason in traces.column("finish_reason").to_pylist()]
-        if "finish_reason" in traces.column_names
-        else [True] * len(texts)
-    )
-    chunks: list[np.ndarray] = []
+    if isinstance(traces, pa.Table):
+        traces = traces.to_batches(max_chunksize=batch_size)
+    chunks: list[np.ndarray] = []  # one per batch: its samples' tokens concatenated
     lengths: list[int] = []
     prompt_lengths: list[int] = []
-    truncated = dropped = unanswered = 0
-    for start in range(0, len(texts), batch_size):
-        stop = start + batch_size
-        prompts, prompt_ids = render(tokenizer, template, problems[start:stop], thinking)
+    rows = truncated = dropped = unanswered = 0
+    for batch in traces:
+        rows += batch.num_rows
+        texts = batch.column("trace").to_pylist()
+        finished = (
+            [reason != "length" for reason in batch.column("finish_reason").to_pylist()]
+            if "finish_reason" in batch.schema.names
+            else [True] * len(texts)
+        )
+        prompts, prompt_ids = render(
+            tokenizer, template, batch.column("problem").to_pylist(), thinking
+        )
         targets, kept = [], []
-        for prompt, p_ids, trace, done in zip(
-            prompts, prompt_ids, texts[start:stop], finished[start:stop], strict=True
-        ):
+        for prompt, p_ids, trace, done in zip(prompts, prompt_ids, texts, finished, strict=True):
             target = sft_target(trace, reasoning, reasoning_prefill(prompt))
             if target is None:
                 unanswered += 1
@@ -160,6 +167,7 @@ def build_sft_set(
             targets.append(target)
             kept.append((p_ids, done))
         target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"] if targets else []
+        samples: list[list[int]] = []
         for (p_ids, done), t_ids in zip(kept, target_ids, strict=True):
             ids = p_ids + t_ids + (end_ids if done else [])
             if len(p_ids) >= min(len(ids), cutoff_len):
@@ -168,14 +176,16 @@ def build_sft_set(
             if len(ids) > cutoff_len:
                 ids = ids[:cutoff_len]
                 truncated += 1
-            chunks.append(np.asarray(ids, dtype=np.int32))
+            samples.append(ids)
             lengths.append(len(ids))
             prompt_lengths.append(len(p_ids))
+        if samples:
+            chunks.append(np.fromiter(itertools.chain.from_iterable(samples), dtype=np.int32))
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
     prompt_lens = np.asarray(prompt_lengths, dtype=np.int32)
-    return SFTSet(tokens, offsets, prompt_lens, truncated, dropped, unanswered)
+    return SFTSet(tokens, offsets, prompt_lens, rows, truncated, dropped, unanswered)
 
 
 # --- order -----------------------------------------------------------------------------------

@@ -18,8 +18,12 @@ from w2sr import layout
 from w2sr.config import ExperimentConfig
 from w2sr.lineage import Lineage
 from w2sr.rundir import RunDir
+from w2sr.schemas import TRACE_SCHEMA
 
 log = logging.getLogger(__name__)
+
+# What decides which traces a training set keeps (`select_variant`, `match_sizes`).
+KEY_COLUMNS = ("correct", "completion_tokens")
 
 
 def select_variant(traces: pa.Table, variant: layout.Variant) -> pa.Table:
@@ -57,28 +61,45 @@ def _tokens(table: pa.Table) -> int:
     return pc.sum(table.column("completion_tokens")).as_py() or 0
 
 
-def summarize(traces: pa.Table) -> dict[str, Any]:
-    """Counts, teacher accuracy and trace lengths of one set."""
-    n = traces.num_rows
-    lengths = traces.column("completion_tokens").to_numpy() if n else []
-    truncated = pc.sum(pc.equal(traces.column("finish_reason"), "length")).as_py() if n else 0
-    correct = pc.sum(traces.column("correct").cast(pa.int64())).as_py() if n else 0
-    summary: dict[str, Any] = {
-        "traces": n,
-        "prompts": len(set(traces.column("prompt_id").to_pylist())),
-        "correct": correct or 0,
-        "accuracy": (correct or 0) / n if n else None,
-        "no_answer": traces.column("extracted_answer").null_count,
-        "truncated": truncated or 0,
-        "tokens": _tokens(traces) if n else 0,
-    }
-    if n:
-        summary["completion_tokens"] = {
-            "mean": round(float(np.mean(lengths)), 2),
-            **{f"p{q}": float(np.percentile(lengths, q)) for q in (10, 50, 90)},
-            "max": int(np.max(lengths)),
+class Summary:
+    """Counts, teacher accuracy and trace lengths of one set, added up shard by shard (a prompt's
+    traces are all in one shard, so its prompts are counted shard by shard too)."""
+
+    def __init__(self) -> None:
+        self.traces = self.prompts = self.correct = self.no_answer = 0
+        self.truncated = self.tokens = 0
+        self.lengths: list[np.ndarray] = []
+
+    def add(self, traces: pa.Table) -> None:
+        if not traces.num_rows:
+            return
+        self.traces += traces.num_rows
+        self.prompts += len(pc.unique(traces.column("prompt_id")))
+        self.correct += pc.sum(traces.column("correct").cast(pa.int64())).as_py() or 0
+        self.no_answer += traces.column("extracted_answer").null_count
+        self.truncated += pc.sum(pc.equal(traces.column("finish_reason"), "length")).as_py() or 0
+        self.tokens += _tokens(traces)
+        self.lengths.append(traces.column("completion_tokens").to_numpy())
+
+    def result(self) -> dict[str, Any]:
+        n = self.traces
+        summary: dict[str, Any] = {
+            "traces": n,
+            "prompts": self.prompts,
+            "correct": self.correct,
+            "accuracy": self.correct / n if n else None,
+            "no_answer": self.no_answer,
+            "truncated": self.truncated,
+            "tokens": self.tokens,
         }
-    return summary
+        if n:
+            lengths = np.concatenate(self.lengths)
+            summary["completion_tokens"] = {
+                "mean": round(float(np.mean(lengths)), 2),
+                **{f"p{q}": float(np.percentile(lengths, q)) for q in (10, 50, 90)},
+                "max": int(np.max(lengths)),
+            }
+        return summary
 
 
 def select(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -91,7 +112,7 @@ def select(cfg: ExperimentConfig) -> dict[str, Any]:
     with run.stage(Lineage(cfg).sft) as claim:
         if claim.record:
             return run.read_json(claim.folder, layout.SFT_SUMMARY)
-        summary = _write_sets(cfg, run, claim.folder, layout.read_traces(run, traces.folder))
+        summary = _write_sets(cfg, run, claim.folder, traces.folder)
         claim.facts = {"traces": traces.folder}
     log.info(
         "training sets: all %d, correct %d, incorrect %d (teacher accuracy %s)",
@@ -103,15 +124,35 @@ def select(cfg: ExperimentConfig) -> dict[str, Any]:
     return summary
 
 
-def _write_sets(cfg: ExperimentConfig, run: RunDir, folder: str, table: pa.Table) -> dict[str, Any]:
-    """Write the training sets and their summary into `folder`; returns the summary."""
+def _write_sets(cfg: ExperimentConfig, run: RunDir, folder: str, traces: str) -> dict[str, Any]:
+    """Write the training sets and their summary into `folder`; returns the summary.
+
+    No whole table is held: the columns that decide which traces each set keeps are read first
+    (a few bytes per trace), then each set is written shard by shard of the traces."""
+    shards = run.list(traces, suffix=".parquet")
+    keys = [run.read_parquet(traces, name, columns=list(KEY_COLUMNS)) for name in shards]
+    offsets = np.cumsum([0] + [t.num_rows for t in keys])
+    table = pa.concat_tables(keys) if keys else pa.table({c: [] for c in KEY_COLUMNS})
+    table = table.append_column("row", pa.array(np.arange(table.num_rows), pa.int64()))
     sets = {variant.name: select_variant(table, variant) for variant in layout.VARIANTS}
     match = cfg.select.match
     matched = match_sizes(sets, match, cfg.seed) if match != "none" else sets
     summary: dict[str, Any] = {}
     for name, subset in matched.items():
-        run.write_parquet(subset, folder, layout.sft_set(name))
-        summary[name] = summarize(subset)
+        rows = subset.column("row").to_numpy()
+        accumulated = Summary()
+
+        def chunks(rows: np.ndarray = rows, accumulated: Summary = accumulated):
+            for index, shard in enumerate(shards):
+                start, end = offsets[index], offsets[index + 1]
+                kept = rows[(rows >= start) & (rows < end)] - start
+                if len(kept):
+                    chunk = run.read_parquet(traces, shard).take(pa.array(kept))
+                    accumulated.add(chunk)
+                    yield chunk
+
+        run.write_parquet_stream(chunks(), TRACE_SCHEMA, folder, layout.sft_set(name))
+        summary[name] = accumulated.result()
         if match != "none":
             summary[name]["matched"] = {"by": match, "traces_before": sets[name].num_rows,
                                         "tokens_before": _tokens(sets[name])}  # fmt: skip

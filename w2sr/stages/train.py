@@ -2,14 +2,15 @@
 
     w2sr train CONFIG train.variant=correct      # W2SR-P
 
-The driver tokenizes the set once (`w2sr.learner.batches`) and hands it to the workers through
-the object store; each worker runs DeepSpeed over its share of every global batch
-(`w2sr.learner.sft`). The stage folder is `students/{variant}/<fingerprint>` (`w2sr.lineage`).
-Per-step metrics go to stdout and to its `metrics.jsonl` (and MLflow / W&B when configured);
-checkpoints go through Ray Train under its `ray/`, so a failed worker (within `max_failures`) or
-a rerun of the same config resumes at the last checkpoint's step and data position, with its
-optimizer and schedule. The result is a Hugging Face folder, `model/`; `_DONE.json` beside it
-holds the fingerprint, steps, final loss, truncated and left-out samples and cost.
+The driver tokenizes the set once, reading it batch by batch (`w2sr.learner.batches`), and hands
+its tokens to the workers through the object store; each worker runs DeepSpeed over its share of
+every global batch (`w2sr.learner.sft`). The stage folder is `students/{variant}/<fingerprint>`
+(`w2sr.lineage`). Per-step metrics go to stdout and to its `metrics.jsonl` (and MLflow / W&B when
+configured); checkpoints go through Ray Train under its `ray/`, so a failed worker (within
+`max_failures`) or a rerun of the same config resumes at the last checkpoint's step and data
+position, with its optimizer and schedule. The result is a Hugging Face folder, `model/`;
+`_DONE.json` beside it holds the fingerprint, steps, final loss, truncated and left-out samples
+and cost.
 
 Prompts are the student's own chat template's, rendered with `thinking`; `train.reasoning` says
 whether the teacher's thought is in the targets (`w2sr.learner.batches.sft_target`).
@@ -36,6 +37,8 @@ from w2sr.rundir import METRICS, Claim, RunDir
 from w2sr.session import init_ray
 
 log = logging.getLogger(__name__)
+
+SFT_COLUMNS = ("problem", "trace", "finish_reason")  # what a sample is made of
 
 
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -70,7 +73,7 @@ def _train(cfg: ExperimentConfig, run: RunDir, claim: Claim) -> dict[str, Any]:
     start = time.time()
 
     tokenizer = load_tokenizer(ModelSpec.parse(cfg.student).local(), cfg.trust_remote_code)
-    traces = run.read_parquet(sets.folder, layout.sft_set(variant))
+    traces = run.iter_parquet(sets.folder, layout.sft_set(variant), columns=SFT_COLUMNS)
     data = build_sft_set(
         tokenizer,
         TEMPLATES[cfg.template],
@@ -80,19 +83,19 @@ def _train(cfg: ExperimentConfig, run: RunDir, claim: Claim) -> dict[str, Any]:
         reasoning=tcfg.reasoning,
     )
     if not len(data):
-        raise RuntimeError(f"the {variant} set has no trainable sample ({traces.num_rows} rows)")
+        raise RuntimeError(f"the {variant} set has no trainable sample ({data.traces} rows)")
     if data.unanswered:
         log.warning(
             "%d of %d traces left out: reasoning is stripped and they have no answer after "
             "their thought (one never closed, or nothing after it)",
             data.unanswered,
-            traces.num_rows,
+            data.traces,
         )
     if data.truncated or data.dropped:
         log.warning(
             "%d of %d samples truncated at cutoff_len %d; %d dropped (prompt alone fills it)",
             data.truncated,
-            traces.num_rows,
+            data.traces,
             tcfg.cutoff_len,
             data.dropped,
         )
