@@ -1,13 +1,14 @@
-"""The driver's peak memory and requests per second of `w2sr generate` as the requests grow.
+"""Peak memory of w2sr's drivers, and requests per second of `w2sr generate`, as a run grows.
 
 A tiny random model writes one-token completions, so that what grows with the request count is
 the data path: preparing the prompt set (in the driver), reading it and expanding the requests
-(in the workers), writing the parts and sealing the shards. Each size runs as a whole command
-in its own run dir; the driver's resident memory (the command's own process, not Ray's workers)
-is sampled every 0.1 s. Sizes take turns as benchmarks/protocol.py prescribes; the warm-up is
-one run of the smallest size.
+(in the workers), writing the parts and sealing the shards; then `w2sr select` splitting the
+traces into the training sets, and `w2sr train` (one step) tokenizing a set in its driver. Each
+size runs the three as whole commands in its own run dir; each command's resident memory (its
+own process, not Ray's workers) is sampled every 0.1 s. Sizes take turns as
+benchmarks/protocol.py prescribes; the warm-up is one run of the smallest size.
 
-Goal: the driver's peak memory at the largest size at most 1.2x that at the smallest, and
+Goal: each command's peak memory at the largest size at most 1.2x that at the smallest, and
 requests per second flat across sizes.
 
     python benchmarks/bench_scale.py [--sizes 10000,100000,1000000] [--repeats 3]
@@ -39,14 +40,16 @@ def write_prompts(path: Path, prompts: int) -> None:
             out.write(json.dumps(row) + "\n")
 
 
-def run_size(data: Path, requests: int, round_: int) -> tuple[float, float]:
-    """(seconds, driver peak RSS in MiB) of one `w2sr generate` on `requests` requests."""
-    import psutil
+COMMANDS = ("generate", "select", "train")
 
+
+def run_size(data: Path, requests: int, round_: int) -> dict[str, tuple[float, float]]:
+    """(seconds, peak RSS in MiB) of each command of one run on `requests` requests."""
     prompts = requests // SAMPLES
     config = {
         "run_dir": str(data / f"run-{requests}-{round_}"),
         "teacher": "builtin:tiny-random",
+        "student": "builtin:tiny-random",
         "template": "plain",
         "prompts": {
             "source": {"type": "file", "path": str(data / "prompts.jsonl")},
@@ -58,19 +61,34 @@ def run_size(data: Path, requests: int, round_: int) -> tuple[float, float]:
             "sampling": {"temperature": 1.0, "max_tokens": 1},
             "engine": {"batch_size": 256, "max_model_len": 128, "dtype": "float32"},
         },
+        "train": {
+            "max_steps": 1,
+            "num_workers": 1,
+            "global_batch_size": 8,
+            "micro_batch_size": 8,
+            "cutoff_len": 64,
+            "bf16": False,
+        },
     }
     path = data / f"config-{requests}-{round_}.json"
     path.write_text(json.dumps(config))
+    return {command: peak_of(command, path) for command in COMMANDS}
+
+
+def peak_of(command: str, config: Path) -> tuple[float, float]:
+    """(seconds, peak RSS in MiB) of `w2sr COMMAND CONFIG`."""
+    import psutil
+
     start = time.perf_counter()
-    command = subprocess.Popen(
-        [sys.executable, "-m", "w2sr.cli", "generate", str(path)],
+    process = subprocess.Popen(
+        [sys.executable, "-m", "w2sr.cli", command, str(config)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    driver, peak = psutil.Process(command.pid), [0]
+    driver, peak = psutil.Process(process.pid), [0]
 
     def sample() -> None:
-        while command.poll() is None:
+        while process.poll() is None:
             try:
                 peak[0] = max(peak[0], driver.memory_info().rss)
             except psutil.NoSuchProcess:
@@ -79,8 +97,8 @@ def run_size(data: Path, requests: int, round_: int) -> tuple[float, float]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    if command.wait() != 0:
-        raise RuntimeError(f"w2sr generate on {requests} requests exited with {command.returncode}")
+    if process.wait() != 0:
+        raise RuntimeError(f"w2sr {command} {config} exited with {process.returncode}")
     seconds = time.perf_counter() - start
     sampler.join()
     return seconds, peak[0] / 2**20
@@ -92,7 +110,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    memory: dict[int, list[float]] = {n: [] for n in sizes}
+    memory: dict[str, dict[int, list[float]]] = {c: {n: [] for n in sizes} for c in COMMANDS}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         write_prompts(data / "prompts.jsonl", max(sizes) // SAMPLES)
@@ -101,9 +119,10 @@ def main() -> None:
         def side(requests: int):
             def run() -> float:
                 rounds[requests] += 1
-                seconds, peak = run_size(data, requests, rounds[requests])
-                memory[requests].append(peak)
-                return seconds
+                measured = run_size(data, requests, rounds[requests])
+                for command, (_, peak) in measured.items():
+                    memory[command][requests].append(peak)
+                return measured["generate"][0]
 
             return run
 
@@ -114,8 +133,7 @@ def main() -> None:
     print(describe(args.repeats, 1).replace("round", "run of the smallest size", 1))
     print("each size a whole `w2sr generate` command, start-up included; the added rate is the")
     print("requests added over the seconds added from the size before, within one round")
-    header = f"{'requests':>10} {'requests/s':>22} {'added requests/s':>22} {'driver peak MiB':>22}"
-    print(header)
+    print(f"{'requests':>10} {'requests/s':>22} {'added requests/s':>22}")
     for i, n in enumerate(sizes):
         rate = format(Spread.of([n / t for t in seconds[n]]))
         added = "-"
@@ -123,10 +141,15 @@ def main() -> None:
             before = sizes[i - 1]
             pairs = zip(seconds[n], seconds[before], strict=True)
             added = format(Spread.of([(n - before) / (t - t0) for t, t0 in pairs]))
-        peak = format(Spread.of(memory[n]))
-        print(f"{n:>10} {rate:>22} {added:>22} {peak:>22}")
-    low, high = (Spread.of(memory[n]).median for n in (sizes[0], sizes[-1]))
-    print(f"\ndriver memory, largest over smallest size: {high / low:.2f}x  (goal <= 1.2x)")
+        print(f"{n:>10} {rate:>22} {added:>22}")
+    print("\npeak resident memory of each command's own process, MiB")
+    print(f"{'requests':>10} " + " ".join(f"{c:>22}" for c in COMMANDS))
+    for n in sizes:
+        peaks = " ".join(f"{format(Spread.of(memory[c][n])):>22}" for c in COMMANDS)
+        print(f"{n:>10} {peaks}")
+    for command in COMMANDS:
+        low, high = (Spread.of(memory[command][n]).median for n in (sizes[0], sizes[-1]))
+        print(f"{command}: largest over smallest size {high / low:.2f}x  (goal <= 1.2x)")
 
 
 if __name__ == "__main__":

