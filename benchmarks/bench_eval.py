@@ -87,15 +87,16 @@ def run_peer(args) -> None:
     from w2sr.data.prompts import load_tokenizer
     from w2sr.data.templates import TEMPLATES
     from w2sr.engines.generator import build_generator
+    from w2sr.session import init_ray
 
     data = Path(args.data)
     models = json.loads((data / "models.json").read_text())
     cfg = validate(config(args, data, models, data / "unused"))
     problems = [json.loads(line) for line in (data / "bench.jsonl").read_text().splitlines()]
     side_by_side = args.run_peer > 1
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    init_ray(cfg)  # the session w2sr's commands start: the same logical CPUs for both sides
 
-    def completions(model: str) -> list[str]:
+    def requests(model: str) -> list[dict]:
         tokenizer = load_tokenizer(model, False)
         template = TEMPLATES[cfg.template]
         rows = []
@@ -106,6 +107,9 @@ def run_peer(args) -> None:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             params = {"temperature": 0.0, "max_tokens": args.max_tokens}
             rows.append({"index": i, "tokenized_prompt": ids, "sampling_params": params})
+        return rows
+
+    def completions(model: str, rows: list[dict]) -> list[str]:
         processor = build_generator(
             model,
             cfg.eval.engine,
@@ -117,8 +121,11 @@ def run_peer(args) -> None:
         out = processor(ray.data.from_items(rows)).take_all()
         return [row["text"] for row in sorted(out, key=lambda row: row["index"])]
 
+    # Tokenizers are loaded here, one after another: transformers' lazy imports are not
+    # thread-safe. The processors run side by side.
+    prepared = [requests(model) for model in models]
     with ThreadPoolExecutor(args.run_peer) as pool:
-        texts = dict(zip(models, pool.map(completions, models), strict=True))
+        texts = dict(zip(models, pool.map(completions, models, prepared), strict=True))
     Path(args.out).write_text(json.dumps(texts))
 
 

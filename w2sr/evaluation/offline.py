@@ -226,10 +226,10 @@ def _pipeline(
         seal(name, [])  # every prompt too long: nothing to generate
     if not requests:
         return None
-    present = list(dict.fromkeys(m.source for m in models if m.requests))
-    identities = {
-        source: next(m.identity for m in models if m.source == source) for source in present
-    }
+    identities: dict[str, str | None] = {}  # the models the rows name, in the rows' order
+    for m in models:
+        if m.requests:
+            identities.setdefault(m.source, m.identity)
     processor = shared_generator(
         identities,
         cfg.eval.engine,
