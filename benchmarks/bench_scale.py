@@ -1,12 +1,14 @@
 """Peak memory of w2sr's drivers, and requests per second of `w2sr generate`, as a run grows.
 
 A tiny random model writes one-token completions, so that what grows with the request count is
-the data path: preparing the prompt set (in the driver), reading it and expanding the requests
-(in the workers), writing the parts and sealing the shards; then `w2sr select` splitting the
-traces into the training sets, and `w2sr train` (one step) tokenizing a set in its driver. Each
-size runs the three as whole commands in its own run dir; each command's resident memory (its
-own process, not Ray's workers) is sampled every 0.1 s. Sizes take turns as
-benchmarks/protocol.py prescribes; the warm-up is one run of the smallest size.
+the data path, at the default shard size (256 prompts: shards and part files grow in number
+with the run, as in a real one): preparing the prompt set (in the driver), reading it and
+expanding the requests (in the workers), writing the parts and sealing the shards; then
+`w2sr select` splitting the traces into the training sets, and `w2sr train` (one step)
+tokenizing a set in its driver. Each size runs the three as whole commands in its own run dir;
+each command's resident memory (its own process, not Ray's workers) is sampled every 0.1 s.
+Sizes take turns as benchmarks/protocol.py prescribes; the warm-up is one run of the smallest
+size.
 
 Goal: each command's peak memory at the largest size at most 1.2x that at the smallest, and
 requests per second flat across sizes.
@@ -57,7 +59,6 @@ def run_size(data: Path, requests: int, round_: int) -> dict[str, tuple[float, f
         },
         "generation": {
             "samples_per_prompt": SAMPLES,
-            "prompts_per_shard": max(1, prompts // 10),
             "sampling": {"temperature": 1.0, "max_tokens": 1},
             "engine": {"batch_size": 256, "max_model_len": 128, "dtype": "float32"},
         },
