@@ -319,13 +319,17 @@ def study(tmp_path_factory, tiny_model, s3_bucket):
                              capture_output=True).returncode:  # fmt: skip
             assert head.poll() is None and time.time() < deadline, "the head did not start"
             time.sleep(1)
-        for _ in range(30):  # the head's job agent comes up a little after its API
+        # The head's job agent comes up a little after its API: until then a submission is
+        # refused ("No available agent") or its upload cut off (the agent closes the
+        # connection), before any job exists, so it is safe to submit again.
+        not_ready = ("No available agent", "RemoteDisconnected")
+        for _ in range(30):
             submit = subprocess.run(
                 [ray, "job", "submit", f"--address={address}", f"--working-dir={tmp / 'job'}",
                  "--", sys.executable, "-m", "w2sr.cli", "sweep", "sweep.yaml"],
                 env=ray_env, capture_output=True, text=True, timeout=1200,
             )  # fmt: skip
-            if "No available agent" not in submit.stdout + submit.stderr:
+            if not any(m in submit.stdout + submit.stderr for m in not_ready):
                 break
             time.sleep(2)
         wrong_token = subprocess.run(
