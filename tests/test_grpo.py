@@ -207,6 +207,63 @@ def test_padded_and_packed_rows_give_the_same_logprobs(tiny_student):
             torch.testing.assert_close(response_logits(model, row), whole, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bonus", [False, True])
+def test_the_chunked_head_loss_equals_the_loss_over_whole_logits(tiny_student, bonus):
+    """`response_loss` (the head at completion positions, a few rows of logits at a time, the
+    loss's gradient taken in the forward) gives the loss, log-probabilities, entropies and
+    gradients of GRPO's loss over whole logits, on packed and padded rows, with the entropy in
+    the loss or not; `response_logprobs` gives the same log-probabilities without gradient."""
+    from transformers import AutoModelForCausalLM
+
+    from w2sr.learner import lm_head
+    from w2sr.learner.grpo import token_loss
+    from w2sr.learner.rl_loss import response_logprobs, response_loss, token_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.float32)
+    batch = rollout_batch(
+        prompt_ids=[[11, 12, 13, 14], [15, 16], [17]],
+        completion_ids=[[20, 21], [22, 23, 24, 25, 26], [27, 28, 29]],
+        advantages=[1.0, -1.0, 0.5],
+    )
+    g = GRPOConfig().model_copy(update={"kl_coef": 0.1, "entropy_coef": 0.01 if bonus else 0.0})
+    for packed in (True, False):
+        row = rollout_rows(batch, [0, 1, 2], packed)
+        inputs = {k: row[k] for k in ("input_ids", "position_ids", "attention_mask") if k in row}
+        ref = response_logprobs(model, row, row["targets"]) - torch.linspace(0.0, 0.5, 10)
+        old = ref + 0.05 * torch.arange(10.0).cos()  # some ratios outside the clip
+        per_token = token_loss(old, row["advantages"], ref, g)
+        results = []
+        for chunked in (True, False):
+            model.zero_grad()
+            if chunked:
+                loss, logp, entropy = response_loss(model, row, row["targets"], per_token, bonus)
+            else:
+                logits = model(**inputs, use_cache=False).logits.flatten(0, 1)[row["response"]]
+                logp, entropy = token_logprobs(logits.float(), row["targets"], bonus)
+                loss = per_token(logp, entropy, slice(None)).sum()
+            loss.backward()
+            grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+            results.append((loss.detach(), logp.detach(), entropy.detach(), grads))
+        for fast, plain in zip(*results, strict=True):
+            torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
+        assert results[0][3].abs().sum() > 0
+        torch.testing.assert_close(ref + torch.linspace(0.0, 0.5, 10), results[1][1])
+    # in chunks of 3 rows, a ragged last one, what one chunk gives
+    hidden = (0.1 * torch.randn(10, 64)).requires_grad_()  # log-probabilities near the model's
+    weight = torch.randn(500, 64, requires_grad=True)
+    targets = torch.randint(0, 500, (10,))
+    out = []
+    for chunk in (3, 4096):
+        hidden.grad = weight.grad = None
+        loss, logp, _ = lm_head.linear_token_loss(hidden, weight, targets, per_token, bonus, chunk)
+        (2 * loss).backward()
+        chunked = lm_head.linear_logprobs(hidden, weight, targets, chunk)
+        out.append((loss.detach(), logp, chunked, hidden.grad.clone(), weight.grad.clone()))
+    for chunked, whole in zip(*out, strict=True):
+        torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(out[0][1], out[0][2])
+
+
 def test_rollouts_are_graded_behind_the_prefilled_think(tmp_path):
     """A completion is what the policy wrote; it is graded behind the `<think>` the student's
     template prefilled, so one that never closes its thought has no answer, and the held-out

@@ -23,7 +23,7 @@ from w2sr.learner.engine import build_engine, data_parallel_scale
 from w2sr.learner.fit import start_worker
 from w2sr.learner.loop import StepLoop
 from w2sr.learner.reference import reference_model
-from w2sr.learner.rl_loss import policy_loss, response_logits, token_logprobs
+from w2sr.learner.rl_loss import policy_loss, policy_token_loss, response_logprobs, response_loss
 from w2sr.learner.rollouts import Generator, Rollouts, grpo_section
 
 # The step metrics sent to MLflow / W&B when configured.
@@ -184,6 +184,18 @@ def describe(r: dict[str, Any]) -> str:
     )
 
 
+def token_loss(old_logp: Any, advantages: Any, ref_logp: Any, g: GRPOConfig):
+    """GRPO's per-token loss over some rows of a micro-batch, as `response_loss` asks for it.
+    Without old log-probabilities (one optimizer step per rollout) the ratio is 1 by design."""
+
+    def per_token(logp, entropy, rows):
+        before = logp.detach() if old_logp is None else old_logp[rows]
+        ref = None if ref_logp is None else ref_logp[rows]
+        return policy_token_loss(logp, before, advantages[rows], ref, entropy, g)
+
+    return per_token
+
+
 def update(
     engine: Any, reference: Any, batch: RolloutBatch, g: GRPOConfig, step: int, seed: int
 ) -> dict[str, Any]:
@@ -205,7 +217,7 @@ def update(
             for k, plan in enumerate(plans):
                 for m, micro in enumerate(plan):
                     row = rollout_rows(batch, micro, packed)
-                    old[k, m] = token_logprobs(response_logits(engine, row), row["targets"])[0]
+                    old[k, m] = response_logprobs(engine, row, row["targets"])
 
     totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipped": 0.0}
     grad_norms = []
@@ -214,15 +226,16 @@ def update(
         scale = data_parallel_scale(int(response_lengths[mini].sum()), world)
         for m, micro in enumerate(plan):
             row = rollout_rows(batch, micro, packed)
-            logits = response_logits(engine, row)
-            logp, entropy = token_logprobs(logits, row["targets"], bool(g.entropy_coef))
             ref_logp = None
             if reference is not None:
-                with torch.no_grad():
-                    ref_logp = token_logprobs(response_logits(reference, row), row["targets"])[0]
-            old_logp = old[k, m] if old else logp.detach()
-            loss, stats = policy_loss(logp, old_logp, row["advantages"], ref_logp, entropy, g)
-            loss = loss.sum()
+                ref_logp = response_logprobs(reference, row, row["targets"])
+            old_logp, advantages = old.get((k, m)), row["advantages"]
+            per_token = token_loss(old_logp, advantages, ref_logp, g)
+            loss, logp, entropy = response_loss(
+                engine, row, row["targets"], per_token, bool(g.entropy_coef)
+            )
+            before = logp if old_logp is None else old_logp
+            stats = policy_loss(logp, before, advantages, ref_logp, entropy, g)[1]
             engine.backward(loss * scale, scale_wrt_gas=False)
             engine.step()
             totals["loss"] += float(loss.detach())

@@ -23,20 +23,69 @@ def group_advantages(rewards: np.ndarray, group_size: int, eps: float = 1e-6) ->
     return ((groups - mean) / (std + eps)).reshape(-1)
 
 
+def _inputs(model, row: dict[str, Any]):
+    device = next(iter(model.parameters())).device
+    keys = ("input_ids", "position_ids", "attention_mask")
+    return {k: row[k].to(device) for k in keys if k in row}, row["response"].to(device)
+
+
 def response_logits(model, row: dict[str, Any]):
     """Logits at the positions that predict completion tokens (`rollout_rows`' `response`); where
     the model allows it (`lm_head.heads_at_positions`) the head runs at those positions only."""
     from w2sr.learner import lm_head
 
-    device = next(iter(model.parameters())).device
-    keys = ("input_ids", "position_ids", "attention_mask")
-    inputs = {k: row[k].to(device) for k in keys if k in row}
-    response = row["response"].to(device)
+    inputs, response = _inputs(model, row)
     if lm_head.heads_at_positions(model):
         hidden = lm_head.last_hidden(model, inputs).flatten(0, 1)[response]
         return lm_head.hf_model(model).get_output_embeddings()(hidden).float()
     logits = model(**inputs, use_cache=False).logits
     return logits.flatten(0, 1)[response].float()
+
+
+def _head(model):
+    """The LM head's weight where the head can run at chosen positions on the model's own
+    weight (not partitioned by ZeRO-3), else None."""
+    from w2sr.learner import lm_head
+
+    head = lm_head.hf_model(model).get_output_embeddings().weight
+    return head if lm_head.heads_at_positions(model) and not hasattr(head, "ds_id") else None
+
+
+def response_logprobs(model, row: dict[str, Any], targets):
+    """The log-probabilities of the completion tokens `targets`, without gradient (the old
+    policy's, the reference's); where `_head` allows, a few rows of logits at a time."""
+    import torch
+
+    from w2sr.learner import lm_head
+
+    with torch.no_grad():
+        head = _head(model)
+        if head is None:
+            return token_logprobs(response_logits(model, row), targets)[0]
+        inputs, response = _inputs(model, row)
+        hidden = lm_head.last_hidden(model, inputs).flatten(0, 1)[response]
+        return lm_head.linear_logprobs(hidden, head, targets.to(hidden.device))
+
+
+def response_loss(model, row: dict[str, Any], targets, token_loss, entropy_grad: bool = False):
+    """The summed `token_loss(logp, entropy, rows)` over the completion tokens `targets`, and
+    their log-probabilities and entropies (detached).
+
+    Where `_head` allows, through `lm_head.linear_token_loss`: the loss's gradient reaches the
+    head chunk by chunk, so with a 152K vocabulary the fp32 logits of a micro-batch's completions
+    (most of a step's memory otherwise) never exist.
+    """
+    from w2sr.learner import lm_head
+
+    head = _head(model)
+    if head is None:
+        logp, entropy = token_logprobs(response_logits(model, row), targets, entropy_grad)
+        loss = token_loss(logp, entropy, slice(None)).sum()
+        return loss, logp.detach(), entropy.detach()
+    inputs, response = _inputs(model, row)
+    hidden = lm_head.last_hidden(model, inputs).flatten(0, 1)[response]
+    targets = targets.to(hidden.device)
+    return lm_head.linear_token_loss(hidden, head, targets, token_loss, entropy_grad)
 
 
 def token_logprobs(logits, targets, entropy_grad: bool = False):
@@ -51,8 +100,7 @@ def token_logprobs(logits, targets, entropy_grad: bool = False):
     return logp, entropy
 
 
-def policy_loss(logp, old_logp, advantages, ref_logp, entropy, g: GRPOConfig):
-    """Per-token loss and statistics: clipped surrogate, k3 KL to the reference, entropy bonus."""
+def _terms(logp, old_logp, advantages, ref_logp, entropy, g: GRPOConfig):
     import torch
 
     advantages = advantages.to(logp.device)
@@ -67,6 +115,19 @@ def policy_loss(logp, old_logp, advantages, ref_logp, entropy, g: GRPOConfig):
         loss = loss + g.kl_coef * kl
     if g.entropy_coef:
         loss = loss - g.entropy_coef * entropy
+    return loss, pg, kl, ratio, clipped, advantages
+
+
+def policy_token_loss(logp, old_logp, advantages, ref_logp, entropy, g: GRPOConfig):
+    """Per-token loss: clipped surrogate, k3 KL to the reference, entropy bonus."""
+    return _terms(logp, old_logp, advantages, ref_logp, entropy, g)[0]
+
+
+def policy_loss(logp, old_logp, advantages, ref_logp, entropy, g: GRPOConfig):
+    """`policy_token_loss` and its statistics."""
+    loss, pg, kl, ratio, clipped, advantages = _terms(
+        logp, old_logp, advantages, ref_logp, entropy, g
+    )
     stats = {
         "pg_loss": float(pg.detach().sum()),
         "kl": float(kl.detach().sum()) if kl is not None else 0.0,
