@@ -7,7 +7,9 @@ the completion only, each trainer in its own process:
   - w2sr: Ray Train + DeepSpeed ZeRO-2, `--workers` workers, padded then packed;
   - TRL: DDP under torchrun with as many processes as w2sr has workers, padded with
     `group_by_length` (as w2sr's padded micro-batches are sorted by length) then packed (BFD
-    packing, padding-free rows).
+    packing, padding-free rows);
+  - bare: w2sr's packed micro-batches, attention and chunked loss in a plain PyTorch loop (DDP
+    under torchrun, torch's AdamW): what w2sr's Ray Train and DeepSpeed cost over the limit.
 
 Tokens are real (non-padding) tokens. A run's rate is the median over its steps after
 `--warmup` of the step's tokens over its wall-clock, the same per-step clock on both sides, so
@@ -16,12 +18,14 @@ The rounds follow benchmarks/protocol.py. The comparison of record is best again
 round, the faster of each side's two configurations.
 
     python benchmarks/bench_train.py [--samples 512] [--steps 10] [--cutoff 1024] [--repeats 3]
+    python benchmarks/bench_train.py --runs "w2sr packed,bare packed"   # a subset of the runs
     python benchmarks/bench_train.py --profile-step 5   # where a w2sr packed step's time goes
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -223,15 +227,71 @@ def run_trl(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
     }
 
 
+def run_bare(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
+    """The limit a framework approaches: w2sr's own samples, micro-batches, attention and loss in
+    a plain PyTorch loop (DDP over gloo under torchrun, torch's AdamW and w2sr's learning-rate
+    schedule, no Ray, no DeepSpeed)."""
+    import pyarrow as pa
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from w2sr.config import validate
+    from w2sr.data.templates import TEMPLATES
+    from w2sr.learner.attention import attention
+    from w2sr.learner.batches import build_sft_set, micro_batch_plan, sft_rows, step_samples
+    from w2sr.learner.engine import data_parallel_scale, lr_schedule, param_groups, token_loss
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    experiment = validate({"run_dir": str(work / "bare"), "teacher": model, "student": model})
+    cfg, seed = experiment.train, experiment.seed + experiment.train.seed  # as w2sr's workers
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    table = pa.Table.from_pylist(traces(args.samples))
+    data = build_sft_set(tokenizer, TEMPLATES["paper"], table, args.cutoff)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    impl = attention("sdpa", AutoConfig.from_pretrained(model))
+    module = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=impl)
+    ddp = torch.nn.parallel.DistributedDataParallel(module)
+    optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr)
+    schedule = lr_schedule(cfg, optimizer, args.steps)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ends, tokens, losses = [time.time()], [], []
+    start = time.time()
+    for step in range(args.steps):
+        indices = step_samples(len(data), args.global_batch, seed, step * args.global_batch)
+        targets = int(data.target_counts[indices].sum())
+        scale = data_parallel_scale(targets, world)
+        plan = micro_batch_plan(indices, data.lengths, world, args.micro_batch)[rank]
+        total = torch.zeros(2, dtype=torch.float64)
+        for m, micro in enumerate(plan):
+            last = m == len(plan) - 1
+            with contextlib.nullcontext() if last else ddp.no_sync():
+                loss, _ = token_loss(ddp, sft_rows(data, micro, packing, pad_id))
+                (loss * scale).backward()
+            total += torch.tensor([float(loss), int(data.lengths[micro].sum())])
+        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(total)
+        ends.append(time.time())
+        tokens.append(int(total[1]))
+        losses.append(float(total[0]) / targets)
+    return {
+        "tokens_per_second": steady_rate(ends[1:], tokens, args.warmup),
+        "wall_seconds": time.time() - start,
+        "mean_loss": statistics.mean(losses),
+    }
+
+
 # --- the parent: runs each trainer in its own process and compares --------------------------
 
 
 def child(args) -> None:
     work, model = Path(args.work), args.model
-    if args.child == "w2sr":
-        result = run_w2sr(work, model, args, packing=args.packing, bf16=args.bf16)
-    else:
-        result = run_trl(work, model, args, packing=args.packing, bf16=args.bf16)
+    run = {"w2sr": run_w2sr, "trl": run_trl, "bare": run_bare}[args.child]
+    result = run(work, model, args, packing=args.packing, bf16=args.bf16)
     if os.environ.get("RANK", "0") == "0":
         print("RESULT " + json.dumps(result), flush=True)
 
@@ -240,7 +300,7 @@ def launch(args, *extra: str) -> dict:
     """w2sr in one process (it starts its own workers); TRL under torchrun, one process per
     worker. Both with one thread per worker, as Ray gives each w2sr worker one CPU."""
     cmd = [sys.executable, __file__, "--model", args.model, "--work", args.work]
-    if "trl" in extra:
+    if "trl" in extra or "bare" in extra:
         launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={args.workers}"]
         cmd = [sys.executable, *launcher, __file__, *cmd[2:]]
     keys = ("samples", "steps", "warmup", "cutoff", "workers", "global_batch", "micro_batch")
@@ -275,7 +335,12 @@ def main() -> None:
     )
     parser.add_argument("--model", help="(internal) the model folder")
     parser.add_argument("--work", help="(internal) the scratch folder")
-    parser.add_argument("--child", choices=["w2sr", "trl"], help="(internal)")
+    parser.add_argument(
+        "--runs",
+        help="a comma-separated subset of the runs (default: all; 'w2sr best' and "
+        "'TRL best' need both of their side's)",
+    )
+    parser.add_argument("--child", choices=["w2sr", "trl", "bare"], help="(internal)")
     parser.add_argument("--packing", action="store_true", help="(internal)")
     parser.add_argument("--bf16", action="store_true", help="(internal)")
     args = parser.parse_args()
@@ -301,7 +366,10 @@ def main() -> None:
             "TRL padded": ("--child", "trl", *precision),
             "w2sr packed": ("--child", "w2sr", "--packing", *precision),
             "TRL packed": ("--child", "trl", "--packing", *precision),
+            "bare packed": ("--child", "bare", "--packing", *precision),
         }
+        if args.runs:
+            runs = {name: runs[name] for name in args.runs.split(",")}
 
         def side(name: str):
             def run() -> float:
@@ -319,15 +387,20 @@ def main() -> None:
         rates = measure({name: side(name) for name in runs}, repeats=args.repeats)
     print(f"\n{describe(args.repeats, 1)}; {args.precision} on both sides")
     for trainer in ("w2sr", "TRL"):  # each round's faster configuration
-        pairs = zip(rates[f"{trainer} padded"], rates[f"{trainer} packed"], strict=True)
-        rates[f"{trainer} best"] = [max(pair) for pair in pairs]
+        if f"{trainer} padded" in rates and f"{trainer} packed" in rates:
+            pairs = zip(rates[f"{trainer} padded"], rates[f"{trainer} packed"], strict=True)
+            rates[f"{trainer} best"] = [max(pair) for pair in pairs]
     for name, values in rates.items():
         print(f"{name:12s} {Spread.of(values):,.0f} tokens/s")
-    best = ratio(rates["w2sr best"], rates["TRL best"])
-    print(f"w2sr best / TRL best: {best:.2f}x (goal >= 1.3x)")
-    for ours, theirs in [("padded", "padded"), ("packed", "packed")]:
-        r = ratio(rates[f"w2sr {ours}"], rates[f"TRL {theirs}"])
-        print(f"w2sr {ours} / TRL {theirs}: {r:.2f}x")
+    comparisons = [
+        ("w2sr best", "TRL best", " (goal >= 1.3x)"),
+        ("w2sr padded", "TRL padded", ""),
+        ("w2sr packed", "TRL packed", ""),
+        ("w2sr packed", "bare packed", " (goal >= 0.9x)"),
+    ]
+    for ours, theirs, goal in comparisons:
+        if ours in rates and theirs in rates:
+            print(f"{ours} / {theirs}: {ratio(rates[ours], rates[theirs]):.2f}x{goal}")
 
 
 if __name__ == "__main__":

@@ -106,11 +106,10 @@ def build_engine(
     so no rank ever holds all the weights. Returns the engine and the DeepSpeed config object,
     which must stay alive as long as the engine.
     """
-    import math
 
     import deepspeed
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     if use_gpu:
@@ -132,21 +131,24 @@ def build_engine(
     )
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    warmup = math.ceil(train.warmup_ratio * total_steps)
-
-    # transformers' "constant" ignores warm-up steps; its warm-up twin has them.
-    name = "constant_with_warmup" if train.lr_scheduler == "constant" else train.lr_scheduler
-
-    def schedule(optimizer):
-        return get_scheduler(name, optimizer, warmup, total_steps)
-
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, train.weight_decay),
-        lr_scheduler=schedule,
+        lr_scheduler=lambda optimizer: lr_schedule(train, optimizer, total_steps),
         config=config,
     )
     return engine, keep_alive
+
+
+def lr_schedule(train: LearnerConfig, optimizer, total_steps: int):
+    """`train`'s learning-rate schedule over `total_steps`, its warm-up included."""
+    import math
+
+    from transformers import get_scheduler
+
+    # transformers' "constant" ignores warm-up steps; its warm-up twin has them.
+    name = "constant_with_warmup" if train.lr_scheduler == "constant" else train.lr_scheduler
+    return get_scheduler(name, optimizer, math.ceil(train.warmup_ratio * total_steps), total_steps)
 
 
 def data_parallel_scale(tokens: int, world: int) -> float:
