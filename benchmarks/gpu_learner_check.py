@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from w2sr.learner import lm_head  # noqa: E402
 from w2sr.learner.attention import attention  # noqa: E402
 from w2sr.learner.rl_loss import (  # noqa: E402
-    policy_token_loss,
+    micro_batch_loss,
     response_logprobs,
     response_loss,
     token_logprobs,
@@ -125,10 +125,7 @@ def grpo_loss(model, row, chunked: bool):
         with torch.no_grad():
             ref = full_logprobs(model, row)[0] - 0.01
 
-    def per_token(logp, entropy, rows):
-        advantages = row["advantages"][rows]
-        return policy_token_loss(logp, logp.detach(), advantages, ref[rows], entropy, GRPO)
-
+    per_token = micro_batch_loss(None, row["advantages"], ref, GRPO)
     if chunked:
         return response_loss(model, row, row["targets_at"], per_token)[0]
     logp, entropy = full_logprobs(model, row)

@@ -216,8 +216,12 @@ def test_the_chunked_head_loss_equals_the_loss_over_whole_logits(tiny_student, b
     from transformers import AutoModelForCausalLM
 
     from w2sr.learner import lm_head
-    from w2sr.learner.grpo import token_loss
-    from w2sr.learner.rl_loss import response_logprobs, response_loss, token_logprobs
+    from w2sr.learner.rl_loss import (
+        micro_batch_loss,
+        response_logprobs,
+        response_loss,
+        token_logprobs,
+    )
 
     model = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.float32)
     batch = rollout_batch(
@@ -231,7 +235,7 @@ def test_the_chunked_head_loss_equals_the_loss_over_whole_logits(tiny_student, b
         inputs = {k: row[k] for k in ("input_ids", "position_ids", "attention_mask") if k in row}
         ref = response_logprobs(model, row, row["targets"]) - torch.linspace(0.0, 0.5, 10)
         old = ref + 0.05 * torch.arange(10.0).cos()  # some ratios outside the clip
-        per_token = token_loss(old, row["advantages"], ref, g)
+        per_token = micro_batch_loss(old, row["advantages"], ref, g)
         results = []
         for chunked in (True, False):
             model.zero_grad()

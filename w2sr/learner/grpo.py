@@ -23,7 +23,7 @@ from w2sr.learner.engine import build_engine, data_parallel_scale
 from w2sr.learner.fit import start_worker
 from w2sr.learner.loop import StepLoop
 from w2sr.learner.reference import reference_model
-from w2sr.learner.rl_loss import policy_loss, policy_token_loss, response_logprobs, response_loss
+from w2sr.learner.rl_loss import micro_batch_loss, policy_loss, response_logprobs, response_loss
 from w2sr.learner.rollouts import Generator, Rollouts, grpo_section
 
 # The step metrics sent to MLflow / W&B when configured.
@@ -184,18 +184,6 @@ def describe(r: dict[str, Any]) -> str:
     )
 
 
-def token_loss(old_logp: Any, advantages: Any, ref_logp: Any, g: GRPOConfig):
-    """GRPO's per-token loss over some rows of a micro-batch, as `response_loss` asks for it.
-    Without old log-probabilities (one optimizer step per rollout) the ratio is 1 by design."""
-
-    def per_token(logp, entropy, rows):
-        before = logp.detach() if old_logp is None else old_logp[rows]
-        ref = None if ref_logp is None else ref_logp[rows]
-        return policy_token_loss(logp, before, advantages[rows], ref, entropy, g)
-
-    return per_token
-
-
 def update(
     engine: Any, reference: Any, batch: RolloutBatch, g: GRPOConfig, step: int, seed: int
 ) -> dict[str, Any]:
@@ -230,7 +218,7 @@ def update(
             if reference is not None:
                 ref_logp = response_logprobs(reference, row, row["targets"])
             old_logp, advantages = old.get((k, m)), row["advantages"]
-            per_token = token_loss(old_logp, advantages, ref_logp, g)
+            per_token = micro_batch_loss(old_logp, advantages, ref_logp, g)
             loss, logp, entropy = response_loss(
                 engine, row, row["targets"], per_token, bool(g.entropy_coef)
             )

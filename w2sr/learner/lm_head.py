@@ -88,11 +88,10 @@ class _LinearCrossEntropy(_GradsMadeInForward):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
-            logits = (h @ weight.T).float()
-            logz = torch.logsumexp(logits, dim=-1)
-            total += (logz - logits.gather(1, t[:, None])[:, 0]).sum()
+            logq = _log_softmax(h, weight)
+            total -= logq.gather(1, t[:, None])[:, 0].sum()
             if grads:
-                probs = logits.sub_(logz[:, None]).exp_()  # d loss / d logits = softmax - one-hot
+                probs = logq.exp_()  # d loss / d logits = softmax - one-hot
                 probs[torch.arange(len(t), device=t.device), t] -= 1
                 part = slice(start, start + chunk)
                 _add_grads(probs, h, weight, grad_hidden, grad_weight, part)
@@ -101,12 +100,10 @@ class _LinearCrossEntropy(_GradsMadeInForward):
         return total
 
 
-def _chunk_logprobs(h, weight, targets):
-    """A chunk's log-softmax over the vocabulary (fp32), the targets' log-probabilities and the
-    entropy at each row."""
+def _log_softmax(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A chunk's fp32 log-softmax over the vocabulary."""
     logits = (h @ weight.T).float()
-    logq = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
-    return logq, logq.gather(1, targets[:, None])[:, 0], -(logq.exp() * logq).sum(-1)
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
 
 
 @torch.no_grad()
@@ -117,7 +114,9 @@ def linear_logprobs(
     logits at a time, without gradient (the old policy's and the reference's)."""
     return torch.cat(
         [
-            _chunk_logprobs(hidden[i : i + chunk], weight, targets[i : i + chunk])[1]
+            _log_softmax(hidden[i : i + chunk], weight).gather(1, targets[i : i + chunk, None])[
+                :, 0
+            ]
             for i in range(0, hidden.shape[0], chunk)
         ]
     )
@@ -159,7 +158,10 @@ class _LinearTokenLoss(_GradsMadeInForward):
         for start in range(0, rows, chunk):
             part = slice(start, start + chunk)
             h, t = hidden[part], targets[part]
-            logq, logp[part], entropy[part] = _chunk_logprobs(h, weight, t)
+            logq = _log_softmax(h, weight)
+            probs = logq.exp()
+            logp[part] = logq.gather(1, t[:, None])[:, 0]
+            entropy[part] = -(probs * logq).sum(-1)
             with torch.enable_grad():
                 lp = logp[part].clone().requires_grad_()
                 en = entropy[part].clone().requires_grad_(entropy_grad)
@@ -172,7 +174,6 @@ class _LinearTokenLoss(_GradsMadeInForward):
             )
             d_logp, d_entropy = found[0], found[1] if entropy_grad else None
             # d logp / d logits = one-hot - softmax; d entropy / d logits = -p (log p + H)
-            probs = logq.exp()
             grad = probs * -d_logp[:, None]
             grad[torch.arange(len(t), device=t.device), t] += d_logp
             if d_entropy is not None:

@@ -101,6 +101,7 @@ def token_logprobs(logits, targets, entropy_grad: bool = False):
 
 
 def _terms(logp, old_logp, advantages, ref_logp, entropy, g: GRPOConfig):
+    """Per-token loss and its parts: clipped surrogate, k3 KL to the reference, entropy bonus."""
     import torch
 
     advantages = advantages.to(logp.device)
@@ -118,13 +119,21 @@ def _terms(logp, old_logp, advantages, ref_logp, entropy, g: GRPOConfig):
     return loss, pg, kl, ratio, clipped, advantages
 
 
-def policy_token_loss(logp, old_logp, advantages, ref_logp, entropy, g: GRPOConfig):
-    """Per-token loss: clipped surrogate, k3 KL to the reference, entropy bonus."""
-    return _terms(logp, old_logp, advantages, ref_logp, entropy, g)[0]
+def micro_batch_loss(old_logp, advantages, ref_logp, g: GRPOConfig):
+    """GRPO's per-token loss (clipped surrogate, k3 KL to the reference, entropy bonus) over some
+    rows of a micro-batch, as `response_loss` asks for it. Without old log-probabilities (one
+    optimizer step per rollout) the ratio is 1 by design."""
+
+    def per_token(logp, entropy, rows):
+        before = logp.detach() if old_logp is None else old_logp[rows]
+        ref = None if ref_logp is None else ref_logp[rows]
+        return _terms(logp, before, advantages[rows], ref, entropy, g)[0]
+
+    return per_token
 
 
 def policy_loss(logp, old_logp, advantages, ref_logp, entropy, g: GRPOConfig):
-    """`policy_token_loss` and its statistics."""
+    """The per-token loss over whole tensors, and its statistics."""
     loss, pg, kl, ratio, clipped, advantages = _terms(
         logp, old_logp, advantages, ref_logp, entropy, g
     )
