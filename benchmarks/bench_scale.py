@@ -5,7 +5,7 @@ the data path, at the default shard size (256 prompts: shards and part files gro
 with the run, as in a real one): preparing the prompt set (in the driver), reading it and
 expanding the requests (in the workers), writing the parts and sealing the shards; then
 `w2sr select` splitting the traces into the training sets, and `w2sr train` (one step)
-tokenizing a set in its driver. Each size runs the three as whole commands in its own run dir;
+tokenizing a set (in a Ray task). Each size runs the three as whole commands in its own run dir;
 each command's resident memory (its own process, not Ray's workers) is sampled every 0.1 s.
 Sizes take turns as benchmarks/protocol.py prescribes; the warm-up is one run of the smallest
 size.

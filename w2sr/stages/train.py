@@ -2,15 +2,15 @@
 
     w2sr train CONFIG train.variant=correct      # W2SR-P
 
-The driver tokenizes the set once, reading it batch by batch (`w2sr.learner.batches`), and hands
-its tokens to the workers through the object store; each worker runs DeepSpeed over its share of
-every global batch (`w2sr.learner.sft`). The stage folder is `students/{variant}/<fingerprint>`
-(`w2sr.lineage`). Per-step metrics go to stdout and to its `metrics.jsonl` (and MLflow / W&B when
-configured); checkpoints go through Ray Train under its `ray/`, so a failed worker (within
-`max_failures`) or a rerun of the same config resumes at the last checkpoint's step and data
-position, with its optimizer and schedule. The result is a Hugging Face folder, `model/`;
-`_DONE.json` beside it holds the fingerprint, steps, final loss, truncated and left-out samples
-and cost.
+A Ray task tokenizes the set once, reading it batch by batch (`w2sr.learner.batches`), into the
+object store, where the workers find it and the driver never holds it; each worker runs DeepSpeed
+over its share of every global batch (`w2sr.learner.sft`). The stage folder is
+`students/{variant}/<fingerprint>` (`w2sr.lineage`). Per-step metrics go to stdout and to its
+`metrics.jsonl` (and MLflow / W&B when configured); checkpoints go through Ray Train under its
+`ray/`, so a failed worker (within `max_failures`) or a rerun of the same config resumes at the
+last checkpoint's step and data position, with its optimizer and schedule. The result is a
+Hugging Face folder, `model/`; `_DONE.json` beside it holds the fingerprint, steps, final loss,
+truncated and left-out samples and cost.
 
 Prompts are the student's own chat template's, rendered with `thinking`; `train.reasoning` says
 whether the teacher's thought is in the targets (`w2sr.learner.batches.sft_target`).
@@ -27,7 +27,7 @@ from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig
 from w2sr.data.prompts import load_tokenizer
 from w2sr.data.templates import TEMPLATES
-from w2sr.learner.batches import build_sft_set, total_steps
+from w2sr.learner.batches import SFTSet, build_sft_set, total_steps
 from w2sr.learner.fit import fit
 from w2sr.learner.sft import worker_loop
 from w2sr.learner.trackers import check_trackers
@@ -73,37 +73,36 @@ def _train(cfg: ExperimentConfig, run: RunDir, claim: Claim) -> dict[str, Any]:
     start = time.time()
 
     tokenizer = load_tokenizer(ModelSpec.parse(cfg.student).local(), cfg.trust_remote_code)
-    traces = run.iter_parquet(sets.folder, layout.sft_set(variant), columns=SFT_COLUMNS)
-    data = build_sft_set(
-        tokenizer,
-        TEMPLATES[cfg.template],
-        traces,
-        tcfg.cutoff_len,
-        thinking=cfg.thinking,
-        reasoning=tcfg.reasoning,
-    )
-    if not len(data):
-        raise RuntimeError(f"the {variant} set has no trainable sample ({data.traces} rows)")
-    if data.unanswered:
+    init_ray(cfg)
+    import ray
+
+    # Tokenized in a task, into the object store: this driver holds the set's counts, never
+    # its tokens, however many traces it has.
+    tokenize: Any = ray.remote(num_returns=2)(_tokenize)  # Ray's types know one return
+    data, counts_ref = tokenize.remote(cfg, run, tokenizer)
+    counts: dict[str, int] = ray.get(counts_ref)
+    if not counts["samples"]:
+        raise RuntimeError(f"the {variant} set has no trainable sample ({counts['traces']} rows)")
+    if counts["unanswered"]:
         log.warning(
             "%d of %d traces left out: reasoning is stripped and they have no answer after "
             "their thought (one never closed, or nothing after it)",
-            data.unanswered,
-            data.traces,
+            counts["unanswered"],
+            counts["traces"],
         )
-    if data.truncated or data.dropped:
+    if counts["truncated"] or counts["dropped"]:
         log.warning(
             "%d of %d samples truncated at cutoff_len %d; %d dropped (prompt alone fills it)",
-            data.truncated,
-            data.traces,
+            counts["truncated"],
+            counts["traces"],
             tcfg.cutoff_len,
-            data.dropped,
+            counts["dropped"],
         )
-    steps = total_steps(len(data), tcfg.global_batch_size, tcfg.epochs, tcfg.max_steps)
+    steps = total_steps(counts["samples"], tcfg.global_batch_size, tcfg.epochs, tcfg.max_steps)
     log.info(
         "training %s on %d samples: %d steps of %d (%d workers x %d micro-batches of %d), %s",
         cfg.student,
-        len(data),
+        counts["samples"],
         steps,
         tcfg.global_batch_size,
         tcfg.num_workers,
@@ -111,11 +110,8 @@ def _train(cfg: ExperimentConfig, run: RunDir, claim: Claim) -> dict[str, Any]:
         tcfg.micro_batch_size,
         "packed" if tcfg.packing else "padded",
     )
-    init_ray(cfg)
-    import ray
-
     loop_config = {
-        "data": ray.put(data),
+        "data": data,
         "model": ModelSpec.parse(cfg.student).for_cluster(run),
         "steps": steps,
         "stage": stage,
@@ -133,10 +129,7 @@ def _train(cfg: ExperimentConfig, run: RunDir, claim: Claim) -> dict[str, Any]:
         "student": cfg.student,
         "model": run.location(stage, layout.MODEL),
         "training_set": sets.folder,
-        "samples": len(data),
-        "truncated": data.truncated,
-        "dropped": data.dropped,
-        "unanswered": data.unanswered,
+        **{key: counts[key] for key in ("samples", "truncated", "dropped", "unanswered")},
         "steps": final["step"],
         "final_loss": final["loss"],
         "tokens": tokens,
@@ -144,3 +137,26 @@ def _train(cfg: ExperimentConfig, run: RunDir, claim: Claim) -> dict[str, Any]:
         "wall_seconds": round(time.time() - start, 2),
         "worker_seconds": round(final["worker_seconds"], 2),
     }
+
+
+def _tokenize(cfg: ExperimentConfig, run: RunDir, tokenizer) -> tuple[SFTSet, dict[str, int]]:
+    """The training set's tokens, read batch by batch, and their counts."""
+    traces = run.iter_parquet(
+        Lineage(cfg).sft.folder, layout.sft_set(cfg.train.variant), columns=SFT_COLUMNS
+    )
+    data = build_sft_set(
+        tokenizer,
+        TEMPLATES[cfg.template],
+        traces,
+        cfg.train.cutoff_len,
+        thinking=cfg.thinking,
+        reasoning=cfg.train.reasoning,
+    )
+    counts = {
+        "samples": len(data),
+        "traces": data.traces,
+        "truncated": data.truncated,
+        "dropped": data.dropped,
+        "unanswered": data.unanswered,
+    }
+    return data, counts
