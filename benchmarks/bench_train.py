@@ -19,7 +19,7 @@ round, the faster of each side's two configurations.
 
     python benchmarks/bench_train.py [--samples 512] [--steps 10] [--cutoff 1024] [--repeats 3]
     python benchmarks/bench_train.py --runs "w2sr packed,bare packed"   # a subset of the runs
-    python benchmarks/bench_train.py --profile-step 5   # where a w2sr packed step's time goes
+    python benchmarks/bench_train.py --profile-step 5   # a step of w2sr packed and of bare packed
 """
 
 from __future__ import annotations
@@ -241,6 +241,7 @@ def run_bare(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
     from w2sr.learner.attention import attention
     from w2sr.learner.batches import build_sft_set, micro_batch_plan, sft_rows, step_samples
     from w2sr.learner.engine import data_parallel_scale, lr_schedule, param_groups, token_loss
+    from w2sr.learner.loop import profile_report
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -256,17 +257,17 @@ def run_bare(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
     optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr)
     schedule = lr_schedule(cfg, optimizer, args.steps)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ends, tokens, losses = [time.time()], [], []
-    start = time.time()
-    for step in range(args.steps):
-        indices = step_samples(len(data), args.global_batch, seed, step * args.global_batch)
+
+    def step(index: int) -> tuple[torch.Tensor, int]:
+        """One optimizer step: this rank's micro-batches, gradients reduced once, at the last;
+        the step's summed loss and tokens over all ranks, and its loss targets."""
+        indices = step_samples(len(data), args.global_batch, seed, index * args.global_batch)
         targets = int(data.target_counts[indices].sum())
         scale = data_parallel_scale(targets, world)
         plan = micro_batch_plan(indices, data.lengths, world, args.micro_batch)[rank]
         total = torch.zeros(2, dtype=torch.float64)
         for m, micro in enumerate(plan):
-            last = m == len(plan) - 1
-            with contextlib.nullcontext() if last else ddp.no_sync():
+            with contextlib.nullcontext() if m == len(plan) - 1 else ddp.no_sync():
                 loss, _ = token_loss(ddp, sft_rows(data, micro, packing, pad_id))
                 (loss * scale).backward()
             total += torch.tensor([float(loss), int(data.lengths[micro].sum())])
@@ -275,6 +276,20 @@ def run_bare(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(total)
+        return total, targets
+
+    ends, tokens, losses, result = [time.time()], [], [], {}
+    start = time.time()
+    for index in range(args.steps):
+        if index + 1 == args.profile_step:
+            clock = time.perf_counter()
+            with torch.profiler.profile() as profiler:
+                total, targets = step(index)
+            if rank == 0:
+                wall = time.perf_counter() - clock
+                result["profile"] = profile_report(profiler, wall, f"step {index + 1}, rank 0")
+        else:
+            total, targets = step(index)
         ends.append(time.time())
         tokens.append(int(total[1]))
         losses.append(float(total[0]) / targets)
@@ -282,10 +297,36 @@ def run_bare(work: Path, model: str, args, packing: bool, bf16: bool) -> dict:
         "tokens_per_second": steady_rate(ends[1:], tokens, args.warmup),
         "wall_seconds": time.time() - start,
         "mean_loss": statistics.mean(losses),
+        **result,
     }
 
 
 # --- the parent: runs each trainer in its own process and compares --------------------------
+
+
+def operator_seconds(report: str) -> dict[str, float]:
+    """Each operator's own CPU seconds from a profile report's table (torch's text format)."""
+    units = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+    seconds = {}
+    for line in report.splitlines():
+        cells = line.split()  # name, self %, self, total %, total, average, calls
+        if len(cells) > 6 and cells[-6].endswith("%") and cells[-1].isdigit():
+            value = cells[-5]
+            number = value.rstrip("mus")
+            seconds[" ".join(cells[:-6])] = float(number) * units[value[len(number) :]]
+    return seconds
+
+
+def compare_profiles(ours: str, bare: str, rows: int = 12) -> str:
+    """The operators whose own time differs most between the two profiled steps."""
+    a, b = operator_seconds(ours), operator_seconds(bare)
+    names = sorted(a.keys() | b.keys(), key=lambda n: -abs(a.get(n, 0.0) - b.get(n, 0.0)))
+    lines = [f"{'operator':56s} {'w2sr s':>8s} {'bare s':>8s} {'w2sr - bare':>12s}"]
+    for name in names[:rows]:
+        x, y = a.get(name, 0.0), b.get(name, 0.0)
+        lines.append(f"{name[:56]:56s} {x:8.3f} {y:8.3f} {x - y:+12.3f}")
+    lines.append("(an operator below a table's 30 rows counts as 0 there)")
+    return "\n".join(lines)
 
 
 def child(args) -> None:
@@ -331,7 +372,8 @@ def main() -> None:
     parser.add_argument(
         "--profile-step",
         type=int,
-        help="instead of the rounds, one w2sr packed run with this step under torch's profiler",
+        help="instead of the rounds, one w2sr packed and one bare packed run, each with this "
+        "step under torch's profiler, and the operators whose time differs most",
     )
     parser.add_argument("--model", help="(internal) the model folder")
     parser.add_argument("--work", help="(internal) the scratch folder")
@@ -359,7 +401,9 @@ def main() -> None:
         )
         precision = ["--bf16"] if args.precision == "bf16" else []
         if args.profile_step:
-            print(launch(args, "--child", "w2sr", "--packing", *precision)["profile"])
+            ours = launch(args, "--child", "w2sr", "--packing", *precision)["profile"]
+            bare = launch(args, "--child", "bare", "--packing", *precision)["profile"]
+            print(f"w2sr packed\n{ours}\nbare packed\n{bare}\n{compare_profiles(ours, bare)}")
             return
         runs = {
             "w2sr padded": ("--child", "w2sr", *precision),

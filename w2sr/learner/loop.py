@@ -99,9 +99,7 @@ class StepLoop:
                 save_checkpoint(self.engine, self.state, record)
 
     def _profiled(self, step: Step, index: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """One step under torch's profiler; rank 0 writes its operators by their own time, below
-        the step's wall-clock and how much of it the operators account for (the rest is Python,
-        waits on other processes and on rollouts)."""
+        """One step under torch's profiler; rank 0 writes its report in the stage folder."""
         import torch
         from torch.profiler import ProfilerActivity, profile
 
@@ -112,15 +110,9 @@ class StepLoop:
             result = step(index, self.state)
         wall = time.perf_counter() - start
         if self.worker.rank == 0:
-            events = prof.key_averages()
-            in_ops = sum(e.self_cpu_time_total for e in events) / 1e6
-            head = (
-                f"step {index + 1} of {self.stage}, rank 0: {wall:.3f} s wall-clock, "
-                f"{in_ops:.3f} s of it in torch operators on the CPU\n"
-            )
-            order = "self_device_time_total" if gpu else "self_cpu_time_total"
-            table = events.table(sort_by=order, row_limit=30)
-            self.run_dir.write_text(head + table, self.stage, layout.step_profile(index + 1))
+            what = f"step {index + 1} of {self.stage}, rank 0"
+            report = profile_report(prof, wall, what, by_device=gpu)
+            self.run_dir.write_text(report, self.stage, layout.step_profile(index + 1))
         return result
 
     def finish(self, end_text: str) -> None:
@@ -132,3 +124,13 @@ class StepLoop:
                 export_hf(self.engine, tokenizer, out, end_text)
         else:
             export_hf(self.engine, tokenizer, None, end_text)
+
+
+def profile_report(prof, wall: float, what: str, by_device: bool = False) -> str:
+    """A profiled step's operators by their own time, below the step's wall-clock and how much
+    of it the operators account for (the rest is Python and waits on other processes)."""
+    events = prof.key_averages()
+    in_ops = sum(e.self_cpu_time_total for e in events) / 1e6
+    head = f"{what}: {wall:.3f} s wall-clock, {in_ops:.3f} s of it in torch operators on the CPU\n"
+    order = "self_device_time_total" if by_device else "self_cpu_time_total"
+    return head + events.table(sort_by=order, row_limit=30)
