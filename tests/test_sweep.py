@@ -33,6 +33,7 @@ from w2sr.identity import content_digest
 from w2sr.lineage import Lineage
 from w2sr.models import _builtin_folder, builtin_digest, cache_dir
 from w2sr.rundir import RunDir
+from w2sr.status import status, table
 from w2sr.sweep.config import SweepConfig, load_sweep
 from w2sr.sweep.plan import plan
 from w2sr.sweep.report import CellRow, write_report
@@ -264,7 +265,8 @@ def _done_records(run: RunDir) -> dict[str, tuple]:
 def study(tmp_path_factory, tiny_model, s3_bucket):
     """A sweep with its run dir on the loopback S3 server, SIGKILLed with its stages once the
     teacher's traces are complete, then resumed through `ray job submit` to a local head with
-    token authentication. Returns (folder, run dir, the done records the kill left, the job)."""
+    token authentication. Returns (folder, run dir, the done records the kill left, the job, a
+    wrong token's answer, `w2sr status` while the traces were generated)."""
     tmp = tmp_path_factory.mktemp("sweep")
     run = RunDir(f"{s3_bucket}/study")
     teachers = [{"label": "a", "model": tiny_model}]
@@ -279,11 +281,14 @@ def study(tmp_path_factory, tiny_model, s3_bucket):
             [sys.executable, "-m", "w2sr.cli", "sweep", str(path)],
             env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
+    during = None
     try:
         deadline = time.time() + 600
         while not run.exists(traces, "_DONE.json"):
             alive = proc.poll() is None and time.time() < deadline
             assert alive, "no traces before the kill:\n" + output.read_text()[-3000:]
+            if during is None and run.lease(traces) is not None:
+                during = status(run.uri)
             time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
@@ -340,12 +345,12 @@ def study(tmp_path_factory, tiny_model, s3_bucket):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
-    return tmp, run, finished, submit, wrong_token
+    return tmp, run, finished, submit, wrong_token, during
 
 
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_through_ray_job_submit_and_redoes_nothing(study):
-    tmp, run, finished, submit, wrong_token = study
+    tmp, run, finished, submit, wrong_token, _ = study
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in (submit.stdout + submit.stderr).lower()
     assert wrong_token.returncode != 0  # the head refuses a client with another token
@@ -400,6 +405,29 @@ def test_a_killed_sweep_resumes_through_ray_job_submit_and_redoes_nothing(study)
     assert gc.returncode == 0, gc.stderr[-3000:]
     assert gc.stdout.splitlines() == ["0 items, 0 bytes would be removed (pass --delete)"]
     assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_status_shows_every_stage_of_a_live_sweep_and_of_a_finished_one(study):
+    tmp, run, _, _, _, during = study
+    _, nodes = plan(load_sweep(tmp / "job" / "sweep.yaml"))
+    assert during is not None, "the traces' lease was never seen"
+    states = {s.stage: s for s in during}
+    assert set(states) == set(nodes)
+    (traces,) = [key for key, node in nodes.items() if node.command == "generate"]
+    assert states[traces].state == "running" and "shards sealed, for " in states[traces].detail
+    waiting = [s for s in during if s.state == "waiting"]
+    assert {s.command for s in waiting} == {"select", "train", "eval"}
+    assert all(s.detail.startswith("on ") for s in waiting)
+
+    after = status(run.uri)
+    assert {s.stage for s in after} == set(nodes)
+    states = {s.stage: s.state for s in after}
+    assert {k for k, state in states.items() if state == "skipped"} == {
+        k for k in nodes if k.startswith(("students/correct/", "eval/w2sr_p/"))
+    }
+    assert set(states.values()) == {"done", "skipped"}
+    assert table(after).splitlines()[-1].startswith(f"{len(nodes)} of {len(nodes)} stages finished")
 
 
 def test_the_report_names_teacher_sizes_as_parameter_counts(tmp_path):

@@ -131,6 +131,26 @@ def build_parser() -> argparse.ArgumentParser:
         "when it resolves to nothing in the run dir (repeatable)",
     )
     gc.add_argument("--delete", action="store_true", help="remove what is listed")
+    status = commands.add_parser(
+        "status",
+        help="every stage of a run or a sweep: done, running, failed or waiting",
+        description="Every stage of the run dir's run (as `w2sr run` would run its config) or "
+        "sweep, in the order a sweep starts them: done (its time and cost), running (its "
+        "progress, since when and its owner), failed (the last line of its log), ready or "
+        "waiting (on what), skipped (why); then the study's progress. Read from the run dir "
+        "alone, while the work goes on or after it ended; starts nothing.",
+    )
+    status.add_argument("run_dir", help="a run directory, or a sweep's")
+    status.add_argument("--json", action="store_true", help="the stages as JSON")
+    stop = commands.add_parser(
+        "stop",
+        help="stop a running stage; a rerun resumes it",
+        description="Stop the process that holds a stage's lease (as `w2sr status` names it), "
+        "when it runs on this machine: SIGTERM, so that it ends its Ray workers. What it wrote "
+        "stays, and the next run of its config resumes it.",
+    )
+    stop.add_argument("run_dir", help="a run directory, or a sweep's")
+    stop.add_argument("stage", help="the stage's folder or evaluation, as `w2sr status` lists it")
     sweep = commands.add_parser(
         "sweep",
         help="run a study: teachers x students x training sets x seeds, each stage once",
@@ -157,6 +177,21 @@ def _sweep(args: argparse.Namespace) -> int:
     result = sweep(cfg)
     print(json.dumps(result, indent=2, default=str))
     return EXIT_FAILED if result["failed"] or result["blocked"] else EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from w2sr import status
+
+    try:
+        if args.command == "stop":
+            print(status.stop(args.run_dir, args.stage))
+            return EXIT_OK
+        states = status.status(args.run_dir)
+    except ConfigError as error:
+        print(f"w2sr: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(status.as_json(states) if args.json else status.table(states))
+    return EXIT_OK
 
 
 def _gc(args: argparse.Namespace) -> int:
@@ -207,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command in ("status", "stop"):
+        return _status(args)
     if args.command == "report":
         from w2sr.stages.report import report
 

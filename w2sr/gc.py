@@ -31,7 +31,7 @@ from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig
 from w2sr.evaluation.results import plan_tasks
 from w2sr.lineage import Lineage
-from w2sr.rundir import DONE, LEASE, RunDir, lapsed
+from w2sr.rundir import DONE, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def collect(run: RunDir, garbage: list[Garbage]) -> None:
 
 def _at_work(run: RunDir, folder: str) -> bool:
     """Whether a stage, or a model's evaluation, holds a live lease on the folder."""
-    if run.exists(folder, LEASE) and not lapsed(run.read_json(folder, LEASE)):
+    if run.lease(folder) is not None:
         log.info("%s is being worked on; left alone", folder)
         return True
     return False

@@ -269,8 +269,8 @@ class RunDir:
         later, or at once when the owner was a process of this machine that is gone. An owner
         that could not renew it for `ttl_s`, or finds it taken, stops at its next write into the
         folder (`LeaseLost`)."""
-        held = self._lease_record(stage)
-        if held and not lapsed(held):
+        held = self.lease(stage)
+        if held:
             age = time.time() - held["heartbeat"]
             raise LeaseHeld(
                 f"{self.path(stage)} is being worked on by {held['owner']} (renewed {age:.0f}s "
@@ -309,6 +309,11 @@ class RunDir:
         finally:
             for folder in held:
                 self._release(folder)
+
+    def lease(self, stage: str) -> dict[str, Any] | None:
+        """The live lease on `stage` (owner, since, heartbeat, ttl_s), or None."""
+        held = self._lease_record(stage)
+        return held if held and not lapsed(held) else None
 
     def _lease_record(self, stage: str) -> dict[str, Any] | None:
         return self.read_json(stage, LEASE) if self.exists(stage, LEASE) else None
@@ -365,6 +370,7 @@ class _Lease:
     def __init__(self, run: RunDir, stage: str, ttl_s: float):
         self.run, self.stage, self.ttl_s = run, stage, ttl_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.since = time.time()  # when this owner took the stage
         self.renewed = 0.0  # the heartbeat of the last record written
         self.lost: str | None = None  # why the lease is no longer ours
         self.failure: BaseException | None = None  # the last renewal's error, if it failed
@@ -373,7 +379,8 @@ class _Lease:
 
     def write(self) -> None:
         heartbeat = time.time()
-        record = {"owner": self.owner, "heartbeat": heartbeat, "ttl_s": self.ttl_s}
+        record = {"owner": self.owner, "since": self.since, "heartbeat": heartbeat}
+        record["ttl_s"] = self.ttl_s
         self.run.write_json(record, self.stage, LEASE)
         self.renewed = heartbeat
 

@@ -100,10 +100,15 @@ def cells(sweep: SweepConfig) -> list[Cell]:
 
 
 def plan(sweep: SweepConfig) -> tuple[list[Cell], dict[str, Node]]:
-    """The cells and the stage graph, nodes in an order that respects `needs`: each cell walks
-    the recipe (`w2sr.recipe`), its training stage for its own training set, and evaluates each
-    model its report row compares once the stage that makes it is done."""
+    """The cells and their stage graph (`graph`)."""
     all_cells = cells(sweep)
+    return all_cells, graph(all_cells)
+
+
+def graph(all_cells: list[Cell]) -> dict[str, Node]:
+    """The stage graph, nodes in an order that respects `needs`: each cell walks the recipe
+    (`w2sr.recipe`), its training stage for its own training set, and evaluates each model its
+    report row compares once the stage that makes it is done."""
     nodes: dict[str, Node] = {}
 
     def add(node: Node, cell: Cell) -> str:
@@ -119,17 +124,17 @@ def plan(sweep: SweepConfig) -> tuple[list[Cell], dict[str, Node]]:
                 continue
             needs = tuple(made[name] for name in stage.needs if name in made)
             made[stage.name] = add(Node(stage.artifact(cfg).folder, stage.name, cfg, needs), cell)
-        trained = {cell.student_label: made["train"]}
+        trained = {cell.student_label: made["train"]} if "train" in made else {}
         if "grpo" in made:
             trained["rl"] = made["grpo"]
-        configured = ["teacher", "base"]
+        configured = ["teacher", "base"] if cfg.student is not None else ["teacher"]
         if cfg.rl is not None:  # an outside checkpoint, evaluated like the base it came from
             configured.append("rl")
         for label in [*configured, *trained]:
             folder = trained.get(label)
             needs = (folder,) if folder else ()
             add(Node(eval_key(cfg, label, folder), "eval", cfg, needs, label), cell)
-    return all_cells, nodes
+    return nodes
 
 
 def eval_key(cfg: ExperimentConfig, label: str, trained: str | None) -> str:

@@ -195,7 +195,7 @@ def run_graph(
                     outcomes[key] = Outcome(BLOCKED, ended - started, started, ended, error)
                     log.error("%s", error)
                 else:
-                    error = _error(text)
+                    error = failure(text)
                     outcomes[key] = Outcome(FAILED, ended - started, started, ended, error)
                     log.error("%s failed (exit %d):\n%s", key, status, error)
             time.sleep(POLL_S)
@@ -267,37 +267,47 @@ class Process:
 
 
 def stop(proc: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
-    """End a stage and every process it started: SIGTERM first (a Ray driver then disconnects,
-    and Ray ends the workers and actors it owns), SIGKILL for what is left after `grace_s`.
-    The stage shares the sweep's process group, so that a sweep killed with its group takes its
-    stages along; its own processes are found as its descendants."""
+    """End a stage and every process it started (`stop_tree`). The stage shares the sweep's
+    process group, so that a sweep killed with its group takes its stages along."""
+    stop_tree(proc.pid, grace_s)
+    proc.wait()
+
+
+def stop_tree(pid: int, grace_s: float = STOP_GRACE_S) -> None:
+    """End a process and its descendants: SIGTERM first (a Ray driver then disconnects, and Ray
+    ends the workers and actors it owns), SIGKILL for what is left after `grace_s`."""
     try:
-        parent = psutil.Process(proc.pid)
+        parent = psutil.Process(pid)
         tree = [parent, *parent.children(recursive=True)]
     except psutil.NoSuchProcess:  # it ended on its own just now
-        tree = []
+        return
     for process in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.terminate()
     deadline = time.time() + grace_s
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=grace_s)
-    _, alive = psutil.wait_procs(tree[1:], timeout=max(0.0, deadline - time.time()))
-    if tree and proc.poll() is None:
-        alive.append(tree[0])
-    for process in alive:
+    _, alive = psutil.wait_procs(tree[1:], timeout=grace_s)
+    # Not waited for through psutil, which would reap a child of ours before its Popen could.
+    while _alive(parent) and time.time() < deadline:
+        time.sleep(0.1)
+    for process in [parent, *alive] if _alive(parent) else alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
-    proc.wait()
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _held_by(log_text: str) -> str:
     """The holder's message a stage printed when it found its lease taken."""
     lines = [line for line in log_text.splitlines() if line.startswith("w2sr: ")]
-    return lines[-1].removeprefix("w2sr: ") if lines else _error(log_text)
+    return lines[-1].removeprefix("w2sr: ") if lines else failure(log_text)
 
 
-def _error(log_text: str) -> str:
+def failure(log_text: str) -> str:
     """What a failed stage's log says of its failure: its last traceback, else its last lines."""
     lines = log_text.strip().splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback")]

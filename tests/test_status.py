@@ -1,0 +1,117 @@
+"""`w2sr status` and `w2sr stop` on run dirs in each state a stage can be in, made with the run
+dir's own records (done records, leases held by a real process, a sweep's stage logs); no Ray.
+The sweep's end-to-end test reads the status of a live sweep (test_sweep.py)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from test_sweep import STUDENT, sweep_file
+
+from w2sr import layout
+from w2sr.cli import main
+from w2sr.config import load_config
+from w2sr.lineage import Lineage
+from w2sr.recipe import EXIT_OK, EXIT_USAGE
+from w2sr.rundir import RunDir
+from w2sr.status import status
+from w2sr.sweep.config import load_sweep
+from w2sr.sweep.plan import plan
+
+ROOT = Path(__file__).parents[1]
+
+
+def _sweep_run_dir(tmp_path: Path) -> tuple[RunDir, dict]:
+    """A sweep's run dir as `w2sr sweep` leaves it before its first stage: its sweep.yaml."""
+    run = RunDir(str(tmp_path / "run"))
+    path = sweep_file(tmp_path, run.uri, [{"label": "a", "model": STUDENT}], STUDENT)
+    cfg = load_sweep(path)
+    run.write_text(yaml.safe_dump(cfg.model_dump(mode="json")), *layout.SWEEP_CONFIG)
+    return run, plan(cfg)[1]
+
+
+def _by_stage(uri: str) -> dict:
+    return {s.stage: s for s in status(uri)}
+
+
+def test_status_follows_a_stage_from_waiting_to_running_failed_stopped_and_done(tmp_path, capsys):
+    run, nodes = _sweep_run_dir(tmp_path)
+    (traces,) = [key for key, node in nodes.items() if node.command == "generate"]
+    (select,) = [key for key, node in nodes.items() if node.command == "select"]
+
+    states = _by_stage(run.uri)
+    assert set(states) == set(nodes)
+    assert states[traces].state == "ready"
+    assert states[select].state == "waiting" and traces in states[select].detail
+    ready = {k for k, s in states.items() if s.state == "ready"}
+    assert ready == {traces, *(k for k in nodes if k.startswith(("eval/teacher/", "eval/base/")))}
+    assert {s.state for k, s in states.items() if k not in ready} == {"waiting"}
+
+    # A sweep ran it and it failed: its log says how.
+    log = "starting\nTraceback (most recent call last):\n  File ...\nRuntimeError: boom\n"
+    run.write_text(log, *layout.sweep_log(traces))
+    failed = _by_stage(run.uri)[traces]
+    assert failed.state == "failed" and failed.detail.startswith("RuntimeError: boom (log: ")
+
+    # Run again: a process of its own holds the stage's lease.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from w2sr.rundir import RunDir; "
+         "RunDir(sys.argv[1]).begin(sys.argv[2], 'fp'); print('held', flush=True); "
+         "time.sleep(600)", run.uri, traces],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        running = _by_stage(run.uri)[traces]
+        assert running.state == "running"
+        assert running.detail.startswith("0 shards sealed, for 0m0")
+        assert f":{holder.pid}:" in running.detail  # its owner: host, process, claim
+
+        assert main(["stop", run.uri, traces]) == EXIT_OK
+        assert holder.wait(timeout=30) == -signal.SIGTERM
+        assert f"stopped {traces} (process {holder.pid})" in capsys.readouterr().out
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _by_stage(run.uri)[traces].state == "failed"  # its lease went with it
+    assert main(["stop", run.uri, traces]) == EXIT_USAGE
+    assert "is not running" in capsys.readouterr().err
+
+    # Done: its time and cost, and what waited on it is ready.
+    fingerprint = Lineage(nodes[traces].config).traces.fingerprint
+    run.mark_done(traces, fingerprint, wall_seconds=65.2, worker_seconds=36.0)
+    states = _by_stage(run.uri)
+    assert (states[traces].state, states[traces].detail) == ("done", "1m05s, 0.010 worker-hours")
+    assert states[select].state == "ready"
+    assert main(["status", run.uri]) == EXIT_OK
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["STAGE", "COMMAND", "STATE", "DETAIL"]
+    assert len(out) == len(nodes) + 2
+    assert out[-1] == (
+        f"1 of {len(nodes)} stages finished (1 done, 3 ready, {len(nodes) - 4} waiting); "
+        "0.010 worker-hours spent"
+    )
+
+
+def test_a_run_dir_is_planned_as_w2sr_run_would_run_its_config(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    cfg = load_config(str(ROOT / "jobs" / "demo.yaml"), [f"run_dir={run.uri}"])
+    run.write_text(yaml.safe_dump(cfg.model_dump(mode="json")), layout.CONFIG)
+    states = status(run.uri)
+    commands = sorted(s.command for s in states)
+    assert commands == ["eval"] * 6 + ["generate", "grpo", "select"] + ["train"] * 3
+    trained = sorted(s.stage.split("/")[1] for s in states if s.command == "train")
+    assert trained == ["all", "correct", "incorrect"]
+    ready = sorted(s.command for s in states if s.state == "ready")
+    assert ready == ["eval", "eval", "generate", "grpo"]  # the teacher, the base student, and RL
+
+
+def test_status_of_a_folder_that_is_no_run_dir_is_one_line(tmp_path, capsys):
+    assert main(["status", str(tmp_path)]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a run directory" in err[0]
+    assert main(["stop", str(tmp_path), "traces/0"]) == EXIT_USAGE
