@@ -7,9 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow
+import pytest
+
 from w2sr import layout
 from w2sr.cli import main
 from w2sr.rundir import RunDir
+from w2sr.tracking import model_run_name
 
 DEMO = Path(__file__).parents[1] / "jobs" / "demo.yaml"
 REDUCED = [
@@ -26,8 +30,9 @@ REDUCED = [
 def test_a_reduced_demo_runs_every_stage_and_reports_each_section_and_figure(
     ray_session, tmp_path, capsys
 ):
-    run_dir = tmp_path / "demo"
-    assert main(["run", str(DEMO), f"run_dir={run_dir}", *REDUCED]) == 0
+    run_dir, mlruns = tmp_path / "demo", f"file://{tmp_path}/mlruns"
+    tracked = [f"{section}.mlflow_tracking_uri={mlruns}" for section in ("train", "grpo")]
+    assert main(["run", str(DEMO), f"run_dir={run_dir}", *REDUCED, *tracked]) == 0
     out = capsys.readouterr().out
     done = json.loads(out[out.index("{\n") :])
     trained = [f"train {variant}" for variant in ("all", "correct", "incorrect")]
@@ -64,6 +69,23 @@ def test_a_reduced_demo_runs_every_stage_and_reports_each_section_and_figure(
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     assert abs(summary["models"]["rl"]["results"]["khop"]["pass@1"] - measured[4]) <= 1 / 24
     assert summary["models"]["rl"]["source"]["kind"] == "trained"
+
+    # In MLflow, each model's results and each student's RGR and cost are in the model's run:
+    # for the students and RL, the training run that holds their steps.
+    client = mlflow.MlflowClient(mlruns)
+    experiment = client.get_experiment_by_name("w2sr").experiment_id
+    runs = {r.info.run_name: r.data.metrics for r in client.search_runs([experiment])}
+    for label, model in summary["models"].items():
+        logged = runs[model_run_name(label, model["source"])]
+        result = model["results"]["khop"]
+        assert logged["khop/pass_at_1"] == pytest.approx(result["pass@1"]), label
+        assert logged["khop/pass_at_1_ci_low"] == pytest.approx(result["pass@1_ci"][0]), label
+        trained = model["source"]["kind"] == "trained"
+        assert ("loss" in logged or "reward_mean" in logged) == trained, label
+        assert ("total_worker_hours" in logged) == trained, label
+    for label, rgr in done["report"]["rgr"].items():
+        logged = runs[model_run_name(label, summary["models"][label]["source"])]
+        assert logged.get("rgr") == (pytest.approx(rgr["avg"]) if rgr["avg"] is not None else None)
 
     # The same RL student named as an outside checkpoint (`rl:`, no `grpo`): no GRPO runs, the
     # folder is evaluated anew as the RL reference (known now by its content) and gives the

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pyarrow.fs as pafs
 import pytest
 import yaml
@@ -61,6 +62,7 @@ def base(tmp: Path) -> dict:
             "max_steps": 2,
             "zero_stage": 2,
             "bf16": False,
+            "mlflow_tracking_uri": f"file://{tmp}/mlruns",
         },
         "eval": {
             "benchmarks": [{"name": "offline", "limit": 4}],
@@ -382,6 +384,21 @@ def test_a_killed_sweep_resumes_through_ray_job_submit_and_redoes_nothing(study)
     ]
     report = run.read_text("report", "report.md")
     assert "| a | reasoner |" in report and "| W2SR |" in report
+    # In MLflow, the sweep is a parent run with a child run per cell, named by its parameters.
+    client = mlflow.MlflowClient(f"file://{tmp}/mlruns")
+    runs = client.search_runs([client.get_experiment_by_name("w2sr").experiment_id])
+    (parent,) = [r for r in runs if r.info.run_name == "sweep-study"]
+    children = {
+        r.data.params["cell"]: r.data
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    assert set(children) == set(record["cells"])
+    cell = children["a.student.all.s0"]
+    assert {k: cell.params[k] for k in ("teacher", "student", "variant", "seed", "match")} == {
+        "teacher": "a", "student": "student", "variant": "all", "seed": "0", "match": "none"
+    }  # fmt: skip
+    assert 0 <= cell.metrics["pass_at_1"] <= 1 and cell.metrics["worker_hours"] > 0
     assert run.list("sweep", "groups", "a.student.s0") == ["summary.json"]
     # Built once, by the stages' own processes, published under its builder's digest, and copied
     # from the store into the node's cache by the workers that trained on it.

@@ -17,8 +17,8 @@ from w2sr.config import LearnerConfig
 from w2sr.learner.checkpoint import restore, save_checkpoint
 from w2sr.learner.export import export_hf
 from w2sr.learner.fit import Worker
-from w2sr.learner.trackers import Trackers
 from w2sr.rundir import RUN, MetricsLog, RunDir
+from w2sr.tracking import Trackers
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ from w2sr.evaluation.offline import evaluate_offline
 from w2sr.evaluation.problems import load_problems
 from w2sr.evaluation.results import Task, copy_result, is_current, plan_tasks, summary
 from w2sr.rundir import RunDir
+from w2sr.tracking import log_evaluation, results_uri
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ def evaluate(
     result = summary(cfg, run, done, skipped, problems)
     if labels is None:  # the run's summary covers every model; a partial one is only returned
         run.write_json(result, *layout.EVAL_SUMMARY)
+    if uri := results_uri(cfg.model_dump(mode="json")):
+        log_evaluation(uri, result)
     return result
 
 

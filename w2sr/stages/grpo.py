@@ -45,11 +45,11 @@ from w2sr.data.templates import TEMPLATES, reasoning_prefill
 from w2sr.evaluation.problems import load_problems
 from w2sr.learner.fit import fit
 from w2sr.learner.grpo import worker_loop
-from w2sr.learner.trackers import check_trackers
 from w2sr.lineage import Lineage
 from w2sr.models import ModelSpec
 from w2sr.rundir import Claim, RunDir
 from w2sr.session import init_ray
+from w2sr.tracking import check_trackers
 
 log = logging.getLogger(__name__)
 

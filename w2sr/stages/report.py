@@ -54,6 +54,7 @@ from w2sr.reporting.tables import (
     setup,
 )
 from w2sr.rundir import RunDir
+from w2sr.tracking import log_report, results_uri
 
 
 def run_report(run: RunDir) -> dict[str, Any]:
@@ -102,6 +103,9 @@ def run_report(run: RunDir) -> dict[str, Any]:
     if figures:
         parts += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     run.write_text("\n".join(parts) + "\n", *layout.REPORT_FILE)
+    if uri := results_uri(_config(run)):
+        sources = {label: results.source(label) for label in results.labels}
+        log_report(uri, sources, results.rgr, results.rgr_ci, spent)
     return {
         "report": run.path(*layout.REPORT_FILE),
         "figures": figures,

@@ -30,11 +30,11 @@ from w2sr.data.templates import TEMPLATES
 from w2sr.learner.batches import SFTSet, build_sft_set, total_steps
 from w2sr.learner.fit import fit
 from w2sr.learner.sft import worker_loop
-from w2sr.learner.trackers import check_trackers
 from w2sr.lineage import Lineage
 from w2sr.models import ModelSpec
 from w2sr.rundir import METRICS, Claim, RunDir
 from w2sr.session import init_ray
+from w2sr.tracking import check_trackers
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,9 @@ from w2sr.rundir import RunDir
 from w2sr.session import check_local_resources
 from w2sr.sweep.config import SweepConfig
 from w2sr.sweep.plan import Cell, Node, plan, readiness
-from w2sr.sweep.report import cell_rows, group_name, write_report
+from w2sr.sweep.report import cell_rows, group_name, tracked, write_report
 from w2sr.sweep.runner import Outcome, run_graph, start_order
+from w2sr.tracking import log_sweep, results_uri
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,11 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
         "failures": failures,
     }
     run.write_json(record, *layout.SWEEP_SUMMARY)
-    written = write_report(run, cell_rows(cells, groups), facts, failures)
+    rows = cell_rows(cells, groups)
+    written = write_report(run, rows, facts, failures)
+    if uri := results_uri(cells[0].config.model_dump(mode="json")):
+        name = f"sweep-{cfg.run_dir.rstrip('/').rsplit('/', 1)[-1]}"
+        log_sweep(uri, name, [tracked(row) for row in rows])
     return {**facts, "cells": record["cells"], "report": written["report"]}
 
 

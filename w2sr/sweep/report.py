@@ -78,3 +78,25 @@ def _row(r: CellRow) -> Row:
         c.config.rl,
         Scores(r.pass1, r.ci, r.rgr, r.rgr_ci, r.worker_hours),
     )
+
+
+def tracked(r: CellRow) -> tuple[dict[str, str], dict[str, float]]:
+    """A cell's parameters and metrics as its tracker run holds them (`w2sr.tracking`)."""
+    c = r.cell
+    params = {
+        "cell": c.name,
+        "teacher": c.teacher.label,
+        "teacher_model": c.teacher.model,
+        "teacher_kind": c.teacher.kind,
+        "student": c.student.label,
+        "student_model": c.student.model,
+        "variant": c.variant,
+        "seed": str(c.seed),
+        "match": c.match,
+    }
+    metrics = {"pass_at_1": r.pass1, "rgr": r.rgr, "worker_hours": r.worker_hours}
+    metrics["teacher_scale_billions"] = r.scale
+    for name, interval in (("pass_at_1", r.ci), ("rgr", r.rgr_ci)):
+        if interval is not None:
+            metrics |= {f"{name}_ci_low": interval[0], f"{name}_ci_high": interval[1]}
+    return params, {k: v for k, v in metrics.items() if v is not None}
