@@ -81,11 +81,13 @@ def peak_of(command: str, config: Path) -> tuple[float, float]:
     import psutil
 
     start = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "w2sr.cli", command, str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = config.with_name(f"{config.stem}-{command}.log")
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "w2sr.cli", command, str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+        )
     driver, peak = psutil.Process(process.pid), [0]
 
     def sample() -> None:
@@ -99,7 +101,8 @@ def peak_of(command: str, config: Path) -> tuple[float, float]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     if process.wait() != 0:
-        raise RuntimeError(f"w2sr {command} {config} exited with {process.returncode}")
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"w2sr {command} {config} exited with {process.returncode}:\n{tail}")
     seconds = time.perf_counter() - start
     sampler.join()
     return seconds, peak[0] / 2**20

@@ -214,13 +214,19 @@ def needing(nodes: dict[str, Node], key: str) -> set[str]:
     return out
 
 
-def test_each_stage_starts_once_what_it_needs_is_done_and_the_study_completes(tmp_path):
+def test_each_stage_starts_once_what_it_needs_is_done_and_the_study_completes(tmp_path, caplog):
     cfg = sweep_config(tmp_path)
     _, nodes = plan(cfg)
     run = RunDir(cfg.run_dir)
     stages = InProcess(run)
-    outcomes = runner.run_graph(nodes, run, 4, launcher=stages)
+    with caplog.at_level("INFO", logger="w2sr.sweep.runner"):
+        outcomes = runner.run_graph(nodes, run, 4, launcher=stages)
     assert set(outcomes) == set(nodes)
+    # Each start and end says how far the study is; the last end, that it is through.
+    tallies = [r.getMessage().split("; ", 1)[1] for r in caplog.records if "; " in r.getMessage()]
+    assert len(tallies) == 2 * len(stages.launched)
+    n = len(nodes)
+    assert tallies[-1] == f"{n} of {n} stages finished, 0 running, 0 waiting, 0 failed or blocked"
     for key in stages.launched:
         for need in nodes[key].needs:
             assert stages.ends[need] <= stages.starts[key][0], (need, key)

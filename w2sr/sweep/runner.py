@@ -157,7 +157,7 @@ def run_graph(
                     continue
                 running[key] = (launcher.launch(node), time.time())
                 pending.remove(key)
-                log.info("started %s %s", node.command, key)
+                log.info("started %s %s; %s", node.command, key, _tally(outcomes, running, nodes))
             for key, (stage, started) in list(running.items()):
                 overdue = None
                 status = stage.poll()
@@ -180,7 +180,8 @@ def run_graph(
                     log.error("%s", overdue)
                 elif status == EXIT_OK:
                     outcomes[key] = Outcome(DONE, ended - started, started, ended)
-                    log.info("finished %s in %.0fs", key, ended - started)
+                    tally = _tally(outcomes, running, nodes)
+                    log.info("finished %s in %.0fs; %s", key, ended - started, tally)
                 elif status == EXIT_LEASE_HELD:
                     first = held_since.setdefault(key, ended)
                     if ended - first < LEASE_WAIT_S:
@@ -200,6 +201,18 @@ def run_graph(
                     log.error("%s failed (exit %d):\n%s", key, status, error)
             time.sleep(POLL_S)
     return outcomes
+
+
+def _tally(outcomes: dict[str, Outcome], running: Collection[str], nodes: dict[str, Node]) -> str:
+    """The sweep's progress so far, from what this process knows (no file is read)."""
+    states = [o.state for o in outcomes.values()]
+    finished = sum(state in (COMPLETE, DONE, SKIPPED) for state in states)
+    failed = sum(state in (FAILED, BLOCKED) for state in states)
+    waiting = len(nodes) - len(outcomes) - len(running)
+    return (
+        f"{finished} of {len(nodes)} stages finished, {len(running)} running, {waiting} "
+        f"waiting, {failed} failed or blocked"
+    )
 
 
 def start_order(nodes: dict[str, Node]) -> list[str]:
