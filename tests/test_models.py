@@ -243,3 +243,38 @@ def test_a_second_publisher_of_a_builtin_deletes_nothing_the_first_wrote(
     files = {o["Key"].removeprefix(model): o["Size"] for o in listed if o["Key"] != model}
     assert files == expected
     assert run.done(folder, digest)["spec"] == "builtin:tiny-random"
+
+
+def test_a_model_that_cannot_be_had_here_is_one_line_naming_its_key(tmp_path, monkeypatch, capsys):
+    """Before Ray starts: a hub id out of the local cache while the hub is offline, and a folder
+    that is no model folder; a hub id in the cache passes."""
+    from huggingface_hub import constants
+
+    from w2sr.cli import main
+    from w2sr.recipe import EXIT_USAGE
+
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    demo = Path(__file__).parents[1] / "jobs" / "demo.yaml"
+    run_dir = f"run_dir={tmp_path / 'run'}"
+    assert main(["generate", str(demo), run_dir, "teacher=some-org/teacher"]) == EXIT_USAGE
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("w2sr: teacher: some-org/teacher is not in the local hub cache and ")
+    assert line.endswith("or set teacher to a local model folder")
+
+    (tmp_path / "empty").mkdir()
+    assert main(["train", str(demo), run_dir, f"student={tmp_path / 'empty'}"]) == EXIT_USAGE
+    assert (
+        capsys.readouterr().err
+        == f"w2sr: student: model folder {tmp_path / 'empty'} has no config.json\n"
+    )
+
+    from w2sr.models import ModelSpec
+
+    snapshot = cache / "models--some-org--teacher" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--some-org--teacher" / "refs").mkdir()
+    (cache / "models--some-org--teacher" / "refs" / "main").write_text("abc123")
+    ModelSpec.parse("some-org/teacher").check("teacher")  # cached: no error

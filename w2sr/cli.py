@@ -21,6 +21,7 @@ import yaml
 from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig, load_config, validate
 from w2sr.layout import VARIANT_NAMES
+from w2sr.models import ModelSpec
 from w2sr.recipe import (
     EXIT_FAILED,
     EXIT_LEASE_HELD,
@@ -29,6 +30,7 @@ from w2sr.recipe import (
     RECIPE,
     RUN,
     STAGES,
+    models,
     sections,
     skip_reason,
 )
@@ -264,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         if not (args.command == "eval" and args.endpoint):
             check_local_resources(cfg, sections(args.command))
+            for key in models(args.command):
+                if spec := getattr(cfg, key):
+                    ModelSpec.parse(spec).check(key)
         _record(cfg)
         if args.command == "run":
             result = _run(cfg, args)

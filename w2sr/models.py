@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 from w2sr import grading, layout, world_models
 from w2sr.grading import THINK_CLOSE, THINK_OPEN
 from w2sr.rundir import RunDir
+from w2sr.strict import ConfigError
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -220,6 +221,28 @@ class ModelSpec:
     def name(self) -> str:
         """A built-in's name."""
         return self.text.removeprefix("builtin:")
+
+    def check(self, key: str) -> None:
+        """A ConfigError naming `key` when the model cannot be had here: a folder that is not a
+        Hugging Face model folder, or a hub id out of the local hub cache while the hub is
+        offline (`HF_HUB_OFFLINE`). Found before Ray starts, instead of a loader's traceback."""
+        if self.kind == "folder":
+            folder = Path(self.text).expanduser()
+            if not (folder / "config.json").exists():
+                what = "does not exist" if not folder.exists() else "has no config.json"
+                raise ConfigError(f"{key}: model folder {self.text} {what}")
+        if self.kind != "hub":
+            return
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if constants.HF_HUB_OFFLINE and not isinstance(
+            try_to_load_from_cache(self.text, "config.json"), str
+        ):
+            raise ConfigError(
+                f"{key}: {self.text} is not in the local hub cache and the hub is offline "
+                f"(HF_HUB_OFFLINE); download it where there is a network (`hf download "
+                f"{self.text}`, into HF_HUB_CACHE) or set {key} to a local model folder"
+            )
 
     def local(self, identity: str | None = None) -> str:
         """What transformers and vLLM open in this process, with the files on this machine: a

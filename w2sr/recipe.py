@@ -40,6 +40,7 @@ class Stage:
     help: str
     driver: str  # "module:function", called as `function(cfg, **options)`, returning a record
     sections: tuple[str, ...] = ()  # the config sections whose resources it asks Ray for
+    models: tuple[str, ...] = ()  # the config keys of the models it loads
     needs: tuple[str, ...] = ()  # the stages whose artifacts it reads
     makes: Callable[[Lineage], Artifact] | None = None  # its artifact (a stage folder)
     asked: Callable[[ExperimentConfig], bool] = lambda cfg: True  # does the config want it
@@ -67,6 +68,7 @@ RECIPE = (
         "sample graded teacher traces with vLLM on Ray Data",
         "w2sr.stages.generate:generate",
         sections=("generation",),
+        models=("teacher",),
         makes=lambda lin: lin.traces,
     ),
     Stage(
@@ -81,6 +83,7 @@ RECIPE = (
         "fine-tune the student on one training set (Ray Train + DeepSpeed)",
         "w2sr.stages.train:train",
         sections=("train",),
+        models=("student",),
         needs=("select",),
         makes=lambda lin: lin.student(lin.cfg.train.variant),
         asked=_student,
@@ -91,6 +94,7 @@ RECIPE = (
         "train the RL baseline: GRPO on the student with the grader as reward",
         "w2sr.stages.grpo:grpo",
         sections=("grpo",),
+        models=("student",),
         makes=lambda lin: lin.rl,
         asked=lambda cfg: cfg.student is not None and cfg.grpo is not None,
     ),
@@ -99,6 +103,7 @@ RECIPE = (
         "evaluate the run's models on benchmarks (offline, or through --endpoint)",
         "w2sr.stages.evaluate:evaluate",
         sections=("eval",),
+        models=("teacher", "student", "rl"),
         needs=("train", "grpo"),
     ),
     Stage(
@@ -113,6 +118,7 @@ RECIPE = (
         "host the run's students behind an OpenAI-compatible API (Ray Serve)",
         "w2sr.stages.serve:serve",
         sections=("serve",),
+        models=("student",),
         needs=("train", "grpo"),
         in_run=False,
     ),
@@ -127,6 +133,12 @@ def sections(command: str) -> tuple[str, ...]:
     if command == "run":
         return tuple(section for name in RUN for section in STAGES[name].sections)
     return STAGES[command].sections
+
+
+def models(command: str) -> tuple[str, ...]:
+    """The config keys of the models a command loads (`run`: its stages')."""
+    names = RUN if command == "run" else (command,)
+    return tuple(dict.fromkeys(key for name in names for key in STAGES[name].models))
 
 
 def skip_reason(stage: Stage, cfg: ExperimentConfig, run: RunDir) -> str | None:
