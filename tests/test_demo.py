@@ -53,7 +53,7 @@ def test_a_reduced_demo_runs_every_stage_and_reports_each_section_and_figure(
     # The world writes symbols, never the English phrases the behavior patterns look for.
     assert "Left out: none of the" in report.split("## Cognitive behaviors")[1]
     assert "RL (GRPO) first reached" in report or "RL (GRPO) did not reach" in report
-    for figure in ("figure2_bars.png", "figure5_cost.png"):
+    for figure in ("figure2_bars.png", "figure5_cost.png", "training_curves.png"):
         assert (run_dir / "report" / figure).stat().st_size > 10_000
         assert f"![{figure}]({figure})" in report
 

@@ -237,7 +237,7 @@ def test_costs_behaviors_and_details_are_reported(reported):
 
 def test_figures_are_rendered_and_linked(reported):
     run_dir, result, text = reported
-    assert result["figures"] == ["figure2_bars.png", "figure5_cost.png"]
+    assert result["figures"] == ["figure2_bars.png", "figure5_cost.png", "training_curves.png"]
     for name in result["figures"]:
         image = matplotlib.image.imread(Path(run_dir, "report", name))
         assert image.shape[0] > 200 and image.shape[1] > 300
@@ -258,6 +258,7 @@ def test_a_sweep_of_teachers_plots_accuracy_against_teacher_scale(tmp_path):
     build_run(tmp_path / "sweep" / "large", teacher_parameters=6000)
     result = report(str(tmp_path / "sweep"))
     assert result["figures"] == [
+        "sweep_rgr.png",
         "figure3_teacher_scale.png",
         "figure4_teacher_scale_benchmarks.png",
     ]
@@ -457,8 +458,12 @@ def test_a_sweep_marks_the_cells_whose_rl_reference_is_outside(tmp_path):
     facts = {"cells": 2, "stages": 6, "ran": 6, "complete": 0, "failed": 0, "blocked": 0,
              "wall_seconds": 60.0, "parallelism": 1.0, "max_concurrent": 1}  # fmt: skip
     run = RunDir(str(tmp_path / "study"))
-    write_report(run, rows, facts, [])
+    written = write_report(run, rows, facts, [])
     text = run.read_text("report", "report.md")
+    # RGR over teacher x student, beside its table, as a heatmap
+    assert written["figures"][0] == "sweep_rgr.png" and "![sweep_rgr.png](sweep_rgr.png)" in text
+    image = matplotlib.image.imread(tmp_path / "study" / "report" / "sweep_rgr.png")
+    assert image.shape[0] > 200 and image.shape[1] > image.shape[0]  # two students side by side
     cells_table = section(text, "## Cells")
     assert row(cells_table, "small")[3:] == [
         "W2SR", "0", "50.0", "40.0 – 60.0", "GRPO", "25.0", "5.0 – 45.0", "–"
@@ -507,7 +512,11 @@ def test_a_sweep_reads_each_cell_from_its_group_and_reports_every_model(reported
         "100.0", "100.0", "50.0",
     ]  # fmt: skip
     assert "| large.s.s0 |" in runs  # a group has no report of its own to link to
-    assert written["figures"] == ["sweep_teacher_scale.png", "figure4_teacher_scale_benchmarks.png"]
+    assert written["figures"] == [
+        "sweep_rgr.png",
+        "sweep_teacher_scale.png",
+        "figure4_teacher_scale_benchmarks.png",
+    ]
     for name in written["figures"]:
         assert matplotlib.image.imread(tmp_path / "study" / "report" / name).shape[0] > 200
         assert f"![{name}]({name})" in text

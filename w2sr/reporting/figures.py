@@ -25,6 +25,8 @@ SCALE_BENCHMARKS = "figure4_teacher_scale_benchmarks.png"
 # writes the first, `w2sr sweep` the second.
 SCALE = "figure3_teacher_scale.png"
 SWEEP_SCALE = "sweep_teacher_scale.png"
+TRAINING = "training_curves.png"
+RGR_HEATMAP = "sweep_rgr.png"
 
 
 def pyplot() -> Any:
@@ -117,6 +119,75 @@ def figure_cost(
     ax.set_title("Accuracy against training cost")
     ax.legend(frameon=False, fontsize=8)
     return save_figure(results.run, fig, COST)
+
+
+def figure_training(results: RunResults, curves: dict[str, list[dict[str, Any]]]) -> str | None:
+    """Each trained model along its training: the students' SFT loss; GRPO's reward, held-out
+    accuracy, KL to the reference and response length, when the run has GRPO's steps."""
+    students = {label: c for label, c in curves.items() if label != "rl"}
+    grpo = curves.get("rl") or []
+    if not students and not grpo:
+        return None
+    plt = pyplot()
+    Line = tuple[str | None, list[dict[str, Any]], str]  # legend, records, the key plotted
+    sft: list[Line] = [(display_name(label), c, "loss") for label, c in students.items()]
+    panels: list[tuple[str, list[Line]]] = [("SFT loss", sft)]
+    if grpo:
+        heldout = [
+            {"step": r["step"], "accuracy": float(np.mean(list(r["heldout_accuracy"].values())))}
+            for r in grpo
+            if r.get("heldout_accuracy")
+        ]
+        panels += [
+            ("GRPO reward", [("reward (rollouts)", grpo, "reward_mean"),
+                             ("held-out accuracy", heldout, "accuracy")]),
+            ("GRPO KL to the reference", [(None, grpo, "kl")]),
+            ("GRPO response length", [(None, grpo, "response_length")]),
+        ]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels) + 0.6, 3.0), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels, strict=True):
+        for name, records, key in lines:
+            shown = [r for r in records if r.get(key) is not None]
+            ax.plot([r["step"] for r in shown], [r[key] for r in shown], label=name,
+                    marker="." if len(shown) < 20 else None)  # fmt: skip
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if any(name for name, _, _ in lines):
+            ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return save_figure(results.run, fig, TRAINING)
+
+
+def figure_rgr(
+    root: RunDir, teachers: list[str], students: list[str], matrix: list[list[float | str]]
+) -> str:
+    """W2SR's RGR over teacher x student as a heatmap, each cell labelled with its value."""
+    plt = pyplot()
+    values = np.array(
+        [[v * 100 if isinstance(v, float) else np.nan for v in row] for row in matrix]
+    )
+    fig, ax = plt.subplots(figsize=(1.6 * len(students) + 2.4, 0.6 * len(teachers) + 1.4))
+    low, high = np.nanmin(values, initial=0.0), np.nanmax(values, initial=100.0)
+    image = ax.imshow(values, cmap="viridis", vmin=min(0.0, low), vmax=max(100.0, high))
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            text = f"{v * 100:.1f}%" if isinstance(v, float) else v
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                color="white" if isinstance(v, float) and v < 0.6 else "black",
+                fontsize=9,
+            )
+    ax.set_xticks(range(len(students)), students)
+    ax.set_yticks(range(len(teachers)), teachers)
+    ax.set_xlabel("student")
+    ax.set_ylabel("teacher")
+    ax.set_title("RGR of W2SR (%)")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return save_figure(root, fig, RGR_HEATMAP)
 
 
 @dataclass(frozen=True)

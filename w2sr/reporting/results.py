@@ -201,6 +201,22 @@ def rl_curve(results: RunResults) -> list[dict[str, float]]:
     ]
 
 
+def training_curves(results: RunResults) -> dict[str, list[dict[str, Any]]]:
+    """Each model trained in the run dir, by label, with its step records (a step redone after
+    a resume as last recorded)."""
+    curves = {}
+    for label in [*STUDENT_LABELS, "rl"]:
+        if label not in results.summary["models"]:
+            continue
+        folder = results.source(label).get("stage")
+        if not folder or not results.run.exists(folder, METRICS):
+            continue
+        lines = results.run.read_text(folder, METRICS).splitlines()
+        steps = {r["step"]: r for r in map(json.loads, lines)}
+        curves[label] = [steps[step] for step in sorted(steps)]
+    return curves
+
+
 def cost_to_match(
     results: RunResults,
     spent: dict[str, dict[str, float]],

@@ -24,7 +24,7 @@ import numpy as np
 
 from w2sr import layout
 from w2sr.layout import DISPLAY_NAMES, STUDENT_LABELS
-from w2sr.reporting.figures import ScalePoint, figure_scale, figure_scale_benchmarks
+from w2sr.reporting.figures import ScalePoint, figure_rgr, figure_scale, figure_scale_benchmarks
 from w2sr.reporting.results import AVG, RunResults, costs, display_name, teacher_scale
 from w2sr.reporting.tables import count, interval, pct, rgr_or_dash, rgr_text, table
 from w2sr.rundir import RunDir
@@ -166,9 +166,11 @@ def write_sweep_report(
         bench: [p for p in _points(primary, runs, bench) if p.label in FIGURE4]
         for bench in sorted({b for results in runs.values() for b in results.benches})
     }
+    matrix = rgr_matrix(rows)
     figures = [
         f
         for f in (
+            figure_rgr(root, *matrix) if matrix else None,
             figure_scale(root, _points(primary, runs, AVG), _references(primary, runs), figure),
             figure_scale_benchmarks(root, panels),
         )
@@ -228,6 +230,21 @@ def _primary(rows: list[Row]) -> list[Row]:
 
 
 def _rgr_table(rows: list[Row]) -> str | None:
+    found = rgr_matrix(rows)
+    if found is None:
+        return None
+    teachers, students, matrix = found
+    body = [
+        [teacher, *(rgr_text(v) if isinstance(v, float) else v for v in values)]
+        for teacher, values in zip(teachers, matrix, strict=True)
+    ]
+    return table(["Teacher \\ student", *students], body)
+
+
+def rgr_matrix(rows: list[Row]) -> tuple[list[str], list[str], list[list[float | str]]] | None:
+    """W2SR's RGR over teacher x student, the mean over a pair's seeds; "undefined" where RL is
+    no better than the base student, "–" where no cell of the pair has an RL reference (or a
+    result yet)."""
     found = [
         r
         for r in _primary(rows)
@@ -237,18 +254,18 @@ def _rgr_table(rows: list[Row]) -> str | None:
         return None
     teachers = list(dict.fromkeys(r.teacher for r in found))
     students = list(dict.fromkeys(r.student for r in found))
-    body = []
+    matrix: list[list[float | str]] = []
     for teacher in teachers:
-        line = [teacher]
+        line: list[float | str] = []
         for student in students:
             values = [r.scores.rgr for r in found if (r.teacher, r.student) == (teacher, student)]
             defined = [v for v in values if v is not None]
-            if not values:  # no cell of this pair has an RL reference (or a result yet)
+            if not values:
                 line.append("–")
             else:
-                line.append(rgr_text(statistics.mean(defined)) if defined else "undefined")
-        body.append(line)
-    return table(["Teacher \\ student", *students], body)
+                line.append(statistics.mean(defined) if defined else "undefined")
+        matrix.append(line)
+    return teachers, students, matrix
 
 
 def pooled_interval(

@@ -33,7 +33,7 @@ from w2sr import layout
 from w2sr.behaviors import BEHAVIORS
 from w2sr.config import ConfigError, ExperimentConfig, JudgeConfig, ReportConfig, format_errors
 from w2sr.judge import PROMPT_VERSION
-from w2sr.reporting.figures import SCALE, figure_bars, figure_cost
+from w2sr.reporting.figures import SCALE, figure_bars, figure_cost, figure_training
 from w2sr.reporting.results import (
     behaviors,
     cost_to_match,
@@ -41,6 +41,7 @@ from w2sr.reporting.results import (
     load_results,
     rl_curve,
     teacher_scale,
+    training_curves,
 )
 from w2sr.reporting.sweep import run_rows, write_sweep_report
 from w2sr.reporting.tables import (
@@ -61,7 +62,15 @@ def run_report(run: RunDir) -> dict[str, Any]:
     results = load_results(run)
     settings, seed = _report_settings(run)
     spent, curve = costs(results), rl_curve(results)
-    figures = [f for f in (figure_bars(results), figure_cost(results, spent, curve)) if f]
+    figures = [
+        f
+        for f in (
+            figure_bars(results),
+            figure_cost(results, spent, curve),
+            figure_training(results, training_curves(results)),
+        )
+        if f
+    ]
     parts = [
         f"# W2SR report: {run.uri}",
         "",
