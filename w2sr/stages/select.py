@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from w2sr import layout
-from w2sr.config import ExperimentConfig
+from w2sr.config import ConfigError, ExperimentConfig
 from w2sr.lineage import Lineage
 from w2sr.rundir import RunDir
 from w2sr.schemas import TRACE_SCHEMA
@@ -106,7 +106,7 @@ def select(cfg: ExperimentConfig) -> dict[str, Any]:
     run = RunDir(cfg.run_dir)
     traces = Lineage(cfg).traces
     if not run.done(traces.folder, traces.fingerprint):
-        raise RuntimeError(
+        raise ConfigError(
             f"no complete traces for this config in {cfg.run_dir}; run `w2sr generate` first"
         )
     with run.stage(Lineage(cfg).sft) as claim:
