@@ -29,18 +29,12 @@ from w2sr.sweep.config import SweepConfig
 from w2sr.sweep.plan import plan
 
 
-def sweep(tmp: Path, address: str, monkeypatch: pytest.MonkeyPatch) -> SweepConfig:
-    """One teacher and one student by hub name, on the cluster at `address`, so that the runner
-    starts no Ray of its own. Their configs are in a hub cache of the test's own (`HF_HUB_CACHE`,
-    which the stages inherit), so a stage finds them there and goes on to wait on the cluster;
-    nothing here gets as far as loading them."""
-    for name in ("org/a", "org/s"):
-        repo = tmp / "hub" / f"models--{name.replace('/', '--')}"
-        (repo / "snapshots" / "r0").mkdir(parents=True)
-        (repo / "snapshots" / "r0" / "config.json").write_text("{}")
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text("r0")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp / "hub"))
+def sweep(tmp: Path, address: str) -> SweepConfig:
+    """One teacher and one student, folders with a config and nothing to load (nothing here gets
+    that far), on the cluster at `address`, so that the runner starts no Ray of its own."""
+    for name in ("a", "s"):
+        (tmp / name).mkdir()
+        (tmp / name / "config.json").write_text("{}")
     problems = tmp / "prompts.jsonl"
     problems.write_text(json.dumps({"problem": "What is 1 + 1?", "answer": "2"}) + "\n")
     return SweepConfig.model_validate(
@@ -50,8 +44,8 @@ def sweep(tmp: Path, address: str, monkeypatch: pytest.MonkeyPatch) -> SweepConf
                 "ray": {"address": address},
             },
             "run_dir": str(tmp / "study"),
-            "teachers": [{"label": "a", "model": "org/a"}],
-            "students": [{"label": "s", "model": "org/s"}],
+            "teachers": [{"label": "a", "model": str(tmp / "a")}],
+            "students": [{"label": "s", "model": str(tmp / "s")}],
             "variants": ["all"],
         }
     )
@@ -106,7 +100,7 @@ def test_a_stage_past_the_sweeps_timeout_is_stopped_and_failed_naming_it(
     """The teacher's traces wait on a cluster that never answers: the runner stops them at the
     bound, counts them failed naming it, and blocks what needs them, instead of waiting."""
     monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))
-    cfg = sweep(tmp_path, silent_cluster, monkeypatch)
+    cfg = sweep(tmp_path, silent_cluster)
     _, nodes = plan(cfg)
     traces = next(key for key, node in nodes.items() if node.command == "generate")
     sets = next(key for key, node in nodes.items() if node.command == "select")
@@ -134,7 +128,7 @@ def test_a_stage_held_by_a_live_submission_is_given_up_after_the_bound(
     monkeypatch.setenv("W2SR_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(runner, "LEASE_WAIT_S", 1.0)
     monkeypatch.setattr(runner, "LEASE_RETRY_S", 0.0)
-    cfg = sweep(tmp_path, silent_cluster, monkeypatch)
+    cfg = sweep(tmp_path, silent_cluster)
     _, nodes = plan(cfg)
     keys = [next(k for k, n in nodes.items() if n.command == c) for c in ("generate", "select")]
     train = next(node for node in nodes.values() if node.command == "train")
