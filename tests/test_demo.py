@@ -32,7 +32,7 @@ def test_a_reduced_demo_runs_every_stage_and_reports_each_section_and_figure(
 ):
     run_dir, mlruns = tmp_path / "demo", f"file://{tmp_path}/mlruns"
     tracked = [f"{section}.mlflow_tracking_uri={mlruns}" for section in ("train", "grpo")]
-    assert main(["run", str(DEMO), f"run_dir={run_dir}", *REDUCED, *tracked]) == 0
+    assert main(["--json", "run", str(DEMO), f"run_dir={run_dir}", *REDUCED, *tracked]) == 0
     out = capsys.readouterr().out
     done = json.loads(out[out.index("{\n") :])
     trained = [f"train {variant}" for variant in ("all", "correct", "incorrect")]
@@ -92,7 +92,7 @@ def test_a_reduced_demo_runs_every_stage_and_reports_each_section_and_figure(
     # same RGR, the other models' results reused.
     outside = run_dir / layout.RL / rl / layout.MODEL
     again = [*REDUCED, "grpo=null", f"rl={outside}"]
-    assert main(["run", str(DEMO), f"run_dir={run_dir}", *again, "--from", "eval"]) == 0
+    assert main(["--json", "run", str(DEMO), f"run_dir={run_dir}", *again, "--from", "eval"]) == 0
     out = capsys.readouterr().out
     redone = json.loads(out[out.index("{\n") :])
     assert list(redone) == ["eval", "report"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -466,7 +467,7 @@ def test_run_only_one_stage_runs_that_stage_alone(generated, tmp_path, capsys):
     cfg, _ = generated
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    assert main(["run", str(path), "--only", "select"]) == 0
+    assert main(["--json", "run", str(path), "--only", "select"]) == 0
     out = capsys.readouterr().out
     done = json.loads(out[out.index("{\n") :])  # the command's record, after any library output
     assert list(done) == ["select"] and done["select"]["all"]["traces"] == len(PROBLEMS) * SAMPLES
@@ -521,3 +522,52 @@ def test_replayed_rows_are_kept_once_and_each_group_is_sealed_once_whole(tmp_pat
         keys = [(r["prompt_id"], r["sample_index"]) for r in table]
         assert len(keys) == len(set(keys)) == 24
         assert not run.exists("out", f"parts-{group}")
+
+
+@pytest.mark.slow
+def test_a_command_prints_its_own_lines_and_keeps_the_rest_in_the_stages_log(tmp_path, tiny_model):
+    """`w2sr generate` as users run it, its Ray session and engine its own: the console has a
+    line as the stage starts, naming its log file, and one as it ends; the engine's and Ray's
+    output is in that file."""
+    data = experiment(tmp_path, tiny_model)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "w2sr.cli", "generate", str(config)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout == ""
+    log = Path(data["run_dir"], "logs", Lineage(validate(data)).traces.folder.replace("/", "-"))
+    log = log.with_name(log.name + ".log")
+    lines = done.stderr.splitlines()
+    assert lines[0] == f"{log.stem}: started (log: {log})"
+    assert re.fullmatch(rf"{log.stem}: done in \d+ s", lines[-1])
+    assert len(lines) <= 5, done.stderr  # and Ray's own lines before the stage, if any
+    assert "Traceback" not in done.stderr and "ERROR" not in done.stderr
+    text = log.read_text()
+    assert "wrote traces/" in text and "vLLM" in text  # w2sr's details and the engine's output
+
+
+@pytest.mark.slow
+def test_a_failing_stage_shows_its_error_and_the_end_of_its_log(tmp_path, ray_session, capsys):
+    """A teacher folder that no loader can read: the command exits 1, the console has the
+    stage's error, its log file and the log's last lines, the traceback is in the log only."""
+    from w2sr.cli import main
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    data = experiment(tmp_path, str(broken))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    assert main(["generate", str(config)]) == 1
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert re.fullmatch(r"traces-\w+: failed after \d+ s: \w+: .+", lines[1]), err
+    log = Path(lines[0].split("(log: ", 1)[1].rstrip(")"))
+    assert lines[2] == f"  log: {log}; its last lines:"
+    assert lines[3:] and all(line.startswith("  | ") for line in lines[3:])
+    assert "Traceback" not in err and "Traceback" in log.read_text()

@@ -20,6 +20,7 @@ import yaml
 
 from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig, load_config, validate
+from w2sr.console import Console, StageFailed
 from w2sr.layout import VARIANT_NAMES
 from w2sr.models import ModelSpec
 from w2sr.recipe import (
@@ -48,7 +49,17 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
-def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> dict[str, Any]:
+def _log_name(name: str, cfg: ExperimentConfig, labels: tuple[str, ...] | None = None) -> str:
+    """A stage's log file name: its folder's (the stage, its fingerprint) when it makes one, so
+    that the stages a sweep runs at once write apart; an evaluation's, the models it
+    evaluates."""
+    stage = STAGES[name]
+    if stage.makes is not None:
+        return stage.artifact(cfg).folder.replace("/", "-")
+    return "-".join([name, *(labels or ())])
+
+
+def _run(cfg: ExperimentConfig, args: argparse.Namespace, console: Console) -> dict[str, Any]:
     """The recipe end to end (`recipe.RUN`): traces, the three training sets, a student on each
     non-empty set, the GRPO baseline when the config has a `grpo` section (at scale it costs far
     more than the rest together, so it is asked for, not implied), then every model on the
@@ -63,7 +74,8 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> dict[str, Any]:
         if not stage.asked(cfg):
             continue
         if not stage.per_variant:
-            done[name] = stage.run(cfg)
+            with console.stage(run, _log_name(name, cfg)):
+                done[name] = stage.run(cfg)
             continue
         for variant in VARIANT_NAMES:
             train = cfg.train.model_copy(update={"variant": variant})
@@ -71,8 +83,10 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace) -> dict[str, Any]:
             reason = skip_reason(stage, one, run)
             if reason:
                 logging.info("%s %s skipped: %s", name, variant, reason)
+                console.say(f"{name} {variant}: skipped: {reason}")
                 continue
-            done[f"{name} {variant}"] = stage.run(one)
+            with console.stage(run, _log_name(name, one)):
+                done[f"{name} {variant}"] = stage.run(one)
     return done
 
 
@@ -81,7 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="w2sr",
         description="Weak-to-Strong Reasoning on Ray: weak-teacher traces train a strong student.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="everything on the console: debug logging, the engines', workers' and libraries' "
+        "output (by default in each stage's log file, logs/<stage>.log in the run dir)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the command's record as JSON when it ends"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run_help = f"{', '.join(RUN)}, skipping complete stages and what the config does not ask for"
     for name, summary in [*((s.name, s.help) for s in RECIPE if s.command), ("run", run_help)]:
@@ -251,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(report(args.run_dir), indent=2, default=str))
         return EXIT_OK
+    # A sweep's stages are commands of their own, each with its logs; a server logs as it serves.
+    console = Console(args.verbose or args.command in ("gc", "sweep", "serve"))
+    console.open()
     try:
         if args.command == "gc":
             return _gc(args)
@@ -271,17 +297,40 @@ def main(argv: list[str] | None = None) -> int:
                     ModelSpec.parse(spec).check(key)
         _record(cfg)
         if args.command == "run":
-            result = _run(cfg, args)
+            result = _run(cfg, args, console)
         else:
-            result = STAGES[args.command].run(cfg, **_options(args))
+            options = _options(args)
+            name = _log_name(args.command, cfg, options.get("labels"))
+            with console.stage(RunDir(cfg.run_dir), name):
+                result = STAGES[args.command].run(cfg, **options)
     except ConfigError as error:  # raised before any work that could be lost
-        print(f"w2sr: {error}", file=sys.stderr)
+        print(f"w2sr: {error}", file=console.err)
         return EXIT_USAGE
     except (LeaseHeld, LeaseLost) as error:  # another submission works (or took over) there
-        print(f"w2sr: {error}", file=sys.stderr)
+        print(f"w2sr: {error}", file=console.err)
         return EXIT_LEASE_HELD
-    print(json.dumps(result, indent=2, default=str))
+    except StageFailed:  # the console has its error and the end of its log
+        return EXIT_FAILED
+    finally:
+        console.close()
+    if args.json or args.verbose:
+        print(json.dumps(result, indent=2, default=str), file=console.out)
+    elif args.command == "run" and "report" in result:
+        print(_results_table(RunDir(cfg.run_dir)), file=console.out)
     return EXIT_OK
+
+
+def _results_table(run: RunDir) -> str:
+    """The report's first table (pass@1 and RGR per model) and where the report is: what a run
+    comes to, on the console."""
+    text = run.read_text(*layout.REPORT_FILE).split("## Results", 1)[-1]
+    table = []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+        elif table:
+            break
+    return "\n".join([*table, "", f"report: {run.path(*layout.REPORT_FILE)}"])
 
 
 if __name__ == "__main__":
