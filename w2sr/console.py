@@ -28,9 +28,9 @@ from typing import IO, Any
 
 import pyarrow.fs as pafs
 
+from w2sr import layout
 from w2sr.rundir import RunDir
 
-LOGS = "logs"
 TAIL_LINES = 15  # of a failed stage's log, shown on the console
 
 
@@ -121,7 +121,7 @@ class Console:
     def _point_at(self, run: RunDir, name: str) -> str:
         """Descriptors 1 and 2 to the stage's log file (appended: a rerun adds its attempt);
         returns where a person finds it."""
-        parts = (LOGS, f"{name.replace(' ', '-').replace('/', '-')}.log")
+        parts = layout.stage_log(name)
         if isinstance(run.fs, pafs.LocalFileSystem):
             path = Path(run.path(*parts))
             path.parent.mkdir(parents=True, exist_ok=True)

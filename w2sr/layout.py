@@ -32,6 +32,9 @@ side by side and nothing finished is replaced; `w2sr gc` removes what no recorde
     eval/summary.json                   written last by `w2sr eval`
     report/report.md, report/*.png      `w2sr report`
     report/judge/labels.jsonl           a judge model's behavior labels (`report.behaviors`)
+    logs/<stage>.log                    a stage's output, every attempt appended (`w2sr.console`):
+                                        named by its folder (`traces-<fp>`, `students-all-<fp>`),
+                                        or `eval[-<labels>]`, `report`
     sweep/sweep.yaml                    `w2sr sweep`: its config, as run (`w2sr.sweep.job`)
     sweep/lineage.json                  what all its cells refer to, like lineage.json
     sweep/logs/<stage>.log              each of its stages' output
@@ -70,6 +73,7 @@ SFT = "sft"
 STUDENTS = "students"
 RL = "rl"
 BUILTINS = "builtins"
+LOGS = "logs"
 STAGE_ROOTS = (PROBLEMS, PROMPTS, TRACES, SFT, STUDENTS, RL)  # where fingerprinted folders live
 
 PROBLEM_SET = "problems.parquet"
@@ -120,6 +124,11 @@ def builtin(name: str, digest: str) -> str:
 def report_figure(name: str) -> tuple[str, str]:
     """A figure of a run's or a sweep's report, beside its report.md."""
     return (REPORT, name)
+
+
+def stage_log(name: str) -> tuple[str, str]:
+    """The output of one stage of a command (`w2sr.console`)."""
+    return (LOGS, f"{name.replace(' ', '-').replace('/', '-')}.log")
 
 
 def sweep_log(key: str) -> tuple[str, str, str]:
