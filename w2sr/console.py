@@ -88,8 +88,9 @@ class Console:
                 raise
             took = time.time() - start
             lines = self._log.read_text(errors="replace").splitlines()[-TAIL_LINES:]
-            first = (str(error).strip().splitlines() or [""])[0]
-            self.say(f"{name}: failed after {took:.0f} s: {type(error).__name__}: {first}")
+            cause = getattr(error, "cause", None) or error  # a Ray task's: what it raised
+            first = (str(cause).strip().splitlines() or [""])[0]
+            self.say(f"{name}: failed after {took:.0f} s: {type(cause).__name__}: {first}")
             self.say(f"  log: {shown}; its last lines:")
             for line in lines:
                 self.say(f"  | {line}")
