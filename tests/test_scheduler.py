@@ -277,14 +277,20 @@ def test_the_longest_remaining_chain_starts_first(tmp_path):
 
 
 @pytest.mark.parametrize("cap", [1, 2, 3])
-def test_no_more_stages_run_at_once_than_the_cap(tmp_path, cap):
+def test_no_more_stages_run_at_once_than_the_cap(tmp_path, monkeypatch, cap):
     cfg = sweep_config(tmp_path)
     _, nodes = plan(cfg)
     run = RunDir(cfg.run_dir)
     stages = InProcess(run, seconds=0.2)
+    asked: list[str] = []  # the stages whose skip was read from the run dir
+    read = runner.skip_reason
+    monkeypatch.setattr(
+        runner, "skip_reason", lambda node, r: asked.append(node.key) or read(node, r)
+    )
     outcomes = runner.run_graph(nodes, run, cap, launcher=stages)
     assert stages.most == cap  # reached, never passed
     assert all(o.state in (DONE, SKIPPED) for o in outcomes.values())
+    assert sorted(asked) == sorted(set(asked))  # once each, however long it waited for a slot
 
 
 def test_a_session_of_fixed_size_runs_only_what_fits_beside_the_running(tmp_path):

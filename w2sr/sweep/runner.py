@@ -125,6 +125,7 @@ def run_graph(
     running: dict[str, tuple[Launched, float]] = {}
     retry_at: dict[str, float] = {}
     held_since: dict[str, float] = {}  # when a stage was first found held by another submission
+    unskipped: set[str] = set()  # ready stages found to have work: no file is read for them again
     with tempfile.TemporaryDirectory(prefix="w2sr-sweep-") as scratch:
         launcher = launcher or Subprocesses(Path(scratch))
         capacity = launcher.capacity(nodes)
@@ -148,11 +149,13 @@ def run_graph(
                 ready = all(o and o.state in (COMPLETE, DONE) for o in states)
                 if not ready or retry_at.get(key, 0) > time.time():
                     continue
-                reason = skip_reason(node, run)
-                if reason:
-                    outcomes[key] = Outcome(SKIPPED, error=reason)
-                    pending.remove(key)
-                    continue
+                if key not in unskipped:  # read once: what it needs is done and stays so
+                    reason = skip_reason(node, run)
+                    if reason:
+                        outcomes[key] = Outcome(SKIPPED, error=reason)
+                        pending.remove(key)
+                        continue
+                    unskipped.add(key)
                 if len(running) >= max_concurrent or not _fits(node, running, nodes, capacity):
                     continue
                 running[key] = (launcher.launch(node), time.time())
