@@ -543,8 +543,8 @@ def test_a_command_prints_its_own_lines_and_keeps_the_rest_in_the_stages_log(tmp
     log = Path(data["run_dir"], "logs", Lineage(validate(data)).traces.folder.replace("/", "-"))
     log = log.with_name(log.name + ".log")
     lines = done.stderr.splitlines()
-    assert lines[0] == f"{log.stem}: started (log: {log})"
-    assert re.fullmatch(rf"{log.stem}: done in \d+ s", lines[-1])
+    assert lines[0] == f"generate: started (log: {log})"
+    assert re.fullmatch(r"generate: done in \d+ s", lines[-1])
     assert len(lines) <= 5, done.stderr  # and Ray's own lines before the stage, if any
     assert "Traceback" not in done.stderr and "ERROR" not in done.stderr
     text = log.read_text()
@@ -566,7 +566,7 @@ def test_a_failing_stage_shows_its_error_and_the_end_of_its_log(tmp_path, ray_se
     assert main(["generate", str(config)]) == 1
     err = capsys.readouterr().err
     lines = err.splitlines()
-    assert re.fullmatch(r"traces-\w+: failed after \d+ s: \w+: .+", lines[1]), err
+    assert re.fullmatch(r"generate: failed after \d+ s: \w+: .+", lines[1]), err
     log = Path(lines[0].split("(log: ", 1)[1].rstrip(")"))
     assert lines[2] == f"  log: {log}; its last lines:"
     assert lines[3:] and all(line.startswith("  | ") for line in lines[3:])

@@ -74,7 +74,7 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace, console: Console) -> d
         if not stage.asked(cfg):
             continue
         if not stage.per_variant:
-            with console.stage(run, _log_name(name, cfg)):
+            with console.stage(run, name, _log_name(name, cfg)):
                 done[name] = stage.run(cfg)
             continue
         for variant in VARIANT_NAMES:
@@ -85,7 +85,7 @@ def _run(cfg: ExperimentConfig, args: argparse.Namespace, console: Console) -> d
                 logging.info("%s %s skipped: %s", name, variant, reason)
                 console.say(f"{name} {variant}: skipped: {reason}")
                 continue
-            with console.stage(run, _log_name(name, one)):
+            with console.stage(run, f"{name} {variant}", _log_name(name, one)):
                 done[f"{name} {variant}"] = stage.run(one)
     return done
 
@@ -300,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
             result = _run(cfg, args, console)
         else:
             options = _options(args)
-            name = _log_name(args.command, cfg, options.get("labels"))
-            with console.stage(RunDir(cfg.run_dir), name):
+            name = args.command + (f" {cfg.train.variant}" if args.command == "train" else "")
+            log_name = _log_name(args.command, cfg, options.get("labels"))
+            with console.stage(RunDir(cfg.run_dir), name, log_name):
                 result = STAGES[args.command].run(cfg, **options)
     except ConfigError as error:  # raised before any work that could be lost
         print(f"w2sr: {error}", file=console.err)

@@ -67,14 +67,15 @@ class Console:
         print(text, file=self.err, flush=True)
 
     @contextlib.contextmanager
-    def stage(self, run: RunDir, name: str) -> Iterator[None]:
-        """The block's output into `logs/<name>.log`; a line when it starts and when it ends, and
+    def stage(self, run: RunDir, name: str, log_name: str) -> Iterator[None]:
+        """The block's output into `logs/<log_name>.log`; a line when stage `name` starts and when
+        it ends, and
         for a failure other than a known one (a config error, a lease held elsewhere: their one
         line is the caller's), its error and the log's end, then `StageFailed`."""
         if self.verbose:
             yield
             return
-        shown = self._point_at(run, name)
+        shown = self._point_at(run, log_name)
         self.say(f"{name}: started (log: {shown})")
         start = time.time()
         try:
