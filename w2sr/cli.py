@@ -55,7 +55,7 @@ def _log_name(name: str, cfg: ExperimentConfig, labels: tuple[str, ...] | None =
     evaluates."""
     stage = STAGES[name]
     if stage.makes is not None:
-        return stage.artifact(cfg).folder.replace("/", "-")
+        return stage.artifact(cfg).folder  # `layout.stage_log` makes it a file name
     return "-".join([name, *(labels or ())])
 
 

@@ -69,9 +69,9 @@ class Console:
     @contextlib.contextmanager
     def stage(self, run: RunDir, name: str, log_name: str) -> Iterator[None]:
         """The block's output into `logs/<log_name>.log`; a line when stage `name` starts and when
-        it ends, and
-        for a failure other than a known one (a config error, a lease held elsewhere: their one
-        line is the caller's), its error and the log's end, then `StageFailed`."""
+        it ends, and for a failure other than a known one (a config error, a lease held
+        elsewhere: their one line is the caller's), its error and the log's end, then
+        `StageFailed`."""
         if self.verbose:
             yield
             return
@@ -117,8 +117,7 @@ class Console:
         if self._handler is not None:
             logging.getLogger().removeHandler(self._handler)
         for stream in (self.out, self.err):
-            if stream not in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-                stream.flush()
+            stream.flush()
 
     def _point_at(self, run: RunDir, name: str) -> str:
         """Descriptors 1 and 2 to the stage's log file (appended: a rerun adds its attempt);

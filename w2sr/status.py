@@ -20,6 +20,7 @@ from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig, validate
 from w2sr.evaluation.results import plan_tasks
 from w2sr.recipe import COMPLETE, DONE, FAILED, SKIPPED
+from w2sr.reporting.tables import columns
 from w2sr.rundir import DONE as DONE_RECORD
 from w2sr.rundir import METRICS, RUN, RunDir
 from w2sr.sweep.config import StudentAxis, SweepConfig, TeacherAxis
@@ -62,10 +63,7 @@ def table(states: list[StageState]) -> str:
     """`status` for people: a line per stage, then the study's progress."""
     rows = [("STAGE", "COMMAND", "STATE", "DETAIL")]
     rows += [(s.stage, s.command, s.state, s.detail) for s in states]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[3]
-             for row in rows]  # fmt: skip
-    return "\n".join([*lines, progress(states)])
+    return "\n".join([*columns(rows), progress(states)])
 
 
 def progress(states: list[StageState]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from w2sr.reporting.results import (
@@ -32,6 +33,13 @@ def interval(ci: tuple[float, float] | None) -> str:
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def columns(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows of text for a terminal: each column but the last padded to its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join([*(c.ljust(w) for c, w in zip(row, widths, strict=False)), row[-1]])
+            for row in rows]  # fmt: skip
 
 
 def main_tables(results: RunResults) -> str:

@@ -31,6 +31,7 @@ from w2sr.evaluation.results import plan_tasks, summary
 from w2sr.gc import record
 from w2sr.recipe import COMPLETE, SKIPPED, TO_RUN, sections
 from w2sr.reporting.results import load_results
+from w2sr.reporting.tables import columns
 from w2sr.rundir import RunDir
 from w2sr.session import check_local_resources
 from w2sr.sweep.config import SweepConfig
@@ -71,9 +72,7 @@ def plan_table(described: dict[str, Any]) -> str:
         shared = stage["cells"]
         who = f"all {every}" if len(shared) == every > 1 else ", ".join(shared)
         rows.append((stage["stage"], stage["command"], stage["state"], who))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3]
-             for row in rows]  # fmt: skip
+    lines = columns(rows)
     lines.append(
         f"{len(described['stages'])} stages for {every} cells: {described['complete']} complete, "
         f"{described['skipped']} skipped, {described['to_run']} to run"
