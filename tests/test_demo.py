@@ -5,6 +5,7 @@ evaluation and the report."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -33,10 +34,15 @@ def test_a_reduced_demo_runs_every_stage_and_reports_each_section_and_figure(
     run_dir, mlruns = tmp_path / "demo", f"file://{tmp_path}/mlruns"
     tracked = [f"{section}.mlflow_tracking_uri={mlruns}" for section in ("train", "grpo")]
     assert main(["--json", "run", str(DEMO), f"run_dir={run_dir}", *REDUCED, *tracked]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     done = json.loads(out[out.index("{\n") :])
     trained = [f"train {variant}" for variant in ("all", "correct", "incorrect")]
     assert list(done) == ["generate", "select", *trained, "grpo", "eval", "report"]
+    # Each stage's progress bar, its last state (the console is not a terminal here), with its rate
+    for stage, unit in [("generate", "requests"), *((t, "steps") for t in trained),
+                        ("grpo", "steps"), ("eval: .+", "requests")]:  # fmt: skip
+        rate = rf"[\d.]+({unit}/s|s/{unit})"
+        assert re.search(rf"^{stage}: 100%\|.+\| (\d+)/\1 \[.+, +{rate}\]$", err, re.M), stage
 
     report = (run_dir / "report" / "report.md").read_text()
     sections = [line for line in report.splitlines() if line.startswith("## ")]

@@ -515,7 +515,7 @@ def test_replayed_rows_are_kept_once_and_each_group_is_sealed_once_whole(tmp_pat
         written[group] = facts["rows"]
 
     requests = ray.data.from_items(rows, override_num_blocks=6)
-    generate_groups(replaying, requests, groups, record)
+    generate_groups(replaying, requests, groups, record, "")
     assert sorted(sealed) == ["a", "b"] and written == {"a": 24, "b": 24}
     for group in ("a", "b"):
         table = run.read_parquet("out", f"{group}.parquet").to_pylist()
@@ -544,8 +544,12 @@ def test_a_command_prints_its_own_lines_and_keeps_the_rest_in_the_stages_log(tmp
     log = log.with_name(log.name + ".log")
     lines = done.stderr.splitlines()
     assert lines[0] == f"generate: started (log: {log})"
+    # Its progress bar: not a terminal, so its last state, with the rate.
+    rate = r"[\d.]+(requests/s|s/requests)"  # tqdm's: per second, or seconds per request
+    bar = rf"generate: 100%\|.+\| (\d+)/\1 \[[\d:]+<00:00, +{rate}\]"
+    assert re.fullmatch(bar, lines[-2]), done.stderr
     assert re.fullmatch(r"generate: done in \d+ s", lines[-1])
-    assert len(lines) <= 5, done.stderr  # and Ray's own lines before the stage, if any
+    assert len(lines) <= 6, done.stderr  # and Ray's own lines before the stage, if any
     assert "Traceback" not in done.stderr and "ERROR" not in done.stderr
     text = log.read_text()
     assert "wrote traces/" in text and "vLLM" in text  # w2sr's details and the engine's output

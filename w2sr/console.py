@@ -6,8 +6,9 @@ print thousands of lines, among them tracebacks of engines shutting down as they
 `-v`, a command points its file descriptors 1 and 2 (and so its own logging, what Ray forwards
 and what C extensions write) at a log file per stage in the run dir, `logs/<stage>.log` (for a
 run dir in object storage, a local file copied there whenever its stage ends), and keeps the
-console for a line at each stage's start and end, w2sr's warnings and errors, the result, and
-for a stage that fails its error, its log file and the log's last lines. The descriptors stay on
+console for a line at each stage's start and end, a progress bar of its work (`progress`), w2sr's
+warnings and errors, the result, and for a stage that fails its error, its log file and the log's
+last lines. The descriptors stay on
 the last stage's log until the command ends, so that what Ray prints while it shuts down lands
 there too.
 """
@@ -27,11 +28,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import pyarrow.fs as pafs
+from tqdm import tqdm
 
 from w2sr import layout
 from w2sr.rundir import RunDir
 
 TAIL_LINES = 15  # of a failed stage's log, shown on the console
+_open: Console | None = None  # the quiet console of the command this process runs
 
 
 class StageFailed(RuntimeError):
@@ -50,10 +53,13 @@ class Console:
         self._upload: tuple[RunDir, tuple[str, ...]] | None = None  # where a local copy goes
         self._handler: logging.Handler | None = None
         self._ray_was_up = False
+        self._stage: str | None = None  # the stage running now, which names its progress bars
 
     def open(self) -> None:
+        global _open
         if self.verbose:
             return
+        _open = self
         self.out, self.err = _lasting(sys.stdout, 1), _lasting(sys.stderr, 2)
         self._handler = logging.StreamHandler(self.err)
         self._handler.setLevel(logging.WARNING)
@@ -78,6 +84,7 @@ class Console:
         shown = self._point_at(run, log_name)
         self.say(f"{name}: started (log: {shown})")
         start = time.time()
+        self._stage = name
         try:
             yield
         except Exception as error:
@@ -96,14 +103,18 @@ class Console:
             for line in lines:
                 self.say(f"  | {line}")
             raise StageFailed(name) from error
+        finally:
+            self._stage = None
         self._copy_out()
         self.say(f"{name}: done in {time.time() - start:.0f} s")
 
     def close(self) -> None:
         """Shut down a Ray session this command started (its output still goes to the log), then
         give the descriptors back."""
+        global _open
         if self.verbose:
             return
+        _open = None
         if self._saved is not None:
             ray = sys.modules.get("ray")
             if ray and ray.is_initialized() and not self._ray_was_up:
@@ -150,6 +161,34 @@ class Console:
         if self._upload and self._log is not None:
             run, parts = self._upload
             run.write_bytes(self._log.read_bytes(), *parts)
+
+
+@contextlib.contextmanager
+def progress(total: int, unit: str, what: str = "", initial: int = 0) -> Iterator[tqdm]:
+    """A bar for the running stage's work (tqdm's, with its rate and time left): redrawn in place
+    on a terminal; where the console is a file (a job's log, a sweep's stage log), its last state
+    as one line when the work ends. Outside a quiet command (`-v`, a stage called from Python)
+    it shows nothing: the stage's log lines and Ray Data's own bars say how far it is."""
+    console = _open
+    if console is None or console._stage is None:
+        with tqdm(total=total, initial=initial, disable=True) as bar:
+            yield bar
+        return
+    live = console.err.isatty()
+    bar = tqdm(
+        total=total,
+        initial=initial,
+        unit=unit,
+        desc=f"{console._stage}: {what}" if what else console._stage,
+        file=console.err if live else io.StringIO(),
+        mininterval=0.5,
+        dynamic_ncols=live,
+        smoothing=0.1 if live else 0,  # the line a file gets: the average rate
+    )
+    with bar:
+        yield bar
+        if not live:  # its work done; a failure says more than where the bar stopped
+            console.say(str(bar))
 
 
 def _known(error: BaseException) -> bool:

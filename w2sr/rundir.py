@@ -505,3 +505,18 @@ class MetricsLog:
         if not self.local:
             self.run.write_text("".join(self.lines), *self.parts)
             self.flushed = time.time()
+
+
+def last_record(run: RunDir, stage: str) -> dict[str, Any]:
+    """A training stage's latest per-step record ({} before its first): read from the end of its
+    metrics file, so that following a long run costs one small read."""
+    if not run.exists(stage, METRICS):
+        return {}
+    with run.fs.open_input_file(run.path(stage, METRICS)) as metrics:
+        size = metrics.size()
+        metrics.seek(max(0, size - 8192))
+        lines = metrics.read().decode(errors="replace").splitlines()
+    for line in reversed(lines[1 if size > 8192 else 0 :]):  # a seek may cut the first
+        with contextlib.suppress(ValueError):  # a torn last line
+            return json.loads(line)
+    return {}

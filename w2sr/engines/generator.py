@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from w2sr.config import EngineConfig
+from w2sr.console import progress
 from w2sr.engines import settings
 from w2sr.rundir import RunDir
 
@@ -80,10 +81,13 @@ class Groups:
     seal: Callable[[str, list[dict[str, Any]]], dict[str, Any]]
 
 
-def generate_groups(processor, requests, groups: Groups, sealed: Callable[[str, dict], None]):
+def generate_groups(
+    processor, requests, groups: Groups, sealed: Callable[[str, dict], None], what: str
+):
     """Run the `requests` dataset through `processor`, sealing each group as soon as it is whole
-    and calling `sealed(group, facts)` with what its `seal` returned. A group left short once
-    every row has arrived is an error naming its count."""
+    and calling `sealed(group, facts)` with what its `seal` returned; the console's bar, named
+    `what`, counts the rows as they arrive. A group left short once every row has arrived is an
+    error naming its count."""
     import ray
 
     _delete_parts(groups)  # a killed attempt's parts of an unsealed group
@@ -115,15 +119,21 @@ def generate_groups(processor, requests, groups: Groups, sealed: Callable[[str, 
                 groups.run, parts, groups.expected[group], groups.seal, group
             )
 
-    for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for group, rows in zip(batch["group"].to_pylist(), batch["rows"].to_pylist(), strict=True):
-            if group not in groups.expected:
-                raise RuntimeError(f"a row of group {group!r}, which this pipeline does not make")
-            arrived[group] += rows
-            try_seal(group)
-        if sealing:
-            collect(wait=False)
-    collect(wait=True)
+    with progress(sum(groups.expected.values()), "requests", what) as bar:
+        for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for group, rows in zip(
+                batch["group"].to_pylist(), batch["rows"].to_pylist(), strict=True
+            ):
+                if group not in groups.expected:
+                    raise RuntimeError(
+                        f"a row of group {group!r}, which this pipeline does not make"
+                    )
+                arrived[group] += rows
+                bar.update(rows)
+                try_seal(group)
+            if sealing:
+                collect(wait=False)
+        collect(wait=True)
     for group in groups.expected:  # a seal that ran short early, or a group of no rows
         try_seal(group, every_row_arrived=True)
     collect(wait=True)

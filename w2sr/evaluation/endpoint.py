@@ -22,8 +22,11 @@ import re
 import time
 from urllib.parse import urlsplit
 
+from tqdm import tqdm
+
 from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig
+from w2sr.console import progress
 from w2sr.data.templates import TEMPLATES
 from w2sr.evaluation.problems import Problems
 from w2sr.evaluation.results import Task, sample_rows, scorer, write_result
@@ -158,7 +161,7 @@ async def evaluate_endpoint(
         base_url=api_base(endpoint), headers=headers, timeout=ep.timeout_s, limits=limits
     ) as client:
 
-        async def complete(sample: dict, task: Task, progress: list[int]) -> dict:
+        async def complete(sample: dict, task: Task, counted: list[int], bar: tqdm) -> dict:
             sampling = task.setting.sampling
             body = {
                 "model": label,
@@ -172,9 +175,10 @@ async def evaluate_endpoint(
             }
             async with gate:
                 reply = await chat_completion(client, body, ep.retries, ep.backoff_s)
-            progress[0] += 1
-            if progress[0] % max(1, progress[1] // 10) == 0:  # every tenth
-                log.info("%s: %d of %d completions", label, *progress)
+            counted[0] += 1
+            bar.update(1)
+            if counted[0] % max(1, counted[1] // 10) == 0:  # every tenth
+                log.info("%s: %d of %d completions", label, *counted)
             if reply.get("too_long"):
                 return {**sample, "response": "", "finish_reason": TOO_LONG}
             choice, usage = reply["choices"][0], reply.get("usage") or {}
@@ -198,16 +202,18 @@ async def evaluate_endpoint(
                 for s in sample_rows(cfg, task, posed)
                 if (s["prompt_id"], s["sample_index"]) not in have
             ]
-            progress, saved = [0, len(samples)], [time.monotonic()]
+            counted, saved = [0, len(samples)], [time.monotonic()]
             log.info("%s on %s: %d requests", label, task.bench.name, len(samples))
 
-            async def kept(sample: dict) -> None:
-                replies.append(await complete(sample, task, progress))
+            async def kept(sample: dict, bar: tqdm) -> None:
+                replies.append(await complete(sample, task, counted, bar))
                 if time.monotonic() - saved[0] > SAVE_EVERY_S:
                     run.write_json(replies, *partial)
                     saved[0] = time.monotonic()
 
-            results = await asyncio.gather(*(kept(s) for s in samples), return_exceptions=True)
+            with progress(len(samples), "requests", f"{label} on {task.bench.name}") as bar:
+                asked = (kept(s, bar) for s in samples)
+                results = await asyncio.gather(*asked, return_exceptions=True)
             failures = [r for r in results if isinstance(r, BaseException)]
             if failures:
                 run.write_json(replies, *partial)

@@ -118,7 +118,7 @@ class Pipeline:
         start = time.time()
         blocks = max(1, len(self.requests) // self.batch_size)
         requests = ray.data.from_items(self.requests, override_num_blocks=blocks)
-        generate_groups(self.processor, requests, self.groups, _sealed)
+        generate_groups(self.processor, requests, self.groups, _sealed, self.name)
         log.info("%s evaluated in %.1fs", self.name, time.time() - start)
 
 

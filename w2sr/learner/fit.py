@@ -4,12 +4,16 @@ every worker takes."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any, NamedTuple
 
 from w2sr import layout
 from w2sr.config import ExperimentConfig, LearnerConfig
-from w2sr.rundir import RunDir
+from w2sr.console import progress
+from w2sr.rundir import RunDir, last_record
+
+FOLLOW_S = 2.0  # how often the driver reads the latest step, for the console's progress bar
 
 
 class Worker(NamedTuple):
@@ -54,12 +58,14 @@ def fit(
     stage: str,
     name: str,
     learner: LearnerConfig,
+    steps: int,
     loop_config: dict[str, Any],
     resources_per_worker: dict[str, float] | None = None,
 ):
     """Run `worker_loop` on a Ray Train worker group of `learner.num_workers`: checkpoints under
     `<stage>/ray/<name>`, so a rerun of the same config finds them, and `learner.max_failures`
-    restarts. Returns Ray Train's result."""
+    restarts. The console's bar follows the `steps` in the stage's metrics file. Returns Ray
+    Train's result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -84,4 +90,24 @@ def fit(
             failure_config=FailureConfig(max_failures=learner.max_failures),
         ),
     )
-    return trainer.fit()
+
+    def step() -> int:
+        return last_record(run, stage).get("step", 0)
+
+    with progress(steps, "steps", initial=step()) as bar:
+        if bar.disable:
+            return trainer.fit()
+        ended = threading.Event()
+
+        def follow() -> None:
+            while not ended.wait(FOLLOW_S):
+                bar.update(max(0, step() - bar.n))
+
+        follower = threading.Thread(target=follow, name="w2sr-steps", daemon=True)
+        follower.start()
+        try:
+            return trainer.fit()
+        finally:
+            ended.set()
+            follower.join()
+            bar.update(max(0, step() - bar.n))

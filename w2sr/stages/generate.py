@@ -127,7 +127,7 @@ def _generate_shards(
         expected={str(s): n * samples for s, n in prompts_in.items()},
         seal=_write_shard(run, folder, prompt_folder, samples),
     )
-    generate_groups(processor, requests, groups, lambda g, facts: sealed(int(g), facts))
+    generate_groups(processor, requests, groups, lambda g, facts: sealed(int(g), facts), "")
 
 
 def _sample_requests(cfg: ExperimentConfig, shards: set[int]):

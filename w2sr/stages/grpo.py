@@ -117,7 +117,7 @@ def _grpo(cfg: ExperimentConfig, run: RunDir, claim: Claim, table: pa.Table) -> 
     }
     resources: dict[str, float] = {"CPU": g.cpus_per_worker}
     name = f"grpo-{claim.fingerprint}"
-    metrics = fit(worker_loop, cfg, run, stage, name, g, loop_config, resources).metrics
+    metrics = fit(worker_loop, cfg, run, stage, name, g, g.steps, loop_config, resources).metrics
     return {
         "student": cfg.student,
         "model": run.location(stage, layout.MODEL),

@@ -117,7 +117,7 @@ def _train(cfg: ExperimentConfig, run: RunDir, claim: Claim) -> dict[str, Any]:
         "stage": stage,
     }
     name = f"sft-{claim.fingerprint}"
-    final = fit(worker_loop, cfg, run, stage, name, tcfg, loop_config).metrics
+    final = fit(worker_loop, cfg, run, stage, name, tcfg, steps, loop_config).metrics
 
     # The record that stands for each step: a resumed attempt's replaces a killed one's.
     by_step = {}

@@ -1,0 +1,66 @@
+"""The console's progress bars: redrawn in place on a terminal, one line in a file, none when a
+stage runs outside a quiet command."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+
+from w2sr.console import Console, StageFailed, progress
+from w2sr.rundir import RunDir
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def run_stage(run_dir, err: io.StringIO, failing: bool = False) -> None:
+    console = Console(verbose=False)
+    console.open()
+    console.err = err
+    try:
+        stage = console.stage(RunDir(str(run_dir)), "generate", "traces")
+        with stage, progress(40, "requests", "teacher") as bar:
+            for _ in range(40):
+                bar.update(1)
+                if failing and bar.n == 10:
+                    raise ValueError("the engine died")
+    finally:
+        console.close()
+
+
+def test_a_terminal_sees_the_bar_redrawn_with_its_rate_and_time_left(tmp_path):
+    err = Terminal()
+    run_stage(tmp_path, err)
+    shown = err.getvalue()
+    assert shown.count("\r") >= 2  # drawn, then redrawn in place
+    last = shown.split("\r")[-1].splitlines()[0]
+    assert re.fullmatch(r"generate: teacher: 100%\|.+\| 40/40 \[00:00<00:00, .+requests/s\]", last)
+
+
+def test_a_file_gets_the_bar_as_one_line_when_the_work_is_done(tmp_path):
+    err = io.StringIO()
+    run_stage(tmp_path, err)
+    lines = err.getvalue().splitlines()
+    assert "\r" not in err.getvalue()
+    assert lines[0].startswith("generate: started")
+    assert re.fullmatch(r"generate: teacher: 100%\|.+\| 40/40 \[.+requests/s\]", lines[1])
+    assert re.fullmatch(r"generate: done in \d+ s", lines[2])
+
+
+def test_a_failure_shows_its_error_not_where_the_bar_stopped(tmp_path):
+    err = io.StringIO()
+    with pytest.raises(StageFailed):
+        run_stage(tmp_path, err, failing=True)
+    text = err.getvalue()
+    assert "10/40" not in text and "generate: failed after" in text and "the engine died" in text
+
+
+def test_outside_a_quiet_command_there_is_no_bar(capsys):
+    with progress(5, "steps") as bar:
+        bar.update(5)
+    assert bar.disable
+    assert capsys.readouterr() == ("", "")
