@@ -4,9 +4,12 @@ The sweep's end-to-end test reads the status of a live sweep (test_sweep.py)."""
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -17,8 +20,8 @@ from w2sr.cli import main
 from w2sr.config import load_config
 from w2sr.lineage import Lineage
 from w2sr.recipe import EXIT_OK, EXIT_USAGE
-from w2sr.rundir import RunDir
-from w2sr.status import status
+from w2sr.rundir import METRICS, RunDir
+from w2sr.status import StageState, Study, status, time_left
 from w2sr.sweep.config import load_sweep
 from w2sr.sweep.plan import plan
 
@@ -34,8 +37,20 @@ def _sweep_run_dir(tmp_path: Path) -> tuple[RunDir, dict]:
     return run, plan(cfg)[1]
 
 
+def _hold(run: RunDir, stage: str) -> subprocess.Popen[str]:
+    """A process of its own that holds the stage's lease, as a stage's driver does."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from w2sr.rundir import RunDir; "
+         "RunDir(sys.argv[1]).begin(sys.argv[2], 'fp'); print('held', flush=True); "
+         "time.sleep(600)", run.uri, stage],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    return holder
+
+
 def _by_stage(uri: str) -> dict:
-    return {s.stage: s for s in status(uri)}
+    return {s.stage: s for s in status(uri).stages}
 
 
 def test_status_follows_a_stage_from_waiting_to_running_failed_stopped_and_done(tmp_path, capsys):
@@ -58,17 +73,11 @@ def test_status_follows_a_stage_from_waiting_to_running_failed_stopped_and_done(
     assert failed.state == "failed" and failed.detail.startswith("RuntimeError: boom (log: ")
 
     # Run again: a process of its own holds the stage's lease.
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from w2sr.rundir import RunDir; "
-         "RunDir(sys.argv[1]).begin(sys.argv[2], 'fp'); print('held', flush=True); "
-         "time.sleep(600)", run.uri, traces],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    holder = _hold(run, traces)
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         running = _by_stage(run.uri)[traces]
         assert running.state == "running"
-        assert running.detail.startswith("0 shards sealed, for 0m0")
+        assert running.detail.startswith("for 0m0")  # no prompt set yet: no progress
         assert f":{holder.pid}:" in running.detail  # its owner: host, process, claim
 
         assert main(["stop", run.uri, traces]) == EXIT_OK
@@ -90,10 +99,45 @@ def test_status_follows_a_stage_from_waiting_to_running_failed_stopped_and_done(
     assert main(["status", run.uri]) == EXIT_OK
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["STAGE", "COMMAND", "STATE", "DETAIL"]
-    assert len(out) == len(nodes) + 2
-    assert out[-1] == (
+    assert len(out) == len(nodes) + 3
+    assert out[-2] == (
         f"1 of {len(nodes)} stages finished (1 done, 3 ready, {len(nodes) - 4} waiting); "
         "0.010 worker-hours spent"
+    )
+    assert out[-1] == "time left: unknown: no eval, select or train stage has finished yet"
+
+
+def test_a_running_training_stage_says_how_far_it_is_and_about_how_long_it_has_left(tmp_path):
+    run, nodes = _sweep_run_dir(tmp_path)
+    (train, *_) = [key for key, node in nodes.items() if node.command == "train"]
+    records = [{"step": step, "total_steps": 8, "loss": 1.0} for step in (1, 2)]
+    run.write_text("".join(json.dumps(r) + "\n" for r in records), train, METRICS)
+    holder = _hold(run, train)
+    try:
+        time.sleep(1.0)
+        running = _by_stage(run.uri)[train]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert running.state == "running"
+    assert re.match(r"2 of 8 steps, about 0m0\ds left, for 0m0[12]s, by ", running.detail)
+    assert 3 <= running.seconds <= 9  # three times what the two steps took
+
+
+def test_time_left_goes_by_each_commands_finished_stages_and_the_stages_run_at_once():
+    def stage(command: str, state: str, seconds: float | None = None) -> StageState:
+        return StageState(f"{command}/{state}", command, state, "", seconds=seconds)
+
+    stages = [
+        stage("train", "done", 100),
+        stage("train", "done", 300),
+        stage("generate", "done", 9),
+    ]
+    stages += [stage("train", "running", 50), stage("train", "waiting"), stage("select", "skipped")]
+    assert time_left(Study(stages, at_once=2)) == "time left: about 2m05s (2 at once)"  # (50+200)/2
+    stages.append(stage("eval", "ready"))
+    assert (
+        time_left(Study(stages, at_once=2)) == "time left: unknown: no eval stage has finished yet"
     )
 
 
@@ -101,7 +145,7 @@ def test_a_run_dir_is_planned_as_w2sr_run_would_run_its_config(tmp_path):
     run = RunDir(str(tmp_path / "run"))
     cfg = load_config(str(ROOT / "jobs" / "demo.yaml"), [f"run_dir={run.uri}"])
     run.write_text(yaml.safe_dump(cfg.model_dump(mode="json")), layout.CONFIG)
-    states = status(run.uri)
+    states = status(run.uri).stages
     commands = sorted(s.command for s in states)
     assert commands == ["eval"] * 6 + ["generate", "grpo", "select"] + ["train"] * 3
     trained = sorted(s.stage.split("/")[1] for s in states if s.command == "train")

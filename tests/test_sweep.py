@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -290,7 +291,7 @@ def study(tmp_path_factory, tiny_model, s3_bucket):
             alive = proc.poll() is None and time.time() < deadline
             assert alive, "no traces before the kill:\n" + output.read_text()[-3000:]
             if during is None and run.lease(traces) is not None:
-                during = status(run.uri)
+                during = status(run.uri).stages
             time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
@@ -432,19 +433,24 @@ def test_status_shows_every_stage_of_a_live_sweep_and_of_a_finished_one(study):
     states = {s.stage: s for s in during}
     assert set(states) == set(nodes)
     (traces,) = [key for key, node in nodes.items() if node.command == "generate"]
-    assert states[traces].state == "running" and "shards sealed, for " in states[traces].detail
+    assert states[traces].state == "running"
+    assert re.match(r"\d+ of \d+ shards, (about \S+ left, )?for ", states[traces].detail)
     waiting = [s for s in during if s.state == "waiting"]
     assert {s.command for s in waiting} == {"select", "train", "eval"}
     assert all(s.detail.startswith("on ") for s in waiting)
 
     after = status(run.uri)
-    assert {s.stage for s in after} == set(nodes)
-    states = {s.stage: s.state for s in after}
+    assert {s.stage for s in after.stages} == set(nodes)
+    states = {s.stage: s.state for s in after.stages}
     assert {k for k, state in states.items() if state == "skipped"} == {
         k for k in nodes if k.startswith(("students/correct/", "eval/w2sr_p/"))
     }
     assert set(states.values()) == {"done", "skipped"}
-    assert table(after).splitlines()[-1].startswith(f"{len(nodes)} of {len(nodes)} stages finished")
+    shown = table(after).splitlines()
+    assert shown[-2].startswith(f"{len(nodes)} of {len(nodes)} stages finished")
+    assert shown[-1] == "time left: none"
+    evaluated = [s for s in after.stages if s.command == "eval" and s.state == "done"]
+    assert evaluated and all(s.seconds is not None for s in evaluated)  # from the sweep's logs
 
 
 def test_the_report_names_teacher_sizes_as_parameter_counts(tmp_path):

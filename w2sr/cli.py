@@ -211,11 +211,11 @@ def _status(args: argparse.Namespace) -> int:
         if args.command == "stop":
             print(status.stop(args.run_dir, args.stage))
             return EXIT_OK
-        states = status.status(args.run_dir)
+        study = status.status(args.run_dir)
     except ConfigError as error:
         print(f"w2sr: {error}", file=sys.stderr)
         return EXIT_USAGE
-    print(status.as_json(states) if args.json else status.table(states))
+    print(status.as_json(study) if args.json else status.table(study))
     return EXIT_OK
 
 

@@ -10,19 +10,23 @@ three training sets, GRPO when the config asks for it, every model's evaluation)
 from __future__ import annotations
 
 import json
+import re
 import socket
+import statistics
 import time
 from dataclasses import dataclass
 
+import pyarrow.compute as pc
 import yaml
 
 from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig, validate
 from w2sr.evaluation.results import plan_tasks
+from w2sr.lineage import Lineage
 from w2sr.recipe import COMPLETE, DONE, FAILED, SKIPPED
 from w2sr.reporting.tables import columns
 from w2sr.rundir import DONE as DONE_RECORD
-from w2sr.rundir import METRICS, RUN, RunDir
+from w2sr.rundir import RUN, RunDir, last_record
 from w2sr.sweep.config import StudentAxis, SweepConfig, TeacherAxis
 from w2sr.sweep.plan import Cell, Node, graph, plan, readiness
 from w2sr.sweep.runner import failure, start_order, stop_tree
@@ -40,12 +44,21 @@ class StageState:
     state: str  # done, running, failed, ready (its needs are done), waiting, skipped
     detail: str  # time and cost; owner, progress and since when; the error; what it waits on
     worker_seconds: float = 0.0  # spent so far, killed attempts included (stages, not evals)
+    seconds: float | None = None  # done: how long it took; running: about how long it has left
 
 
-def status(uri: str) -> list[StageState]:
+@dataclass
+class Study:
+    """A run dir's stages, and how many of them a sweep runs at once (a run: one)."""
+
+    stages: list[StageState]
+    at_once: int
+
+
+def status(uri: str) -> Study:
     """Every stage of the run dir's run or sweep, in the order a sweep would start them."""
     run = RunDir(uri, create=False)
-    nodes = _nodes(run, uri)
+    nodes, at_once = _nodes(run, uri)
     ready = readiness(nodes, run)
     states: dict[str, StageState] = {}
     for key in start_order(nodes):
@@ -56,18 +69,19 @@ def status(uri: str) -> list[StageState]:
             states[key] = StageState(key, node.command, SKIPPED, reason or "")
         else:
             states[key] = _pending(run, node, nodes, ready)
-    return list(states.values())
+    return Study(list(states.values()), at_once)
 
 
-def table(states: list[StageState]) -> str:
-    """`status` for people: a line per stage, then the study's progress."""
+def table(study: Study) -> str:
+    """`status` for people: a line per stage, then the study's progress and time left."""
     rows = [("STAGE", "COMMAND", "STATE", "DETAIL")]
-    rows += [(s.stage, s.command, s.state, s.detail) for s in states]
-    return "\n".join([*columns(rows), progress(states)])
+    rows += [(s.stage, s.command, s.state, s.detail) for s in study.stages]
+    return "\n".join([*columns(rows), progress(study), time_left(study)])
 
 
-def progress(states: list[StageState]) -> str:
+def progress(study: Study) -> str:
     """How many stages are in each state, and the worker-hours spent so far."""
+    states = study.stages
     counts = dict.fromkeys(STATES, 0)
     for s in states:
         counts[s.state] += 1
@@ -77,21 +91,51 @@ def progress(states: list[StageState]) -> str:
     return f"{finished} of {len(states)} stages finished ({parts}); {spent:.3f} worker-hours spent"
 
 
-def as_json(states: list[StageState]) -> str:
-    return json.dumps([vars(s) for s in states], indent=2)
+def time_left(study: Study) -> str:
+    """About how long the unfinished stages take: a running stage's own estimate, any other the
+    median time of the finished stages of its command in this run dir, spread over the stages
+    that run at once. Unknown while a command has no finished stage to go by."""
+    took: dict[str, list[float]] = {}
+    for s in study.stages:
+        if s.state == DONE and s.seconds is not None:
+            took.setdefault(s.command, []).append(s.seconds)
+    left, unknown = 0.0, set()
+    for s in study.stages:
+        if s.state in (DONE, SKIPPED):
+            continue
+        guess = s.seconds if s.state == RUNNING else None
+        if guess is None and s.command in took:
+            guess = statistics.median(took[s.command])
+        if guess is None:
+            unknown.add(s.command)
+        else:
+            left += guess
+    if unknown:
+        names = sorted(unknown)
+        listed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+        return f"time left: unknown: no {listed} stage has finished yet"
+    if not left:
+        return "time left: none"
+    return f"time left: about {_duration(left / study.at_once)} ({study.at_once} at once)"
 
 
-def _nodes(run: RunDir, uri: str) -> dict[str, Node]:
+def as_json(study: Study) -> str:
+    return json.dumps([vars(s) for s in study.stages], indent=2)
+
+
+def _nodes(run: RunDir, uri: str) -> tuple[dict[str, Node], int]:
+    """The run dir's stages, and how many of them run at once."""
     if run.exists(*layout.SWEEP_CONFIG):
         data = yaml.safe_load(run.read_text(*layout.SWEEP_CONFIG))
-        return plan(SweepConfig.model_validate({**data, "run_dir": uri}))[1]
+        sweep = SweepConfig.model_validate({**data, "run_dir": uri})
+        return plan(sweep)[1], sweep.max_concurrent_stages
     if not run.exists(layout.CONFIG):
         raise ConfigError(
             f"{uri}: no {layout.CONFIG} or {'/'.join(layout.SWEEP_CONFIG)}; not a run directory "
             "a w2sr command has written to"
         )
     cfg = validate({**yaml.safe_load(run.read_text(layout.CONFIG)), "run_dir": uri})
-    return graph(_run_cells(cfg))
+    return graph(_run_cells(cfg)), 1
 
 
 def _run_cells(cfg: ExperimentConfig) -> list[Cell]:
@@ -114,12 +158,22 @@ def _run_cells(cfg: ExperimentConfig) -> list[Cell]:
 
 
 def _done(run: RunDir, node: Node) -> StageState:
-    if node.command == "eval":
-        return StageState(node.key, node.command, DONE, f"{node.label}: every result written")
+    if node.command == "eval":  # how long it took, when a sweep ran it: its console's last line
+        ended = re.findall(r": done in (\d+) s$", _sweep_log(run, node), re.M)
+        seconds = float(ended[-1]) if ended else None
+        detail = f"{_duration(seconds)}, " if seconds is not None else ""
+        detail += f"{node.label}: every result written"
+        return StageState(node.key, node.command, DONE, detail, seconds=seconds)
     record = run.read_json(node.key, DONE_RECORD)
     wall, spent = record.get("wall_seconds"), record.get("worker_seconds", 0.0)
     took = f"{_duration(wall)}, " if wall is not None else ""
-    return StageState(node.key, node.command, DONE, f"{took}{spent / 3600:.3f} worker-hours", spent)
+    detail = f"{took}{spent / 3600:.3f} worker-hours"
+    return StageState(node.key, node.command, DONE, detail, spent, wall)
+
+
+def _sweep_log(run: RunDir, node: Node) -> str:
+    parts = layout.sweep_log(node.key)
+    return run.read_text(*parts) if run.exists(*parts) else ""
 
 
 def _pending(
@@ -131,8 +185,12 @@ def _pending(
     lease = run.lease(_lease_folder(node))
     if lease is not None:
         since = time.time() - lease.get("since", lease["heartbeat"])
-        detail = f"{_progress(run, node)}for {_duration(since)}, by {lease['owner']}"
-        return StageState(node.key, node.command, RUNNING, detail, spent)
+        done, total, what = _progress(run, node)
+        left = since * (total - done) / done if done and total else None
+        shown = f"{done} of {total} {what}, " if total else ""
+        shown += f"about {_duration(left)} left, " if left is not None else ""
+        detail = f"{shown}for {_duration(since)}, by {lease['owner']}"
+        return StageState(node.key, node.command, RUNNING, detail, spent, left)
     if run.exists(*layout.sweep_log(node.key)):  # a sweep ran it, and it did not finish
         log_path = run.path(*layout.sweep_log(node.key))
         error = failure(run.read_text(*layout.sweep_log(node.key))).splitlines()
@@ -150,21 +208,24 @@ def _lease_folder(node: Node) -> str:
     return layout.eval_folder(node.label) if node.label else node.key
 
 
-def _progress(run: RunDir, node: Node) -> str:
-    """How far a running stage is, from what it has written: ""  when that says nothing."""
+def _progress(run: RunDir, node: Node) -> tuple[int, int, str]:
+    """How far a running stage is, from what it has written: (done, out of, what); out of 0
+    when what it wrote says nothing yet."""
     cfg = node.config
-    if node.command in ("train", "grpo") and run.exists(node.key, METRICS):
-        lines = run.read_text(node.key, METRICS).splitlines()
-        step = json.loads(lines[-1])["step"] if lines else 0
-        total = cfg.grpo.steps if node.command == "grpo" and cfg.grpo else cfg.train.max_steps
-        return f"step {step}{f' of {total}' if total else ''}, "
+    if node.command in ("train", "grpo"):
+        record = last_record(run, node.key)
+        return record.get("step", 0), record.get("total_steps", 0), "steps"
     if node.command == "generate":
-        return f"{len(run.list(node.key, suffix='.parquet'))} shards sealed, "
+        prompts = run.path(Lineage(cfg).prompts.folder, layout.PROMPT_SET)
+        if not run.fs.get_file_info(prompts).is_file:
+            return 0, 0, "shards"
+        shards = run.read_parquet(Lineage(cfg).prompts.folder, layout.PROMPT_SET, columns=["shard"])
+        total = pc.count_distinct(shards["shard"]).as_py()
+        return len(run.list(node.key, suffix=".parquet")), total, "shards"
     if node.command == "eval" and node.label:
         tasks, _ = plan_tasks(cfg, labels=(node.label,))
-        written = sum(run.exists(*task.file) for task in tasks)
-        return f"{written} of {len(tasks)} results, "
-    return ""
+        return sum(run.exists(*task.file) for task in tasks), len(tasks), "results"
+    return 0, 0, ""
 
 
 def _duration(seconds: float) -> str:
@@ -177,7 +238,7 @@ def stop(uri: str, stage: str) -> str:
     """Stop the process holding `stage`'s lease, when it runs on this machine; what it wrote
     stays for the next run to resume."""
     run = RunDir(uri, create=False)
-    nodes = _nodes(run, uri)
+    nodes, _ = _nodes(run, uri)
     if stage not in nodes:
         raise ConfigError(f"{stage}: not a stage of {uri} (`w2sr status {uri}` lists them)")
     lease = run.lease(_lease_folder(nodes[stage]))

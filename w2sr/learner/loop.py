@@ -80,6 +80,7 @@ class StepLoop:
             }
             record = {
                 "step": index + 1,
+                "total_steps": self.steps,
                 **metrics,
                 "worker_seconds": self.state["worker_seconds"],  # the stage's cost so far
                 "time": now,
