@@ -4,7 +4,9 @@ The sweep's end-to-end test reads the status of a live sweep (test_sweep.py)."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import re
 import signal
 import subprocess
@@ -21,7 +23,7 @@ from w2sr.config import load_config
 from w2sr.lineage import Lineage
 from w2sr.recipe import EXIT_OK, EXIT_USAGE
 from w2sr.rundir import METRICS, RunDir
-from w2sr.status import StageState, Study, status, time_left
+from w2sr.status import StageState, Study, live, status, table, time_left
 from w2sr.sweep.config import load_sweep
 from w2sr.sweep.plan import plan
 
@@ -159,3 +161,55 @@ def test_status_of_a_folder_that_is_no_run_dir_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a run directory" in err[0]
     assert main(["stop", str(tmp_path), "traces/0"]) == EXIT_USAGE
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def screen(written: str) -> list[str]:
+    """What a terminal shows after `written`: its lines, each `ESC[nF ESC[J` (up n lines,
+    clear below) taking the last n away."""
+    lines: list[str] = []
+    for i, part in enumerate(re.split(r"\x1b\[(\d+)F\x1b\[J", written)):
+        if i % 2:
+            del lines[len(lines) - int(part) :]
+        else:
+            lines += part.splitlines()
+    return lines
+
+
+def test_a_sweep_on_a_terminal_sees_the_table_redrawn_and_its_log_above_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("LINES", "100")
+    monkeypatch.setenv("COLUMNS", "400")
+    run, nodes = _sweep_run_dir(tmp_path)
+    terminal = Terminal()
+    with live(run.uri, terminal):
+        logging.getLogger("w2sr.sweep.runner").warning("started generate traces/x")
+        (traces,) = [key for key, node in nodes.items() if node.command == "generate"]
+        fingerprint = Lineage(nodes[traces].config).traces.fingerprint
+        run.mark_done(traces, fingerprint, wall_seconds=65.2, worker_seconds=36.0)
+    written = terminal.getvalue()
+    assert written.count("STAGE") >= 3  # drawn, drawn again below the record, and at the end
+    shown = screen(written)
+    assert shown[0].endswith("WARNING w2sr.sweep.runner: started generate traces/x")
+    assert shown[1:] == table(status(run.uri)).splitlines()  # the final table, once
+    assert "1 of" in shown[-2]
+
+
+def test_a_table_too_long_for_the_terminal_leaves_finished_stages_out_first(tmp_path):
+    run, nodes = _sweep_run_dir(tmp_path)
+    (traces,) = [key for key, node in nodes.items() if node.command == "generate"]
+    run.mark_done(traces, Lineage(nodes[traces].config).traces.fingerprint, wall_seconds=1.0)
+    lines = table(status(run.uri), room=8).splitlines()
+    assert len(lines) == 8 and traces not in "\n".join(lines)
+    assert lines[-3] == f"... and {len(nodes) - 4} more stages (`w2sr status` lists them all)"
+
+
+def test_live_on_anything_but_a_terminal_writes_nothing(tmp_path):
+    run, _ = _sweep_run_dir(tmp_path)
+    written = io.StringIO()
+    with live(run.uri, written):
+        pass
+    assert written.getvalue() == ""

@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from w2sr.status import live
     from w2sr.sweep.config import load_sweep
     from w2sr.sweep.job import describe_plan, plan_table, sweep
 
@@ -199,7 +200,8 @@ def _sweep(args: argparse.Namespace) -> int:
         described = describe_plan(cfg)
         print(json.dumps(described, indent=2) if args.json else plan_table(described))
         return EXIT_OK
-    result = sweep(cfg)
+    with live(cfg.run_dir, sys.stderr):  # on a terminal, the status table while it runs
+        result = sweep(cfg)
     print(json.dumps(result, indent=2, default=str))
     return EXIT_FAILED if result["failed"] or result["blocked"] else EXIT_OK
 

@@ -9,12 +9,19 @@ three training sets, GRPO when the config asks for it, every model's evaluation)
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
+import shutil
 import socket
 import statistics
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO
 
 import pyarrow.compute as pc
 import yaml
@@ -33,6 +40,7 @@ from w2sr.sweep.runner import failure, start_order, stop_tree
 
 RUNNING, READY, WAITING = "running", "ready", "waiting"
 STATES = (DONE, RUNNING, FAILED, READY, WAITING, SKIPPED)
+REDRAW_S = 2.0  # at least; five times what reading the run dir took, when that is longer
 
 
 @dataclass
@@ -72,11 +80,17 @@ def status(uri: str) -> Study:
     return Study(list(states.values()), at_once)
 
 
-def table(study: Study) -> str:
-    """`status` for people: a line per stage, then the study's progress and time left."""
+def table(study: Study, room: int | None = None) -> str:
+    """`status` for people: a line per stage, then the study's progress and time left. In `room`
+    lines, the unfinished stages first: finished ones are left out, and counted."""
+    shown = study.stages
+    if room is not None and len(shown) + 3 > room:
+        shown = [s for s in shown if s.state not in (DONE, SKIPPED)][: max(1, room - 4)]
     rows = [("STAGE", "COMMAND", "STATE", "DETAIL")]
-    rows += [(s.stage, s.command, s.state, s.detail) for s in study.stages]
-    return "\n".join([*columns(rows), progress(study), time_left(study)])
+    rows += [(s.stage, s.command, s.state, s.detail) for s in shown]
+    hidden = len(study.stages) - len(shown)
+    note = [f"... and {hidden} more stages (`w2sr status` lists them all)"] if hidden else []
+    return "\n".join([*columns(rows), *note, progress(study), time_left(study)])
 
 
 def progress(study: Study) -> str:
@@ -121,6 +135,83 @@ def time_left(study: Study) -> str:
 
 def as_json(study: Study) -> str:
     return json.dumps([vars(s) for s in study.stages], indent=2)
+
+
+@contextlib.contextmanager
+def live(uri: str, terminal: IO[str]) -> Iterator[None]:
+    """The status table of `uri`, redrawn in place on `terminal` while the block runs (a sweep),
+    with log records printed above it; on anything but a terminal, nothing: the log says it."""
+    if not terminal.isatty():
+        yield
+        return
+    view = _Live(uri, terminal)
+    handlers = logging.getLogger().handlers
+    console = [h for h in handlers if getattr(h, "stream", None) in (terminal, sys.stderr)]
+    for handler in console:  # records go above the table instead
+        logging.getLogger().removeHandler(handler)
+    logging.getLogger().addHandler(view)
+    ended = threading.Event()
+
+    took = view.draw()
+
+    def redraw() -> None:
+        last = took
+        while not ended.wait(max(REDRAW_S, 5 * last)):
+            last = view.draw()
+
+    thread = threading.Thread(target=redraw, name="w2sr-status", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        ended.set()
+        thread.join()
+        view.draw()
+        logging.getLogger().removeHandler(view)
+        for handler in console:
+            logging.getLogger().addHandler(handler)
+
+
+class _Live(logging.Handler):
+    """The table on the terminal, and the log records that go above it."""
+
+    def __init__(self, uri: str, terminal: IO[str]):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.uri, self.terminal = uri, terminal
+        self.text, self.shown = "", 0  # what is drawn, and its lines
+        self.drawing = threading.Lock()
+
+    def draw(self) -> float:
+        """Read the run dir and draw its table; returns the seconds that took."""
+        start = time.time()
+        try:
+            study = status(self.uri)
+        except ConfigError:  # no sweep.yaml yet
+            return time.time() - start
+        width, height = shutil.get_terminal_size()
+        lines = table(study, room=height - 2).splitlines()
+        with self.drawing:
+            self.text = "\n".join(line[: width - 1] for line in lines) + "\n"  # no line wraps
+            self._erase()
+            self._show()
+        return time.time() - start
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self.drawing:
+            self._erase()
+            self.terminal.write(self.format(record) + "\n")
+            self._show()
+
+    def _erase(self) -> None:
+        if self.shown:  # to the first line of the table, and everything below it cleared
+            self.terminal.write(f"\x1b[{self.shown}F\x1b[J")
+        self.shown = 0
+
+    def _show(self) -> None:
+        self.terminal.write(self.text)
+        self.terminal.flush()
+        self.shown = self.text.count("\n")
 
 
 def _nodes(run: RunDir, uri: str) -> tuple[dict[str, Node], int]:
