@@ -35,7 +35,7 @@ from w2sr.recipe import (
     sections,
     skip_reason,
 )
-from w2sr.rundir import LeaseHeld, LeaseLost, RunDir
+from w2sr.rundir import LeaseHeld, LeaseLost, RunDir, first_writes
 from w2sr.session import check_local_resources
 
 
@@ -217,6 +217,10 @@ def _status(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"w2sr: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as error:  # it only reads the run dir
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        print(f"w2sr: {args.run_dir} cannot be read: {first}", file=sys.stderr)
+        return EXIT_USAGE
     print(status.as_json(study) if args.json else status.table(study))
     return EXIT_OK
 
@@ -297,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             for key in models(args.command):
                 if spec := getattr(cfg, key):
                     ModelSpec.parse(spec).check(key)
-        _record(cfg)
+        with first_writes(cfg.run_dir):
+            _record(cfg)
         if args.command == "run":
             result = _run(cfg, args, console)
         else:

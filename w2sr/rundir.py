@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from w2sr.strict import ConfigError
+
 DONE = "_DONE.json"  # a finished stage's record: its fingerprint and counts
 RUN = "_RUN.json"  # the fingerprint of the config a stage's unfinished work belongs to
 METRICS = "metrics.jsonl"  # a training stage's per-step records
@@ -35,6 +37,22 @@ LEASE_SETTLE_S = 0.5
 LEASE_POLL_S = 1.0  # how often a claimant that waits for a held folder looks again
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def first_writes(uri: str) -> Iterator[None]:
+    """Around a command's first writes into its run dir, before any work: a run dir that cannot
+    be written (no such bucket, no credentials, no permission, a file in its way) is one line
+    naming `run_dir`, not a traceback from deep in a stage."""
+    try:
+        yield
+    except OSError as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(
+            f"run_dir: {uri} cannot be written: {first}; check the path and that this machine may "
+            "write there (for an object store: the bucket, AWS_ENDPOINT_URL, and credentials in "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or the machine's role)"
+        ) from error
 
 
 class RunDir:

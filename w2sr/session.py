@@ -8,6 +8,8 @@ from typing import Any
 
 from w2sr.config import ConfigError, ExperimentConfig
 
+CONNECT_TIMEOUT_S = 10.0  # for a cluster's address to answer
+
 
 def init_ray(cfg: ExperimentConfig) -> None:
     """Join the configured cluster (or the one `ray job submit` runs in), else start a local one.
@@ -22,9 +24,35 @@ def init_ray(cfg: ExperimentConfig) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"DS_ACCELERATOR": "cpu"}} if not cfg.use_gpu else None
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        key = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
+        check_reachable(address, key)
+        try:
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
+        except ConnectionError as error:  # something answered, but no Ray cluster
+            raise _unreachable(key, address, str(error)) from error
     else:
         start_local(cfg.ray.num_cpus, runtime_env=env)
+
+
+def check_reachable(address: str, key: str) -> None:
+    """`ray.init` retries an address where nothing answers for minutes, logging as it goes; a
+    connection to its port says so in seconds, as one line naming the key."""
+    where = address.removeprefix("ray://")
+    host, _, port = where.rpartition(":")
+    if address in ("auto", "local") or not port.isdigit():
+        return  # Ray finds these itself, or says what is wrong with them
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise _unreachable(key, address, error.strerror or str(error)) from error
+
+
+def _unreachable(key: str, address: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"{key}: no Ray cluster answers at {address} ({why}); start one (`ray start --head`) or "
+        "correct the address, or leave ray.address and RAY_ADDRESS unset for a session on this "
+        "machine"
+    )
 
 
 def start_local(

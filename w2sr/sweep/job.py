@@ -32,7 +32,7 @@ from w2sr.gc import record
 from w2sr.recipe import COMPLETE, SKIPPED, TO_RUN, sections
 from w2sr.reporting.results import load_results
 from w2sr.reporting.tables import columns
-from w2sr.rundir import RunDir
+from w2sr.rundir import RunDir, first_writes
 from w2sr.session import check_local_resources
 from w2sr.sweep.config import SweepConfig
 from w2sr.sweep.plan import Cell, Node, plan, readiness
@@ -86,10 +86,11 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
     if not (cells[0].config.ray.address or os.environ.get("RAY_ADDRESS")):
         for node in nodes.values():  # a local session cannot grow: fail before Ray starts
             check_local_resources(node.config, sections(node.command))
-    run = RunDir(cfg.run_dir)
-    run.write_text(
-        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), *layout.SWEEP_CONFIG
-    )
+    with first_writes(cfg.run_dir):
+        run = RunDir(cfg.run_dir)
+        run.write_text(
+            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), *layout.SWEEP_CONFIG
+        )
     write_lineage(run, cells)
     started = time.time()
     outcomes = run_graph(nodes, run, cfg.max_concurrent_stages, cfg.stage_timeout_s)

@@ -48,7 +48,7 @@ from w2sr.recipe import (
     sections,
 )
 from w2sr.rundir import LEASE_TTL_S, RunDir
-from w2sr.session import resource_request, start_local
+from w2sr.session import check_reachable, resource_request, start_local
 from w2sr.sweep.plan import Node, readiness, skip_reason
 
 log = logging.getLogger(__name__)
@@ -336,6 +336,7 @@ def _cluster(nodes: dict[str, Node]) -> tuple[str | None, float | None]:
     cfg = next(iter(nodes.values())).config
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_reachable(address, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
         return address, None
     import ray
 
