@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +67,20 @@ def test_outside_a_quiet_command_there_is_no_bar(capsys):
         bar.update(5)
     assert bar.disable
     assert capsys.readouterr() == ("", "")
+
+
+def test_a_command_called_in_process_closes_the_streams_it_opened(tmp_path):
+    """As a notebook or a test calls `main`: the console's copies of the terminal are closed
+    by the console, not left to the garbage collector (which warns of each in development mode)."""
+    (tmp_path / "file").write_text("in the way")
+    demo = Path(__file__).parents[1] / "jobs" / "demo.yaml"
+    code = (
+        "import gc; from w2sr.cli import main; "
+        f"[main(['select', {str(demo)!r}, 'run_dir={tmp_path}/file/run']) for _ in range(3)]; "
+        "gc.collect()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert done.stderr.count("w2sr: run_dir:") == 3
+    assert "ResourceWarning" not in done.stderr, done.stderr

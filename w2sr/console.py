@@ -54,6 +54,7 @@ class Console:
         self._handler: logging.Handler | None = None
         self._ray_was_up = False
         self._stage: str | None = None  # the stage running now, which names its progress bars
+        self._copies: list[IO[str]] = []  # the streams `open` made, closed by `close`
 
     def open(self) -> None:
         global _open
@@ -61,6 +62,7 @@ class Console:
             return
         _open = self
         self.out, self.err = _lasting(sys.stdout, 1), _lasting(sys.stderr, 2)
+        self._copies = [s for s in (self.out, self.err) if s not in (sys.stdout, sys.stderr)]
         self._handler = logging.StreamHandler(self.err)
         self._handler.setLevel(logging.WARNING)
         self._handler.addFilter(lambda record: record.name.split(".")[0] == "w2sr")
@@ -110,7 +112,7 @@ class Console:
 
     def close(self) -> None:
         """Shut down a Ray session this command started (its output still goes to the log), then
-        give the descriptors back."""
+        give the descriptors back; the console is the process's streams again."""
         global _open
         if self.verbose:
             return
@@ -129,6 +131,10 @@ class Console:
             logging.getLogger().removeHandler(self._handler)
         for stream in (self.out, self.err):
             stream.flush()
+        for copy in self._copies:  # the originals are back
+            copy.close()
+        self._copies = []
+        self.out, self.err = sys.stdout, sys.stderr
 
     def _point_at(self, run: RunDir, name: str) -> str:
         """Descriptors 1 and 2 to the stage's log file (appended: a rerun adds its attempt);
