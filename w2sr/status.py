@@ -82,10 +82,12 @@ def status(uri: str) -> Study:
 
 def table(study: Study, room: int | None = None) -> str:
     """`status` for people: a line per stage, then the study's progress and time left. In `room`
-    lines, the unfinished stages first: finished ones are left out, and counted."""
+    lines: finished stages are left out first, then waiting ones, and counted."""
     shown = study.stages
     if room is not None and len(shown) + 3 > room:
-        shown = [s for s in shown if s.state not in (DONE, SKIPPED)][: max(1, room - 4)]
+        unfinished = [s for s in shown if s.state not in (DONE, SKIPPED)]
+        unfinished.sort(key=lambda s: STATES.index(s.state))  # running and failed first
+        shown = unfinished[: max(1, room - 4)]
     rows = [("STAGE", "COMMAND", "STATE", "DETAIL")]
     rows += [(s.stage, s.command, s.state, s.detail) for s in shown]
     hidden = len(study.stages) - len(shown)
