@@ -8,9 +8,8 @@ and what C extensions write) at a log file per stage in the run dir, `logs/<stag
 run dir in object storage, a local file copied there whenever its stage ends), and keeps the
 console for a line at each stage's start and end, a progress bar of its work (`progress`), w2sr's
 warnings and errors, the result, and for a stage that fails its error, its log file and the log's
-last lines. The descriptors stay on
-the last stage's log until the command ends, so that what Ray prints while it shuts down lands
-there too.
+last lines. The descriptors stay on the last stage's log until the command ends, so that what Ray
+prints while it shuts down lands there too.
 """
 
 from __future__ import annotations
