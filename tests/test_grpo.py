@@ -531,7 +531,24 @@ def test_synced_engine_computes_with_the_sent_weights(killed_run, answerer):
 
         return rollout_engine.llm.collective_rpc(read, args=(names,))[0]
 
+    def reload_warnings(rollout_engine, start: bool) -> list[str]:
+        """What vLLM's reload logs at WARNING in the engine's process, from `start` on."""
+        import logging
+
+        from w2sr.engines.weight_sync import RELOAD_LOG
+
+        log = logging.getLogger(RELOAD_LOG)
+        found = [h for h in log.handlers if hasattr(h, "seen")]
+        if start:
+            kept = logging.Handler(logging.WARNING)
+            kept.seen = []  # type: ignore[attr-defined]
+            kept.emit = lambda record: kept.seen.append(record.getMessage())  # type: ignore
+            log.addHandler(kept)
+            return []
+        return found[0].seen
+
     actor = rollout_actor(answerer, cfg.grpo.engine, use_gpu=False, trust_remote_code=False, seed=0)
+    ray.get(actor.__ray_call__.remote(reload_warnings, True))
     try:
         for transport, weights, folder in (
             ("object_store", learned, exported),
@@ -560,6 +577,8 @@ def test_synced_engine_computes_with_the_sent_weights(killed_run, answerer):
                         torch.tensor([ids]), max_new_tokens=12, do_sample=False
                     )
                 assert out[0]["token_ids"] == expected[0, len(ids) :].tolist(), transport
+        # The tied head and the rotary tables get no weight by design: no warning says they failed
+        assert ray.get(actor.__ray_call__.remote(reload_warnings, False)) == []
     finally:
         ray.kill(actor)
 

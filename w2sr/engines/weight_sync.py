@@ -16,7 +16,9 @@ The engine side is `WeightSyncExtension`: vLLM imports it by its dotted path
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import secrets
 import socket
 from collections.abc import Iterator
@@ -24,6 +26,22 @@ from typing import Any
 
 EXTENSION = "w2sr.engines.weight_sync.WeightSyncExtension"
 GROUP_TIMEOUT = datetime.timedelta(minutes=10)
+RELOAD_LOG = "vllm.model_executor.model_loader.reload.layerwise"  # vLLM's reload's logger
+
+
+class ExpectedUnloaded(logging.Filter):
+    """vLLM warns "<layer>: Failed to load weights" for each layer a reload gave no weight to.
+    Two never get one, by design: rotary embeddings (their tables are computed) and, in a model
+    with tied embeddings, the output head (its weight is the embedding's, reloaded as such).
+    Those warnings, one per layer per step of GRPO, are dropped; any other layer's stays."""
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.expected = {"RotaryEmbedding", *(("ParallelLMHead",) if tied else ())}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        layer, _, what = record.getMessage().partition(": ")
+        return not (what == "Failed to load weights" and layer in self.expected)
 
 
 def transport(configured: str, *, use_gpu: bool, colocated: bool) -> str:
@@ -63,7 +81,8 @@ class WeightSyncExtension:
     def w2sr_load_folder(self, folder: str) -> None:
         """Load another model of the engine's architecture in place, from its folder (vLLM reads
         the weights as it reads a model's at start-up)."""
-        self.model_runner.reload_weights(weights_path=folder)
+        with self._w2sr_expected_unloaded():
+            self.model_runner.reload_weights(weights_path=folder)
         self._w2sr_repack_tied_head()
 
     def w2sr_join_weight_group(
@@ -93,17 +112,28 @@ class WeightSyncExtension:
     def _w2sr_reload(self, weights: Iterator) -> None:
         """`reload_weights` rather than the model's `load_weights`: the CPU worker repacks weights
         after loading, and a second `load_weights` on repacked parameters fails."""
-        self.model_runner.reload_weights(weights_iterator=weights)
+        with self._w2sr_expected_unloaded():
+            self.model_runner.reload_weights(weights_iterator=weights)
         self._w2sr_repack_tied_head()
+
+    def _w2sr_tied(self) -> bool:
+        return getattr(self.model_runner.model_config.hf_config, "tie_word_embeddings", False)
+
+    @contextlib.contextmanager
+    def _w2sr_expected_unloaded(self) -> Iterator[None]:
+        quiet, log = ExpectedUnloaded(self._w2sr_tied()), logging.getLogger(RELOAD_LOG)
+        log.addFilter(quiet)
+        try:
+            yield
+        finally:
+            log.removeFilter(quiet)
 
     def _w2sr_repack_tied_head(self) -> None:
         """A tied output head shares the embedding's weight, but no weight is loaded into it, so
         vLLM does not re-run its processing: on CPU it would keep computing logits from a packed
         copy of the old embedding."""
-        model = self.model_runner.get_model()
-        head = getattr(model, "lm_head", None)
-        tied = getattr(self.model_runner.model_config.hf_config, "tie_word_embeddings", False)
-        if tied and head is not None and hasattr(head, "quant_method"):
+        head = getattr(self.model_runner.get_model(), "lm_head", None)
+        if self._w2sr_tied() and head is not None and hasattr(head, "quant_method"):
             head.quant_method.process_weights_after_loading(head)
 
 
