@@ -564,6 +564,7 @@ def test_a_failing_stage_shows_its_error_and_the_end_of_its_log(tmp_path, ray_se
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{}")
+    (broken / "tokenizer_config.json").write_text("{}")
     data = experiment(tmp_path, str(broken))
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(data))

@@ -246,8 +246,8 @@ def test_a_second_publisher_of_a_builtin_deletes_nothing_the_first_wrote(
 
 
 def test_a_model_that_cannot_be_had_here_is_one_line_naming_its_key(tmp_path, monkeypatch, capsys):
-    """Before Ray starts: a hub id out of the local cache while the hub is offline, and a folder
-    that is no model folder; a hub id in the cache passes."""
+    """Before Ray starts: a hub id out of the local cache while the hub is offline, a folder
+    that is no model folder, one without a tokenizer; a hub id in the cache passes."""
     from huggingface_hub import constants
 
     from w2sr.cli import main
@@ -269,6 +269,10 @@ def test_a_model_that_cannot_be_had_here_is_one_line_naming_its_key(tmp_path, mo
         capsys.readouterr().err
         == f"w2sr: student: model folder {tmp_path / 'empty'} has no config.json\n"
     )
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    assert main(["train", str(demo), run_dir, f"student={tmp_path / 'empty'}"]) == EXIT_USAGE
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"w2sr: student: model folder {tmp_path / 'empty'} has no tokenizer (")
 
     from w2sr.models import ModelSpec
 

@@ -37,6 +37,8 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# A model folder holds its tokenizer in one of these (transformers' fast, slow and BPE files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # A reasoning model's template, as Qwen3's and DeepSeek-R1-Distill's: the answer opens with a
 # prefilled `<think>` unless `enable_thinking` is false.
 THINKING_TEMPLATE = CHATML_TEMPLATE.replace(
@@ -231,6 +233,12 @@ class ModelSpec:
             if not (folder / "config.json").exists():
                 what = "does not exist" if not folder.exists() else "has no config.json"
                 raise ConfigError(f"{key}: model folder {self.text} {what}")
+            if not any((folder / name).exists() for name in TOKENIZER_FILES):
+                files = ", ".join(TOKENIZER_FILES)
+                raise ConfigError(
+                    f"{key}: model folder {self.text} has no tokenizer ({files}); save the "
+                    "model's tokenizer beside it (`tokenizer.save_pretrained(folder)`)"
+                )
         if self.kind != "hub":
             return
         from huggingface_hub import constants, try_to_load_from_cache
