@@ -4,9 +4,10 @@ The sweep's end-to-end test reads the status of a live sweep (test_sweep.py)."""
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
-import logging
+import os
+import pty
 import re
 import signal
 import subprocess
@@ -163,16 +164,11 @@ def test_status_of_a_folder_that_is_no_run_dir_is_one_line(tmp_path, capsys):
     assert main(["stop", str(tmp_path), "traces/0"]) == EXIT_USAGE
 
 
-class Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
 def screen(written: str) -> list[str]:
     """What a terminal shows after `written`: its lines, each `ESC[nF ESC[J` (up n lines,
     clear below) taking the last n away."""
     lines: list[str] = []
-    for i, part in enumerate(re.split(r"\x1b\[(\d+)F\x1b\[J", written)):
+    for i, part in enumerate(re.split(r"\x1b\[(\d+)F\x1b\[J", written.replace("\r\n", "\n"))):
         if i % 2:
             del lines[len(lines) - int(part) :]
         else:
@@ -180,22 +176,37 @@ def screen(written: str) -> list[str]:
     return lines
 
 
-def test_a_sweep_on_a_terminal_sees_the_table_redrawn_and_its_log_above_it(tmp_path, monkeypatch):
+def test_a_sweep_on_a_terminal_sees_the_table_redrawn_and_other_output_above_it(
+    tmp_path, monkeypatch
+):
+    """On a pseudo-terminal: what others write to it while the table is up (Ray's lines, the
+    log) goes above the table, which stays whole and ends as the run dir's final table."""
     monkeypatch.setenv("LINES", "100")
     monkeypatch.setenv("COLUMNS", "400")
     run, nodes = _sweep_run_dir(tmp_path)
-    terminal = Terminal()
-    with live(run.uri, terminal):
-        logging.getLogger("w2sr.sweep.runner").warning("started generate traces/x")
-        (traces,) = [key for key, node in nodes.items() if node.command == "generate"]
-        fingerprint = Lineage(nodes[traces].config).traces.fingerprint
-        run.mark_done(traces, fingerprint, wall_seconds=65.2, worker_seconds=36.0)
-    written = terminal.getvalue()
-    assert written.count("STAGE") >= 3  # drawn, drawn again below the record, and at the end
-    shown = screen(written)
-    assert shown[0].endswith("WARNING w2sr.sweep.runner: started generate traces/x")
-    assert shown[1:] == table(status(run.uri)).splitlines()  # the final table, once
-    assert "1 of" in shown[-2]
+    (traces,) = [key for key, node in nodes.items() if node.command == "generate"]
+    terminal, err = pty.openpty()
+    out = os.dup(err)  # as a sweep's descriptors 2 and 1 are, both the terminal
+    os.set_blocking(terminal, False)
+    shown = b""
+    with live(run.uri, (err, out)):
+        os.write(out, b"a line Ray forwarded\n")  # both are a pipe now
+        run.mark_done(traces, Lineage(nodes[traces].config).traces.fingerprint, wall_seconds=6.0)
+        time.sleep(0.2)
+        os.write(err, b"2026-12-06 INFO w2sr.sweep.runner: finished\n")
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(terminal, 65536):
+            shown += chunk
+    for fd in (terminal, err, out):
+        os.close(fd)
+    written = shown.decode()
+    assert written.count("STAGE") >= 3  # drawn, drawn again below each line, and at the end
+    assert screen(written) == [
+        "a line Ray forwarded",
+        "2026-12-06 INFO w2sr.sweep.runner: finished",
+        *table(status(run.uri)).splitlines(),  # the final table, once: traces done
+    ]
+    assert f"{traces}" in written and "1 of" in screen(written)[-2]
 
 
 def test_a_table_too_long_for_the_terminal_leaves_finished_stages_out_first(tmp_path):
@@ -207,9 +218,10 @@ def test_a_table_too_long_for_the_terminal_leaves_finished_stages_out_first(tmp_
     assert lines[-3] == f"... and {len(nodes) - 4} more stages (`w2sr status` lists them all)"
 
 
-def test_live_on_anything_but_a_terminal_writes_nothing(tmp_path):
+def test_live_on_anything_but_a_terminal_changes_nothing(tmp_path):
     run, _ = _sweep_run_dir(tmp_path)
-    written = io.StringIO()
-    with live(run.uri, written):
-        pass
-    assert written.getvalue() == ""
+    read_end, write_end = os.pipe()
+    with live(run.uri, (write_end,)):
+        os.write(write_end, b"a log line\n")
+    os.close(write_end)
+    assert os.read(read_end, 1000) == b"a log line\n"

@@ -200,7 +200,7 @@ def _sweep(args: argparse.Namespace) -> int:
         described = describe_plan(cfg)
         print(json.dumps(described, indent=2) if args.json else plan_table(described))
         return EXIT_OK
-    with live(cfg.run_dir, sys.stderr):  # on a terminal, the status table while it runs
+    with live(cfg.run_dir):  # on a terminal, the status table while it runs
         result = sweep(cfg)
     print(json.dumps(result, indent=2, default=str))
     return EXIT_FAILED if result["failed"] or result["blocked"] else EXIT_OK

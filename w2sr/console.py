@@ -120,7 +120,7 @@ class Console:
             ray = sys.modules.get("ray")
             if ray and ray.is_initialized() and not self._ray_was_up:
                 ray.shutdown()
-            _flush()
+            flush_streams()
             for fd, saved in zip((1, 2), self._saved, strict=True):
                 os.dup2(saved, fd)
                 os.close(saved)
@@ -150,7 +150,7 @@ class Console:
             self._upload = (run, parts)
         with path.open("a") as log:
             log.write(f"\n=== w2sr {name}: {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n")
-        _flush()
+        flush_streams()
         if self._saved is None:
             self._saved = (os.dup(1), os.dup(2))
         target = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -162,7 +162,7 @@ class Console:
 
     def _copy_out(self) -> None:
         """The stage log, copied into an object-store run dir as it is now."""
-        _flush()
+        flush_streams()
         if self._upload and self._log is not None:
             run, parts = self._upload
             run.write_bytes(self._log.read_bytes(), *parts)
@@ -216,7 +216,7 @@ def _lasting(stream: Any, fd: int) -> IO[str]:
     return stream
 
 
-def _flush() -> None:
+def flush_streams() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()

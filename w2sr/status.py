@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
+import os
 import re
 import shutil
 import socket
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ import yaml
 
 from w2sr import layout
 from w2sr.config import ConfigError, ExperimentConfig, validate
+from w2sr.console import flush_streams
 from w2sr.evaluation.results import plan_tasks
 from w2sr.lineage import Lineage
 from w2sr.recipe import COMPLETE, DONE, FAILED, SKIPPED
@@ -140,46 +140,58 @@ def as_json(study: Study) -> str:
 
 
 @contextlib.contextmanager
-def live(uri: str, terminal: IO[str]) -> Iterator[None]:
-    """The status table of `uri`, redrawn in place on `terminal` while the block runs (a sweep),
-    with log records printed above it; on anything but a terminal, nothing: the log says it."""
-    if not terminal.isatty():
+def live(uri: str, fds: tuple[int, ...] = (2, 1)) -> Iterator[None]:
+    """The status table of `uri`, redrawn in place on the terminal at `fds[0]` while the block
+    runs (a sweep). Everything else written meanwhile to those of `fds` that are that terminal
+    (the log, Ray's forwarded lines, the libraries') passes through a pipe and is printed above
+    the table, so that nothing breaks it. On anything but a terminal, nothing: the log says how
+    the study goes."""
+    if not os.isatty(fds[0]):
         yield
         return
-    view = _Live(uri, terminal)
-    handlers = logging.getLogger().handlers
-    console = [h for h in handlers if getattr(h, "stream", None) in (terminal, sys.stderr)]
-    for handler in console:  # records go above the table instead
-        logging.getLogger().removeHandler(handler)
-    logging.getLogger().addHandler(view)
+    view = _Live(uri, os.fdopen(os.dup(fds[0]), "w", buffering=1, errors="replace"))
+    captured = [fd for fd in fds if os.isatty(fd)]
+    saved = {fd: os.dup(fd) for fd in captured}
+    read_end, write_end = os.pipe()
+    flush_streams()
+    for fd in captured:
+        os.dup2(write_end, fd)
+    os.close(write_end)
     ended = threading.Event()
 
-    took = view.draw()
+    def follow() -> None:
+        with os.fdopen(read_end, errors="replace") as written:
+            for line in written:
+                view.above(line.rstrip("\n"))
 
     def redraw() -> None:
         last = took
         while not ended.wait(max(REDRAW_S, 5 * last)):
             last = view.draw()
 
-    thread = threading.Thread(target=redraw, name="w2sr-status", daemon=True)
-    thread.start()
+    took = view.draw()
+    threads = [threading.Thread(target=t, name=f"w2sr-{t.__name__}", daemon=True)
+               for t in (follow, redraw)]  # fmt: skip
+    for thread in threads:
+        thread.start()
     try:
         yield
     finally:
         ended.set()
-        thread.join()
+        flush_streams()
+        for fd, terminal in saved.items():  # the pipe's last writers: the follower reads its end
+            os.dup2(terminal, fd)
+            os.close(terminal)
+        for thread in threads:
+            thread.join(timeout=5.0)
         view.draw()
-        logging.getLogger().removeHandler(view)
-        for handler in console:
-            logging.getLogger().addHandler(handler)
+        view.close()
 
 
-class _Live(logging.Handler):
-    """The table on the terminal, and the log records that go above it."""
+class _Live:
+    """The table on the terminal, and the lines that go above it."""
 
     def __init__(self, uri: str, terminal: IO[str]):
-        super().__init__()
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self.uri, self.terminal = uri, terminal
         self.text, self.shown = "", 0  # what is drawn, and its lines
         self.drawing = threading.Lock()
@@ -194,16 +206,22 @@ class _Live(logging.Handler):
         width, height = shutil.get_terminal_size()
         lines = table(study, room=height - 2).splitlines()
         with self.drawing:
-            self.text = "\n".join(line[: width - 1] for line in lines) + "\n"  # no line wraps
-            self._erase()
-            self._show()
+            if not self.terminal.closed:
+                self.text = "\n".join(line[: width - 1] for line in lines) + "\n"  # no wraps
+                self._erase()
+                self._show()
         return time.time() - start
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def above(self, line: str) -> None:
         with self.drawing:
-            self._erase()
-            self.terminal.write(self.format(record) + "\n")
-            self._show()
+            if not self.terminal.closed:
+                self._erase()
+                self.terminal.write(line + "\n")
+                self._show()
+
+    def close(self) -> None:
+        with self.drawing:
+            self.terminal.close()
 
     def _erase(self) -> None:
         if self.shown:  # to the first line of the table, and everything below it cleared
