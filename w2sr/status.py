@@ -327,10 +327,10 @@ def _progress(run: RunDir, node: Node) -> tuple[int, int, str]:
         record = last_record(run, node.key)
         return record.get("step", 0), record.get("total_steps", 0), "steps"
     if node.command == "generate":
-        prompts = run.path(Lineage(cfg).prompts.folder, layout.PROMPT_SET)
-        if not run.fs.get_file_info(prompts).is_file:
+        prompts = Lineage(cfg).prompts.folder
+        if not run.exists(prompts, layout.PROMPT_SET):
             return 0, 0, "shards"
-        shards = run.read_parquet(Lineage(cfg).prompts.folder, layout.PROMPT_SET, columns=["shard"])
+        shards = run.read_parquet(prompts, layout.PROMPT_SET, columns=["shard"])
         total = pc.count_distinct(shards["shard"]).as_py()
         return len(run.list(node.key, suffix=".parquet")), total, "shards"
     if node.command == "eval" and node.label:
