@@ -4,6 +4,7 @@ stage runs outside a quiet command."""
 from __future__ import annotations
 
 import io
+import logging
 import re
 import subprocess
 import sys
@@ -84,3 +85,32 @@ def test_a_command_called_in_process_closes_the_streams_it_opened(tmp_path):
     )
     assert done.stderr.count("w2sr: run_dir:") == 3
     assert "ResourceWarning" not in done.stderr, done.stderr
+
+
+def test_an_engine_dying_because_it_is_shut_down_logs_no_error():
+    """vLLM's record of its output task failing with `EngineDeadError` is dropped once its client
+    has said it shuts down, and kept otherwise: an engine that dies at work still says so."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from w2sr.engines.logs import CLIENT, ENGINE, ShutDownOnPurpose
+
+    def record(name: str, message: str, error: BaseException | None = None) -> logging.LogRecord:
+        exc_info = (type(error), error, None) if error else None
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, message, (), exc_info)
+
+    quiet = ShutDownOnPurpose()
+    failed = record(ENGINE, "AsyncLLM output_handler failed.", EngineDeadError())
+    assert quiet.filter(failed)  # at work: kept
+    assert quiet.filter(record(CLIENT, "[shutdown] MPClient: cleaning up background resources"))
+    assert not quiet.filter(failed)  # shutting down: dropped
+    assert quiet.filter(record(ENGINE, "AsyncLLM output_handler failed.", ValueError("bad")))
+
+
+def test_every_worker_of_a_commands_session_has_the_engines_log_filter(ray_session):
+    @ray_session.remote
+    def filters() -> list[str]:
+        from w2sr.engines.logs import ENGINE
+
+        return [type(f).__name__ for f in logging.getLogger(ENGINE).filters]
+
+    assert ray_session.get(filters.remote()) == ["ShutDownOnPurpose"]

@@ -27,7 +27,7 @@ def init_ray(cfg: ExperimentConfig) -> None:
         key = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
         check_reachable(address, key)
         try:
-            ray.init(address=address, runtime_env=env, log_to_driver=True)
+            ray.init(address=address, runtime_env=job_env(env), log_to_driver=True)
         except ConnectionError as error:  # something answered, but no Ray cluster
             raise _unreachable(key, address, str(error)) from error
     else:
@@ -55,6 +55,12 @@ def _unreachable(key: str, address: str, why: str) -> ConfigError:
     )
 
 
+def job_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
+    """The command's runtime env, with the setup every worker process of it runs first: the
+    engines' logs (`w2sr.engines.logs`; a setup hook is a job's, not an actor's)."""
+    return {**(runtime_env or {}), "worker_process_setup_hook": "w2sr.engines.logs.install"}
+
+
 def start_local(
     num_cpus: int | None, runtime_env: dict[str, Any] | None = None, log_to_driver: bool = True
 ) -> None:
@@ -76,7 +82,7 @@ def start_local(
     ray.init(
         address="local",
         num_cpus=num_cpus,
-        runtime_env=runtime_env,
+        runtime_env=job_env(runtime_env),
         log_to_driver=log_to_driver,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
