@@ -37,6 +37,7 @@ from w2sr.recipe import (
 )
 from w2sr.rundir import LeaseHeld, LeaseLost, RunDir, first_writes
 from w2sr.session import check_local_resources
+from w2sr.strict import first_line
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -218,8 +219,7 @@ def _status(args: argparse.Namespace) -> int:
         print(f"w2sr: {error}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as error:  # it only reads the run dir
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        print(f"w2sr: {args.run_dir} cannot be read: {first}", file=sys.stderr)
+        print(f"w2sr: {args.run_dir} cannot be read: {first_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     print(status.as_json(study) if args.json else status.table(study))
     return EXIT_OK

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from w2sr import layout
 from w2sr.rundir import RunDir
+from w2sr.strict import first_line
 
 TAIL_LINES = 15  # of a failed stage's log, shown on the console
 _open: Console | None = None  # the quiet console of the command this process runs
@@ -98,8 +99,9 @@ class Console:
             took = time.time() - start
             lines = self._log.read_text(errors="replace").splitlines()[-TAIL_LINES:]
             cause = getattr(error, "cause", None) or error  # a Ray task's: what it raised
-            first = (str(cause).strip().splitlines() or [""])[0]
-            self.say(f"{name}: failed after {took:.0f} s: {type(cause).__name__}: {first}")
+            self.say(
+                f"{name}: failed after {took:.0f} s: {type(cause).__name__}: {first_line(cause)}"
+            )
             self.say(f"  log: {shown}; its last lines:")
             for line in lines:
                 self.say(f"  | {line}")

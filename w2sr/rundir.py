@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from w2sr.strict import ConfigError
+from w2sr.strict import ConfigError, first_line
 
 DONE = "_DONE.json"  # a finished stage's record: its fingerprint and counts
 RUN = "_RUN.json"  # the fingerprint of the config a stage's unfinished work belongs to
@@ -47,11 +47,10 @@ def first_writes(uri: str) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ConfigError(
-            f"run_dir: {uri} cannot be written: {first}; check the path and that this machine may "
-            "write there (for an object store: the bucket, AWS_ENDPOINT_URL, and credentials in "
-            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or the machine's role)"
+            f"run_dir: {uri} cannot be written: {first_line(error)}; check the path and that this "
+            "machine may write there (for an object store: the bucket, AWS_ENDPOINT_URL, and "
+            "credentials in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or the machine's role)"
         ) from error
 
 

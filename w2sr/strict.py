@@ -16,6 +16,11 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names every offending key."""
 
 
+def first_line(error: BaseException) -> str:
+    """An error's first line (its type when it says nothing), for one-line messages."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     # Fields that say how a stage runs, not what it produces. Fingerprints leave them out, so a

@@ -41,7 +41,7 @@ from w2sr.data.benchmarks import (
     Columns,
 )
 from w2sr.grading import extract_answer
-from w2sr.strict import ConfigError, PositiveInt, Strict
+from w2sr.strict import ConfigError, PositiveInt, Strict, first_line
 
 if TYPE_CHECKING:
     from w2sr.config import PromptsConfig
@@ -597,7 +597,7 @@ def _hub_split(path: str, config: str | None, split: str, what: str, fix: str) -
     try:
         return datasets.load_dataset(path, config, split=split)
     except (ConnectionError, LocalEntryNotFoundError, httpx.TransportError) as error:
-        cause = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        cause = first_line(error)[:200]
         raise ConfigError(
             f"{what}: no local copy and the hub is unreachable ({cause}); download it and {fix}"
         ) from None
