@@ -30,11 +30,13 @@ from w2sr.sweep.plan import plan
 
 
 def sweep(tmp: Path, address: str) -> SweepConfig:
-    """One teacher and one student, folders with a config and nothing to load (nothing here gets
-    that far), on the cluster at `address`, so that the runner starts no Ray of its own."""
+    """One teacher and one student, folders with a config and a tokenizer file and nothing to
+    load (nothing here gets that far), on the cluster at `address`, so that the runner starts no
+    Ray of its own."""
     for name in ("a", "s"):
         (tmp / name).mkdir()
-        (tmp / name / "config.json").write_text("{}")
+        for file in ("config.json", "tokenizer_config.json"):
+            (tmp / name / file).write_text("{}")
     problems = tmp / "prompts.jsonl"
     problems.write_text(json.dumps({"problem": "What is 1 + 1?", "answer": "2"}) + "\n")
     return SweepConfig.model_validate(
